@@ -1,0 +1,122 @@
+//! The raw command line, exactly as typed. `plan.rs` turns it into validated plans.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::render::{Format, Mode};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the operation failed (I/O, an external tool, AWS)
+  2  usage error or invalid input (flags, config, rendered output that fails validation)";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "imgbuild",
+    version,
+    about = "Render, bake and deploy a private ChromaDB on AWS: Amazon Linux 2023, Docker, EFS, NLB, private API Gateway.",
+    after_help = EXIT_CODES
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Config file [default: ./imgbuild.yaml when present, else built-in defaults].
+    #[arg(long, global = true, env = "IMGBUILD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// AWS shared-config profile.
+    #[arg(long, global = true, env = "AWS_PROFILE", value_name = "NAME")]
+    pub profile: Option<String>,
+
+    /// AWS region; wins over `region:` in the config.
+    #[arg(long, global = true, value_name = "REGION")]
+    pub region: Option<String>,
+
+    /// Send AWS API calls to this endpoint (an emulator such as moto, or a VPC endpoint).
+    #[arg(long, global = true, env = "AWS_ENDPOINT_URL", value_name = "URL")]
+    pub endpoint_url: Option<String>,
+
+    /// `json` prints one machine-readable document on stdout; human text goes to stderr.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    /// More detail on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a commented starter imgbuild.yaml.
+    Init(InitArgs),
+    /// Render the cloud-init user-data, validate it, and print it.
+    #[command(name = "render-userdata")]
+    RenderUserdata(RenderArgs),
+    /// Check the config and every user-data variant it renders.
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Where to write [default: --config, else ./imgbuild.yaml].
+    #[arg(value_name = "FILE")]
+    pub path: Option<PathBuf>,
+    /// Overwrite an existing file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// `full` installs everything at boot; `baked` is the boot-time part for a baked AMI.
+    #[arg(long, value_enum, default_value_t = Mode::Full)]
+    pub mode: Mode,
+    /// `cloud-config` (one document) or `mime` (multipart with script parts).
+    #[arg(long, value_enum, default_value_t = Format::CloudConfig)]
+    pub format: Format,
+    /// Compress with gzip (cloud-init inflates it); for user-data near the 16 KB limit.
+    #[arg(long)]
+    pub gzip: bool,
+    /// Print base64, as the EC2 and CloudFormation APIs take user-data.
+    #[arg(long)]
+    pub base64: bool,
+    /// Write the user-data to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub tools: ToolArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub tools: ToolArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ToolArgs {
+    /// Fail when cloud-init or shellcheck is not installed, instead of skipping them.
+    #[arg(long, conflicts_with = "no_tools")]
+    pub require_tools: bool,
+    /// Run only the built-in checks, not cloud-init or shellcheck.
+    #[arg(long)]
+    pub no_tools: bool,
+}

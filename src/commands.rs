@@ -1,0 +1,168 @@
+//! One function per subcommand; each returns its result or an `Error`, and never exits itself.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+use base64::Engine;
+use serde_json::json;
+
+use crate::cli::{Cli, Command, InitArgs, RenderArgs, ValidateArgs};
+use crate::config;
+use crate::error::{Error, Result};
+use crate::plan::{self, Context};
+use crate::render::{self, Format, Inputs, Mode, Rendered, USERDATA_LIMIT};
+use crate::ui::Ui;
+use crate::validate::{self, Report};
+
+pub fn run(cli: Cli, ui: Ui) -> Result<()> {
+    match cli.command {
+        // init must work where the config is missing or broken.
+        Command::Init(args) => init(args, &cli.global, ui),
+        Command::RenderUserdata(args) => render_userdata(args, &Context::load(&cli.global)?, ui),
+        Command::Validate(args) => validate_all(args, &Context::load(&cli.global)?, ui),
+    }
+}
+
+fn init(args: InitArgs, global: &crate::cli::GlobalArgs, ui: Ui) -> Result<()> {
+    let path = plan::init_path(args.path, global);
+    if path.exists() && !args.force {
+        return Err(Error::Invalid(format!("{} already exists; pass --force to overwrite it", path.display())));
+    }
+    write_atomically(&path, config::STARTER.as_bytes())?;
+    ui.info(format!("wrote {}; check it with `imgbuild validate`", path.display()));
+    if ui.json() {
+        ui.emit_json(&json!({ "ok": true, "path": path }));
+    }
+    Ok(())
+}
+
+fn failed_checks(what: &str, report: &Report) -> Error {
+    let names: Vec<_> = report.failures().map(|c| c.name.as_str()).collect();
+    Error::Validation(format!("{what} failed {} check(s): {}", names.len(), names.join(", ")))
+}
+
+fn render_userdata(args: RenderArgs, ctx: &Context, ui: Ui) -> Result<()> {
+    if args.gzip && !args.base64 && args.out.is_none() && !ui.json() && std::io::stdout().is_terminal() {
+        return Err(Error::Invalid("refusing to write gzip to a terminal: add --out FILE or --base64".into()));
+    }
+    let inputs = Inputs::new(&ctx.config, ctx.region.as_deref(), args.mode, args.format, args.gzip)?;
+    let rendered = render::render(&inputs)?;
+    let report = validate::validate(&rendered, &ctx.config, inputs.profile, plan::tools(&args.tools));
+    ui.report("validate", &report);
+    if !report.ok() {
+        return Err(failed_checks("the rendered user-data", &report));
+    }
+
+    let payload: Vec<u8> = if args.base64 {
+        base64::engine::general_purpose::STANDARD.encode(&rendered.output).into_bytes()
+    } else {
+        rendered.output.clone()
+    };
+    let sha = rendered.sha256();
+    ui.info(summary(&rendered, &sha, ctx));
+    for note in &rendered.deploy_notes {
+        ui.detail(format!("deploy-time value: {note}"));
+    }
+
+    if let Some(out) = &args.out {
+        write_atomically(out, &payload)?;
+        ui.info(format!("wrote {}", out.display()));
+    }
+    if ui.json() {
+        let mut doc = summary_json(&rendered, &sha, &report);
+        doc["config"] = json!(ctx.source.to_string());
+        match (&args.out, args.base64 || rendered.gzip) {
+            (Some(out), _) => doc["out"] = json!(out),
+            (None, true) => doc["content_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&rendered.output)),
+            (None, false) => doc["content"] = json!(String::from_utf8_lossy(&rendered.output)),
+        }
+        ui.emit_json(&doc);
+    } else if args.out.is_none() {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(&payload).and_then(|_| stdout.flush()).map_err(|e| Error::io("writing", "stdout", e))?;
+        if args.base64 {
+            let _ = writeln!(stdout);
+        }
+    }
+    Ok(())
+}
+
+fn summary(r: &Rendered, sha: &str, ctx: &Context) -> String {
+    let size = if r.gzip {
+        format!("{} bytes gzipped ({} raw)", r.output.len(), r.raw.len())
+    } else {
+        format!("{} bytes", r.raw.len())
+    };
+    format!(
+        "user-data: {} mode, {}, Chroma {}, storage {}: {size} of {USERDATA_LIMIT}, margin {}; sha256 {sha}",
+        r.mode.as_str(),
+        r.format.as_str(),
+        ctx.config.chroma.version,
+        ctx.config.storage.mode.as_str(),
+        USERDATA_LIMIT.saturating_sub(r.output.len()),
+    )
+}
+
+fn summary_json(r: &Rendered, sha: &str, report: &Report) -> serde_json::Value {
+    json!({
+        "ok": report.ok(),
+        "mode": r.mode,
+        "format": r.format,
+        "gzip": r.gzip,
+        "bytes_raw": r.raw.len(),
+        "bytes": r.output.len(),
+        "limit": USERDATA_LIMIT,
+        "margin": USERDATA_LIMIT as i64 - r.output.len() as i64,
+        "sha256": sha,
+        "deploy_time_values": r.deploy_notes,
+        "checks": report.checks,
+    })
+}
+
+fn validate_all(args: ValidateArgs, ctx: &Context, ui: Ui) -> Result<()> {
+    ui.info(format!("config: {} is valid", ctx.source));
+    let tools = plan::tools(&args.tools);
+    let mut variants = Vec::new();
+    let mut failed = Vec::new();
+    for mode in [Mode::Full, Mode::Baked] {
+        for format in [Format::CloudConfig, Format::Mime] {
+            let inputs = Inputs::new(&ctx.config, ctx.region.as_deref(), mode, format, false)?;
+            let rendered = render::render(&inputs)?;
+            let report = validate::validate(&rendered, &ctx.config, inputs.profile, tools);
+            let title = format!("user-data {}/{}", mode.as_str(), format.as_str());
+            ui.report(&title, &report);
+            let passed = report.checks.iter().filter(|c| c.status == validate::Status::Pass).count();
+            ui.info(format!(
+                "{title}: {} ({passed} of {} checks passed, {} bytes)",
+                if report.ok() { "ok" } else { "FAILED" },
+                report.checks.len(),
+                rendered.output.len()
+            ));
+            if !report.ok() {
+                failed.extend(report.failures().map(|c| format!("{title}: {}", c.name)));
+            }
+            let sha = rendered.sha256();
+            variants.push(summary_json(&rendered, &sha, &report));
+        }
+    }
+    if ui.json() {
+        ui.emit_json(&json!({ "ok": failed.is_empty(), "config": ctx.source.to_string(), "userdata": variants }));
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Validation(format!("validation failed {} check(s): {}", failed.len(), failed.join("; "))))
+    }
+}
+
+/// Writes through a temporary file in the same directory, so a failure never leaves half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io("writing", path, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io("writing", path, e))?;
+    tmp.persist(path).map_err(|e| Error::io("writing", path, e.error))?;
+    Ok(())
+}

@@ -1,0 +1,448 @@
+//! `imgbuild.yaml`: the typed schema, its defaults, and a loader that reports every error.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::chroma;
+use crate::error::{ConfigErrors, Error, FieldError, Result};
+use crate::yaml_lines::LineIndex;
+
+/// The file looked for in the working directory when `--config` is not given.
+pub const DEFAULT_FILE: &str = "imgbuild.yaml";
+
+/// The commented starter `imgbuild init` writes; it parses to exactly the defaults.
+pub const STARTER: &str = include_str!("imgbuild.starter.yaml");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The project's name; stack, document, image and parameter names derive from it.
+    pub name: String,
+    /// AWS region; `--region` wins over it. Unset: decided at deploy time.
+    pub region: Option<String>,
+    pub chroma: ChromaConfig,
+    pub storage: StorageConfig,
+    pub efs: EfsConfig,
+    pub compose: ComposeConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChromaConfig {
+    /// A pinned release; what it implies comes from the table in `chroma.rs`.
+    pub version: String,
+    /// Image repository, without tag.
+    pub image: String,
+    /// Optional `sha256:...` manifest digest to pin the image by content.
+    pub digest: Option<String>,
+    /// The port Chroma listens on, on the host and in the container.
+    pub port: u16,
+    /// Extra, non-secret environment for the container.
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum StorageMode {
+    /// EFS mounted on the host by amazon-efs-utils with TLS and IAM, bind-mounted into Chroma.
+    EfsTls,
+    /// Docker's local volume driver mounts EFS over plain NFS (the reference article's way).
+    DockerNfs,
+}
+
+impl StorageMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageMode::EfsTls => "efs-tls",
+            StorageMode::DockerNfs => "docker-nfs",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub mode: StorageMode,
+    /// Where the host mounts EFS in `efs-tls` mode.
+    pub mount_point: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EfsConfig {
+    /// `fs-` + hex. Unset: the instance reads it at boot from its `ImgbuildFileSystemId` tag,
+    /// which the stack sets.
+    pub file_system_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ComposeConfig {
+    /// The docker compose release downloaded in `full` mode and baked into images.
+    pub version: String,
+    /// sha256 of `docker-compose-linux-<arch>` for that release, checked before use.
+    pub sha256: ComposeChecksums,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComposeChecksums {
+    pub x86_64: String,
+    pub aarch64: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: "vectordb".into(),
+            region: None,
+            chroma: ChromaConfig::default(),
+            storage: StorageConfig::default(),
+            efs: EfsConfig::default(),
+            compose: ComposeConfig::default(),
+        }
+    }
+}
+
+impl Default for ChromaConfig {
+    fn default() -> Self {
+        Self {
+            version: chroma::DEFAULT_VERSION.into(),
+            image: chroma::IMAGE_REPOSITORY.into(),
+            digest: None,
+            port: 8000,
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { mode: StorageMode::EfsTls, mount_point: "/mnt/chroma".into() }
+    }
+}
+
+impl Default for ComposeConfig {
+    fn default() -> Self {
+        // Published checksums of the v2.32.4 release assets.
+        Self {
+            version: "2.32.4".into(),
+            sha256: ComposeChecksums {
+                x86_64: "ed1917fb54db184192ea9d0717bcd59e3662ea79db48bff36d3475516c480a6b".into(),
+                aarch64: "0c4591cf3b1ed039adcd803dbbeddf757375fc08c11245b0154135f838495a2f".into(),
+            },
+        }
+    }
+}
+
+/// Where a config came from, for messages and reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Defaults,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Defaults => f.write_str("built-in defaults"),
+        }
+    }
+}
+
+/// Loads `explicit` (which must exist), else `./imgbuild.yaml` if present, else the defaults.
+pub fn load(explicit: Option<&Path>) -> Result<(Config, Source)> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let p = PathBuf::from(DEFAULT_FILE);
+            if !p.exists() {
+                return Ok((Config::default(), Source::Defaults));
+            }
+            p
+        }
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::Invalid(format!(
+            "config file {} does not exist (run `imgbuild init` to write a starter, or drop --config to use the defaults)",
+            path.display()
+        )),
+        _ => Error::io("reading config", &path, e),
+    })?;
+    let config = parse(&text, &path.display().to_string()).map_err(Error::Config)?;
+    Ok((config, Source::File(path)))
+}
+
+/// Parses and checks a config, collecting every error: a broken section is reported and set
+/// aside so the others are still checked.
+pub fn parse(text: &str, file: &str) -> std::result::Result<Config, ConfigErrors> {
+    let lines = LineIndex::new(text);
+    let mut errors = Vec::new();
+    let at = |field: String, message: String| FieldError {
+        line: lines.line_of(&field),
+        field,
+        message,
+    };
+
+    let mut value: serde_yaml::Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            return Err(ConfigErrors {
+                file: file.into(),
+                errors: vec![FieldError {
+                    field: String::new(),
+                    line: e.location().map(|l| l.line()),
+                    message: format!("not valid YAML: {}", strip_location(&e.to_string())),
+                }],
+            });
+        }
+    };
+    if value.is_null() {
+        value = serde_yaml::Value::Mapping(Default::default());
+    }
+    if !value.is_mapping() {
+        return Err(ConfigErrors {
+            file: file.into(),
+            errors: vec![at(String::new(), "the top level must be a mapping of settings".into())],
+        });
+    }
+
+    let config = loop {
+        match serde_path_to_error::deserialize::<_, Config>(value.clone()) {
+            Ok(c) => break c,
+            Err(e) => {
+                let field = e.path().to_string();
+                let field = if field == "." { String::new() } else { field };
+                errors.push(at(field.clone(), strip_location(&e.inner().to_string())));
+                let top = field.split(['.', '[']).next().unwrap_or_default().to_string();
+                let removed = value
+                    .as_mapping_mut()
+                    .and_then(|m| m.remove(serde_yaml::Value::String(top)))
+                    .is_some();
+                if !removed {
+                    // Nothing left to set aside: the remaining errors cannot be separated.
+                    return Err(ConfigErrors { file: file.into(), errors });
+                }
+            }
+        }
+    };
+
+    errors.extend(config.check().into_iter().map(|(field, message)| at(field, message)));
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors { file: file.into(), errors })
+    }
+}
+
+/// serde_yaml appends " at line N column M" to messages; we print the line ourselves.
+fn strip_location(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+impl Config {
+    /// Semantic checks that types cannot express, as (field, message) pairs.
+    pub fn check(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut bad = |field: &str, message: String| out.push((field.to_string(), message));
+
+        if let Err(m) = check_name(&self.name) {
+            bad("name", m);
+        }
+        if let Some(region) = &self.region {
+            if let Err(m) = check_region(region) {
+                bad("region", m);
+            }
+        }
+        match chroma::parse_version(&self.chroma.version) {
+            Ok(v) => {
+                if let Err(m) = chroma::profile(&v) {
+                    bad("chroma.version", m);
+                }
+            }
+            Err(m) => bad("chroma.version", m),
+        }
+        if let Err(m) = check_image_repository(&self.chroma.image) {
+            bad("chroma.image", m);
+        }
+        if let Some(d) = &self.chroma.digest {
+            if !is_sha256_digest(d) {
+                bad("chroma.digest", format!("`{d}` is not an image digest (expected sha256: followed by 64 lowercase hex digits)"));
+            }
+        }
+        if self.chroma.port == 0 {
+            bad("chroma.port", "port 0 is not a port Chroma can listen on (use 1-65535; the default is 8000)".into());
+        }
+        for (key, _) in &self.chroma.env {
+            let field = format!("chroma.env.{key}");
+            if let Err(m) = check_env_key(key) {
+                bad(&field, m);
+            }
+        }
+        if let Err(m) = check_mount_point(&self.storage.mount_point) {
+            bad("storage.mount_point", m);
+        }
+        if let Some(id) = &self.efs.file_system_id {
+            if let Err(m) = check_file_system_id(id) {
+                bad("efs.file_system_id", m);
+            }
+        }
+        if let Err(e) = semver::Version::parse(&self.compose.version) {
+            bad("compose.version", format!("`{}` is not a compose release (expected MAJOR.MINOR.PATCH): {e}", self.compose.version));
+        }
+        for (arch, sum) in [("x86_64", &self.compose.sha256.x86_64), ("aarch64", &self.compose.sha256.aarch64)] {
+            if !is_hex(sum, 64) {
+                bad(&format!("compose.sha256.{arch}"), format!("`{sum}` is not a sha256 (expected 64 lowercase hex digits)"));
+            }
+        }
+        out
+    }
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn is_sha256_digest(s: &str) -> bool {
+    s.strip_prefix("sha256:").is_some_and(|h| is_hex(h, 64))
+}
+
+/// CloudFormation stack names: a letter, then letters, digits and hyphens, at most 128
+/// characters. We stop at 100 so the names derived from it (`<name>-bake`, …) stay valid.
+pub fn check_name(name: &str) -> std::result::Result<(), String> {
+    let ok = name.len() <= 100
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid name: it must be a valid CloudFormation stack name (a letter, then letters, digits and hyphens) of at most 100 characters"
+        ))
+    }
+}
+
+/// Region codes such as `us-east-1`, `us-gov-west-1`, `ap-southeast-5`.
+pub fn check_region(region: &str) -> std::result::Result<(), String> {
+    let parts: Vec<&str> = region.split('-').collect();
+    let ok = parts.len() >= 3
+        && parts[0].len() == 2
+        && parts[..parts.len() - 1].iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+        && parts[parts.len() - 1].parse::<u8>().is_ok();
+    if ok { Ok(()) } else { Err(format!("`{region}` is not an AWS region code (such as us-east-1)")) }
+}
+
+pub fn check_file_system_id(id: &str) -> std::result::Result<(), String> {
+    match id.strip_prefix("fs-") {
+        Some(hex) if (8..=40).contains(&hex.len()) && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => Ok(()),
+        _ => Err(format!("`{id}` is not an EFS file system id (expected fs- followed by lowercase hex, such as fs-0123456789abcdef0)")),
+    }
+}
+
+fn check_image_repository(image: &str) -> std::result::Result<(), String> {
+    let last = image.rsplit('/').next().unwrap_or_default();
+    let ok = !image.is_empty()
+        && !last.contains(':')
+        && !image.contains('@')
+        && image.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "./-_:".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{image}` is not an image repository: give it without tag or digest (the tag comes from chroma.version, the digest from chroma.digest)"))
+    }
+}
+
+fn check_env_key(key: &str) -> std::result::Result<(), String> {
+    let valid = key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!("`{key}` is not an environment variable name (letters, digits and _, not starting with a digit)"));
+    }
+    let upper = key.to_ascii_uppercase();
+    let secretish = ["TOKEN", "PASSWORD", "PASSWD", "SECRET", "CREDENTIAL", "PRIVATE_KEY", "API_KEY", "ACCESS_KEY"];
+    if secretish.iter().any(|s| upper.contains(s)) {
+        return Err(format!(
+            "`{key}` looks like a secret; user-data is readable by anyone allowed ec2:DescribeInstanceAttribute, so secrets must not go in it. Keep it in SSM Parameter Store or Secrets Manager and read it on the instance"
+        ));
+    }
+    if upper == "IS_PERSISTENT" || upper == "PERSIST_DIRECTORY" || upper == "CHROMA_PERSIST_PATH" {
+        return Err(format!("`{key}` is set by imgbuild from the Chroma version table (the data directory must match the mounted volume)"));
+    }
+    Ok(())
+}
+
+fn check_mount_point(path: &str) -> std::result::Result<(), String> {
+    let ok = path.starts_with('/')
+        && path.len() > 1
+        && !path.ends_with('/')
+        && !path.contains("//")
+        && !path.split('/').any(|c| c == "..")
+        && path.chars().all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{path}` is not a usable mount point (an absolute path of letters, digits, / _ . -, not / itself)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starter_parses_to_the_defaults() {
+        assert_eq!(parse(STARTER, "starter").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(parse("", "x").unwrap(), Config::default());
+        assert_eq!(parse("# only a comment\n", "x").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn collects_errors_across_sections_with_lines() {
+        let text = "name: 9lives\nchroma:\n  port: 70000\nstorage:\n  mode: tmpfs\nefs:\n  file_system_id: fs-XYZ\nbogus: 1\n";
+        let err = parse(text, "c.yaml").unwrap_err();
+        let fields: Vec<_> = err.errors.iter().map(|e| (e.field.as_str(), e.line)).collect();
+        assert!(fields.contains(&("chroma.port", Some(3))), "{fields:?}");
+        assert!(fields.contains(&("storage.mode", Some(5))), "{fields:?}");
+        assert!(fields.contains(&("bogus", Some(8))), "{fields:?}");
+        assert!(fields.contains(&("name", Some(1))), "{fields:?}");
+        assert!(fields.contains(&("efs.file_system_id", Some(7))), "{fields:?}");
+        assert_eq!(err.errors.len(), 5, "{err}");
+    }
+
+    #[test]
+    fn field_checks() {
+        assert!(check_name("vectordb").is_ok());
+        assert!(check_name("my-db-2").is_ok());
+        assert!(check_name("2db").is_err());
+        assert!(check_name("my_db").is_err());
+        assert!(check_name("").is_err());
+        assert!(check_region("us-east-1").is_ok());
+        assert!(check_region("us-gov-west-1").is_ok());
+        assert!(check_region("US-east-1").is_err());
+        assert!(check_region("useast1").is_err());
+        assert!(check_file_system_id("fs-0123456789abcdef0").is_ok());
+        assert!(check_file_system_id("fs-12345678").is_ok());
+        assert!(check_file_system_id("fs-1234").is_err());
+        assert!(check_file_system_id("fsap-12345678").is_err());
+        assert!(check_env_key("CHROMA_SERVER_AUTHN_CREDENTIALS").is_err());
+        assert!(check_env_key("ALLOW_RESET").is_ok());
+        assert!(check_env_key("1X").is_err());
+        assert!(check_mount_point("/mnt/chroma").is_ok());
+        assert!(check_mount_point("/").is_err());
+        assert!(check_mount_point("/mnt/../etc").is_err());
+        assert!(check_mount_point("mnt").is_err());
+        assert!(check_image_repository("ghcr.io/chroma-core/chroma").is_ok());
+        assert!(check_image_repository("localhost:5000/chroma").is_ok());
+        assert!(check_image_repository("ghcr.io/chroma-core/chroma:1.0.0").is_err());
+    }
+}

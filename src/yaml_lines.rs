@@ -1,0 +1,129 @@
+//! Line numbers for dotted YAML paths.
+//!
+//! serde_yaml reports a line for the first error of a deserialisation only, and its `Value`
+//! keeps no positions. To name the line of *every* error we collect, we walk yaml-rust2's marked
+//! event stream once and remember where each key path starts.
+
+use std::collections::HashMap;
+
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
+
+/// Maps `a.b.c` and `a.list[2]` paths to 1-based line numbers.
+#[derive(Debug, Default)]
+pub struct LineIndex {
+    lines: HashMap<String, usize>,
+}
+
+impl LineIndex {
+    /// Indexes `text`; a document that does not parse gives an empty index (the YAML error
+    /// itself is reported elsewhere, with its own position).
+    pub fn new(text: &str) -> Self {
+        let mut walker = Walker::default();
+        let mut parser = Parser::new_from_str(text);
+        if parser.load(&mut walker, false).is_err() {
+            return Self::default();
+        }
+        Self { lines: walker.lines }
+    }
+
+    /// The line of `path`, or of its nearest ancestor that exists in the file (a missing field
+    /// is best pointed at by the mapping that lacks it).
+    pub fn line_of(&self, path: &str) -> Option<usize> {
+        let mut candidate = path.to_string();
+        loop {
+            if let Some(line) = self.lines.get(&candidate) {
+                return Some(*line);
+            }
+            let cut = candidate.rfind(['.', '['])?;
+            candidate.truncate(cut);
+        }
+    }
+}
+
+enum Frame {
+    Map { path: String, key: Option<String> },
+    Seq { path: String, index: usize },
+}
+
+#[derive(Default)]
+struct Walker {
+    stack: Vec<Frame>,
+    lines: HashMap<String, usize>,
+}
+
+impl Walker {
+    /// The path a value arriving now would have.
+    fn value_path(&mut self) -> Option<String> {
+        match self.stack.last_mut()? {
+            Frame::Map { path, key } => {
+                let key = key.take()?;
+                Some(if path.is_empty() { key } else { format!("{path}.{key}") })
+            }
+            Frame::Seq { path, index } => {
+                let p = format!("{path}[{index}]");
+                *index += 1;
+                Some(p)
+            }
+        }
+    }
+
+    /// True when the next scalar in the current mapping is a key.
+    fn expecting_key(&self) -> bool {
+        matches!(self.stack.last(), Some(Frame::Map { key: None, .. }))
+    }
+
+    fn record(&mut self, path: &str, mark: Marker) {
+        self.lines.entry(path.to_string()).or_insert(mark.line());
+    }
+}
+
+impl MarkedEventReceiver for Walker {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        match ev {
+            Event::Scalar(text, ..) if self.expecting_key() => {
+                if let Some(Frame::Map { path, .. }) = self.stack.last() {
+                    let full = if path.is_empty() { text.clone() } else { format!("{path}.{text}") };
+                    self.record(&full, mark);
+                }
+                if let Some(Frame::Map { key, .. }) = self.stack.last_mut() {
+                    *key = Some(text);
+                }
+            }
+            Event::Scalar(..) | Event::Alias(..) => {
+                if let Some(path) = self.value_path() {
+                    self.record(&path, mark);
+                }
+            }
+            Event::MappingStart(..) => {
+                let path = self.value_path().unwrap_or_default();
+                self.stack.push(Frame::Map { path, key: None });
+            }
+            Event::SequenceStart(..) => {
+                let path = self.value_path().unwrap_or_default();
+                self.stack.push(Frame::Seq { path, index: 0 });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_nested_keys_and_falls_back_to_parents() {
+        let text = "name: x\nchroma:\n  version: 1.5.9\n  env:\n    A: b\nlist:\n  - one\n  - two\n";
+        let idx = LineIndex::new(text);
+        assert_eq!(idx.line_of("name"), Some(1));
+        assert_eq!(idx.line_of("chroma.version"), Some(3));
+        assert_eq!(idx.line_of("chroma.env.A"), Some(5));
+        assert_eq!(idx.line_of("chroma.port"), Some(2));
+        assert_eq!(idx.line_of("list[1]"), Some(8));
+        assert_eq!(idx.line_of("nothing"), None);
+    }
+}
