@@ -32,6 +32,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct ChromaConfig {
     /// A pinned release; what it implies comes from the table in `chroma.rs`.
+    #[serde(deserialize_with = "version_text")]
     pub version: String,
     /// Image repository, without tag.
     pub image: String,
@@ -81,6 +82,7 @@ pub struct EfsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ComposeConfig {
     /// The docker compose release downloaded in `full` mode and baked into images.
+    #[serde(deserialize_with = "version_text")]
     pub version: String,
     /// sha256 of `docker-compose-linux-<arch>` for that release, checked before use.
     pub sha256: ComposeChecksums,
@@ -135,6 +137,23 @@ impl Default for ComposeConfig {
             },
         }
     }
+}
+
+/// YAML reads `version: 1.5` as a number; take it as the text the user typed, so the
+/// version check can say what is wrong with it.
+fn version_text<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        S(String),
+        I(u64),
+        F(f64),
+    }
+    Ok(match Text::deserialize(d)? {
+        Text::S(s) => s,
+        Text::I(i) => i.to_string(),
+        Text::F(f) => f.to_string(),
+    })
 }
 
 /// Where a config came from, for messages and reports.

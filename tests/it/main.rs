@@ -1,1 +1,6 @@
-fn main(){}
+//! The one integration-test binary: `cargo test --test it`.
+
+mod cli;
+mod render;
+mod support;
+mod validators;

@@ -1,0 +1,64 @@
+//! Shared helpers: running the binary hermetically, and knowing whether validators must run.
+
+use std::path::Path;
+
+use imgbuild::config::{self, Config};
+use imgbuild::render::{self, Format, Inputs, Mode, Rendered};
+
+/// The binary, run in `dir` with no ambient config or AWS settings, and never reaching AWS.
+pub fn imgbuild(dir: &Path) -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::cargo_bin("imgbuild").expect("binary is built");
+    cmd.current_dir(dir)
+        .env_remove("IMGBUILD_CONFIG")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_ENDPOINT_URL")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing");
+    cmd
+}
+
+/// `tests/run` and CI set this: a validator that is not installed is then a failure, not a skip.
+pub fn validators_required() -> bool {
+    std::env::var("IMGBUILD_REQUIRE_VALIDATORS").is_ok_and(|v| v == "1")
+}
+
+/// The path of `program`, or None after saying why the caller skips (failing when required).
+pub fn tool(program: &str) -> Option<std::path::PathBuf> {
+    match imgbuild::validate::which(program) {
+        Some(p) => Some(p),
+        None if validators_required() => panic!("{program} is required (IMGBUILD_REQUIRE_VALIDATORS=1) but not installed"),
+        None => {
+            eprintln!("skipping: {program} is not installed");
+            None
+        }
+    }
+}
+
+pub fn parse(yaml: &str) -> Config {
+    config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn render_with(config: &Config, region: Option<&str>, mode: Mode, format: Format, gzip: bool) -> Rendered {
+    let inputs = Inputs::new(config, region, mode, format, gzip).expect("valid inputs");
+    render::render(&inputs).expect("renders")
+}
+
+/// The configurations the product promises to render: the default, the article's, and the
+/// 0.5.16-0.6.x generation, in both storage modes.
+pub fn configs() -> Vec<(&'static str, Config, Option<&'static str>)> {
+    vec![
+        ("default", Config::default(), None),
+        (
+            "article-0.4.13-docker-nfs",
+            parse("chroma:\n  version: 0.4.13\nstorage:\n  mode: docker-nfs\nefs:\n  file_system_id: fs-0123456789abcdef0\n"),
+            Some("eu-west-1"),
+        ),
+        ("v0.6.3-efs-tls", parse("chroma:\n  version: 0.6.3\n  port: 8080\n  env:\n    ALLOW_RESET: 'FALSE'\n"), None),
+        ("v1-docker-nfs-deploy-time", parse("storage:\n  mode: docker-nfs\n"), None),
+    ]
+}
+
+pub const MODES: [Mode; 2] = [Mode::Full, Mode::Baked];
+pub const FORMATS: [Format; 2] = [Format::CloudConfig, Format::Mime];
