@@ -155,8 +155,15 @@ fn validate_all(args: ValidateArgs, ctx: &Context, ui: Ui) -> Result<()> {
     }
 }
 
-/// Writes through a temporary file in the same directory, so a failure never leaves half a file.
+/// Writes a regular file through a temporary file in the same directory, so a failure never
+/// leaves half a file. Anything else that already exists (a device such as /dev/stdout, a FIFO,
+/// a symlink) is written in place: renaming over it would replace it.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let in_place = std::fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_file());
+    if in_place {
+        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path).map_err(|e| Error::io("writing", path, e))?;
+        return f.write_all(bytes).map_err(|e| Error::io("writing", path, e));
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

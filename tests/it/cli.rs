@@ -165,3 +165,25 @@ fn validate_checks_all_four_variants() {
     let variants: Vec<String> = doc["userdata"].as_array().unwrap().iter().map(|v| format!("{}/{}", v["mode"].as_str().unwrap(), v["format"].as_str().unwrap())).collect();
     assert_eq!(variants, ["full/cloud-config", "full/mime", "baked/cloud-config", "baked/mime"]);
 }
+
+#[test]
+fn out_writes_into_fifos_and_symlinks_instead_of_replacing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).unwrap())
+    };
+    imgbuild(dir.path()).args(["render-userdata", "--no-tools", "--mode", "baked", "--out", "pipe"]).assert().success();
+    let got = reader.join().unwrap();
+    assert!(got.starts_with(b"#cloud-config\n"));
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "still a FIFO");
+
+    std::fs::write(dir.path().join("target.txt"), "old").unwrap();
+    std::os::unix::fs::symlink("target.txt", dir.path().join("link")).unwrap();
+    imgbuild(dir.path()).args(["render-userdata", "--no-tools", "--out", "link"]).assert().success();
+    assert!(std::fs::symlink_metadata(dir.path().join("link")).unwrap().file_type().is_symlink(), "still a symlink");
+    assert!(std::fs::read_to_string(dir.path().join("target.txt")).unwrap().starts_with("#cloud-config"));
+}
