@@ -10,7 +10,9 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  the operation failed (I/O, an external tool, AWS)
-  2  usage error or invalid input (flags, config, rendered output that fails validation)";
+  2  usage error or invalid input (flags, config, rendered output that fails validation)
+  3  the stack operation failed and CloudFormation rolled it back
+  130  interrupted (Ctrl-C); what was cleaned up is said";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,8 +72,79 @@ pub enum Command {
     /// Render the cloud-init user-data, validate it, and print it.
     #[command(name = "render-userdata")]
     RenderUserdata(RenderArgs),
-    /// Check the config and every user-data variant it renders.
+    /// Check the config, every user-data variant it renders, and the stack template.
     Validate(ValidateArgs),
+    /// Deploy the stack: change set, diff, confirm, execute, follow events, print outputs.
+    Deploy(DeployArgs),
+    /// Show the stack: state, outputs, recent events, instance and target health.
+    Status(StatusArgs),
+    /// Delete the stack. The EFS file system and its data stay unless --delete-data.
+    Destroy(DestroyArgs),
+    /// The acceptance test: heartbeat, create a collection, add, query, delete.
+    Smoke(SmokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// If the stack is busy with another operation, wait for it instead of refusing.
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest wait for the stack, in seconds [default: aws.stack_timeout_secs].
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// Boot this AMI [default: the AMI `imgbuild bake` handed over, else stock AL2023].
+    #[arg(long, value_name = "AMI_ID")]
+    pub ami: Option<String>,
+    /// User-data mode [default: baked for a baked or given AMI, full for stock AL2023].
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Deploy this template instead of the embedded infra/stack.yaml.
+    #[arg(long, value_name = "FILE")]
+    pub template: Option<PathBuf>,
+    /// Execute without asking.
+    #[arg(long, short = 'y', conflicts_with = "no_execute")]
+    pub yes: bool,
+    /// Create the change set and show the diff, but leave it for review.
+    #[arg(long)]
+    pub no_execute: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+    #[command(flatten)]
+    pub tools: ToolArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// How many recent stack events to show.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub events: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct DestroyArgs {
+    /// Delete without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Also delete the EFS file system, and with it every collection Chroma stored.
+    #[arg(long)]
+    pub delete_data: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SmokeArgs {
+    /// Talk HTTP to this Chroma endpoint (a stage URL ending in /api, or a server's root URL)
+    /// instead of API Gateway's test-invoke.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// Per-request timeout, in seconds.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +180,9 @@ pub struct RenderArgs {
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
+    /// Check this stack template instead of the embedded infra/stack.yaml.
+    #[arg(long, value_name = "FILE")]
+    pub template: Option<PathBuf>,
     #[command(flatten)]
     pub tools: ToolArgs,
 }

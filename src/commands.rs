@@ -20,6 +20,10 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
         Command::Init(args) => init(args, &cli.global, ui),
         Command::RenderUserdata(args) => render_userdata(args, &Context::load(&cli.global)?, ui),
         Command::Validate(args) => validate_all(args, &Context::load(&cli.global)?, ui),
+        Command::Deploy(args) => crate::remote::deploy(args, &Context::load(&cli.global)?, ui),
+        Command::Status(args) => crate::remote::status(args, &Context::load(&cli.global)?, ui),
+        Command::Destroy(args) => crate::remote::destroy(args, &Context::load(&cli.global)?, ui),
+        Command::Smoke(args) => crate::remote::smoke_cmd(args, &Context::load(&cli.global)?, ui),
     }
 }
 
@@ -145,14 +149,50 @@ fn validate_all(args: ValidateArgs, ctx: &Context, ui: Ui) -> Result<()> {
             variants.push(summary_json(&rendered, &sha, &report));
         }
     }
+    let template = check_template(args.template.as_deref(), ctx, ui, &mut failed)?;
     if ui.json() {
-        ui.emit_json(&json!({ "ok": failed.is_empty(), "config": ctx.source.to_string(), "userdata": variants }));
+        ui.emit_json(&json!({ "ok": failed.is_empty(), "config": ctx.source.to_string(), "userdata": variants, "template": template }));
     }
     if failed.is_empty() {
         Ok(())
     } else {
         Err(Error::Validation(format!("validation failed {} check(s): {}", failed.len(), failed.join("; "))))
     }
+}
+
+/// The stack template as deploy would send it (default full-mode user-data inside): size and
+/// the security policies.
+fn check_template(path: Option<&Path>, ctx: &Context, ui: Ui, failed: &mut Vec<String>) -> Result<serde_json::Value> {
+    let mut template = crate::template::Template::load(path)?;
+    let inputs = Inputs::new(&ctx.config, ctx.region.as_deref(), Mode::Full, Format::CloudConfig, true)?;
+    let rendered = render::render(&inputs)?;
+    template.set_user_data(&base64::engine::general_purpose::STANDARD.encode(&rendered.output));
+    let title = format!("template {}", template.name);
+    let size = match template.body() {
+        Ok(body) => {
+            ui.detail(format!("{title}: ok   size: {} bytes of {}", body.len(), crate::template::BODY_LIMIT));
+            json!({ "ok": true, "bytes": body.len() })
+        }
+        Err(e) => {
+            ui.info(format!("{title}: FAIL size: {e}"));
+            failed.push(format!("{title}: size"));
+            json!({ "ok": false, "error": e.to_string() })
+        }
+    };
+    let rules = crate::guard::evaluate(&template)?;
+    for r in &rules {
+        match r.verdict {
+            crate::guard::Verdict::Fail => {
+                ui.info(format!("{title}: FAIL policy {} ({}): {}", r.rule, r.file, r.detail));
+                failed.push(format!("{title}: policy {}", r.rule));
+            }
+            crate::guard::Verdict::Pass => ui.detail(format!("{title}: ok   policy {} ({})", r.rule, r.file)),
+            crate::guard::Verdict::Skip => ui.detail(format!("{title}: skip policy {} ({}): {}", r.rule, r.file, r.detail)),
+        }
+    }
+    let passed = rules.iter().filter(|r| r.verdict == crate::guard::Verdict::Pass).count();
+    ui.info(format!("{title}: {passed} of {} security policies pass", rules.len()));
+    Ok(json!({ "name": template.name, "size": size, "policies": rules }))
 }
 
 /// Writes a regular file through a temporary file in the same directory, so a failure never

@@ -26,6 +26,51 @@ pub struct Config {
     pub storage: StorageConfig,
     pub efs: EfsConfig,
     pub compose: ComposeConfig,
+    pub stack: StackConfig,
+    pub aws: AwsConfig,
+}
+
+/// The CloudFormation stack `deploy` manages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StackConfig {
+    /// Stack name; defaults to `name`.
+    pub name: Option<String>,
+    pub instance_type: String,
+    pub vpc_cidr: String,
+    pub nat_gateways: NatGateways,
+    /// A CIDR allowed to reach the API endpoint besides the client security group. Unset: none.
+    pub allowed_client_cidr: Option<String>,
+    pub log_retention_days: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatGateways {
+    One,
+    PerAz,
+}
+
+/// How imgbuild talks to AWS: retries and waits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    pub retry_mode: RetryMode,
+    /// Attempts per API call, the first included.
+    pub max_attempts: u32,
+    /// Longest a single API call may take, retries included, in seconds.
+    pub operation_timeout_secs: u64,
+    /// Longest a stack operation may run before imgbuild stops waiting, in seconds.
+    pub stack_timeout_secs: u64,
+    /// Seconds between polls of a running operation.
+    pub poll_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetryMode {
+    Standard,
+    Adaptive,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,7 +149,35 @@ impl Default for Config {
             storage: StorageConfig::default(),
             efs: EfsConfig::default(),
             compose: ComposeConfig::default(),
+            stack: StackConfig::default(),
+            aws: AwsConfig::default(),
         }
+    }
+}
+
+impl Default for StackConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            instance_type: "t3a.small".into(),
+            vpc_cidr: "10.0.0.0/16".into(),
+            nat_gateways: NatGateways::One,
+            allowed_client_cidr: None,
+            log_retention_days: 30,
+        }
+    }
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        Self { retry_mode: RetryMode::Standard, max_attempts: 5, operation_timeout_secs: 60, stack_timeout_secs: 3600, poll_interval_secs: 5 }
+    }
+}
+
+impl Config {
+    /// The stack `deploy`, `status` and `destroy` work on.
+    pub fn stack_name(&self) -> &str {
+        self.stack.name.as_deref().unwrap_or(&self.name)
     }
 }
 
@@ -320,8 +393,72 @@ impl Config {
                 bad(&format!("compose.sha256.{arch}"), format!("`{sum}` is not a sha256 (expected 64 lowercase hex digits)"));
             }
         }
+        if let Some(n) = &self.stack.name {
+            if let Err(m) = check_name(n) {
+                bad("stack.name", m);
+            }
+        }
+        if let Err(m) = check_instance_type(&self.stack.instance_type) {
+            bad("stack.instance_type", m);
+        }
+        match parse_cidr(&self.stack.vpc_cidr) {
+            Ok((_, prefix)) if (16..=20).contains(&prefix) => {}
+            Ok((_, prefix)) => bad("stack.vpc_cidr", format!("/{prefix} leaves too little room for the four subnets the stack carves (use a prefix from /16 to /20)")),
+            Err(m) => bad("stack.vpc_cidr", m),
+        }
+        if let Some(c) = &self.stack.allowed_client_cidr {
+            match parse_cidr(c) {
+                Ok((_, 0)) => bad("stack.allowed_client_cidr", "0.0.0.0/0 would open the API endpoint to every address; name the clients' network".into()),
+                Ok(_) => {}
+                Err(m) => bad("stack.allowed_client_cidr", m),
+            }
+        }
+        // The retention periods CloudWatch Logs accepts.
+        const RETENTION: &[u32] = &[1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653];
+        if !RETENTION.contains(&self.stack.log_retention_days) {
+            bad("stack.log_retention_days", format!("{} is not a CloudWatch Logs retention period (one of {RETENTION:?})", self.stack.log_retention_days));
+        }
+        if !(1..=20).contains(&self.aws.max_attempts) {
+            bad("aws.max_attempts", format!("{} attempts: use 1 to 20", self.aws.max_attempts));
+        }
+        if self.aws.operation_timeout_secs == 0 {
+            bad("aws.operation_timeout_secs", "must be at least 1 second".into());
+        }
+        if self.aws.stack_timeout_secs < 60 {
+            bad("aws.stack_timeout_secs", format!("{}s is too short for any stack operation (at least 60)", self.aws.stack_timeout_secs));
+        }
+        if !(1..=300).contains(&self.aws.poll_interval_secs) {
+            bad("aws.poll_interval_secs", format!("{}s: use 1 to 300", self.aws.poll_interval_secs));
+        }
         out
     }
+}
+
+/// `10.0.0.0/16` as (address, prefix length).
+pub fn parse_cidr(text: &str) -> std::result::Result<(std::net::Ipv4Addr, u8), String> {
+    let err = || format!("`{text}` is not an IPv4 CIDR block such as 10.0.0.0/16");
+    let (addr, prefix) = text.split_once('/').ok_or_else(err)?;
+    let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| err())?;
+    let prefix: u8 = prefix.parse().map_err(|_| err())?;
+    if prefix > 32 {
+        return Err(err());
+    }
+    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    if u32::from(addr) & !mask != 0 {
+        return Err(format!("`{text}` has host bits set (the network is {}/{prefix})", std::net::Ipv4Addr::from(u32::from(addr) & mask)));
+    }
+    Ok((addr, prefix))
+}
+
+/// EC2 instance types look like `t3a.small`, `m7g.large`, `c6in.2xlarge`.
+fn check_instance_type(t: &str) -> std::result::Result<(), String> {
+    let ok = t.split_once('.').is_some_and(|(family, size)| {
+        family.starts_with(|c: char| c.is_ascii_lowercase())
+            && family.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !size.is_empty()
+            && size.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    });
+    if ok { Ok(()) } else { Err(format!("`{t}` is not an EC2 instance type (such as t3a.small)")) }
 }
 
 fn is_hex(s: &str, len: usize) -> bool {

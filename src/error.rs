@@ -4,6 +4,8 @@
 //! - 0: success
 //! - 1: the operation failed (I/O, an external tool, AWS)
 //! - 2: usage error or invalid input (flags, config, templates, rendered output that fails validation)
+//! - 3: the stack operation failed and CloudFormation rolled it back
+//! - 130: interrupted (Ctrl-C); what was cleaned up is said
 
 use std::fmt;
 use std::path::PathBuf;
@@ -11,6 +13,8 @@ use std::path::PathBuf;
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_INVALID: u8 = 2;
+pub const EXIT_STACK_FAILED: u8 = 3;
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// One problem in a config file, located by field path and (where known) line.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -70,6 +74,27 @@ pub enum Error {
     #[error("{0}")]
     Tool(String),
 
+    /// An AWS call failed; `code` is the service's error code.
+    #[error("{operation} on {resource} failed: {code}: {message}")]
+    Aws { operation: &'static str, resource: String, code: String, message: String },
+
+    /// The stack operation failed; CloudFormation rolled back. `failures` are the resources that
+    /// failed, with CloudFormation's reason for each.
+    #[error("stack {stack} ended in {status}{}", failures_text(failures))]
+    StackFailed { stack: String, status: String, failures: Vec<String> },
+
+    /// The smoke test ran and a step failed.
+    #[error("{0}")]
+    SmokeFailed(String),
+
+    /// A bounded wait ran out.
+    #[error("gave up waiting for {what} after {secs}s ({hint})")]
+    Timeout { what: String, secs: u64, hint: String },
+
+    /// Ctrl-C. `cleaned` says what was removed on the way out.
+    #[error("interrupted{}", cleaned_text(cleaned))]
+    Interrupted { cleaned: Vec<String> },
+
     /// A template failed to render: a bug in imgbuild's templates, not in the user's input.
     #[error("template {template} failed to render: {source}")]
     Template {
@@ -83,7 +108,9 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Invalid(_) | Error::Validation(_) => EXIT_INVALID,
-            Error::Io { .. } | Error::Tool(_) | Error::Template { .. } => EXIT_FAILURE,
+            Error::Io { .. } | Error::Tool(_) | Error::Template { .. } | Error::Aws { .. } | Error::Timeout { .. } | Error::SmokeFailed(_) => EXIT_FAILURE,
+            Error::StackFailed { .. } => EXIT_STACK_FAILED,
+            Error::Interrupted { .. } => EXIT_INTERRUPTED,
         }
     }
 
@@ -96,11 +123,32 @@ impl Error {
             Error::Io { .. } => "io",
             Error::Tool(_) => "tool",
             Error::Template { .. } => "template",
+            Error::Aws { .. } => "aws",
+            Error::SmokeFailed(_) => "smoke_failed",
+            Error::StackFailed { .. } => "stack_failed",
+            Error::Timeout { .. } => "timeout",
+            Error::Interrupted { .. } => "interrupted",
         }
     }
 
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { action, path: path.into(), source }
+    }
+}
+
+fn failures_text(failures: &[String]) -> String {
+    if failures.is_empty() {
+        String::new()
+    } else {
+        format!(":\n  {}", failures.join("\n  "))
+    }
+}
+
+fn cleaned_text(cleaned: &[String]) -> String {
+    if cleaned.is_empty() {
+        "; nothing needed cleaning up".to_string()
+    } else {
+        format!("; cleaned up: {}", cleaned.join("; "))
     }
 }
 

@@ -1,0 +1,109 @@
+//! The AWS side, built in one place: profile, region, endpoint URL, retries, timeouts. Clients
+//! are made here, at the edge, and passed down, so tests hand in moto-backed or mocked clients.
+
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+
+use crate::config::{AwsConfig, RetryMode};
+use crate::error::Error;
+use crate::plan::Context;
+
+/// Every client a command may need. Cheap to clone (each is an `Arc` inside).
+#[derive(Debug, Clone)]
+pub struct Clients {
+    pub cfn: aws_sdk_cloudformation::Client,
+    pub ec2: aws_sdk_ec2::Client,
+    pub efs: aws_sdk_efs::Client,
+    pub ssm: aws_sdk_ssm::Client,
+    pub elb: aws_sdk_elasticloadbalancingv2::Client,
+    pub apigw: aws_sdk_apigateway::Client,
+}
+
+impl Clients {
+    pub fn from_conf(conf: &aws_config::SdkConfig) -> Self {
+        Self {
+            cfn: aws_sdk_cloudformation::Client::new(conf),
+            ec2: aws_sdk_ec2::Client::new(conf),
+            efs: aws_sdk_efs::Client::new(conf),
+            ssm: aws_sdk_ssm::Client::new(conf),
+            elb: aws_sdk_elasticloadbalancingv2::Client::new(conf),
+            apigw: aws_sdk_apigateway::Client::new(conf),
+        }
+    }
+}
+
+pub fn retry_config(aws: &AwsConfig) -> RetryConfig {
+    let base = match aws.retry_mode {
+        RetryMode::Standard => RetryConfig::standard(),
+        RetryMode::Adaptive => RetryConfig::adaptive(),
+    };
+    base.with_max_attempts(aws.max_attempts)
+}
+
+/// Loads the shared config the way the AWS CLI does (env, profile, SSO, ...), then applies the
+/// flags and the config file's retry and timeout settings.
+pub async fn load(ctx: &Context) -> Result<aws_config::SdkConfig, Error> {
+    let aws = &ctx.config.aws;
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(retry_config(aws))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .operation_timeout(Duration::from_secs(aws.operation_timeout_secs))
+                .build(),
+        );
+    if let Some(p) = &ctx.profile {
+        loader = loader.profile_name(p);
+    }
+    if let Some(r) = &ctx.region {
+        loader = loader.region(aws_config::Region::new(r.clone()));
+    }
+    if let Some(url) = &ctx.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    let conf = loader.load().await;
+    if conf.region().is_none() {
+        return Err(Error::Invalid(
+            "no AWS region: pass --region, set `region:` in imgbuild.yaml, or set AWS_REGION / a region in your profile".into(),
+        ));
+    }
+    Ok(conf)
+}
+
+/// The error code of an SDK error, when the service sent one. Code, never message text, decides
+/// what an error means.
+pub fn code<E: ProvideErrorMetadata>(err: &E) -> Option<&str> {
+    err.code()
+}
+
+/// Turns an SDK error into ours, naming the operation and the resource it was about.
+pub fn err<E>(operation: &'static str, resource: impl Into<String>, e: aws_sdk_cloudformation::error::SdkError<E>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let resource = resource.into();
+    let (code, message) = match &e {
+        aws_sdk_cloudformation::error::SdkError::ServiceError(s) => (
+            s.err().code().unwrap_or("Unknown").to_string(),
+            s.err().message().unwrap_or_default().to_string(),
+        ),
+        other => ("NoResponse".to_string(), error_chain(other)),
+    };
+    Error::Aws { operation, resource, code, message }
+}
+
+/// The whole source chain of an error, for transport failures whose top line says little.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.dedup();
+    parts.join(": ")
+}

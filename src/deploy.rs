@@ -1,0 +1,300 @@
+//! `imgbuild deploy`: check the stack's state, create a change set, show the diff, confirm,
+//! execute, follow events, print outputs. "No changes" is success. What it creates is recorded
+//! the moment it exists, so Ctrl-C or a failure removes it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use aws_sdk_cloudformation::types::{Capability, ChangeSetType, Parameter, Tag};
+use serde::Serialize;
+
+use crate::aws::{self, Clients, code};
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::stack::{self, Change, ChangeSetReady, EventFollower, Phase, Waits};
+
+/// How the user agreed to execute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirm {
+    /// `--yes`.
+    Yes,
+    /// Ask on the terminal (refused without one).
+    Prompt,
+    /// `--no-execute`: leave the change set for review.
+    NoExecute,
+}
+
+/// A validated deploy: everything decided, nothing left to look up but the stack itself.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub stack: String,
+    pub template_body: String,
+    pub parameters: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    pub confirm: Confirm,
+    /// Wait for an operation already running instead of refusing.
+    pub wait_if_busy: bool,
+    pub waits: Waits,
+    /// Makes the change set name unique and the create call idempotent on retry.
+    pub token: String,
+}
+
+/// What exists because of this run and must not outlive a failure or Ctrl-C.
+#[derive(Debug, Default, Clone)]
+pub struct Created {
+    /// The change set, until it is executed or deleted.
+    pub change_set: Option<String>,
+    /// The stack, when this run created it in REVIEW_IN_PROGRESS (an empty shell that only
+    /// holds the change set).
+    pub review_stack: Option<String>,
+    pub executed: bool,
+}
+
+pub type Cleanup = Arc<Mutex<Created>>;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub stack: String,
+    pub status: String,
+    pub change_set: Option<String>,
+    pub changes: Vec<Change>,
+    pub no_changes: bool,
+    pub executed: bool,
+    pub outputs: BTreeMap<String, String>,
+    /// Notices given on the way (e.g. a failed empty stack was replaced).
+    pub notices: Vec<String>,
+}
+
+/// Asks the user; separate so tests can answer. Async, so Ctrl-C is heard while it waits.
+pub trait Confirmer: Send + Sync {
+    fn confirm<'a>(&'a self, question: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool>> + Send + 'a>>;
+}
+
+/// Asks on the terminal; refuses where there is none (CI, pipes), so nothing hangs.
+pub struct TtyConfirmer;
+
+impl Confirmer for TtyConfirmer {
+    fn confirm<'a>(&'a self, question: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool>> + Send + 'a>> {
+        Box::pin(async move {
+            use std::io::IsTerminal;
+            if !std::io::stdin().is_terminal() {
+                return Err(Error::Invalid(
+                    "refusing to prompt: standard input is not a terminal; pass --yes to go ahead, or --no-execute to leave the change set for review".into(),
+                ));
+            }
+            let question = question.to_string();
+            tokio::task::spawn_blocking(move || {
+                eprint!("{question} [y/N] ");
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).map(|_| matches!(line.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+            })
+            .await
+            .map_err(|e| Error::Tool(format!("prompt: {e}")))?
+            .map_err(|e| Error::io("reading", "stdin", e))
+        })
+    }
+}
+
+pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &Cleanup, confirmer: &dyn Confirmer) -> Result<Outcome> {
+    let cfn = &clients.cfn;
+    let mut notices = Vec::new();
+
+    // 1. Where the stack stands.
+    let mut existing = stack::describe(cfn, &plan.stack).await?;
+    if let Some(s) = &existing {
+        let status = stack::status_of(s);
+        match stack::phase(&status) {
+            Phase::InProgress if plan.wait_if_busy => {
+                progress.line(&format!("stack {} is {status}; waiting for it to settle (--wait)", plan.stack));
+                let mut f = EventFollower::start(cfn, &plan.stack).await?;
+                stack::wait_stable(cfn, &plan.stack, &mut f, plan.waits, progress).await?;
+                existing = stack::describe(cfn, &plan.stack).await?;
+            }
+            Phase::InProgress => {
+                return Err(Error::Invalid(format!(
+                    "stack {} is {status}: another operation is running; wait for it (or pass --wait)",
+                    plan.stack
+                )));
+            }
+            Phase::Failed => {
+                return Err(Error::Invalid(format!(
+                    "stack {} is {status}, which needs a person: see its events (`imgbuild status`) and the CloudFormation console; deploy cannot continue from there",
+                    plan.stack
+                )));
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = &existing {
+        if stack::phase(&stack::status_of(s)) == Phase::RollbackComplete {
+            let notice = format!(
+                "stack {} is ROLLBACK_COMPLETE: its creation failed and it holds no resources; deleting it and creating it again",
+                plan.stack
+            );
+            progress.line(&notice);
+            notices.push(notice);
+            stack::delete_and_wait(cfn, &plan.stack, plan.waits, progress).await?;
+            existing = None;
+        }
+    }
+    let kind = match existing.as_ref().map(stack::status_of).as_deref().map(stack::phase) {
+        None | Some(Phase::ReviewInProgress) => ChangeSetType::Create,
+        _ => ChangeSetType::Update,
+    };
+    let creates_stack = existing.is_none();
+
+    // 2. The change set, recorded as soon as it exists.
+    progress.set(&format!("creating {} change set for {}", kind.as_str(), plan.stack));
+    let name = format!("imgbuild-{}", plan.token);
+    let out = cfn
+        .create_change_set()
+        .stack_name(&plan.stack)
+        .change_set_name(&name)
+        .change_set_type(kind.clone())
+        .template_body(&plan.template_body)
+        .set_parameters(Some(
+            plan.parameters
+                .iter()
+                .map(|(k, v)| Parameter::builder().parameter_key(k).parameter_value(v).build())
+                .collect(),
+        ))
+        .capabilities(Capability::CapabilityIam)
+        .set_tags(Some(plan.tags.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect()))
+        .client_token(&plan.token)
+        .description("imgbuild deploy")
+        .send()
+        .await
+        .map_err(|e| aws::err("CreateChangeSet", format!("stack {}", plan.stack), e))?;
+    let id = out.id().unwrap_or(&name).to_string();
+    {
+        let mut c = cleanup.lock().expect("cleanup lock");
+        c.change_set = Some(id.clone());
+        if creates_stack {
+            c.review_stack = Some(plan.stack.clone());
+        }
+    }
+
+    // 3. The diff.
+    let changes = match stack::wait_change_set(cfn, &id, plan.waits, progress).await? {
+        ChangeSetReady::Changes(c) => c,
+        ChangeSetReady::Failed { reason, any_changes } => {
+            let unchanged = !any_changes && !creates_stack && same_as_deployed(clients, plan, existing.as_ref()).await?;
+            stack::delete_change_set(cfn, &id).await?;
+            cleanup.lock().expect("cleanup lock").change_set = None;
+            if unchanged {
+                progress.line(&format!("no changes: stack {} already matches", plan.stack));
+                let s = existing.as_ref().expect("an update has a stack");
+                return Ok(Outcome {
+                    stack: plan.stack.clone(),
+                    status: stack::status_of(s),
+                    change_set: None,
+                    changes: Vec::new(),
+                    no_changes: true,
+                    executed: false,
+                    outputs: stack::outputs_of(s),
+                    notices,
+                });
+            }
+            return Err(Error::Invalid(format!("CloudFormation could not make a change set for {}: {reason}", plan.stack)));
+        }
+    };
+    progress.line(&format!("change set {name} for {} ({} change{}):", plan.stack, changes.len(), if changes.len() == 1 { "" } else { "s" }));
+    for c in &changes {
+        progress.line(&c.line());
+    }
+
+    // 4. Confirm.
+    let go = match plan.confirm {
+        Confirm::Yes => true,
+        Confirm::NoExecute => {
+            progress.line(&format!("--no-execute: change set {id} is left for review; execute it with `aws cloudformation execute-change-set --change-set-name {id}`"));
+            // The user asked to keep it: no longer ours to clean.
+            *cleanup.lock().expect("cleanup lock") = Created::default();
+            return Ok(Outcome {
+                stack: plan.stack.clone(),
+                status: existing.as_ref().map(stack::status_of).unwrap_or_else(|| "REVIEW_IN_PROGRESS".into()),
+                change_set: Some(id),
+                changes,
+                no_changes: false,
+                executed: false,
+                outputs: existing.as_ref().map(stack::outputs_of).unwrap_or_default(),
+                notices,
+            });
+        }
+        Confirm::Prompt => confirmer.confirm(&format!("Execute these {} changes on stack {}?", changes.len(), plan.stack)).await?,
+    };
+    if !go {
+        remove_created(clients, cleanup).await?;
+        return Err(Error::Invalid("not confirmed: the change set was deleted and nothing changed".into()));
+    }
+
+    // 5. Execute and follow.
+    let mut follower = EventFollower::start(cfn, &plan.stack).await?;
+    cfn.execute_change_set()
+        .change_set_name(&id)
+        .send()
+        .await
+        .map_err(|e| aws::err("ExecuteChangeSet", format!("change set {id}"), e))?;
+    *cleanup.lock().expect("cleanup lock") = Created { executed: true, ..Created::default() };
+    let status = stack::wait_stable(cfn, &plan.stack, &mut follower, plan.waits, progress).await?;
+    if !stack::succeeded(&status) {
+        return Err(Error::StackFailed { stack: plan.stack.clone(), status, failures: follower.failures });
+    }
+    let done = stack::describe(cfn, &plan.stack).await?;
+    Ok(Outcome {
+        stack: plan.stack.clone(),
+        status,
+        change_set: Some(id),
+        changes,
+        no_changes: false,
+        executed: true,
+        outputs: done.as_ref().map(stack::outputs_of).unwrap_or_default(),
+        notices,
+    })
+}
+
+/// Whether the deployed stack already has this template and these parameters. Used to tell
+/// "no changes" from other change-set failures without reading CloudFormation's message text.
+async fn same_as_deployed(clients: &Clients, plan: &Plan, existing: Option<&aws_sdk_cloudformation::types::Stack>) -> Result<bool> {
+    let Some(s) = existing else { return Ok(false) };
+    let deployed = stack::parameters_of(s);
+    if plan.parameters.iter().any(|(k, v)| deployed.get(k) != Some(v)) {
+        return Ok(false);
+    }
+    let out = clients
+        .cfn
+        .get_template()
+        .stack_name(&plan.stack)
+        .template_stage(aws_sdk_cloudformation::types::TemplateStage::Original)
+        .send()
+        .await
+        .map_err(|e| aws::err("GetTemplate", format!("stack {}", plan.stack), e))?;
+    Ok(out.template_body() == Some(plan.template_body.as_str()))
+}
+
+/// Removes what this run created and has not handed over: a pending change set, and the empty
+/// REVIEW_IN_PROGRESS stack a first CREATE change set leaves behind. Returns what it removed.
+pub async fn remove_created(clients: &Clients, cleanup: &Cleanup) -> Result<Vec<String>> {
+    let created = std::mem::take(&mut *cleanup.lock().expect("cleanup lock"));
+    let mut cleaned = Vec::new();
+    if created.executed {
+        return Ok(cleaned);
+    }
+    if let Some(id) = created.change_set {
+        stack::delete_change_set(&clients.cfn, &id).await?;
+        cleaned.push(format!("deleted change set {id}"));
+    }
+    if let Some(name) = created.review_stack {
+        // Only a stack still in REVIEW_IN_PROGRESS is ours: it holds no resources.
+        if let Some(s) = stack::describe(&clients.cfn, &name).await? {
+            if stack::phase(&stack::status_of(&s)) == Phase::ReviewInProgress {
+                match clients.cfn.delete_stack().stack_name(&name).send().await {
+                    Ok(_) => cleaned.push(format!("deleted the empty stack {name} (REVIEW_IN_PROGRESS)")),
+                    Err(e) if e.as_service_error().and_then(code) == Some("ValidationError") => {}
+                    Err(e) => return Err(aws::err("DeleteStack", format!("stack {name}"), e)),
+                }
+            }
+        }
+    }
+    Ok(cleaned)
+}
