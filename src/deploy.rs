@@ -174,8 +174,28 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
         }
     }
 
-    // 3. The diff.
+    // 3. The diff. "No changes" is decided on facts, not on CloudFormation's message text: the
+    // change set lists nothing and the stack already has this template and these parameters.
+    let no_changes = |existing: Option<&aws_sdk_cloudformation::types::Stack>, notices: Vec<String>| {
+        let s = existing.expect("only an update can be unchanged");
+        Outcome {
+            stack: plan.stack.clone(),
+            status: stack::status_of(s),
+            change_set: None,
+            changes: Vec::new(),
+            no_changes: true,
+            executed: false,
+            outputs: stack::outputs_of(s),
+            notices,
+        }
+    };
     let changes = match stack::wait_change_set(cfn, &id, plan.waits, progress).await? {
+        ChangeSetReady::Changes(c) if c.is_empty() && !creates_stack && same_as_deployed(clients, plan, existing.as_ref()).await? => {
+            stack::delete_change_set(cfn, &id).await?;
+            cleanup.lock().expect("cleanup lock").change_set = None;
+            progress.line(&format!("no changes: stack {} already matches", plan.stack));
+            return Ok(no_changes(existing.as_ref(), notices));
+        }
         ChangeSetReady::Changes(c) => c,
         ChangeSetReady::Failed { reason, any_changes } => {
             let unchanged = !any_changes && !creates_stack && same_as_deployed(clients, plan, existing.as_ref()).await?;
@@ -183,17 +203,7 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
             cleanup.lock().expect("cleanup lock").change_set = None;
             if unchanged {
                 progress.line(&format!("no changes: stack {} already matches", plan.stack));
-                let s = existing.as_ref().expect("an update has a stack");
-                return Ok(Outcome {
-                    stack: plan.stack.clone(),
-                    status: stack::status_of(s),
-                    change_set: None,
-                    changes: Vec::new(),
-                    no_changes: true,
-                    executed: false,
-                    outputs: stack::outputs_of(s),
-                    notices,
-                });
+                return Ok(no_changes(existing.as_ref(), notices));
             }
             return Err(Error::Invalid(format!("CloudFormation could not make a change set for {}: {reason}", plan.stack)));
         }
@@ -236,7 +246,7 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
         .await
         .map_err(|e| aws::err("ExecuteChangeSet", format!("change set {id}"), e))?;
     *cleanup.lock().expect("cleanup lock") = Created { executed: true, ..Created::default() };
-    let status = stack::wait_stable(cfn, &plan.stack, &mut follower, plan.waits, progress).await?;
+    let status = stack::wait_executed(cfn, &plan.stack, &mut follower, plan.waits, progress).await?;
     if !stack::succeeded(&status) {
         return Err(Error::StackFailed { stack: plan.stack.clone(), status, failures: follower.failures });
     }

@@ -252,6 +252,16 @@ impl EventFollower {
 /// Waits until the stack leaves `*_IN_PROGRESS`, printing events, within `waits.timeout`.
 /// Returns the final status (`DELETE_COMPLETE` when it is gone).
 pub async fn wait_stable(cfn: &Client, stack: &str, follower: &mut EventFollower, waits: Waits, progress: &Progress) -> Result<String> {
+    wait_until_settled(cfn, stack, follower, waits, progress, false).await
+}
+
+/// Like `wait_stable`, right after executing a change set: until the execution shows,
+/// a never-created stack may still read REVIEW_IN_PROGRESS, which is not an end state then.
+pub async fn wait_executed(cfn: &Client, stack: &str, follower: &mut EventFollower, waits: Waits, progress: &Progress) -> Result<String> {
+    wait_until_settled(cfn, stack, follower, waits, progress, true).await
+}
+
+async fn wait_until_settled(cfn: &Client, stack: &str, follower: &mut EventFollower, waits: Waits, progress: &Progress, review_pending: bool) -> Result<String> {
     let deadline = Instant::now() + waits.timeout;
     loop {
         follower.poll(cfn, progress).await?;
@@ -259,7 +269,12 @@ pub async fn wait_stable(cfn: &Client, stack: &str, follower: &mut EventFollower
             Some(s) => status_of(&s),
             None => "DELETE_COMPLETE".to_string(),
         };
-        if phase(&status) != Phase::InProgress {
+        let running = match phase(&status) {
+            Phase::InProgress => true,
+            Phase::ReviewInProgress => review_pending,
+            _ => false,
+        };
+        if !running {
             follower.poll(cfn, progress).await?;
             return Ok(status);
         }

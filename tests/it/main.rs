@@ -1,6 +1,10 @@
 //! The one integration-test binary: `cargo test --test it`.
 
 mod cli;
+mod moto;
 mod render;
+mod services;
+mod smoke;
 mod support;
+mod template;
 mod validators;

@@ -62,3 +62,12 @@ pub fn configs() -> Vec<(&'static str, Config, Option<&'static str>)> {
 
 pub const MODES: [Mode; 2] = [Mode::Full, Mode::Baked];
 pub const FORMATS: [Format; 2] = [Format::CloudConfig, Format::Mime];
+
+/// A tool from the project's Python venv (`.venv`, made by tests/run), else from PATH.
+pub fn tool_in_venv(program: &str) -> Option<std::path::PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin").join(program);
+    if venv.is_file() {
+        return Some(venv);
+    }
+    tool(program)
+}
