@@ -27,7 +27,47 @@ pub struct Config {
     pub efs: EfsConfig,
     pub compose: ComposeConfig,
     pub stack: StackConfig,
+    pub bake: BakeConfig,
     pub aws: AwsConfig,
+}
+
+/// `imgbuild bake`: the base image, where the build instance runs, and where the result goes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BakeConfig {
+    /// Pin the base image; unset: AWS's public AL2023 parameter, recorded in the manifest and
+    /// kept until `--update-base`.
+    pub base_ami: Option<String>,
+    /// Build instance type; defaults to `stack.instance_type` (the same architecture).
+    pub instance_type: Option<String>,
+    /// Prerequisites made elsewhere; unset, bake deploys a small stack `<name>-bake` for them.
+    /// Give all four or none.
+    pub subnet_id: Option<String>,
+    pub security_group_id: Option<String>,
+    pub instance_profile: Option<String>,
+    pub automation_role_arn: Option<String>,
+    /// Longest the automation may run, in seconds.
+    pub timeout_secs: u64,
+    /// More regions to copy the image to (the handoff parameter is written there too).
+    pub regions: Vec<String>,
+    /// The manifest bake writes (and reads the recorded base image from).
+    pub manifest: String,
+}
+
+impl Default for BakeConfig {
+    fn default() -> Self {
+        Self {
+            base_ami: None,
+            instance_type: None,
+            subnet_id: None,
+            security_group_id: None,
+            instance_profile: None,
+            automation_role_arn: None,
+            timeout_secs: 5400,
+            regions: Vec::new(),
+            manifest: "imgbuild.bake.json".into(),
+        }
+    }
 }
 
 /// The CloudFormation stack `deploy` manages.
@@ -150,6 +190,7 @@ impl Default for Config {
             efs: EfsConfig::default(),
             compose: ComposeConfig::default(),
             stack: StackConfig::default(),
+            bake: BakeConfig::default(),
             aws: AwsConfig::default(),
         }
     }
@@ -175,6 +216,11 @@ impl Default for AwsConfig {
 }
 
 impl Config {
+    /// The build instance type.
+    pub fn bake_instance_type(&self) -> &str {
+        self.bake.instance_type.as_deref().unwrap_or(&self.stack.instance_type)
+    }
+
     /// The stack `deploy`, `status` and `destroy` work on.
     pub fn stack_name(&self) -> &str {
         self.stack.name.as_deref().unwrap_or(&self.name)
@@ -417,6 +463,32 @@ impl Config {
         const RETENTION: &[u32] = &[1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653];
         if !RETENTION.contains(&self.stack.log_retention_days) {
             bad("stack.log_retention_days", format!("{} is not a CloudWatch Logs retention period (one of {RETENTION:?})", self.stack.log_retention_days));
+        }
+        if let Some(ami) = &self.bake.base_ami {
+            if let Err(m) = crate::images::check_ami_id(ami) {
+                bad("bake.base_ami", m);
+            }
+        }
+        if let Some(t) = &self.bake.instance_type {
+            if let Err(m) = check_instance_type(t) {
+                bad("bake.instance_type", m);
+            }
+        }
+        let given = [&self.bake.subnet_id, &self.bake.security_group_id, &self.bake.instance_profile, &self.bake.automation_role_arn];
+        let n = given.iter().filter(|g| g.is_some()).count();
+        if n != 0 && n != given.len() {
+            bad("bake", "give subnet_id, security_group_id, instance_profile and automation_role_arn together, or none (bake then makes them)".into());
+        }
+        if self.bake.timeout_secs < 600 {
+            bad("bake.timeout_secs", format!("{}s is too short for a bake (at least 600)", self.bake.timeout_secs));
+        }
+        for (i, r) in self.bake.regions.iter().enumerate() {
+            if let Err(m) = check_region(r) {
+                bad(&format!("bake.regions[{i}]"), m);
+            }
+        }
+        if self.bake.manifest.trim().is_empty() {
+            bad("bake.manifest", "must name a file".into());
         }
         if !(1..=20).contains(&self.aws.max_attempts) {
             bad("aws.max_attempts", format!("{} attempts: use 1 to 20", self.aws.max_attempts));

@@ -99,16 +99,18 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
     let cfn = &clients.cfn;
     let mut notices = Vec::new();
 
-    // 1. Where the stack stands.
+    // 1. Where the stack stands (again after waiting: it may settle anywhere).
     let mut existing = stack::describe(cfn, &plan.stack).await?;
-    if let Some(s) = &existing {
+    let mut waited = false;
+    while let Some(s) = &existing {
         let status = stack::status_of(s);
         match stack::phase(&status) {
-            Phase::InProgress if plan.wait_if_busy => {
+            Phase::InProgress if plan.wait_if_busy && !waited => {
                 progress.line(&format!("stack {} is {status}; waiting for it to settle (--wait)", plan.stack));
                 let mut f = EventFollower::start(cfn, &plan.stack).await?;
                 stack::wait_stable(cfn, &plan.stack, &mut f, plan.waits, progress).await?;
                 existing = stack::describe(cfn, &plan.stack).await?;
+                waited = true;
             }
             Phase::InProgress => {
                 return Err(Error::Invalid(format!(
@@ -122,19 +124,17 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
                     plan.stack
                 )));
             }
-            _ => {}
-        }
-    }
-    if let Some(s) = &existing {
-        if stack::phase(&stack::status_of(s)) == Phase::RollbackComplete {
-            let notice = format!(
-                "stack {} is ROLLBACK_COMPLETE: its creation failed and it holds no resources; deleting it and creating it again",
-                plan.stack
-            );
-            progress.line(&notice);
-            notices.push(notice);
-            stack::delete_and_wait(cfn, &plan.stack, plan.waits, progress).await?;
-            existing = None;
+            Phase::RollbackComplete => {
+                let notice = format!(
+                    "stack {} is ROLLBACK_COMPLETE: its creation failed and it holds no resources; deleting it and creating it again",
+                    plan.stack
+                );
+                progress.line(&notice);
+                notices.push(notice);
+                stack::delete_and_wait(cfn, &plan.stack, plan.waits, progress).await?;
+                existing = None;
+            }
+            Phase::Stable | Phase::ReviewInProgress | Phase::Deleted => break,
         }
     }
     let kind = match existing.as_ref().map(stack::status_of).as_deref().map(stack::phase) {

@@ -150,6 +150,7 @@ struct BootScript<'a> {
 #[template(path = "chroma.service", escape = "none")]
 struct Unit<'a> {
     chroma_version: &'a str,
+    env_file: &'a str,
     efs_tls: bool,
     mount_point: &'a str,
     lock_file: &'a str,
@@ -244,6 +245,7 @@ pub fn render(inputs: &Inputs) -> Result<Rendered> {
         "chroma.service",
         &Unit {
             chroma_version: &c.chroma.version,
+            env_file: ENV_FILE,
             efs_tls,
             mount_point: &c.storage.mount_point,
             lock_file: &lock_file(c),

@@ -28,13 +28,6 @@ if [[ -z "${region}" ]]; then
   region=$(imds placement/region) || die "could not read the region from instance metadata"
 fi
 domain=$(imds services/domain) || domain=amazonaws.com
-
-install -d -m 0755 /etc/imgbuild
-cat > {{ env_file }} <<EOF
-EFS_FILE_SYSTEM_ID=${file_system_id}
-AWS_REGION=${region}
-{{ efs_dns_var }}=${file_system_id}.efs.${region}.${domain}
-EOF
 {% if efs_tls %}
 # EFS on the host through amazon-efs-utils: TLS in transit, IAM authorization.
 readonly mount_point="{{ mount_point }}"
@@ -54,6 +47,15 @@ until mountpoint -q "${mount_point}"; do
 done
 install -d -m 0755 "{{ host_data_dir }}"
 {% endif %}
+# Written last: chroma.service waits for this file (ConditionPathExists), so Chroma never starts
+# on a data directory that is not the file system's.
+install -d -m 0755 /etc/imgbuild
+cat > {{ env_file }} <<EOF
+EFS_FILE_SYSTEM_ID=${file_system_id}
+AWS_REGION=${region}
+{{ efs_dns_var }}=${file_system_id}.efs.${region}.${domain}
+EOF
+
 systemctl daemon-reload
 systemctl enable --now chroma.service
 

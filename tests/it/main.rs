@@ -1,6 +1,7 @@
 //! The one integration-test binary: `cargo test --test it`.
 
 mod cli;
+mod mocks;
 mod moto;
 mod render;
 mod services;

@@ -21,7 +21,7 @@ use aws_smithy_types::retry::RetryConfig;
 use aws_sdk_cloudformation::operation::create_change_set::CreateChangeSetOutput;
 use aws_sdk_cloudformation::operation::delete_change_set::DeleteChangeSetOutput;
 use aws_sdk_cloudformation::operation::delete_stack::DeleteStackOutput;
-use aws_sdk_cloudformation::operation::describe_change_set::{DescribeChangeSetError, DescribeChangeSetOutput};
+use aws_sdk_cloudformation::operation::describe_change_set::DescribeChangeSetOutput;
 use aws_sdk_cloudformation::operation::describe_stack_events::{DescribeStackEventsError, DescribeStackEventsOutput};
 use aws_sdk_cloudformation::operation::describe_stacks::{DescribeStacksError, DescribeStacksOutput};
 use aws_sdk_cloudformation::operation::execute_change_set::ExecuteChangeSetOutput;
@@ -395,7 +395,14 @@ async fn a_client_without_rules_fails_the_test_when_called() {
 #[tokio::test]
 async fn deploy_new_stack_that_rolls_back_fails_with_the_resource_and_its_reason() {
     const REASON: &str = "Resource handler returned message: \"The image id '[ami-0123456789abcdef0]' does not exist\" (Service: Ec2, Status Code: 400)";
-    let ds = describe_stacks(&[Missing, Is("CREATE_IN_PROGRESS", vec![]), Is("ROLLBACK_IN_PROGRESS", vec![]), Is("ROLLBACK_COMPLETE", vec![])]);
+    // Right after ExecuteChangeSet a new stack may still read REVIEW_IN_PROGRESS: not an end state.
+    let ds = describe_stacks(&[
+        Missing,
+        Is("REVIEW_IN_PROGRESS", vec![]),
+        Is("CREATE_IN_PROGRESS", vec![]),
+        Is("ROLLBACK_IN_PROGRESS", vec![]),
+        Is("ROLLBACK_COMPLETE", vec![]),
+    ]);
     let create = create_change_set(ChangeSetType::Create);
     let dcs = change_set_ready(vec![
         resource_change(ChangeAction::Add, "Vpc", "AWS::EC2::VPC", None),
@@ -435,7 +442,7 @@ async fn deploy_new_stack_that_rolls_back_fails_with_the_resource_and_its_reason
     assert!(err.to_string().contains("LaunchTemplate") && err.to_string().contains("does not exist"), "{err}");
     assert_eq!(create.num_calls(), 1);
     assert_eq!(exec.num_calls(), 1);
-    assert_eq!(ds.num_calls(), 4, "one look before, three polls until ROLLBACK_COMPLETE");
+    assert_eq!(ds.num_calls(), 5, "one look before, four polls until ROLLBACK_COMPLETE");
     assert_eq!(del_cs.num_calls(), 0);
     assert_eq!(del.num_calls(), 0);
     // Executed: nothing is left for the cleanup on the way out to remove.
@@ -524,7 +531,6 @@ async fn deploy_with_wait_goes_on_with_an_update_once_the_stack_settles() {
 }
 
 #[tokio::test]
-#[ignore = "bug: deploy --wait does not re-check the phase after waiting; a stack that settles in a *_FAILED state gets an UPDATE change set (src/deploy.rs:107-112)"]
 async fn deploy_with_wait_refuses_a_stack_that_settles_in_a_failed_state() {
     let ds = describe_stacks(&[Is("UPDATE_ROLLBACK_IN_PROGRESS", vec![]), Is("UPDATE_ROLLBACK_FAILED", vec![])]);
     let events = no_events();
@@ -682,6 +688,47 @@ async fn deploy_of_an_unchanged_stack_is_no_changes_and_deletes_the_change_set()
     assert_eq!(del_cs.num_calls(), 1);
     assert_eq!(exec.num_calls(), 0);
     assert_eq!(recorded(&cleanup).change_set, None);
+}
+
+#[tokio::test]
+async fn deploy_with_an_empty_change_set_and_the_same_inputs_is_no_changes() {
+    let ds = describe_stacks(&[Is("UPDATE_COMPLETE", outputs())]);
+    let create = create_change_set(ChangeSetType::Update);
+    let dcs = change_set_ready(vec![]);
+    let gt = get_template(TEMPLATE);
+    let exec = execute_change_set();
+    let del_cs = delete_change_set();
+    let clients = Aws::default().cfn(&[&ds, &create, &dcs, &gt, &exec, &del_cs]).clients();
+    let asked = Answer::new(true);
+
+    let out = deploy::run(&clients, &plan(Confirm::Prompt), &quiet(), &cleanup(), &asked).await.unwrap();
+
+    assert!(out.no_changes && !out.executed);
+    assert_eq!(out.change_set, None);
+    assert!(asked.asked().is_empty(), "nothing to confirm");
+    assert_eq!(gt.num_calls(), 1);
+    assert_eq!(del_cs.num_calls(), 1);
+    assert_eq!(exec.num_calls(), 0);
+}
+
+#[tokio::test]
+async fn deploy_with_an_empty_change_set_but_another_template_still_executes() {
+    let ds = describe_stacks(&[Is("UPDATE_COMPLETE", vec![]), Is("UPDATE_IN_PROGRESS", vec![]), Is("UPDATE_COMPLETE", outputs())]);
+    let create = create_change_set(ChangeSetType::Update);
+    let dcs = change_set_ready(vec![]);
+    let gt = get_template("AWSTemplateFormatVersion: '2010-09-09'\nResources: {}\nOutputs: {}\n");
+    let events = no_events();
+    let exec = execute_change_set();
+    let del_cs = delete_change_set();
+    let clients = Aws::default().cfn(&[&ds, &create, &dcs, &gt, &events, &exec, &del_cs]).clients();
+
+    let out = deploy::run(&clients, &plan(Confirm::Yes), &quiet(), &cleanup(), &Answer::new(false)).await.unwrap();
+
+    assert!(!out.no_changes && out.executed);
+    assert!(out.changes.is_empty());
+    assert_eq!(out.status, "UPDATE_COMPLETE");
+    assert_eq!(exec.num_calls(), 1);
+    assert_eq!(del_cs.num_calls(), 0);
 }
 
 #[tokio::test]
