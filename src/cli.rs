@@ -82,6 +82,53 @@ pub enum Command {
     Destroy(DestroyArgs),
     /// The acceptance test: heartbeat, create a collection, add, query, delete.
     Smoke(SmokeArgs),
+    /// Bake the bootstrap into an AMI through SSM Automation (reused when its digest matches).
+    Bake(BakeArgs),
+    /// List or prune the images bake made.
+    #[command(subcommand)]
+    Images(ImagesCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct BakeArgs {
+    /// Bake even when an image with this digest exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Read the base image from AWS's public parameter again instead of the recorded one.
+    #[arg(long)]
+    pub update_base: bool,
+    /// Print the plan (base image, digest, cached or not, the document) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// More regions to copy the image to (comma-separated), besides bake.regions.
+    #[arg(long, value_delimiter = ',', value_name = "REGION,...")]
+    pub regions: Vec<String>,
+    /// Longest the automation may run, in seconds [default: bake.timeout_secs].
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    #[command(flatten)]
+    pub tools: ToolArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// The images bake made for this project, newest first, with the ones in use marked.
+    List,
+    /// Deregister all but the newest N images and delete their snapshots. Never an image in use.
+    Prune(PruneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// How many of the newest images to keep.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub keep: usize,
+    /// Prune without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Say what would be pruned, prune nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -24,6 +24,8 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
         Command::Status(args) => crate::remote::status(args, &Context::load(&cli.global)?, ui),
         Command::Destroy(args) => crate::remote::destroy(args, &Context::load(&cli.global)?, ui),
         Command::Smoke(args) => crate::remote::smoke_cmd(args, &Context::load(&cli.global)?, ui),
+        Command::Bake(args) => crate::remote::bake(args, &Context::load(&cli.global)?, ui),
+        Command::Images(cmd) => crate::remote::images_cmd(cmd, &Context::load(&cli.global)?, ui),
     }
 }
 
@@ -150,14 +152,39 @@ fn validate_all(args: ValidateArgs, ctx: &Context, ui: Ui) -> Result<()> {
         }
     }
     let template = check_template(args.template.as_deref(), ctx, ui, &mut failed)?;
+    let document = check_document(ctx, ui, tools, &mut failed)?;
     if ui.json() {
-        ui.emit_json(&json!({ "ok": failed.is_empty(), "config": ctx.source.to_string(), "userdata": variants, "template": template }));
+        ui.emit_json(&json!({ "ok": failed.is_empty(), "config": ctx.source.to_string(), "userdata": variants, "template": template, "bake_document": document }));
     }
     if failed.is_empty() {
         Ok(())
     } else {
         Err(Error::Validation(format!("validation failed {} check(s): {}", failed.len(), failed.join("; "))))
     }
+}
+
+/// The automation document as bake registers it (the bake script inside), checked statically,
+/// and the bake script through shellcheck.
+fn check_document(ctx: &Context, ui: Ui, tools: validate::Tools, failed: &mut Vec<String>) -> Result<serde_json::Value> {
+    let profile = crate::chroma::profile(&crate::chroma::parse_version(&ctx.config.chroma.version).map_err(Error::Invalid)?).map_err(Error::Invalid)?;
+    let (script, _) = crate::bake::bake_script(&ctx.config, profile)?;
+    let document = crate::bake::document(&script)?;
+    let title = format!("document {}", crate::bake::DOCUMENT_TEMPLATE_NAME);
+    let findings = crate::automation::check(&document);
+    for f in &findings {
+        ui.info(format!("{title}: FAIL {}: {}", f.at, f.message));
+        failed.push(format!("{title}: {}", f.at));
+    }
+    let report = validate::validate_script("bake.sh", &script, tools);
+    ui.report("bake script", &report);
+    failed.extend(report.failures().map(|c| format!("bake script: {}", c.name)));
+    ui.info(format!(
+        "{title}: {} ({} bytes with the bake script); bake script: {}",
+        if findings.is_empty() { "references, step targets, outputs and required inputs check out".to_string() } else { format!("{} problem(s)", findings.len()) },
+        document.len(),
+        if report.ok() { "ok" } else { "FAILED" }
+    ));
+    Ok(json!({ "findings": findings, "bytes": document.len(), "script_checks": report.checks }))
 }
 
 /// The stack template as deploy would send it (default full-mode user-data inside): size and
@@ -193,6 +220,10 @@ fn check_template(path: Option<&Path>, ctx: &Context, ui: Ui, failed: &mut Vec<S
     let passed = rules.iter().filter(|r| r.verdict == crate::guard::Verdict::Pass).count();
     ui.info(format!("{title}: {passed} of {} security policies pass", rules.len()));
     Ok(json!({ "name": template.name, "size": size, "policies": rules }))
+}
+
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically(path, bytes)
 }
 
 /// Writes a regular file through a temporary file in the same directory, so a failure never

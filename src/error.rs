@@ -83,6 +83,10 @@ pub enum Error {
     #[error("stack {stack} ended in {status}{}", failures_text(failures))]
     StackFailed { stack: String, status: String, failures: Vec<String> },
 
+    /// The bake's automation execution ended without an image.
+    #[error("bake execution {execution} ended {status}: {detail}")]
+    BakeFailed { execution: String, status: String, detail: String },
+
     /// The smoke test ran and a step failed.
     #[error("{0}")]
     SmokeFailed(String),
@@ -108,7 +112,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Invalid(_) | Error::Validation(_) => EXIT_INVALID,
-            Error::Io { .. } | Error::Tool(_) | Error::Template { .. } | Error::Aws { .. } | Error::Timeout { .. } | Error::SmokeFailed(_) => EXIT_FAILURE,
+            Error::Io { .. } | Error::Tool(_) | Error::Template { .. } | Error::Aws { .. } | Error::Timeout { .. } | Error::SmokeFailed(_) | Error::BakeFailed { .. } => EXIT_FAILURE,
             Error::StackFailed { .. } => EXIT_STACK_FAILED,
             Error::Interrupted { .. } => EXIT_INTERRUPTED,
         }
@@ -125,6 +129,7 @@ impl Error {
             Error::Template { .. } => "template",
             Error::Aws { .. } => "aws",
             Error::SmokeFailed(_) => "smoke_failed",
+            Error::BakeFailed { .. } => "bake_failed",
             Error::StackFailed { .. } => "stack_failed",
             Error::Timeout { .. } => "timeout",
             Error::Interrupted { .. } => "interrupted",

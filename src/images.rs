@@ -10,8 +10,12 @@ use crate::render::Mode;
 /// Tag names on baked images.
 pub const TAG_DIGEST: &str = "imgbuild:digest";
 pub const TAG_CHROMA_VERSION: &str = "imgbuild:chroma-version";
+pub const TAG_PROJECT: &str = "imgbuild:project";
+pub const TAG_BASE_AMI: &str = "imgbuild:base-ami";
+/// On the build instance, so a bake can find (and terminate) what it launched.
+pub const TAG_BAKE_TOKEN: &str = "imgbuild:bake-token";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     X86_64,
@@ -140,4 +144,113 @@ mod tests {
         assert!(check_ami_id("ami-123").is_err());
         assert!(check_ami_id("img-12345678").is_err());
     }
+}
+
+/// One of the project's images, as `images list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub ami: String,
+    pub name: String,
+    pub created: String,
+    pub state: String,
+    pub digest: Option<String>,
+    pub chroma_version: Option<String>,
+    /// Why it must not be pruned, if it must not.
+    pub in_use: Vec<String>,
+    pub snapshots: Vec<String>,
+}
+
+fn tag<'a>(image: &'a aws_sdk_ec2::types::Image, key: &str) -> Option<&'a str> {
+    image.tags().iter().find(|t| t.key() == Some(key)).and_then(|t| t.value())
+}
+
+/// The project's images (owned by this account, tagged with the project), newest first.
+pub async fn list(clients: &Clients, config: &Config) -> Result<Vec<Row>> {
+    let out = clients
+        .ec2
+        .describe_images()
+        .owners("self")
+        .filters(aws_sdk_ec2::types::Filter::builder().name(format!("tag:{}", TAG_PROJECT)).values(&config.name).build())
+        .send()
+        .await
+        .map_err(|e| aws::err("DescribeImages", format!("images of project {}", config.name), e))?;
+    let used = in_use(clients, config).await?;
+    let mut rows: Vec<Row> = out
+        .images()
+        .iter()
+        .map(|i| {
+            let ami = i.image_id().unwrap_or_default().to_string();
+            Row {
+                in_use: used.get(&ami).cloned().unwrap_or_default(),
+                ami,
+                name: i.name().unwrap_or_default().to_string(),
+                created: i.creation_date().unwrap_or_default().to_string(),
+                state: i.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+                digest: tag(i, TAG_DIGEST).map(String::from),
+                chroma_version: tag(i, TAG_CHROMA_VERSION).map(String::from),
+                snapshots: i.block_device_mappings().iter().filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(String::from)).collect(),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| b.created.cmp(&a.created).then(b.ami.cmp(&a.ami)));
+    Ok(rows)
+}
+
+/// Images something depends on, with what: the project's launch templates (the deployed stack's
+/// carries the project tag), its running instances, and the handoff parameter deploy reads.
+pub async fn in_use(clients: &Clients, config: &Config) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
+    use aws_sdk_ec2::types::Filter;
+    let mut used: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    let project = Filter::builder().name(format!("tag:{}", TAG_PROJECT)).values(&config.name).build();
+    let templates = clients
+        .ec2
+        .describe_launch_templates()
+        .filters(project.clone())
+        .send()
+        .await
+        .map_err(|e| aws::err("DescribeLaunchTemplates", format!("launch templates of project {}", config.name), e))?;
+    for lt in templates.launch_templates() {
+        let Some(id) = lt.launch_template_id() else { continue };
+        let versions = clients
+            .ec2
+            .describe_launch_template_versions()
+            .launch_template_id(id)
+            .versions("$Latest")
+            .versions("$Default")
+            .send()
+            .await
+            .map_err(|e| aws::err("DescribeLaunchTemplateVersions", format!("launch template {id}"), e))?;
+        for v in versions.launch_template_versions() {
+            if let Some(ami) = v.launch_template_data().and_then(|d| d.image_id()) {
+                used.entry(ami.to_string()).or_default().push(format!("launch template {id}"));
+            }
+        }
+    }
+    let instances = clients
+        .ec2
+        .describe_instances()
+        .filters(project)
+        .filters(Filter::builder().name("instance-state-name").values("pending").values("running").values("stopping").values("stopped").build())
+        .send()
+        .await
+        .map_err(|e| aws::err("DescribeInstances", format!("instances of project {}", config.name), e))?;
+    for i in instances.reservations().iter().flat_map(|r| r.instances()) {
+        if let (Some(ami), Some(id)) = (i.image_id(), i.instance_id()) {
+            used.entry(ami.to_string()).or_default().push(format!("instance {id}"));
+        }
+    }
+    let handoff = handoff_parameter(config);
+    if let Some(ami) = get_parameter(clients, &handoff).await? {
+        used.entry(ami).or_default().push(format!("parameter {handoff}"));
+    }
+    for v in used.values_mut() {
+        v.sort();
+        v.dedup();
+    }
+    Ok(used)
+}
+
+/// What prune removes: all but the newest `keep`, never one in use.
+pub fn prune_plan(rows: &[Row], keep: usize) -> Vec<&Row> {
+    rows.iter().skip(keep).filter(|r| r.in_use.is_empty()).collect()
 }

@@ -2,7 +2,9 @@
 //!
 //! The binary is a thin shell over [`commands::run`]; everything is testable in-process.
 
+pub mod automation;
 pub mod aws;
+pub mod bake;
 pub mod chroma;
 pub mod cli;
 pub mod commands;

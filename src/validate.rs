@@ -90,6 +90,13 @@ pub fn validate(rendered: &Rendered, config: &Config, profile: &Profile, tools: 
     report
 }
 
+/// shellcheck on one script outside a rendered user-data (the bake script).
+pub fn validate_script(name: &str, text: &str, tools: Tools) -> Report {
+    let mut report = Report::default();
+    external(&mut report, tools, &format!("shellcheck {name}"), "shellcheck", |exe| shellcheck(exe, text));
+    report
+}
+
 fn external(report: &mut Report, tools: Tools, name: &str, program: &str, run: impl FnOnce(PathBuf) -> Result<String, String>) {
     if tools == Tools::Off {
         return;

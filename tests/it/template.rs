@@ -131,6 +131,7 @@ fn cfn_lint_is_clean_on_the_template_and_on_what_deploy_sends() {
         files.push(f.unwrap().path());
     }
     files.push(fixtures.join("moto-stack.yaml"));
+    files.push(repo().join("infra/bake-prereqs.yaml"));
     let out = Command::new(lint).args(&files).output().unwrap();
     assert!(
         out.status.success(),

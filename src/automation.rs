@@ -1,0 +1,262 @@
+//! Static checks on an SSM Automation document (schemaVersion 0.3), run by `imgbuild validate`
+//! and before every bake: a broken reference or step target otherwise shows up only minutes into
+//! a paid-for execution.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_yaml::Value;
+
+/// Inputs an action cannot run without (the SSM Automation action reference).
+fn required_inputs(action: &str) -> Option<&'static [&'static str]> {
+    Some(match action {
+        "aws:executeAwsApi" => &["Service", "Api"],
+        "aws:waitForAwsResourceProperty" | "aws:assertAwsResourceProperty" => &["Service", "Api", "PropertySelector", "DesiredValues"],
+        "aws:runCommand" => &["DocumentName"],
+        "aws:changeInstanceState" => &["InstanceIds", "DesiredState"],
+        "aws:createImage" => &["InstanceId", "ImageName"],
+        "aws:copyImage" => &["SourceImageId", "SourceRegion", "ImageName"],
+        "aws:deleteImage" => &["ImageId"],
+        "aws:createTags" => &["ResourceIds", "Tags"],
+        "aws:runInstances" => &["ImageId"],
+        "aws:branch" => &["Choices"],
+        "aws:sleep" => &[],
+        "aws:pause" => &[],
+        "aws:approve" => &["Approvers"],
+        "aws:executeScript" => &["Runtime", "Handler"],
+        "aws:executeAutomation" => &["DocumentName"],
+        "aws:invokeLambdaFunction" => &["FunctionName"],
+        "aws:createStack" | "aws:deleteStack" => &["StackName"],
+        _ => return None,
+    })
+}
+
+/// Outputs an action has without declaring them.
+fn builtin_outputs(action: &str) -> &'static [&'static str] {
+    match action {
+        "aws:runInstances" => &["InstanceIds", "InstanceStates"],
+        "aws:createImage" | "aws:copyImage" => &["ImageId", "ImageState"],
+        "aws:runCommand" => &["CommandId", "Status", "ResponseCode", "Output"],
+        "aws:executeScript" => &["OutputPayload"],
+        "aws:invokeLambdaFunction" => &["StatusCode", "FunctionError", "Payload", "LogResult"],
+        "aws:createStack" => &["StackId", "StackStatus", "StackStatusReason"],
+        "aws:executeAutomation" => &["Output", "ExecutionId", "Status"],
+        _ => &[],
+    }
+}
+
+const GLOBALS: &[&str] = &["ACCOUNT_ID", "AWS_PARTITION", "AWS_REGION", "REGION", "DATE", "DATE_TIME", "EXECUTION_ID"];
+
+/// One problem, located by step (or document section).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Finding {
+    pub at: String,
+    pub message: String,
+}
+
+/// Every `{{ ... }}` reference in a value, trimmed.
+fn references(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => {
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("{{") {
+                let after = &rest[start + 2..];
+                let Some(end) = after.find("}}") else { break };
+                out.push(after[..end].trim().to_string());
+                rest = &after[end + 2..];
+            }
+        }
+        Value::Sequence(seq) => seq.iter().for_each(|x| references(x, out)),
+        Value::Mapping(m) => m.values().for_each(|x| references(x, out)),
+        Value::Tagged(t) => references(&t.value, out),
+        _ => {}
+    }
+}
+
+pub fn check(text: &str) -> Vec<Finding> {
+    let mut found = Vec::new();
+    let mut bad = |at: &str, message: String| found.push(Finding { at: at.to_string(), message });
+    let doc: Value = match serde_yaml::from_str(text) {
+        Ok(d) => d,
+        Err(e) => {
+            bad("document", format!("not valid YAML: {e}"));
+            return found;
+        }
+    };
+    if doc.get("schemaVersion").and_then(Value::as_str) != Some("0.3") {
+        bad("schemaVersion", "Automation documents need schemaVersion '0.3'".into());
+    }
+    let params: BTreeSet<String> = doc
+        .get("parameters")
+        .and_then(Value::as_mapping)
+        .map(|m| m.keys().filter_map(|k| k.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    let Some(steps) = doc.get("mainSteps").and_then(Value::as_sequence).filter(|s| !s.is_empty()) else {
+        bad("mainSteps", "no steps".into());
+        return found;
+    };
+
+    let names: Vec<String> = steps.iter().map(|s| s.get("name").and_then(Value::as_str).unwrap_or_default().to_string()).collect();
+    let all: BTreeSet<&str> = names.iter().map(String::as_str).collect();
+    // Outputs each step offers, known once the step is reached in order.
+    let mut outputs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let check_ref = |r: &str, outputs: &BTreeMap<String, BTreeSet<String>>| -> Option<String> {
+        if let Some(g) = r.strip_prefix("global:") {
+            return (!GLOBALS.contains(&g)).then(|| format!("`{{{{ {r} }}}}` is not a global variable ({})", GLOBALS.join(", ")));
+        }
+        if r == "automation:EXECUTION_ID" || r.starts_with("ssm:") || r.starts_with("ssm-secure:") {
+            return None;
+        }
+        match r.split_once('.') {
+            Some((step, out)) => match outputs.get(step) {
+                Some(o) if o.contains(out) => None,
+                Some(o) => Some(format!("`{{{{ {r} }}}}`: step {step} has no output {out} (it has: {})", o.iter().cloned().collect::<Vec<_>>().join(", "))),
+                None if all.contains(step) => Some(format!("`{{{{ {r} }}}}` names step {step}, which has not run yet at this point")),
+                None => Some(format!("`{{{{ {r} }}}}` names no parameter and no step")),
+            },
+            None if params.contains(r) => None,
+            None => Some(format!("`{{{{ {r} }}}}` is not a parameter of the document")),
+        }
+    };
+
+    let mut refs = Vec::new();
+    references(doc.get("assumeRole").unwrap_or(&Value::Null), &mut refs);
+    for r in refs {
+        if let Some(m) = check_ref(&r, &outputs) {
+            bad("assumeRole", m);
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for (i, step) in steps.iter().enumerate() {
+        let name = &names[i];
+        let at = if name.is_empty() { format!("mainSteps[{i}]") } else { format!("step {name}") };
+        if name.is_empty() {
+            bad(&at, "has no name".into());
+        } else if !seen.insert(name.clone()) {
+            bad(&at, "the name is used by an earlier step too".into());
+        }
+        let action = step.get("action").and_then(Value::as_str).unwrap_or_default();
+        let inputs = step.get("inputs").cloned().unwrap_or(Value::Null);
+        match required_inputs(action) {
+            None => bad(&at, format!("unknown action `{action}`")),
+            Some(req) => {
+                for r in req {
+                    if inputs.get(*r).is_none() {
+                        bad(&at, format!("{action} needs the input {r}"));
+                    }
+                }
+                if action == "aws:runCommand" && inputs.get("InstanceIds").is_none() && inputs.get("Targets").is_none() {
+                    bad(&at, "aws:runCommand needs InstanceIds or Targets".into());
+                }
+            }
+        }
+        let mut refs = Vec::new();
+        references(&inputs, &mut refs);
+        for r in refs {
+            if let Some(m) = check_ref(&r, &outputs) {
+                bad(&at, m);
+            }
+        }
+        for key in ["onFailure", "onCancel"] {
+            if let Some(v) = step.get(key).and_then(Value::as_str) {
+                match v.strip_prefix("step:") {
+                    Some(target) if !all.contains(target) => bad(&at, format!("{key} goes to step {target}, which does not exist")),
+                    Some(_) => {}
+                    None if v == "Abort" || v == "Continue" => {}
+                    None => bad(&at, format!("{key} `{v}` is not Abort, Continue or step:<name>")),
+                }
+            }
+        }
+        if let Some(next) = step.get("nextStep").and_then(Value::as_str) {
+            if !all.contains(next) {
+                bad(&at, format!("nextStep {next} does not exist"));
+            }
+        }
+        let mut offered: BTreeSet<String> = builtin_outputs(action).iter().map(|s| s.to_string()).collect();
+        for o in step.get("outputs").and_then(Value::as_sequence).into_iter().flatten() {
+            match o.get("Name").and_then(Value::as_str) {
+                Some(n) => {
+                    offered.insert(n.to_string());
+                    if o.get("Selector").is_none() && action == "aws:executeAwsApi" {
+                        bad(&at, format!("output {n} has no Selector"));
+                    }
+                }
+                None => bad(&at, "an output has no Name".into()),
+            }
+        }
+        outputs.insert(name.clone(), offered);
+    }
+    let last_is_end = steps.last().is_some_and(|s| s.get("isEnd").and_then(Value::as_bool) == Some(true) || s.get("nextStep").is_none());
+    if !last_is_end {
+        bad("mainSteps", "the last step neither ends the document (isEnd) nor is last without a nextStep".into());
+    }
+    for o in doc.get("outputs").and_then(Value::as_sequence).into_iter().flatten() {
+        let text = o.as_str().unwrap_or_default();
+        let ok = text.split_once('.').is_some_and(|(s, out)| outputs.get(s).is_some_and(|set| set.contains(out)));
+        if !ok {
+            bad("outputs", format!("document output `{text}` is not an output of any step"));
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+schemaVersion: '0.3'
+assumeRole: '{{ Role }}'
+parameters:
+  Role: {type: String}
+  Ami: {type: String}
+mainSteps:
+  - name: launch
+    action: aws:executeAwsApi
+    onFailure: Abort
+    inputs: {Service: ec2, Api: RunInstances, ImageId: '{{ Ami }}', MinCount: 1, MaxCount: 1}
+    outputs: [{Name: InstanceId, Selector: '$.Instances[0].InstanceId', Type: String}]
+  - name: image
+    action: aws:createImage
+    onFailure: step:stop
+    onCancel: step:stop
+    inputs: {InstanceId: '{{ launch.InstanceId }}', ImageName: 'x-{{ global:DATE_TIME }}'}
+  - name: stop
+    action: aws:changeInstanceState
+    isEnd: true
+    inputs: {InstanceIds: ['{{ launch.InstanceId }}'], DesiredState: terminated}
+outputs: [image.ImageId]
+"#;
+
+    #[test]
+    fn a_sound_document_has_no_findings() {
+        assert_eq!(check(GOOD), Vec::<Finding>::new());
+    }
+
+    fn findings(edit: (&str, &str)) -> Vec<String> {
+        let doc = GOOD.replacen(edit.0, edit.1, 1);
+        assert_ne!(doc, GOOD, "the edit {edit:?} must apply");
+        check(&doc).into_iter().map(|f| format!("{}: {}", f.at, f.message)).collect()
+    }
+
+    #[test]
+    fn each_kind_of_mistake_is_named() {
+        let cases = [
+            (("'{{ Ami }}'", "'{{ Amy }}'"), "step launch: `{{ Amy }}` is not a parameter of the document"),
+            (("'{{ launch.InstanceId }}', ImageName", "'{{ launch.Instance }}', ImageName"), "step image: `{{ launch.Instance }}`: step launch has no output Instance"),
+            (("ImageId: '{{ Ami }}'", "ImageId: '{{ image.ImageId }}'"), "step launch: `{{ image.ImageId }}` names step image, which has not run yet at this point"),
+            (("onFailure: step:stop", "onFailure: step:halt"), "step image: onFailure goes to step halt, which does not exist"),
+            (("onCancel: step:stop", "onCancel: Retry"), "step image: onCancel `Retry` is not Abort, Continue or step:<name>"),
+            (("ImageName: 'x-{{ global:DATE_TIME }}'", "Name: x"), "step image: aws:createImage needs the input ImageName"),
+            (("{{ global:DATE_TIME }}", "{{ global:NOW }}"), "step image: `{{ global:NOW }}` is not a global variable"),
+            (("outputs: [image.ImageId]", "outputs: [image.AmiId]"), "outputs: document output `image.AmiId` is not an output of any step"),
+            (("action: aws:changeInstanceState", "action: aws:changeInstanceStat"), "step stop: unknown action `aws:changeInstanceStat`"),
+            (("name: stop", "name: image"), "step image: the name is used by an earlier step too"),
+            (("schemaVersion: '0.3'", "schemaVersion: '2.2'"), "schemaVersion: Automation documents need schemaVersion '0.3'"),
+            (("assumeRole: '{{ Role }}'", "assumeRole: '{{ Rolle }}'"), "assumeRole: `{{ Rolle }}` is not a parameter of the document"),
+        ];
+        for (edit, expected) in cases {
+            let got = findings(edit);
+            assert!(got.iter().any(|g| g.starts_with(expected)), "{edit:?}: expected {expected:?} in {got:?}");
+        }
+    }
+}

@@ -1,0 +1,529 @@
+//! `imgbuild bake`: the bootstrap baked into an AMI through an SSM Automation execution, keyed
+//! by a digest of everything that goes into it, so the same inputs give the same image (and the
+//! second bake with them launches nothing).
+//!
+//! Like Packer's builders, the bake records each thing it makes the moment it exists (typed, in
+//! `Made`), and on failure or Ctrl-C removes it in reverse: stops the execution, confirms the
+//! build instance is gone, and deregisters a half-made image with its snapshots.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use askama::Template;
+use aws_sdk_ec2::types::{Filter, Image};
+use aws_sdk_ssm::types::{AutomationExecutionStatus, DocumentFormat, DocumentType, StepExecution};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::aws::{self, Clients, code};
+use crate::chroma::Profile;
+use crate::compose::{self, PullPolicy};
+use crate::config::{Config, StorageMode};
+use crate::error::{Error, Result};
+use crate::images::{self, Arch, TAG_BAKE_TOKEN, TAG_CHROMA_VERSION, TAG_DIGEST, TAG_PROJECT};
+use crate::progress::Progress;
+use crate::render::{self, COMPOSE_PATH, ENV_FILE, Inputs, Mode, SCRIPT_DIR, UNIT_PATH};
+
+/// Bumped when what a recipe means changes (so old images stop matching).
+pub const RECIPE_FORMAT: u32 = 1;
+
+/// The automation document as shipped; `document()` fills in the bake script.
+pub const DOCUMENT_TEMPLATE: &str = include_str!("../images/bake.yaml");
+pub const DOCUMENT_TEMPLATE_NAME: &str = "images/bake.yaml";
+/// The step whose commands carry the bake script, and the placeholder it ships with.
+pub const SCRIPT_STEP: &str = "runBakeScript";
+pub const SCRIPT_PLACEHOLDER: &str = "IMGBUILD_BAKE_SCRIPT";
+
+
+#[derive(Template)]
+#[template(path = "bake.sh", escape = "none")]
+struct BakeScript<'a> {
+    chroma_version: &'a str,
+    image: &'a str,
+    compose_version: &'a str,
+    storage_package: &'a str,
+    script_dir: &'a str,
+    compose_path: &'a str,
+    unit_path: &'a str,
+    env_file: &'a str,
+    install_script: &'a str,
+    compose_yaml: &'a str,
+    unit: &'a str,
+}
+
+/// Everything that decides what the image holds. Its digest names the image.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recipe {
+    pub format: u32,
+    pub base_ami: String,
+    pub arch: Arch,
+    pub image: String,
+    pub compose_version: String,
+    pub compose_sha256: BTreeMap<String, String>,
+    pub bake_script: String,
+    pub compose_yaml: String,
+    /// The automation document exactly as registered.
+    pub document: String,
+}
+
+impl Recipe {
+    pub fn digest(&self) -> String {
+        // Field order is the struct's, so the JSON (and the digest) is stable.
+        let canonical = serde_json::to_vec(self).expect("recipes serialise");
+        format!("sha256:{}", render::hex(&Sha256::digest(&canonical)))
+    }
+}
+
+/// The bake script for this config, and the compose file it writes (the same one baked-mode
+/// user-data writes at boot).
+pub fn bake_script(config: &Config, profile: &'static Profile) -> Result<(String, String)> {
+    let inputs = Inputs::new(config, None, Mode::Baked, render::Format::CloudConfig, false)?;
+    let rendered = render::render(&inputs)?;
+    let install = render::install_script(&inputs)?;
+    let compose_yaml = compose::build(config, profile, None, Some(PullPolicy::Never)).to_yaml();
+    let script = BakeScript {
+        chroma_version: &config.chroma.version,
+        image: &compose::image_reference(config),
+        compose_version: &config.compose.version,
+        storage_package: match config.storage.mode {
+            StorageMode::EfsTls => "amazon-efs-utils",
+            StorageMode::DockerNfs => "nfs-utils",
+        },
+        script_dir: SCRIPT_DIR,
+        compose_path: COMPOSE_PATH,
+        unit_path: UNIT_PATH,
+        env_file: ENV_FILE,
+        install_script: &install,
+        compose_yaml: &compose_yaml,
+        unit: &rendered.unit,
+    }
+    .render()
+    .map_err(|source| Error::Template { template: "bake.sh", source })?;
+    for part in [&install, &compose_yaml, &rendered.unit] {
+        if part.lines().any(|l| l == "IMGBUILD_EOF") {
+            return Err(Error::Invalid("a rendered file contains the bake script's heredoc delimiter IMGBUILD_EOF".into()));
+        }
+    }
+    Ok((ensure_newline(script), compose_yaml))
+}
+
+fn ensure_newline(mut s: String) -> String {
+    if !s.ends_with('\n') {
+        s.push('\n');
+    }
+    s
+}
+
+/// The document as registered: the shipped one with the bake script in its run-command step.
+/// The script travels base64-encoded so it reaches the instance byte for byte, and runs under
+/// bash whatever shell AWS-RunShellScript uses; one command line, so a failed decode never runs
+/// half a script (the commands run without `set -e`).
+pub fn document(script: &str) -> Result<String> {
+    use base64::Engine;
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(DOCUMENT_TEMPLATE)
+        .map_err(|e| Error::Invalid(format!("{DOCUMENT_TEMPLATE_NAME}: not valid YAML: {e}")))?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(script);
+    let commands = vec![serde_yaml::Value::String(format!("echo '{b64}' | base64 -d > /root/imgbuild-bake.sh && bash /root/imgbuild-bake.sh"))];
+    let steps = doc.get_mut("mainSteps").and_then(|s| s.as_sequence_mut()).ok_or_else(|| Error::Invalid(format!("{DOCUMENT_TEMPLATE_NAME}: no mainSteps")))?;
+    let step = steps
+        .iter_mut()
+        .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(SCRIPT_STEP))
+        .ok_or_else(|| Error::Invalid(format!("{DOCUMENT_TEMPLATE_NAME}: no step named {SCRIPT_STEP}")))?;
+    let slot = step
+        .get_mut("inputs")
+        .and_then(|i| i.get_mut("Parameters"))
+        .and_then(|p| p.get_mut("commands"))
+        .ok_or_else(|| Error::Invalid(format!("{DOCUMENT_TEMPLATE_NAME}: step {SCRIPT_STEP} has no inputs.Parameters.commands")))?;
+    let placeholder = slot.as_sequence().is_some_and(|c| c.len() == 1 && c[0].as_str() == Some(SCRIPT_PLACEHOLDER));
+    if !placeholder {
+        return Err(Error::Invalid(format!("{DOCUMENT_TEMPLATE_NAME}: step {SCRIPT_STEP}'s commands must be [{SCRIPT_PLACEHOLDER}]")));
+    }
+    *slot = serde_yaml::Value::Sequence(commands);
+    Ok(serde_yaml::to_string(&doc).expect("YAML values serialise"))
+}
+
+pub fn document_name(config: &Config) -> String {
+    format!("imgbuild-{}-bake", config.name)
+}
+
+/// The manifest bake writes: what was baked where, and the base image it recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub name: String,
+    pub region: String,
+    pub ami: String,
+    pub digest: String,
+    pub base_ami: String,
+    pub arch: Arch,
+    pub chroma_version: String,
+    pub image: String,
+    /// Seconds since the Unix epoch.
+    pub time: u64,
+    pub cached: bool,
+    /// Copies in other regions.
+    #[serde(default)]
+    pub copies: BTreeMap<String, String>,
+}
+
+pub fn read_manifest(path: &str) -> Result<Option<Manifest>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::Invalid(format!("{path}: not an imgbuild bake manifest ({e}); move it away or fix it"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("reading", path, e)),
+    }
+}
+
+/// Which base image: the pinned one, else the one the manifest recorded for this region and
+/// architecture (unless `update_base`), else AWS's public parameter now.
+pub async fn resolve_base(clients: &Clients, config: &Config, region: &str, manifest: Option<&Manifest>, update_base: bool) -> Result<(String, &'static str)> {
+    if let Some(ami) = &config.bake.base_ami {
+        return Ok((ami.clone(), "pinned in bake.base_ami"));
+    }
+    let arch = images::arch_of(config.bake_instance_type());
+    if let Some(m) = manifest.filter(|m| !update_base && m.region == region && m.arch == arch && m.name == config.name) {
+        return Ok((m.base_ami.clone(), "recorded in the manifest (--update-base moves it on)"));
+    }
+    let parameter = images::base_parameter(arch);
+    let id = images::get_parameter(clients, parameter)
+        .await?
+        .ok_or_else(|| Error::Invalid(format!("the public parameter {parameter} does not exist in {region}; pin bake.base_ami")))?;
+    Ok((id, "read from AWS's public AL2023 parameter"))
+}
+
+/// An available image of ours that carries this digest.
+pub async fn find_cached(clients: &Clients, digest: &str) -> Result<Option<Image>> {
+    let out = clients
+        .ec2
+        .describe_images()
+        .owners("self")
+        .filters(Filter::builder().name(format!("tag:{TAG_DIGEST}")).values(digest).build())
+        .filters(Filter::builder().name("state").values("available").build())
+        .send()
+        .await
+        .map_err(|e| aws::err("DescribeImages", format!("images tagged {TAG_DIGEST}={digest}"), e))?;
+    // Two bakes racing on one digest can leave two images: the oldest wins, every time.
+    let mut found = out.images().to_vec();
+    found.sort_by(|a, b| a.creation_date().cmp(&b.creation_date()).then(a.image_id().cmp(&b.image_id())));
+    Ok(found.into_iter().next())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DocumentChange {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+/// Keeps the document registered under its name, with a new version only when its content
+/// changed. Returns what happened and the version that is now the default.
+pub async fn ensure_document(clients: &Clients, name: &str, content: &str, project: &str) -> Result<(DocumentChange, String)> {
+    match clients.ssm.get_document().name(name).send().await {
+        Ok(current) => {
+            if current.content() == Some(content) {
+                return Ok((DocumentChange::Unchanged, current.document_version().unwrap_or("1").to_string()));
+            }
+            let out = clients
+                .ssm
+                .update_document()
+                .name(name)
+                .content(content)
+                .document_format(DocumentFormat::Yaml)
+                .document_version("$LATEST")
+                .send()
+                .await
+                .map_err(|e| aws::err("UpdateDocument", format!("document {name}"), e))?;
+            let version = out.document_description().and_then(|d| d.document_version()).unwrap_or("$LATEST").to_string();
+            clients
+                .ssm
+                .update_document_default_version()
+                .name(name)
+                .document_version(&version)
+                .send()
+                .await
+                .map_err(|e| aws::err("UpdateDocumentDefaultVersion", format!("document {name}"), e))?;
+            Ok((DocumentChange::Updated, version))
+        }
+        Err(e) if e.as_service_error().and_then(code) == Some("InvalidDocument") => {
+            let out = clients
+                .ssm
+                .create_document()
+                .name(name)
+                .content(content)
+                .document_format(DocumentFormat::Yaml)
+                .document_type(DocumentType::Automation)
+                .tags(aws_sdk_ssm::types::Tag::builder().key(TAG_PROJECT).value(project).build().expect("key and value set"))
+                .send()
+                .await
+                .map_err(|e| aws::err("CreateDocument", format!("document {name}"), e))?;
+            Ok((DocumentChange::Created, out.document_description().and_then(|d| d.document_version()).unwrap_or("1").to_string()))
+        }
+        Err(e) => Err(aws::err("GetDocument", format!("document {name}"), e)),
+    }
+}
+
+/// Where the build instance runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prereqs {
+    pub subnet_id: String,
+    pub security_group_id: String,
+    pub instance_profile: String,
+    pub automation_role_arn: String,
+}
+
+/// What this bake has made so far, recorded the moment each exists.
+#[derive(Debug, Default, Clone)]
+pub struct Made {
+    pub execution: Option<String>,
+    pub image: Option<String>,
+    pub finished: bool,
+}
+
+pub type Record = Arc<Mutex<Made>>;
+
+/// One step's state, for progress and failure reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepState {
+    pub name: String,
+    pub status: String,
+    pub seconds: Option<i64>,
+    pub failure: Option<String>,
+}
+
+fn step_state(s: &StepExecution) -> StepState {
+    let seconds = match (s.execution_start_time(), s.execution_end_time()) {
+        (Some(a), Some(b)) => Some(b.secs() - a.secs()),
+        _ => None,
+    };
+    StepState {
+        name: s.step_name().unwrap_or_default().to_string(),
+        status: s.step_status().map(|x| x.as_str().to_string()).unwrap_or_default(),
+        seconds,
+        failure: s.failure_message().map(String::from),
+    }
+}
+
+/// Starts the execution; the id is recorded before anything else can fail.
+pub async fn start(clients: &Clients, document: &str, parameters: BTreeMap<String, String>, token: &str, record: &Record) -> Result<String> {
+    let params = parameters.into_iter().map(|(k, v)| (k, vec![v])).collect();
+    let out = clients
+        .ssm
+        .start_automation_execution()
+        .document_name(document)
+        .set_parameters(Some(params))
+        .client_token(token)
+        .send()
+        .await
+        .map_err(|e| aws::err("StartAutomationExecution", format!("document {document}"), e))?;
+    let id = out
+        .automation_execution_id()
+        .ok_or_else(|| Error::Tool("StartAutomationExecution returned no execution id".into()))?
+        .to_string();
+    record.lock().expect("bake record").execution = Some(id.clone());
+    Ok(id)
+}
+
+/// Follows the execution step by step until it ends, within `timeout`. Returns the image id.
+pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Duration, progress: &Progress, record: &Record) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let out = clients
+            .ssm
+            .get_automation_execution()
+            .automation_execution_id(id)
+            .send()
+            .await
+            .map_err(|e| aws::err("GetAutomationExecution", format!("execution {id}"), e))?;
+        let exec = out.automation_execution().ok_or_else(|| Error::Tool(format!("execution {id} has no details")))?;
+        let steps: Vec<StepState> = exec.step_executions().iter().map(step_state).collect();
+        for s in &steps {
+            if shown.get(&s.name) != Some(&s.status) {
+                let took = s.seconds.map(|x| format!(" ({x}s)")).unwrap_or_default();
+                progress.line(&format!("step {:<18} {}{took}", s.name, s.status));
+                shown.insert(s.name.clone(), s.status.clone());
+            }
+        }
+        if let Some(image) = exec.outputs().and_then(|o| o.get("createImage.ImageId")).and_then(|v| v.first()) {
+            record.lock().expect("bake record").image = Some(image.clone());
+        }
+        let status = exec.automation_execution_status().cloned();
+        match status {
+            Some(AutomationExecutionStatus::Success) => {
+                let image = record.lock().expect("bake record").image.clone();
+                return image.ok_or_else(|| Error::Tool(format!("execution {id} succeeded without a createImage.ImageId output")));
+            }
+            Some(
+                s @ (AutomationExecutionStatus::Failed
+                | AutomationExecutionStatus::Timedout
+                | AutomationExecutionStatus::Cancelled
+                | AutomationExecutionStatus::CompletedWithFailure),
+            ) => {
+                let failed: Vec<String> = steps
+                    .iter()
+                    .filter(|st| matches!(st.status.as_str(), "Failed" | "TimedOut" | "Cancelled"))
+                    .map(|st| format!("step {} {}: {}", st.name, st.status, st.failure.as_deref().unwrap_or("no message")))
+                    .collect();
+                let reason = exec.failure_message().unwrap_or_default();
+                return Err(Error::BakeFailed {
+                    execution: id.to_string(),
+                    status: s.as_str().to_string(),
+                    detail: if failed.is_empty() { reason.to_string() } else { failed.join("; ") },
+                });
+            }
+            other => {
+                let current = steps.iter().rev().find(|s| s.status == "InProgress").map(|s| s.name.as_str()).unwrap_or("starting");
+                progress.set(&format!("bake {id}: {} at {current}", other.map(|s| s.as_str().to_string()).unwrap_or_default()));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                what: format!("automation execution {id}"),
+                secs: timeout.as_secs(),
+                hint: "it has been stopped; raise bake.timeout_secs for slow bakes".into(),
+            });
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// After a failure, timeout or Ctrl-C: stop the execution (its cancel path terminates the build
+/// instance), make sure the instance is gone, and remove a half-made image. Says what it did.
+pub async fn clean_up(clients: &Clients, record: &Record, token: &str, waits: crate::stack::Waits, progress: &Progress) -> Vec<String> {
+    let made = std::mem::take(&mut *record.lock().expect("bake record"));
+    let mut done = Vec::new();
+    if made.finished {
+        return done;
+    }
+    if let Some(id) = &made.execution {
+        match clients
+            .ssm
+            .stop_automation_execution()
+            .automation_execution_id(id)
+            .r#type(aws_sdk_ssm::types::StopType::Cancel)
+            .send()
+            .await
+        {
+            Ok(_) => done.push(format!("stopped automation execution {id}")),
+            // Already over: nothing to stop.
+            Err(e) if e.as_service_error().and_then(code) == Some("InvalidAutomationStatusUpdateException") => {}
+            Err(e) => done.push(format!("could not stop execution {id}: {}", aws::err("StopAutomationExecution", id.clone(), e))),
+        }
+    }
+    match terminate_build_instances(clients, token, waits, progress).await {
+        Ok(lines) => done.extend(lines),
+        Err(e) => done.push(format!("could not confirm the build instance is gone: {e}")),
+    }
+    if let Some(image) = &made.image {
+        match deregister(clients, image).await {
+            Ok(snaps) => done.push(format!("deregistered the unfinished image {image} and deleted its snapshots {}", snaps.join(", "))),
+            Err(e) => done.push(format!("could not remove the unfinished image {image}: {e}")),
+        }
+    }
+    done
+}
+
+/// Finds the build instances this bake launched (by its token tag) and sees them terminated.
+pub async fn terminate_build_instances(clients: &Clients, token: &str, waits: crate::stack::Waits, progress: &Progress) -> Result<Vec<String>> {
+    let deadline = Instant::now() + waits.timeout;
+    let mut asked = false;
+    let mut lines = Vec::new();
+    loop {
+        let out = clients
+            .ec2
+            .describe_instances()
+            .filters(Filter::builder().name(format!("tag:{TAG_BAKE_TOKEN}")).values(token).build())
+            .send()
+            .await
+            .map_err(|e| aws::err("DescribeInstances", format!("instances tagged {TAG_BAKE_TOKEN}={token}"), e))?;
+        let live: Vec<String> = out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter(|i| !matches!(i.state().and_then(|s| s.name()).map(|n| n.as_str()), Some("terminated")))
+            .filter_map(|i| i.instance_id().map(String::from))
+            .collect();
+        let all: Vec<String> = out.reservations().iter().flat_map(|r| r.instances()).filter_map(|i| i.instance_id().map(String::from)).collect();
+        if live.is_empty() {
+            if !all.is_empty() {
+                lines.push(format!("build instance {} is terminated", all.join(", ")));
+            }
+            return Ok(lines);
+        }
+        if !asked {
+            clients
+                .ec2
+                .terminate_instances()
+                .set_instance_ids(Some(live.clone()))
+                .send()
+                .await
+                .map_err(|e| aws::err("TerminateInstances", live.join(", "), e))?;
+            lines.push(format!("terminated build instance {}", live.join(", ")));
+            asked = true;
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout { what: format!("build instance {} to terminate", live.join(", ")), secs: waits.timeout.as_secs(), hint: "check the EC2 console".into() });
+        }
+        progress.set(&format!("waiting for build instance {} to terminate", live.join(", ")));
+        tokio::time::sleep(waits.poll).await;
+    }
+}
+
+/// Deregisters an image and deletes its snapshots; returns the snapshot ids.
+pub async fn deregister(clients: &Clients, image: &str) -> Result<Vec<String>> {
+    let out = clients
+        .ec2
+        .describe_images()
+        .image_ids(image)
+        .send()
+        .await
+        .map_err(|e| aws::err("DescribeImages", format!("image {image}"), e))?;
+    let snapshots: Vec<String> = out
+        .images()
+        .iter()
+        .flat_map(|i| i.block_device_mappings())
+        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(String::from))
+        .collect();
+    clients
+        .ec2
+        .deregister_image()
+        .image_id(image)
+        .send()
+        .await
+        .map_err(|e| aws::err("DeregisterImage", format!("image {image}"), e))?;
+    for s in &snapshots {
+        clients
+            .ec2
+            .delete_snapshot()
+            .snapshot_id(s)
+            .send()
+            .await
+            .map_err(|e| aws::err("DeleteSnapshot", format!("snapshot {s}"), e))?;
+    }
+    Ok(snapshots)
+}
+
+/// Points `/imgbuild/<name>/ami` at the image, for `imgbuild deploy`.
+pub async fn hand_off(clients: &Clients, config: &Config, ami: &str) -> Result<String> {
+    let name = images::handoff_parameter(config);
+    clients
+        .ssm
+        .put_parameter()
+        .name(&name)
+        .value(ami)
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .overwrite(true)
+        .description(format!("The AMI imgbuild bake made for {}; imgbuild deploy boots it", config.name))
+        .send()
+        .await
+        .map_err(|e| aws::err("PutParameter", format!("parameter {name}"), e))?;
+    Ok(name)
+}
+
+/// The image's Chroma version tag, for messages.
+pub fn chroma_tag(image: &Image) -> Option<&str> {
+    image.tags().iter().find(|t| t.key() == Some(TAG_CHROMA_VERSION)).and_then(|t| t.value())
+}
