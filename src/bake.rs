@@ -223,10 +223,10 @@ pub enum DocumentChange {
 pub async fn ensure_document(clients: &Clients, name: &str, content: &str, project: &str) -> Result<(DocumentChange, String)> {
     match clients.ssm.get_document().name(name).send().await {
         Ok(current) => {
-            if current.content() == Some(content) {
+            if current.content().is_some_and(|c| same_document(c, content)) {
                 return Ok((DocumentChange::Unchanged, current.document_version().unwrap_or("1").to_string()));
             }
-            let out = clients
+            let out = match clients
                 .ssm
                 .update_document()
                 .name(name)
@@ -235,7 +235,15 @@ pub async fn ensure_document(clients: &Clients, name: &str, content: &str, proje
                 .document_version("$LATEST")
                 .send()
                 .await
-                .map_err(|e| aws::err("UpdateDocument", format!("document {name}"), e))?;
+            {
+                Ok(o) => o,
+                // SSM compares documents by meaning, not bytes: a difference only in layout or
+                // comments is the same document.
+                Err(e) if e.as_service_error().and_then(code) == Some("DuplicateDocumentContent") => {
+                    return Ok((DocumentChange::Unchanged, current.document_version().unwrap_or("1").to_string()));
+                }
+                Err(e) => return Err(aws::err("UpdateDocument", format!("document {name}"), e)),
+            };
             let version = out.document_description().and_then(|d| d.document_version()).unwrap_or("$LATEST").to_string();
             clients
                 .ssm
@@ -262,6 +270,15 @@ pub async fn ensure_document(clients: &Clients, name: &str, content: &str, proje
             Ok((DocumentChange::Created, out.document_description().and_then(|d| d.document_version()).unwrap_or("1").to_string()))
         }
         Err(e) => Err(aws::err("GetDocument", format!("document {name}"), e)),
+    }
+}
+
+/// SSM hands documents back as JSON by default and judges them by meaning: compare parsed
+/// values (YAML reads JSON too), not bytes.
+fn same_document(a: &str, b: &str) -> bool {
+    match (serde_yaml::from_str::<serde_yaml::Value>(a), serde_yaml::from_str::<serde_yaml::Value>(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
     }
 }
 

@@ -1,5 +1,6 @@
 //! The one integration-test binary: `cargo test --test it`.
 
+mod bake_moto;
 mod cli;
 mod mocks;
 mod moto;
