@@ -549,12 +549,16 @@ pub async fn bake_flow(
     Ok(json!({ "ok": true, "ami": ami, "cached": !fresh, "digest": digest, "base_ami": base, "parameter": parameter, "manifest": manifest }))
 }
 
+async fn clients_in(ctx: &Context, region: &str) -> Result<Clients> {
+    let mut there = ctx.clone();
+    there.region = Some(region.to_string());
+    Ok(Clients::from_conf(&aws::load(&there).await?))
+}
+
 /// Copies the image into another region (or finds the copy made before), waits until it is
 /// available, and points that region's handoff parameter at it.
 async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, progress: &Progress) -> Result<String> {
-    let mut there = ctx.clone();
-    there.region = Some(to.to_string());
-    let clients = Clients::from_conf(&aws::load(&there).await?);
+    let clients = clients_in(ctx, to).await?;
     let copy = match crate::bake::find_cached(&clients, digest).await? {
         Some(i) => i.image_id().unwrap_or_default().to_string(),
         None => {
@@ -569,7 +573,23 @@ async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, p
                 .send()
                 .await
                 .map_err(|e| aws::err("CopyImage", format!("image {ami} to {to}"), e))?;
-            out.image_id().unwrap_or_default().to_string()
+            let copy = out.image_id().unwrap_or_default().to_string();
+            // The digest tag is what finds this copy next time: set the source's tags
+            // explicitly rather than trusting CopyImageTags alone.
+            let source = clients_in(ctx, from).await?;
+            let described = source.ec2.describe_images().image_ids(ami).send().await.map_err(|e| aws::err("DescribeImages", format!("image {ami}"), e))?;
+            let tags: Vec<aws_sdk_ec2::types::Tag> = described.images().iter().flat_map(|i| i.tags()).cloned().collect();
+            if !tags.is_empty() {
+                clients
+                    .ec2
+                    .create_tags()
+                    .resources(&copy)
+                    .set_tags(Some(tags))
+                    .send()
+                    .await
+                    .map_err(|e| aws::err("CreateTags", format!("image {copy} in {to}"), e))?;
+            }
+            copy
         }
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(ctx.config.bake.timeout_secs);

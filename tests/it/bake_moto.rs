@@ -102,6 +102,24 @@ fn a_cache_hit_reuses_the_image_hands_it_over_and_deploy_boots_it() {
     assert_eq!(manifest["cached"], true);
     assert_eq!(manifest["region"], "us-east-1");
 
+    // --regions: the image is copied and handed over there too; a second run finds the copy.
+    let copied = json_of(&cmd(dir.path(), url).args(["--output", "json", "bake", "--no-tools", "--regions", "eu-west-1"]).output().unwrap());
+    let copy = copied["manifest"]["copies"]["eu-west-1"].as_str().unwrap().to_string();
+    assert!(copy.starts_with("ami-") && copy != ami, "{copied}");
+    let in_eu = rt().block_on(async {
+        let c = aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(url.as_str())
+            .region(aws_config::Region::new("eu-west-1"))
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "tests"))
+            .load()
+            .await;
+        let ssm = aws_sdk_ssm::Client::new(&c);
+        ssm.get_parameter().name("/imgbuild/cached/ami").send().await.unwrap().parameter().unwrap().value().unwrap().to_string()
+    });
+    assert_eq!(in_eu, copy);
+    let again = json_of(&cmd(dir.path(), url).args(["--output", "json", "bake", "--no-tools", "--regions", "eu-west-1"]).output().unwrap());
+    assert_eq!(again["manifest"]["copies"]["eu-west-1"], copy.as_str(), "the copy is found again, not made twice");
+
     // `bake && deploy`: deploy picks the handed-over image in baked mode.
     let out = cmd(dir.path(), url).args(["--output", "json", "deploy", "--no-execute", "--no-tools", "--template", FIXTURE]).output().unwrap();
     let doc = json_of(&out);
