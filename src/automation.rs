@@ -46,10 +46,13 @@ fn builtin_outputs(action: &str) -> &'static [&'static str] {
 
 const GLOBALS: &[&str] = &["ACCOUNT_ID", "AWS_PARTITION", "AWS_REGION", "REGION", "DATE", "DATE_TIME", "EXECUTION_ID"];
 
-/// One problem, located by step (or document section).
+/// One problem, located by step (or document section), field path and line.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Finding {
     pub at: String,
+    /// Dotted path in the document, e.g. `mainSteps[3].onFailure`.
+    pub field: String,
+    pub line: Option<usize>,
     pub message: String,
 }
 
@@ -73,17 +76,21 @@ fn references(v: &Value, out: &mut Vec<String>) {
 }
 
 pub fn check(text: &str) -> Vec<Finding> {
+    let lines = crate::yaml_lines::LineIndex::new(text);
     let mut found = Vec::new();
-    let mut bad = |at: &str, message: String| found.push(Finding { at: at.to_string(), message });
+    let mut bad = |at: &str, field: String, message: String| {
+        let line = lines.line_of(&field);
+        found.push(Finding { at: at.to_string(), field, line, message })
+    };
     let doc: Value = match serde_yaml::from_str(text) {
         Ok(d) => d,
         Err(e) => {
-            bad("document", format!("not valid YAML: {e}"));
+            bad("document", String::new(), format!("not valid YAML: {e}"));
             return found;
         }
     };
     if doc.get("schemaVersion").and_then(Value::as_str) != Some("0.3") {
-        bad("schemaVersion", "Automation documents need schemaVersion '0.3'".into());
+        bad("schemaVersion", "schemaVersion".into(), "Automation documents need schemaVersion '0.3'".into());
     }
     let params: BTreeSet<String> = doc
         .get("parameters")
@@ -91,7 +98,7 @@ pub fn check(text: &str) -> Vec<Finding> {
         .map(|m| m.keys().filter_map(|k| k.as_str().map(String::from)).collect())
         .unwrap_or_default();
     let Some(steps) = doc.get("mainSteps").and_then(Value::as_sequence).filter(|s| !s.is_empty()) else {
-        bad("mainSteps", "no steps".into());
+        bad("mainSteps", "mainSteps".into(), "no steps".into());
         return found;
     };
 
@@ -122,30 +129,31 @@ pub fn check(text: &str) -> Vec<Finding> {
     references(doc.get("assumeRole").unwrap_or(&Value::Null), &mut refs);
     for r in refs {
         if let Some(m) = check_ref(&r, &outputs) {
-            bad("assumeRole", m);
+            bad("assumeRole", "assumeRole".into(), m);
         }
     }
     let mut seen = BTreeSet::new();
     for (i, step) in steps.iter().enumerate() {
         let name = &names[i];
         let at = if name.is_empty() { format!("mainSteps[{i}]") } else { format!("step {name}") };
+        let f = |key: &str| format!("mainSteps[{i}].{key}");
         if name.is_empty() {
-            bad(&at, "has no name".into());
+            bad(&at, format!("mainSteps[{i}]"), "has no name".into());
         } else if !seen.insert(name.clone()) {
-            bad(&at, "the name is used by an earlier step too".into());
+            bad(&at, f("name"), "the name is used by an earlier step too".into());
         }
         let action = step.get("action").and_then(Value::as_str).unwrap_or_default();
         let inputs = step.get("inputs").cloned().unwrap_or(Value::Null);
         match required_inputs(action) {
-            None => bad(&at, format!("unknown action `{action}`")),
+            None => bad(&at, f("action"), format!("unknown action `{action}`")),
             Some(req) => {
                 for r in req {
                     if inputs.get(*r).is_none() {
-                        bad(&at, format!("{action} needs the input {r}"));
+                        bad(&at, f("inputs"), format!("{action} needs the input {r}"));
                     }
                 }
                 if action == "aws:runCommand" && inputs.get("InstanceIds").is_none() && inputs.get("Targets").is_none() {
-                    bad(&at, "aws:runCommand needs InstanceIds or Targets".into());
+                    bad(&at, f("inputs"), "aws:runCommand needs InstanceIds or Targets".into());
                 }
             }
         }
@@ -153,22 +161,22 @@ pub fn check(text: &str) -> Vec<Finding> {
         references(&inputs, &mut refs);
         for r in refs {
             if let Some(m) = check_ref(&r, &outputs) {
-                bad(&at, m);
+                bad(&at, f("inputs"), m);
             }
         }
         for key in ["onFailure", "onCancel"] {
             if let Some(v) = step.get(key).and_then(Value::as_str) {
                 match v.strip_prefix("step:") {
-                    Some(target) if !all.contains(target) => bad(&at, format!("{key} goes to step {target}, which does not exist")),
+                    Some(target) if !all.contains(target) => bad(&at, f(key), format!("{key} goes to step {target}, which does not exist")),
                     Some(_) => {}
                     None if v == "Abort" || v == "Continue" => {}
-                    None => bad(&at, format!("{key} `{v}` is not Abort, Continue or step:<name>")),
+                    None => bad(&at, f(key), format!("{key} `{v}` is not Abort, Continue or step:<name>")),
                 }
             }
         }
         if let Some(next) = step.get("nextStep").and_then(Value::as_str) {
             if !all.contains(next) {
-                bad(&at, format!("nextStep {next} does not exist"));
+                bad(&at, f("nextStep"), format!("nextStep {next} does not exist"));
             }
         }
         let mut offered: BTreeSet<String> = builtin_outputs(action).iter().map(|s| s.to_string()).collect();
@@ -177,23 +185,23 @@ pub fn check(text: &str) -> Vec<Finding> {
                 Some(n) => {
                     offered.insert(n.to_string());
                     if o.get("Selector").is_none() && action == "aws:executeAwsApi" {
-                        bad(&at, format!("output {n} has no Selector"));
+                        bad(&at, f("outputs"), format!("output {n} has no Selector"));
                     }
                 }
-                None => bad(&at, "an output has no Name".into()),
+                None => bad(&at, f("outputs"), "an output has no Name".into()),
             }
         }
         outputs.insert(name.clone(), offered);
     }
     let last_is_end = steps.last().is_some_and(|s| s.get("isEnd").and_then(Value::as_bool) == Some(true) || s.get("nextStep").is_none());
     if !last_is_end {
-        bad("mainSteps", "the last step neither ends the document (isEnd) nor is last without a nextStep".into());
+        bad("mainSteps", "mainSteps".into(), "the last step neither ends the document (isEnd) nor is last without a nextStep".into());
     }
     for o in doc.get("outputs").and_then(Value::as_sequence).into_iter().flatten() {
         let text = o.as_str().unwrap_or_default();
         let ok = text.split_once('.').is_some_and(|(s, out)| outputs.get(s).is_some_and(|set| set.contains(out)));
         if !ok {
-            bad("outputs", format!("document output `{text}` is not an output of any step"));
+            bad("outputs", "outputs".into(), format!("document output `{text}` is not an output of any step"));
         }
     }
     found
@@ -236,6 +244,15 @@ outputs: [image.ImageId]
         let doc = GOOD.replacen(edit.0, edit.1, 1);
         assert_ne!(doc, GOOD, "the edit {edit:?} must apply");
         check(&doc).into_iter().map(|f| format!("{}: {}", f.at, f.message)).collect()
+    }
+
+    #[test]
+    fn findings_carry_the_line_of_the_field() {
+        let doc = GOOD.replacen("onFailure: step:stop", "onFailure: step:halt", 1);
+        let f = &check(&doc)[0];
+        assert_eq!(f.field, "mainSteps[1].onFailure");
+        let line = doc.lines().position(|l| l.contains("step:halt")).unwrap() + 1;
+        assert_eq!(f.line, Some(line));
     }
 
     #[test]

@@ -323,6 +323,59 @@ fn step_state(s: &StepExecution) -> StepState {
     }
 }
 
+/// A running execution of `document` baking the same digest, if any: joining it beats starting
+/// a second build of the same image.
+pub async fn running_with_digest(clients: &Clients, document: &str, digest: &str) -> Result<Option<String>> {
+    use aws_sdk_ssm::types::{AutomationExecutionFilter, AutomationExecutionFilterKey};
+    let filter = |k: AutomationExecutionFilterKey, v: &[&str]| {
+        AutomationExecutionFilter::builder().key(k).set_values(Some(v.iter().map(|s| s.to_string()).collect())).build().expect("key and values set")
+    };
+    let out = clients
+        .ssm
+        .describe_automation_executions()
+        .filters(filter(AutomationExecutionFilterKey::DocumentNamePrefix, &[document]))
+        .filters(filter(AutomationExecutionFilterKey::ExecutionStatus, &["Pending", "InProgress", "Waiting"]))
+        .send()
+        .await
+        .map_err(|e| aws::err("DescribeAutomationExecutions", format!("executions of {document}"), e))?;
+    for meta in out.automation_execution_metadata_list() {
+        if meta.document_name() != Some(document) {
+            continue;
+        }
+        let Some(id) = meta.automation_execution_id() else { continue };
+        let exec = clients
+            .ssm
+            .get_automation_execution()
+            .automation_execution_id(id)
+            .send()
+            .await
+            .map_err(|e| aws::err("GetAutomationExecution", format!("execution {id}"), e))?;
+        let same = exec
+            .automation_execution()
+            .and_then(|e| e.parameters())
+            .and_then(|p| p.get("Digest"))
+            .is_some_and(|v| v.iter().any(|d| d == digest));
+        if same {
+            return Ok(Some(id.to_string()));
+        }
+    }
+    Ok(None)
+}
+
+/// After a bake: if another image with the digest is older (a race between two bakes), that
+/// one stays and ours goes, so one digest keeps one image. Returns the image to hand over.
+pub async fn settle_duplicates(clients: &Clients, digest: &str, ours: &str, progress: &Progress) -> Result<String> {
+    match find_cached(clients, digest).await? {
+        Some(oldest) if oldest.image_id().is_some_and(|id| id != ours) => {
+            let keep = oldest.image_id().unwrap_or_default().to_string();
+            let snaps = deregister(clients, ours).await?;
+            progress.line(&format!("another bake made {keep} with the same digest first: deregistered ours, {ours} (snapshots {})", snaps.join(", ")));
+            Ok(keep)
+        }
+        _ => Ok(ours.to_string()),
+    }
+}
+
 /// Starts the execution; the id is recorded before anything else can fail.
 pub async fn start(clients: &Clients, document: &str, parameters: BTreeMap<String, String>, token: &str, record: &Record) -> Result<String> {
     let params = parameters.into_iter().map(|(k, v)| (k, vec![v])).collect();

@@ -230,6 +230,10 @@ pub struct ValidateArgs {
     /// Check this stack template instead of the embedded infra/stack.yaml.
     #[arg(long, value_name = "FILE")]
     pub template: Option<PathBuf>,
+    /// Check this automation document (as registered, script included) instead of the one bake
+    /// makes from images/bake.yaml.
+    #[arg(long, value_name = "FILE")]
+    pub document: Option<PathBuf>,
     #[command(flatten)]
     pub tools: ToolArgs,
 }

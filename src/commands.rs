@@ -152,7 +152,7 @@ fn validate_all(args: ValidateArgs, ctx: &Context, ui: Ui) -> Result<()> {
         }
     }
     let template = check_template(args.template.as_deref(), ctx, ui, &mut failed)?;
-    let document = check_document(ctx, ui, tools, &mut failed)?;
+    let document = check_document(args.document.as_deref(), ctx, ui, tools, &mut failed)?;
     if ui.json() {
         ui.emit_json(&json!({ "ok": failed.is_empty(), "config": ctx.source.to_string(), "userdata": variants, "template": template, "bake_document": document }));
     }
@@ -165,14 +165,17 @@ fn validate_all(args: ValidateArgs, ctx: &Context, ui: Ui) -> Result<()> {
 
 /// The automation document as bake registers it (the bake script inside), checked statically,
 /// and the bake script through shellcheck.
-fn check_document(ctx: &Context, ui: Ui, tools: validate::Tools, failed: &mut Vec<String>) -> Result<serde_json::Value> {
+fn check_document(path: Option<&Path>, ctx: &Context, ui: Ui, tools: validate::Tools, failed: &mut Vec<String>) -> Result<serde_json::Value> {
     let profile = crate::chroma::profile(&crate::chroma::parse_version(&ctx.config.chroma.version).map_err(Error::Invalid)?).map_err(Error::Invalid)?;
     let (script, _) = crate::bake::bake_script(&ctx.config, profile)?;
-    let document = crate::bake::document(&script)?;
-    let title = format!("document {}", crate::bake::DOCUMENT_TEMPLATE_NAME);
+    let (document, title) = match path {
+        Some(p) => (std::fs::read_to_string(p).map_err(|e| Error::io("reading document", p, e))?, format!("document {}", p.display())),
+        None => (crate::bake::document(&script)?, format!("document {}", crate::bake::DOCUMENT_TEMPLATE_NAME)),
+    };
     let findings = crate::automation::check(&document);
     for f in &findings {
-        ui.info(format!("{title}: FAIL {}: {}", f.at, f.message));
+        let at = f.line.map(|l| format!("line {l}, `{}`", f.field)).unwrap_or_else(|| format!("`{}`", f.field));
+        ui.info(format!("{title}:{at}: FAIL {}: {}", f.at, f.message));
         failed.push(format!("{title}: {}", f.at));
     }
     let report = validate::validate_script("bake.sh", &script, tools);
@@ -210,7 +213,8 @@ fn check_template(path: Option<&Path>, ctx: &Context, ui: Ui, failed: &mut Vec<S
     for r in &rules {
         match r.verdict {
             crate::guard::Verdict::Fail => {
-                ui.info(format!("{title}: FAIL policy {} ({}): {}", r.rule, r.file, r.detail));
+                let at = template.locate(&r.detail).map(|l| format!(":{l}")).unwrap_or_default();
+                ui.info(format!("{title}{at}: FAIL policy {} ({}): {}", r.rule, r.file, r.detail));
                 failed.push(format!("{title}: policy {}", r.rule));
             }
             crate::guard::Verdict::Pass => ui.detail(format!("{title}: ok   policy {} ({})", r.rule, r.file)),

@@ -24,6 +24,6 @@ pub mod stack;
 pub mod template;
 pub mod ui;
 pub mod validate;
-mod yaml_lines;
+pub(crate) mod yaml_lines;
 
 pub use error::{Error, Result};

@@ -487,18 +487,32 @@ pub async fn bake_flow(
             let record = bake::Record::default();
             let timeout = Duration::from_secs(args.timeout.unwrap_or(config.bake.timeout_secs));
             let poll = Duration::from_secs(config.aws.poll_interval_secs);
+            // Someone already baking this digest: follow that execution instead of a second one
+            // (it is theirs: an interrupt here does not stop it).
+            let joined = if args.force { None } else { bake::running_with_digest(clients, &doc_name, &digest).await? };
             let result = tokio::select! {
                 r = async {
-                    let id = bake::start(clients, &doc_name, params, &token, &record).await?;
-                    progress.line(&format!("automation execution {id} started"));
-                    bake::follow(clients, &id, timeout, poll, &progress, &record).await
+                    let id = match &joined {
+                        Some(id) => {
+                            progress.line(&format!("execution {id} is already baking this digest: following it"));
+                            id.clone()
+                        }
+                        None => {
+                            let id = bake::start(clients, &doc_name, params, &token, &record).await?;
+                            progress.line(&format!("automation execution {id} started"));
+                            id
+                        }
+                    };
+                    // What a joined execution makes is not ours to clean up.
+                    let mine = if joined.is_some() { bake::Record::default() } else { record.clone() };
+                    bake::follow(clients, &id, timeout, poll, &progress, &mine).await
                 } => r,
                 _ = interrupt => Err(Error::Interrupted { cleaned: Vec::new() }),
             };
             match result {
                 Ok(ami) => {
                     record.lock().expect("bake record").finished = true;
-                    (ami, true)
+                    (bake::settle_duplicates(clients, &digest, &ami, &progress).await?, true)
                 }
                 Err(e) => {
                     let cleanup_waits = crate::stack::Waits { timeout: Duration::from_secs(600), poll };

@@ -17,6 +17,7 @@ pub const BODY_LIMIT: usize = 51_200;
 pub struct Template {
     pub name: String,
     doc: Value,
+    lines: crate::yaml_lines::LineIndex,
 }
 
 impl Template {
@@ -28,7 +29,7 @@ impl Template {
         if !doc.get("Resources").is_some_and(Value::is_mapping) {
             return Err(Error::Invalid(format!("{name}: not a CloudFormation template (no Resources mapping)")));
         }
-        Ok(Self { name: name.into(), doc })
+        Ok(Self { name: name.into(), doc, lines: crate::yaml_lines::LineIndex::new(text) })
     }
 
     /// The file at `path`, or the embedded reference stack.
@@ -42,13 +43,25 @@ impl Template {
         }
     }
 
+    /// Where a guard finding points: the first `/Resources/...` path in its text, as a dotted
+    /// field and its line in the template file. Rendered like `line 12, `Resources.X.Type``.
+    pub fn locate(&self, detail: &str) -> Option<String> {
+        let start = detail.find("/Resources/")?;
+        let path: String = detail[start + 1..].chars().take_while(|c| !matches!(c, '[' | ']' | ' ' | ',' | '"')).collect();
+        let field = path.trim_end_matches('/').replace('/', ".");
+        Some(match self.lines.line_of(&field) {
+            Some(l) => format!("line {l}, `{field}`"),
+            None => format!("`{field}`"),
+        })
+    }
+
     /// Security policies (cfn-guard) on the template as it will be sent; every failure named.
     pub fn check_policies(&self) -> Result<Vec<crate::guard::RuleOutcome>> {
         let outcomes = crate::guard::evaluate(self)?;
         let failed: Vec<String> = outcomes
             .iter()
             .filter(|o| o.verdict == crate::guard::Verdict::Fail)
-            .map(|o| format!("{} ({}): {}", o.rule, o.file, o.detail))
+            .map(|o| format!("{}{}: {} ({}): {}", self.name, self.locate(&o.detail).map(|l| format!(":{l}")).unwrap_or_default(), o.rule, o.file, o.detail))
             .collect();
         if failed.is_empty() {
             Ok(outcomes)

@@ -10,7 +10,7 @@ use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
 /// Maps `a.b.c` and `a.list[2]` paths to 1-based line numbers.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct LineIndex {
     lines: HashMap<String, usize>,
 }
