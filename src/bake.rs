@@ -193,8 +193,14 @@ pub async fn resolve_base(clients: &Clients, config: &Config, region: &str, mani
     Ok((id, "read from AWS's public AL2023 parameter"))
 }
 
-/// An available image of ours that carries this digest.
+/// An available image of ours that carries this digest. Two bakes racing on one digest can
+/// leave two images: the oldest wins, every time.
 pub async fn find_cached(clients: &Clients, digest: &str) -> Result<Option<Image>> {
+    Ok(images_with_digest(clients, digest).await?.into_iter().next())
+}
+
+/// Every available image of ours with this digest, oldest first.
+pub async fn images_with_digest(clients: &Clients, digest: &str) -> Result<Vec<Image>> {
     let out = clients
         .ec2
         .describe_images()
@@ -204,10 +210,9 @@ pub async fn find_cached(clients: &Clients, digest: &str) -> Result<Option<Image
         .send()
         .await
         .map_err(|e| aws::err("DescribeImages", format!("images tagged {TAG_DIGEST}={digest}"), e))?;
-    // Two bakes racing on one digest can leave two images: the oldest wins, every time.
     let mut found = out.images().to_vec();
     found.sort_by(|a, b| a.creation_date().cmp(&b.creation_date()).then(a.image_id().cmp(&b.image_id())));
-    Ok(found.into_iter().next())
+    Ok(found)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -215,7 +220,54 @@ pub async fn find_cached(clients: &Clients, digest: &str) -> Result<Option<Image
 pub enum DocumentChange {
     Created,
     Updated,
+    /// An earlier version had this content; it is the default again.
+    Restored,
     Unchanged,
+}
+
+async fn set_default(clients: &Clients, name: &str, version: &str) -> Result<()> {
+    clients
+        .ssm
+        .update_document_default_version()
+        .name(name)
+        .document_version(version)
+        .send()
+        .await
+        .map_err(|e| aws::err("UpdateDocumentDefaultVersion", format!("document {name}"), e))?;
+    Ok(())
+}
+
+/// The version of `name` whose content is `content`.
+async fn version_with(clients: &Clients, name: &str, content: &str) -> Result<String> {
+    let mut token = None;
+    loop {
+        let page = clients
+            .ssm
+            .list_document_versions()
+            .name(name)
+            .set_next_token(token)
+            .send()
+            .await
+            .map_err(|e| aws::err("ListDocumentVersions", format!("document {name}"), e))?;
+        for v in page.document_versions() {
+            let Some(version) = v.document_version() else { continue };
+            let doc = clients
+                .ssm
+                .get_document()
+                .name(name)
+                .document_version(version)
+                .send()
+                .await
+                .map_err(|e| aws::err("GetDocument", format!("document {name} version {version}"), e))?;
+            if doc.content().is_some_and(|c| same_document(c, content)) {
+                return Ok(version.to_string());
+            }
+        }
+        token = page.next_token().map(String::from);
+        if token.is_none() {
+            return Err(Error::Tool(format!("SSM says document {name} already has this content, but no version of it does")));
+        }
+    }
 }
 
 /// Keeps the document registered under its name, with a new version only when its content
@@ -240,19 +292,16 @@ pub async fn ensure_document(clients: &Clients, name: &str, content: &str, proje
                 // SSM compares documents by meaning, not bytes: a difference only in layout or
                 // comments is the same document.
                 Err(e) if e.as_service_error().and_then(code) == Some("DuplicateDocumentContent") => {
-                    return Ok((DocumentChange::Unchanged, current.document_version().unwrap_or("1").to_string()));
+                    // An earlier version already holds this content (a config changed back, or a
+                    // bake stopped between update and default): that version becomes the default.
+                    let version = version_with(clients, name, content).await?;
+                    set_default(clients, name, &version).await?;
+                    return Ok((DocumentChange::Restored, version));
                 }
                 Err(e) => return Err(aws::err("UpdateDocument", format!("document {name}"), e)),
             };
             let version = out.document_description().and_then(|d| d.document_version()).unwrap_or("$LATEST").to_string();
-            clients
-                .ssm
-                .update_document_default_version()
-                .name(name)
-                .document_version(&version)
-                .send()
-                .await
-                .map_err(|e| aws::err("UpdateDocumentDefaultVersion", format!("document {name}"), e))?;
+            set_default(clients, name, &version).await?;
             Ok((DocumentChange::Updated, version))
         }
         Err(e) if e.as_service_error().and_then(code) == Some("InvalidDocument") => {
@@ -294,7 +343,11 @@ pub struct Prereqs {
 /// What this bake has made so far, recorded the moment each exists.
 #[derive(Debug, Default, Clone)]
 pub struct Made {
+    /// A start request went out: even without an id, an execution may exist.
+    pub start_sent: bool,
     pub execution: Option<String>,
+    /// The document the execution runs, to find an execution whose id never arrived.
+    pub document: Option<String>,
     pub image: Option<String>,
     pub finished: bool,
 }
@@ -326,6 +379,11 @@ fn step_state(s: &StepExecution) -> StepState {
 /// A running execution of `document` baking the same digest, if any: joining it beats starting
 /// a second build of the same image.
 pub async fn running_with_digest(clients: &Clients, document: &str, digest: &str) -> Result<Option<String>> {
+    running_with(clients, document, "Digest", digest).await
+}
+
+/// A running execution of `document` whose parameter `key` is `value`.
+pub async fn running_with(clients: &Clients, document: &str, key: &str, value: &str) -> Result<Option<String>> {
     use aws_sdk_ssm::types::{AutomationExecutionFilter, AutomationExecutionFilterKey};
     let filter = |k: AutomationExecutionFilterKey, v: &[&str]| {
         AutomationExecutionFilter::builder().key(k).set_values(Some(v.iter().map(|s| s.to_string()).collect())).build().expect("key and values set")
@@ -353,8 +411,8 @@ pub async fn running_with_digest(clients: &Clients, document: &str, digest: &str
         let same = exec
             .automation_execution()
             .and_then(|e| e.parameters())
-            .and_then(|p| p.get("Digest"))
-            .is_some_and(|v| v.iter().any(|d| d == digest));
+            .and_then(|p| p.get(key))
+            .is_some_and(|v| v.iter().any(|d| d == value));
         if same {
             return Ok(Some(id.to_string()));
         }
@@ -376,13 +434,48 @@ pub async fn settle_duplicates(clients: &Clients, digest: &str, ours: &str, prog
     }
 }
 
+/// After `--force`: the new image is the digest's image from now on. Earlier images with the
+/// digest lose the digest tag (and say which image superseded them); nothing is deleted, so an
+/// image in use stays usable. Returns the superseded image ids.
+pub async fn supersede(clients: &Clients, digest: &str, keep: &str) -> Result<Vec<String>> {
+    let mut superseded = Vec::new();
+    for old in images_with_digest(clients, digest).await? {
+        let Some(id) = old.image_id().filter(|id| *id != keep).map(String::from) else { continue };
+        clients
+            .ec2
+            .delete_tags()
+            .resources(&id)
+            .tags(aws_sdk_ec2::types::Tag::builder().key(TAG_DIGEST).build())
+            .send()
+            .await
+            .map_err(|e| aws::err("DeleteTags", format!("image {id}"), e))?;
+        clients
+            .ec2
+            .create_tags()
+            .resources(&id)
+            .tags(aws_sdk_ec2::types::Tag::builder().key("imgbuild:superseded-by").value(keep).build())
+            .send()
+            .await
+            .map_err(|e| aws::err("CreateTags", format!("image {id}"), e))?;
+        superseded.push(id);
+    }
+    Ok(superseded)
+}
+
 /// Starts the execution; the id is recorded before anything else can fail.
-pub async fn start(clients: &Clients, document: &str, parameters: BTreeMap<String, String>, token: &str, record: &Record) -> Result<String> {
+pub async fn start(clients: &Clients, document: &str, version: &str, parameters: BTreeMap<String, String>, token: &str, record: &Record) -> Result<String> {
     let params = parameters.into_iter().map(|(k, v)| (k, vec![v])).collect();
+    {
+        let mut made = record.lock().expect("bake record");
+        made.start_sent = true;
+        made.document = Some(document.to_string());
+    }
     let out = clients
         .ssm
         .start_automation_execution()
         .document_name(document)
+        // The version just checked and registered, not whatever is the default by now.
+        .document_version(version)
         .set_parameters(Some(params))
         .client_token(token)
         .send()
@@ -453,7 +546,7 @@ pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Durati
             return Err(Error::Timeout {
                 what: format!("automation execution {id}"),
                 secs: timeout.as_secs(),
-                hint: "it has been stopped; raise bake.timeout_secs for slow bakes".into(),
+                hint: "bake stops the executions it started and says so; raise bake.timeout_secs for slow bakes".into(),
             });
         }
         tokio::time::sleep(poll).await;
@@ -468,7 +561,14 @@ pub async fn clean_up(clients: &Clients, record: &Record, token: &str, waits: cr
     if made.finished {
         return done;
     }
-    if let Some(id) = &made.execution {
+    let mut execution = made.execution.clone();
+    if execution.is_none() && made.start_sent {
+        // Interrupted while the start was in flight: find it by this bake's token.
+        if let Some(document) = &made.document {
+            execution = running_with(clients, document, "BakeToken", token).await.ok().flatten();
+        }
+    }
+    if let Some(id) = &execution {
         match clients
             .ssm
             .stop_automation_execution()

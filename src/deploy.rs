@@ -231,7 +231,12 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
                 notices,
             });
         }
-        Confirm::Prompt => confirmer.confirm(&format!("Execute these {} changes on stack {}?", changes.len(), plan.stack)).await?,
+        Confirm::Prompt => {
+            progress.pause();
+            let answer = confirmer.confirm(&format!("Execute these {} changes on stack {}?", changes.len(), plan.stack)).await;
+            progress.resume();
+            answer?
+        }
     };
     if !go {
         remove_created(clients, cleanup).await?;

@@ -24,12 +24,18 @@ use crate::template::Template;
 use crate::ui::Ui;
 use crate::validate;
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Runs `f` to completion on a fresh runtime. The runtime is shut down without waiting for
+/// blocking tasks: after Ctrl-C at a prompt, the thread reading the terminal never returns, and
+/// waiting for it would hang the exit.
+fn block_on<T>(f: impl Future<Output = Result<T>>) -> Result<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| Error::Tool(format!("could not start the async runtime: {e}")))
+        .map_err(|e| Error::Tool(format!("could not start the async runtime: {e}")))?;
+    let result = rt.block_on(f);
+    rt.shutdown_background();
+    result
 }
 
 /// Runs `f` with clients built from the context, on a fresh runtime.
@@ -38,7 +44,7 @@ where
     F: FnOnce(Clients) -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    runtime()?.block_on(async {
+    block_on(async {
         let conf = aws::load(ctx).await?;
         f(Clients::from_conf(&conf)).await
     })
@@ -498,7 +504,7 @@ pub async fn bake_flow(
                             id.clone()
                         }
                         None => {
-                            let id = bake::start(clients, &doc_name, params, &token, &record).await?;
+                            let id = bake::start(clients, &doc_name, &version, params, &token, &record).await?;
                             progress.line(&format!("automation execution {id} started"));
                             id
                         }
@@ -512,7 +518,15 @@ pub async fn bake_flow(
             match result {
                 Ok(ami) => {
                     record.lock().expect("bake record").finished = true;
-                    (bake::settle_duplicates(clients, &digest, &ami, &progress).await?, true)
+                    if args.force {
+                        // A forced rebuild replaces the digest's image rather than losing to it.
+                        for old in bake::supersede(clients, &digest, &ami).await? {
+                            progress.line(&format!("{old} had this digest; it is marked superseded by {ami} (not deleted)"));
+                        }
+                        (ami, true)
+                    } else {
+                        (bake::settle_duplicates(clients, &digest, &ami, &progress).await?, true)
+                    }
                 }
                 Err(e) => {
                     let cleanup_waits = crate::stack::Waits { timeout: Duration::from_secs(600), poll };
@@ -625,7 +639,7 @@ async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, p
 }
 
 pub fn bake(args: crate::cli::BakeArgs, ctx: &Context, ui: Ui) -> Result<()> {
-    let doc = runtime()?.block_on(async {
+    let doc = block_on(async {
         let conf = aws::load(ctx).await?;
         let region = conf.region().map(|r| r.to_string()).unwrap_or_default();
         let clients = Clients::from_conf(&conf);

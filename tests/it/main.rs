@@ -1,7 +1,9 @@
 //! The one integration-test binary: `cargo test --test it`.
 
+mod bake_mocks;
 mod bake_moto;
 mod cli;
+mod interrupt;
 mod mocks;
 mod moto;
 mod render;

@@ -153,3 +153,23 @@ fn user_data_mode_and_render_constants_agree() {
     assert_eq!(plain.raw, zipped.raw);
     assert_eq!(render::gzip(&plain.raw), zipped.output);
 }
+
+#[test]
+fn checkov_finds_nothing_and_every_suppression_is_justified() {
+    let Some(checkov) = tool_in_venv("checkov") else { return };
+    let out = Command::new(checkov)
+        .args(["-d", "infra", "--framework", "cloudformation", "--skip-download", "-o", "json"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("checkov JSON: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let summary = &report["summary"];
+    assert_eq!(summary["failed"], 0, "checkov failed checks: {}", report["results"]["failed_checks"]);
+    assert!(summary["passed"].as_u64().unwrap() >= 60, "{summary}");
+    let skipped = report["results"]["skipped_checks"].as_array().cloned().unwrap_or_default();
+    for s in &skipped {
+        let comment = s["check_result"]["suppress_comment"].as_str().unwrap_or_default();
+        assert!(comment.len() > 40, "suppression of {} on {} needs a real justification: {comment:?}", s["check_id"], s["resource"]);
+    }
+    assert_eq!(skipped.len(), 4, "a new suppression needs a look: {skipped:?}");
+}
