@@ -755,6 +755,32 @@ async fn clean_up_stops_terminates_and_deregisters_in_that_order() {
     assert_eq!(made(&rec).execution, None);
 }
 
+#[tokio::test]
+async fn clean_up_finds_and_stops_an_execution_whose_start_was_in_flight() {
+    // Ctrl-C landed while StartAutomationExecution was on the wire: no id came back, but AWS
+    // may have started it. The cleanup finds it by this bake's token and stops it.
+    let mut b = Bake::new(None, vec![execution("InProgress", vec![], None)]);
+    b.running = running(&[(EXEC, DOC_NAME)]);
+    b.get_execution = mock!(aws_sdk_ssm::Client::get_automation_execution).match_requests(|r| r.automation_execution_id() == Some(EXEC)).then_output(|| {
+        let exec = aws_sdk_ssm::types::AutomationExecution::builder()
+            .automation_execution_id(EXEC)
+            .document_name(DOC_NAME)
+            .automation_execution_status(AutomationExecutionStatus::Inprogress)
+            .parameters("BakeToken", vec!["tok-2".to_string()])
+            .build();
+        GetAutomationExecutionOutput::builder().automation_execution(exec).build()
+    });
+    let clients = b.clients();
+    let rec = record();
+    *rec.lock().unwrap() = Made { start_sent: true, document: Some(DOC_NAME.into()), ..Made::default() };
+
+    let lines = bake::clean_up(&clients, &rec, "tok-2", imgbuild::stack::Waits { timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }, &quiet()).await;
+
+    assert_eq!(b.stop.num_calls(), 1, "{lines:?}");
+    assert_eq!(lines[0], format!("stopped automation execution {EXEC}"));
+    assert!(lines.iter().any(|l| l == &format!("build instance {INSTANCE} is terminated")), "{lines:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // remote::bake_flow
 

@@ -7,6 +7,7 @@ mod interrupt;
 mod mocks;
 mod moto;
 mod render;
+mod secrets;
 mod services;
 mod smoke;
 mod support;
