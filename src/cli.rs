@@ -87,6 +87,16 @@ pub enum Command {
     /// List or prune the images bake made.
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// Check this machine and account before a deploy: credentials, region, account, network,
+    /// the AL2023 parameter, quotas. Says what to do about each problem.
+    Doctor,
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `imgbuild man | man -l -`.
+    Man,
 }
 
 #[derive(Debug, Args)]

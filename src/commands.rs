@@ -16,8 +16,17 @@ use crate::validate::{self, Report};
 
 pub fn run(cli: Cli, ui: Ui) -> Result<()> {
     match cli.command {
-        // init must work where the config is missing or broken.
+        // init, completions and man must work where the config is missing or broken.
         Command::Init(args) => init(args, &cli.global, ui),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "imgbuild", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+            .map_err(|e| Error::io("writing", "stdout", e)),
+        Command::Doctor => crate::doctor::run(&Context::load(&cli.global)?, ui),
         Command::RenderUserdata(args) => render_userdata(args, &Context::load(&cli.global)?, ui),
         Command::Validate(args) => validate_all(args, &Context::load(&cli.global)?, ui),
         Command::Deploy(args) => crate::remote::deploy(args, &Context::load(&cli.global)?, ui),
@@ -68,6 +77,15 @@ fn render_userdata(args: RenderArgs, ctx: &Context, ui: Ui) -> Result<()> {
     ui.info(summary(&rendered, &sha, ctx));
     for note in &rendered.deploy_notes {
         ui.detail(format!("deploy-time value: {note}"));
+    }
+    if rendered.budget.downloads.is_empty() {
+        ui.detail("boot downloads: nothing");
+    }
+    for d in &rendered.budget.downloads {
+        ui.detail(format!("boot downloads: {} {} from {}", d.kind, d.what, d.from));
+    }
+    for (i, step) in rendered.budget.steps.iter().enumerate() {
+        ui.detail(format!("boot step {}: {step}", i + 1));
     }
 
     if let Some(out) = &args.out {
@@ -121,6 +139,7 @@ fn summary_json(r: &Rendered, sha: &str, report: &Report) -> serde_json::Value {
         "margin": USERDATA_LIMIT as i64 - r.output.len() as i64,
         "sha256": sha,
         "deploy_time_values": r.deploy_notes,
+        "boot": r.budget,
         "checks": report.checks,
     })
 }

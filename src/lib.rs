@@ -11,6 +11,7 @@ pub mod commands;
 pub mod compose;
 pub mod config;
 pub mod deploy;
+pub mod doctor;
 pub mod error;
 pub mod guard;
 pub mod images;

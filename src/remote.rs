@@ -27,7 +27,7 @@ use crate::validate;
 /// Runs `f` to completion on a fresh runtime. The runtime is shut down without waiting for
 /// blocking tasks: after Ctrl-C at a prompt, the thread reading the terminal never returns, and
 /// waiting for it would hang the exit.
-fn block_on<T>(f: impl Future<Output = Result<T>>) -> Result<T> {
+pub fn block_on<T>(f: impl Future<Output = Result<T>>) -> Result<T> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -89,6 +89,55 @@ pub struct Script {
     pub text: String,
 }
 
+/// Something a boot fetches from the network.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Download {
+    /// `package`, `binary` or `image`.
+    pub kind: &'static str,
+    pub what: String,
+    pub from: String,
+}
+
+/// What a boot in this mode downloads and does: the baked mode's promise is an empty download
+/// list.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootBudget {
+    pub downloads: Vec<Download>,
+    pub steps: Vec<String>,
+}
+
+fn boot_budget(inputs: &Inputs) -> BootBudget {
+    let c = inputs.config;
+    let efs_tls = c.storage.mode == StorageMode::EfsTls;
+    let storage_package = if efs_tls { "amazon-efs-utils" } else { "nfs-utils" };
+    let image = compose::image_reference(c);
+    let registry = image.split('/').next().unwrap_or_default().to_string();
+    let mut downloads = Vec::new();
+    let mut steps = Vec::new();
+    if inputs.mode == Mode::Full {
+        downloads.push(Download { kind: "package", what: "docker (and its dependencies)".into(), from: "Amazon Linux 2023 repositories (dnf)".into() });
+        downloads.push(Download { kind: "package", what: storage_package.into(), from: "Amazon Linux 2023 repositories (dnf)".into() });
+        downloads.push(Download {
+            kind: "binary",
+            what: format!("docker compose {} (sha256-checked)", c.compose.version),
+            from: format!("https://github.com/docker/compose/releases/download/v{}/", c.compose.version),
+        });
+        downloads.push(Download { kind: "image", what: image.clone(), from: registry });
+        steps.push(format!("dnf install docker {storage_package} (retried on the RPM lock)"));
+        steps.push("systemctl enable --now docker".into());
+        steps.push("download docker compose, check its sha256, install it".into());
+        steps.push(format!("docker pull {image}"));
+    }
+    steps.push("read the file system id and region over IMDSv2 (unless the config names them)".into());
+    if efs_tls {
+        steps.push(format!("mount EFS on {} with TLS and IAM (fstab, _netdev)", c.storage.mount_point));
+    }
+    steps.push(format!("write {ENV_FILE}"));
+    steps.push("systemctl enable --now chroma.service (docker compose up under the EFS writer lock)".into());
+    steps.push(format!("wait for {} (up to 5 minutes, for the log)", inputs.profile.heartbeat_path));
+    BootBudget { downloads, steps }
+}
+
 /// The rendered user-data and the pieces it was assembled from.
 #[derive(Debug, Clone)]
 pub struct Rendered {
@@ -108,6 +157,7 @@ pub struct Rendered {
     pub output: Vec<u8>,
     /// Human notes on values resolved at deploy time, also written into the header.
     pub deploy_notes: Vec<String>,
+    pub budget: BootBudget,
 }
 
 impl Rendered {
@@ -323,6 +373,7 @@ pub fn render(inputs: &Inputs) -> Result<Rendered> {
         raw,
         output,
         deploy_notes,
+        budget: boot_budget(inputs),
     })
 }
 

@@ -187,3 +187,22 @@ fn out_writes_into_fifos_and_symlinks_instead_of_replacing_them() {
     assert!(std::fs::symlink_metadata(dir.path().join("link")).unwrap().file_type().is_symlink(), "still a symlink");
     assert!(std::fs::read_to_string(dir.path().join("target.txt")).unwrap().starts_with("#cloud-config"));
 }
+
+#[test]
+fn completions_and_man_page_come_from_the_cli_definition_even_with_a_broken_config() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("imgbuild.yaml"), "chroma: [\n").unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = imgbuild(dir.path()).args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        for sub in ["render-userdata", "deploy", "bake", "doctor"] {
+            assert!(text.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    let man = imgbuild(dir.path()).arg("man").output().unwrap();
+    let text = String::from_utf8(man.stdout).unwrap();
+    assert!(text.contains(".TH imgbuild 1"), "{text}");
+    assert!(text.contains("render\\-userdata") || text.contains("render-userdata"), "{text}");
+    imgbuild(dir.path()).args(["completions", "tcsh"]).assert().code(2);
+}

@@ -272,3 +272,23 @@ fn the_real_template_gets_a_computed_change_set() {
         cfn.delete_stack().stack_name("reference").send().await.unwrap();
     });
 }
+
+#[test]
+fn doctor_checks_the_account_and_says_what_to_do() {
+    let Some(moto) = services::moto() else { return };
+    let dir = project("doctored", "");
+    let out = cmd(dir.path(), &moto.url).args(["--output", "json", "doctor"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let checks = doc["checks"].as_array().unwrap();
+    let find = |name: &str| checks.iter().find(|c| c["check"] == name).unwrap_or_else(|| panic!("no {name} in {checks:?}"));
+    assert!(find("account")["detail"].as_str().unwrap().starts_with("123456789012"));
+    assert_eq!(find("AL2023 image")["verdict"], "ok");
+    assert_eq!(find("baked image")["verdict"], "warn");
+    assert!(find("baked image")["fix"].as_str().unwrap().contains("imgbuild bake"));
+    assert!(checks.iter().all(|c| c["verdict"] == "ok" || c["fix"].is_string()), "every problem says what to do");
+    // Without a region, doctor says so and exits 1.
+    let out = imgbuild(dir.path()).env_remove("AWS_REGION").args(["--config", "/dev/null", "doctor"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FAIL region"));
+}

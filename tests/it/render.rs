@@ -177,3 +177,21 @@ fn user_environment_is_escaped_for_compose_interpolation() {
     let r = render_with(&config, None, Mode::Full, Format::CloudConfig, false);
     assert_eq!(r.compose.service().unwrap().environment["GREETING"], "cost $$5");
 }
+
+#[test]
+fn boot_budget_lists_what_each_mode_downloads() {
+    let config = Config::default();
+    let full = render_with(&config, None, Mode::Full, Format::CloudConfig, false);
+    let kinds: Vec<&str> = full.budget.downloads.iter().map(|d| d.kind).collect();
+    assert_eq!(kinds, ["package", "package", "binary", "image"]);
+    let image = &full.budget.downloads[3].what;
+    assert_eq!(image, &full.compose.service().unwrap().image, "the budget names the image the compose file runs");
+    assert!(full.scripts[0].text.contains(&format!("readonly image=\"{image}\"")));
+    for (_, config, region) in configs() {
+        for format in FORMATS {
+            let baked = render_with(&config, region, Mode::Baked, format, false);
+            assert!(baked.budget.downloads.is_empty(), "{:?}", baked.budget.downloads);
+            assert!(baked.budget.steps.iter().any(|s| s.contains("chroma.service")));
+        }
+    }
+}
