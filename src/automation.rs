@@ -85,7 +85,10 @@ pub fn check(text: &str) -> Vec<Finding> {
     let doc: Value = match serde_yaml::from_str(text) {
         Ok(d) => d,
         Err(e) => {
-            bad("document", String::new(), format!("not valid YAML: {e}"));
+            let line = e.location().map(|l| l.line().min(text.lines().count().max(1)));
+            let message = e.to_string();
+            let message = message.split(" at line ").next().unwrap_or(&message).to_string();
+            found.push(Finding { at: "document".into(), field: String::new(), line, message: format!("not valid YAML: {message}") });
             return found;
         }
     };

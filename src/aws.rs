@@ -12,6 +12,9 @@ use crate::config::{AwsConfig, RetryMode};
 use crate::error::Error;
 use crate::plan::Context;
 
+/// Attempts per call when cleaning up, whatever `aws.max_attempts` says.
+pub const CLEANUP_ATTEMPTS: u32 = 8;
+
 /// Every client a command may need. Cheap to clone (each is an `Arc` inside).
 #[derive(Debug, Clone)]
 pub struct Clients {
@@ -24,6 +27,20 @@ pub struct Clients {
 }
 
 impl Clients {
+    /// The same clients with a retry budget of their own for cleaning up: a cleanup that gives up
+    /// at the first throttle leaves behind exactly what it exists to remove.
+    pub fn for_cleanup(&self) -> Self {
+        let retry = RetryConfig::standard().with_max_attempts(CLEANUP_ATTEMPTS);
+        Self {
+            cfn: aws_sdk_cloudformation::Client::from_conf(self.cfn.config().to_builder().retry_config(retry.clone()).build()),
+            ec2: aws_sdk_ec2::Client::from_conf(self.ec2.config().to_builder().retry_config(retry.clone()).build()),
+            efs: aws_sdk_efs::Client::from_conf(self.efs.config().to_builder().retry_config(retry.clone()).build()),
+            ssm: aws_sdk_ssm::Client::from_conf(self.ssm.config().to_builder().retry_config(retry.clone()).build()),
+            elb: aws_sdk_elasticloadbalancingv2::Client::from_conf(self.elb.config().to_builder().retry_config(retry.clone()).build()),
+            apigw: aws_sdk_apigateway::Client::from_conf(self.apigw.config().to_builder().retry_config(retry).build()),
+        }
+    }
+
     pub fn from_conf(conf: &aws_config::SdkConfig) -> Self {
         Self {
             cfn: aws_sdk_cloudformation::Client::new(conf),
@@ -87,10 +104,14 @@ where
 {
     let resource = resource.into();
     let (code, message) = match &e {
-        aws_sdk_cloudformation::error::SdkError::ServiceError(s) => (
-            s.err().code().unwrap_or("Unknown").to_string(),
-            s.err().message().unwrap_or_default().to_string(),
-        ),
+        aws_sdk_cloudformation::error::SdkError::ServiceError(s) => {
+            let status = s.raw().status().as_u16();
+            match s.err().code() {
+                Some(code) => (code.to_string(), s.err().message().unwrap_or_default().to_string()),
+                // An answer without an error code: its HTTP status is all there is to say.
+                None => (format!("HTTP {status}"), s.err().message().unwrap_or("the service answered without an error code").to_string()),
+            }
+        }
         other => ("NoResponse".to_string(), error_chain(other)),
     };
     Error::Aws { operation, resource, code, message }

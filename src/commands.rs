@@ -188,12 +188,23 @@ fn check_document(path: Option<&Path>, ctx: &Context, ui: Ui, tools: validate::T
     let profile = crate::chroma::profile(&crate::chroma::parse_version(&ctx.config.chroma.version).map_err(Error::Invalid)?).map_err(Error::Invalid)?;
     let (script, _) = crate::bake::bake_script(&ctx.config, profile)?;
     let (document, title) = match path {
-        Some(p) => (std::fs::read_to_string(p).map_err(|e| Error::io("reading document", p, e))?, format!("document {}", p.display())),
+        Some(p) => (
+            std::fs::read_to_string(p).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::Invalid(format!("document {} does not exist", p.display())),
+                _ => Error::io("reading document", p, e),
+            })?,
+            format!("document {}", p.display()),
+        ),
         None => (crate::bake::document(&script)?, format!("document {}", crate::bake::DOCUMENT_TEMPLATE_NAME)),
     };
     let findings = crate::automation::check(&document);
     for f in &findings {
-        let at = f.line.map(|l| format!("line {l}, `{}`", f.field)).unwrap_or_else(|| format!("`{}`", f.field));
+        let at = match (f.line, f.field.is_empty()) {
+            (Some(l), false) => format!("line {l}, `{}`", f.field),
+            (Some(l), true) => format!("line {l}"),
+            (None, false) => format!("`{}`", f.field),
+            (None, true) => "document".to_string(),
+        };
         ui.info(format!("{title}:{at}: FAIL {}: {}", f.at, f.message));
         failed.push(format!("{title}: {}", f.at));
     }

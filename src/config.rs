@@ -303,12 +303,20 @@ pub fn load(explicit: Option<&Path>) -> Result<(Config, Source)> {
             p
         }
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+    let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::Invalid(format!(
             "config file {} does not exist (run `imgbuild init` to write a starter, or drop --config to use the defaults)",
             path.display()
         )),
         _ => Error::io("reading config", &path, e),
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|b| **b == b'\n').count() + 1;
+        Error::Config(ConfigErrors {
+            file: path.display().to_string(),
+            errors: vec![FieldError { field: String::new(), line: Some(line), message: format!("not UTF-8 text (byte {at} is not valid UTF-8)") }],
+        })
     })?;
     let config = parse(&text, &path.display().to_string()).map_err(Error::Config)?;
     Ok((config, Source::File(path)))
@@ -328,14 +336,31 @@ pub fn parse(text: &str, file: &str) -> std::result::Result<Config, ConfigErrors
     let mut value: serde_yaml::Value = match serde_yaml::from_str(text) {
         Ok(v) => v,
         Err(e) => {
-            return Err(ConfigErrors {
-                file: file.into(),
-                errors: vec![FieldError {
+            // serde_yaml places a duplicate key at its mapping; the line index knows the repeat.
+            let errors = if lines.duplicates.is_empty() {
+                // libyaml ends a file without a final newline with a line break of its own, and
+                // can place an error there: keep the line inside the file.
+                let last = text.lines().count().max(1);
+                vec![FieldError {
                     field: String::new(),
-                    line: e.location().map(|l| l.line()),
+                    line: e.location().map(|l| l.line().min(last)),
                     message: format!("not valid YAML: {}", strip_location(&e.to_string())),
-                }],
-            });
+                }]
+            } else {
+                lines
+                    .duplicates
+                    .iter()
+                    .map(|(field, line, first)| FieldError {
+                        line: Some(*line),
+                        message: format!(
+                            "duplicate entry with key \"{}\" (first at line {first}); keep one",
+                            field.rsplit('.').next().unwrap_or(field)
+                        ),
+                        field: field.clone(),
+                    })
+                    .collect()
+            };
+            return Err(ConfigErrors { file: file.into(), errors });
         }
     };
     if value.is_null() {
@@ -347,20 +372,27 @@ pub fn parse(text: &str, file: &str) -> std::result::Result<Config, ConfigErrors
             errors: vec![at(String::new(), "the top level must be a mapping of settings".into())],
         });
     }
+    for (field, message) in remove_non_text_keys(&mut value, "") {
+        errors.push(at(field, message));
+    }
 
+    // Each error's field is set aside (the defaults take its place) and the rest is read again,
+    // so every wrong field in the file is reported, not only the first of each section.
+    let mut aside: Vec<String> = Vec::new();
     let config = loop {
         match serde_path_to_error::deserialize::<_, Config>(value.clone()) {
             Ok(c) => break c,
             Err(e) => {
                 let field = e.path().to_string();
                 let field = if field == "." { String::new() } else { field };
-                errors.push(at(field.clone(), strip_location(&e.inner().to_string())));
-                let top = field.split(['.', '[']).next().unwrap_or_default().to_string();
-                let removed = value
-                    .as_mapping_mut()
-                    .and_then(|m| m.remove(serde_yaml::Value::String(top)))
-                    .is_some();
-                if !removed {
+                // An error on a mapping whose field was set aside (a required field now
+                // missing) is a consequence, not another mistake: set the mapping aside too.
+                let consequence = aside.iter().any(|a| a.starts_with(&format!("{field}.")));
+                if !consequence {
+                    errors.push(at(field.clone(), strip_location(&e.inner().to_string())));
+                }
+                aside.push(field.clone());
+                if !set_aside(&mut value, &field) {
                     // Nothing left to set aside: the remaining errors cannot be separated.
                     return Err(ConfigErrors { file: file.into(), errors });
                 }
@@ -369,11 +401,48 @@ pub fn parse(text: &str, file: &str) -> std::result::Result<Config, ConfigErrors
     };
 
     errors.extend(config.check().into_iter().map(|(field, message)| at(field, message)));
+    // In file order, as a person reads them.
+    errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.field.clone()));
     if errors.is_empty() {
         Ok(config)
     } else {
         Err(ConfigErrors { file: file.into(), errors })
     }
+}
+
+/// Removes mapping keys that are not text (`8000: x`), returning each as (field, message).
+fn remove_non_text_keys(value: &mut serde_yaml::Value, path: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    if let Some(map) = value.as_mapping_mut() {
+        let bad: Vec<serde_yaml::Value> = map.keys().filter(|k| !k.is_string()).cloned().collect();
+        for k in bad {
+            let text = serde_yaml::to_string(&k).unwrap_or_default().trim().to_string();
+            let field = if path.is_empty() { text.clone() } else { format!("{path}.{text}") };
+            found.push((field, format!("`{text}` is not a setting name (keys are words such as `name` or `chroma`)")));
+            map.remove(&k);
+        }
+        for (k, v) in map.iter_mut() {
+            if let Some(k) = k.as_str() {
+                let child = if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
+                found.extend(remove_non_text_keys(v, &child));
+            }
+        }
+    }
+    found
+}
+
+/// Removes the value at a dotted field path (the deepest part that exists), so the defaults
+/// stand in for it. False when nothing could be removed.
+fn set_aside(value: &mut serde_yaml::Value, field: &str) -> bool {
+    fn remove_at(value: &mut serde_yaml::Value, parts: &[&str]) -> bool {
+        match parts {
+            [] => false,
+            [last] => value.as_mapping_mut().is_some_and(|m| m.remove(serde_yaml::Value::String(last.to_string())).is_some()),
+            [first, rest @ ..] => value.get_mut(*first).is_some_and(|v| remove_at(v, rest)),
+        }
+    }
+    let parts: Vec<&str> = field.split('.').filter(|p| !p.is_empty()).collect();
+    (1..=parts.len()).rev().any(|depth| remove_at(value, &parts[..depth]))
 }
 
 /// serde_yaml appends " at line N column M" to messages; we print the line ourselves.
@@ -640,6 +709,9 @@ mod tests {
         let err = parse(text, "c.yaml").unwrap_err();
         let fields: Vec<_> = err.errors.iter().map(|e| (e.field.as_str(), e.line)).collect();
         assert!(fields.contains(&("chroma.port", Some(3))), "{fields:?}");
+        let two = parse("chroma:\n  port: eighty\n  image: 5\n  version: [1]\n", "c.yaml").unwrap_err();
+        let f: Vec<_> = two.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(f, ["chroma.port", "chroma.image", "chroma.version"], "every wrong field of one section");
         assert!(fields.contains(&("storage.mode", Some(5))), "{fields:?}");
         assert!(fields.contains(&("bogus", Some(8))), "{fields:?}");
         assert!(fields.contains(&("name", Some(1))), "{fields:?}");

@@ -239,7 +239,7 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
         }
     };
     if !go {
-        remove_created(clients, cleanup).await?;
+        remove_created(&clients.for_cleanup(), cleanup).await?;
         return Err(Error::Invalid("not confirmed: the change set was deleted and nothing changed".into()));
     }
 

@@ -35,7 +35,18 @@ pub struct RuleOutcome {
 
 /// Runs every embedded rule on the template.
 pub fn evaluate(template: &Template) -> Result<Vec<RuleOutcome>> {
-    let data = serde_json::to_string(&long_form(template.document())).expect("JSON values serialise");
+    let mut doc = long_form(template.document());
+    // No policy reads user-data, and guard's reports quote the values they fail on: a launch
+    // template's kilobytes of user-data would only bloat them (and cfn-guard 3.2.1 returns a
+    // report over 8 KiB cut short).
+    if let Some(resources) = doc.get_mut("Resources").and_then(|r| r.as_object_mut()) {
+        for r in resources.values_mut() {
+            if let Some(ud) = r.pointer_mut("/Properties/LaunchTemplateData/UserData") {
+                *ud = serde_json::Value::String("<user-data>".into());
+            }
+        }
+    }
+    let data = serde_json::to_string(&doc).expect("JSON values serialise");
     let mut out = Vec::new();
     for (file, rules) in RULE_FILES {
         let report = cfn_guard::run_checks(

@@ -159,7 +159,7 @@ pub async fn deploy_flow(
 /// After a failure or Ctrl-C: remove what this run created and not yet handed over, and say so.
 async fn clean_after(clients: &Clients, cleanup: &Cleanup, progress: &Progress, err: Error) -> Error {
     let executed = cleanup.lock().expect("cleanup lock").executed;
-    let cleaned = deploy::remove_created(clients, cleanup).await;
+    let cleaned = deploy::remove_created(&clients.for_cleanup(), cleanup).await;
     match (err, cleaned) {
         (Error::Interrupted { .. }, Ok(mut cleaned)) => {
             if executed {
@@ -404,6 +404,10 @@ pub async fn bake_flow(
 ) -> Result<serde_json::Value> {
     use crate::bake;
     let config = &ctx.config;
+    // Every flag is checked before anything is looked up or made.
+    for r in &args.regions {
+        config::check_region(r).map_err(|m| Error::Invalid(format!("--regions: {m}")))?;
+    }
     let profile = profile_of(config)?;
     let progress = Progress::new(ui, "resolving the base image");
     let manifest = bake::read_manifest(&config.bake.manifest)?;
@@ -530,7 +534,7 @@ pub async fn bake_flow(
                 }
                 Err(e) => {
                     let cleanup_waits = crate::stack::Waits { timeout: Duration::from_secs(600), poll };
-                    let cleaned = bake::clean_up(clients, &record, &token, cleanup_waits, &progress).await;
+                    let cleaned = bake::clean_up(&clients.for_cleanup(), &record, &token, cleanup_waits, &progress).await;
                     return Err(match e {
                         Error::Interrupted { .. } => Error::Interrupted { cleaned },
                         other => {

@@ -36,7 +36,10 @@ impl Template {
     pub fn load(path: Option<&std::path::Path>) -> Result<Self> {
         match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| Error::io("reading template", p, e))?;
+                let text = std::fs::read_to_string(p).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => Error::Invalid(format!("template {} does not exist", p.display())),
+                    _ => Error::io("reading template", p, e),
+                })?;
                 Self::parse(&text, &p.display().to_string())
             }
             None => Ok(Self::reference()),
@@ -48,7 +51,18 @@ impl Template {
     pub fn locate(&self, detail: &str) -> Option<String> {
         let start = detail.find("/Resources/")?;
         let path: String = detail[start + 1..].chars().take_while(|c| !matches!(c, '[' | ']' | ' ' | ',' | '"')).collect();
-        let field = path.trim_end_matches('/').replace('/', ".");
+        // `SecurityGroupIngress/1/CidrIp`: numbers are list positions.
+        let mut field = String::new();
+        for part in path.trim_end_matches('/').split('/') {
+            if !field.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+                field.push_str(&format!("[{part}]"));
+            } else {
+                if !field.is_empty() {
+                    field.push('.');
+                }
+                field.push_str(part);
+            }
+        }
         Some(match self.lines.line_of(&field) {
             Some(l) => format!("line {l}, `{field}`"),
             None => format!("`{field}`"),

@@ -13,6 +13,8 @@ use yaml_rust2::scanner::Marker;
 #[derive(Debug, Default, Clone)]
 pub struct LineIndex {
     lines: HashMap<String, usize>,
+    /// Keys that appear twice in one mapping: (path, line of the repeat, line of the first).
+    pub duplicates: Vec<(String, usize, usize)>,
 }
 
 impl LineIndex {
@@ -21,10 +23,10 @@ impl LineIndex {
     pub fn new(text: &str) -> Self {
         let mut walker = Walker::default();
         let mut parser = Parser::new_from_str(text);
-        if parser.load(&mut walker, false).is_err() {
-            return Self::default();
-        }
-        Self { lines: walker.lines }
+        // A document that stops parsing still yields what was read before the error (duplicate
+        // keys, for one, are only a problem for serde).
+        let _ = parser.load(&mut walker, false);
+        Self { lines: walker.lines, duplicates: walker.duplicates }
     }
 
     /// The line of `path`, or of its nearest ancestor that exists in the file (a missing field
@@ -50,6 +52,7 @@ enum Frame {
 struct Walker {
     stack: Vec<Frame>,
     lines: HashMap<String, usize>,
+    duplicates: Vec<(String, usize, usize)>,
 }
 
 impl Walker {
@@ -84,6 +87,9 @@ impl MarkedEventReceiver for Walker {
             Event::Scalar(text, ..) if self.expecting_key() => {
                 if let Some(Frame::Map { path, .. }) = self.stack.last() {
                     let full = if path.is_empty() { text.clone() } else { format!("{path}.{text}") };
+                    if let Some(first) = self.lines.get(&full) {
+                        self.duplicates.push((full.clone(), mark.line(), *first));
+                    }
                     self.record(&full, mark);
                 }
                 if let Some(Frame::Map { key, .. }) = self.stack.last_mut() {
@@ -97,10 +103,17 @@ impl MarkedEventReceiver for Walker {
             }
             Event::MappingStart(..) => {
                 let path = self.value_path().unwrap_or_default();
+                // A mapping inside a list has no key of its own: its line is where it starts.
+                if !path.is_empty() {
+                    self.record(&path, mark);
+                }
                 self.stack.push(Frame::Map { path, key: None });
             }
             Event::SequenceStart(..) => {
                 let path = self.value_path().unwrap_or_default();
+                if !path.is_empty() {
+                    self.record(&path, mark);
+                }
                 self.stack.push(Frame::Seq { path, index: 0 });
             }
             Event::MappingEnd | Event::SequenceEnd => {
@@ -125,5 +138,14 @@ mod tests {
         assert_eq!(idx.line_of("chroma.port"), Some(2));
         assert_eq!(idx.line_of("list[1]"), Some(8));
         assert_eq!(idx.line_of("nothing"), None);
+    }
+
+    #[test]
+    fn list_items_and_duplicates_have_lines() {
+        let text = "steps:\n  - name: a\n  - name: b\n    x: 1\nk: 1\nk: 2\n";
+        let idx = LineIndex::new(text);
+        assert_eq!(idx.line_of("steps[1]"), Some(3));
+        assert_eq!(idx.line_of("steps[1].x"), Some(4));
+        assert_eq!(idx.duplicates, vec![("k".to_string(), 6, 5)]);
     }
 }
