@@ -3,6 +3,7 @@
 mod bake_mocks;
 mod bake_moto;
 mod cli;
+mod faults;
 mod interrupt;
 mod mocks;
 mod moto;
