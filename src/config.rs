@@ -261,17 +261,35 @@ impl Default for ComposeConfig {
 /// YAML reads `version: 1.5` as a number; take it as the text the user typed, so the
 /// version check can say what is wrong with it.
 fn version_text<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Text {
-        S(String),
-        I(u64),
-        F(f64),
+    struct Text;
+    impl serde::de::Visitor<'_> for Text {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a version such as 1.5.9")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<String, E> {
+            Ok(v.to_string())
+        }
     }
-    Ok(match Text::deserialize(d)? {
-        Text::S(s) => s,
-        Text::I(i) => i.to_string(),
-        Text::F(f) => f.to_string(),
+    d.deserialize_any(Text)
+}
+
+/// The names an enum setting takes, for messages serde words around its own types.
+fn enum_names(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "storage.mode" => "efs-tls or docker-nfs",
+        "stack.nat_gateways" => "one or per-az",
+        "aws.retry_mode" => "standard or adaptive",
+        _ => return None,
     })
 }
 
@@ -389,7 +407,14 @@ pub fn parse(text: &str, file: &str) -> std::result::Result<Config, ConfigErrors
                 // missing) is a consequence, not another mistake: set the mapping aside too.
                 let consequence = aside.iter().any(|a| a.starts_with(&format!("{field}.")));
                 if !consequence {
-                    errors.push(at(field.clone(), strip_location(&e.inner().to_string())));
+                    let mut message = strip_location(&e.inner().to_string());
+                    // serde_yaml words a wrong type on an enum as its own internals.
+                    if message.contains("Value::Tagged enum") {
+                        if let Some(names) = enum_names(&field) {
+                            message = format!("{}expected {names}", message.split("expected").next().unwrap_or_default());
+                        }
+                    }
+                    errors.push(at(field.clone(), message));
                 }
                 aside.push(field.clone());
                 if !set_aside(&mut value, &field) {
@@ -547,6 +572,23 @@ impl Config {
         let n = given.iter().filter(|g| g.is_some()).count();
         if n != 0 && n != given.len() {
             bad("bake", "give subnet_id, security_group_id, instance_profile and automation_role_arn together, or none (bake then makes them)".into());
+        }
+        let id_checks: [(&str, &Option<String>, &str, fn(&str) -> bool); 4] = [
+            ("bake.subnet_id", &self.bake.subnet_id, "a subnet id (subnet- followed by hex)", |v| v.strip_prefix("subnet-").is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))),
+            ("bake.security_group_id", &self.bake.security_group_id, "a security group id (sg- followed by hex)", |v| v.strip_prefix("sg-").is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))),
+            ("bake.instance_profile", &self.bake.instance_profile, "an instance profile name (letters, digits and +=,.@_-, at most 128)", |v| {
+                !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
+            }),
+            ("bake.automation_role_arn", &self.bake.automation_role_arn, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)", |v| {
+                v.starts_with("arn:aws") && v.contains(":iam::") && v.contains(":role/")
+            }),
+        ];
+        for (field, value, what, ok) in id_checks {
+            if let Some(v) = value {
+                if !ok(v) {
+                    bad(field, format!("`{v}` is not {what}"));
+                }
+            }
         }
         if self.bake.timeout_secs < 600 {
             bad("bake.timeout_secs", format!("{}s is too short for a bake (at least 600)", self.bake.timeout_secs));

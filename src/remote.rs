@@ -24,6 +24,25 @@ use crate::template::Template;
 use crate::ui::Ui;
 use crate::validate;
 
+/// Ctrl-C, heard from the moment this is called (tokio's `ctrl_c()` would only listen once first
+/// polled, and a signal before that would kill the process without its cleanup or message).
+pub fn interrupt_listener() -> Result<impl Future<Output = ()> + Send + 'static> {
+    #[cfg(unix)]
+    {
+        let mut sig = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(|e| Error::Tool(format!("could not listen for Ctrl-C: {e}")))?;
+        Ok(async move {
+            sig.recv().await;
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
+}
+
 /// Runs `f` to completion on a fresh runtime. The runtime is shut down without waiting for
 /// blocking tasks: after Ctrl-C at a prompt, the thread reading the terminal never returns, and
 /// waiting for it would hang the exit.
@@ -98,7 +117,12 @@ pub async fn deploy_flow(
 ) -> Result<serde_json::Value> {
     let config = &ctx.config;
     let progress = Progress::new(ui, "choosing the image");
-    let choice = images::choose(clients, config, args.ami.as_deref(), args.mode).await?;
+    tokio::pin!(interrupt);
+    // Nothing exists before the change set: Ctrl-C here just stops.
+    let choice = tokio::select! {
+        c = images::choose(clients, config, args.ami.as_deref(), args.mode) => c?,
+        _ = &mut interrupt => return Err(Error::Interrupted { cleaned: Vec::new() }),
+    };
     progress.line(&format!("image {} ({}), user-data mode {}", choice.ami, source_text(&choice.source), choice.mode.as_str()));
 
     // The user-data this AMI needs, validated like render-userdata does, compressed to keep
@@ -135,7 +159,7 @@ pub async fn deploy_flow(
     let cleanup = Cleanup::default();
     let result = tokio::select! {
         r = deploy::run(clients, &plan, &progress, &cleanup, confirmer) => r,
-        _ = interrupt => Err(Error::Interrupted { cleaned: Vec::new() }),
+        _ = &mut interrupt => Err(Error::Interrupted { cleaned: Vec::new() }),
     };
     let outcome = match result {
         Ok(o) => o,
@@ -200,11 +224,11 @@ fn print_outputs(ui: Ui, outputs: &BTreeMap<String, String>) {
 }
 
 pub fn deploy(args: DeployArgs, ctx: &Context, ui: Ui) -> Result<()> {
-    let doc = with_clients(ctx, |clients| async move {
-        deploy_flow(&clients, &args, ctx, ui, &TtyConfirmer, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
+    let doc = block_on(async {
+        let interrupt = interrupt_listener()?;
+        let conf = aws::load(ctx).await?;
+        let clients = Clients::from_conf(&conf);
+        deploy_flow(&clients, &args, ctx, ui, &TtyConfirmer, interrupt).await
     })?;
     if ui.json() {
         ui.emit_json(&doc);
@@ -265,6 +289,7 @@ pub fn destroy(args: DestroyArgs, ctx: &Context, ui: Ui) -> Result<()> {
     let name = ctx.config.stack_name().to_string();
     let waits = waits(&ctx.config, &args.wait);
     let done = with_clients(ctx, |clients| async move {
+        let interrupt = interrupt_listener()?;
         if !args.yes {
             let question = if args.delete_data {
                 format!("Delete stack {name} AND its EFS file system with every collection on it? This cannot be undone.")
@@ -278,7 +303,7 @@ pub fn destroy(args: DestroyArgs, ctx: &Context, ui: Ui) -> Result<()> {
         let progress = Progress::new(ui, &format!("destroying {name}"));
         tokio::select! {
             r = crate::ops::destroy(&clients, &name, args.delete_data, args.wait.wait, waits, &progress) => r,
-            _ = tokio::signal::ctrl_c() => Err(Error::Interrupted { cleaned: vec![format!(
+            _ = interrupt => Err(Error::Interrupted { cleaned: vec![format!(
                 "nothing: the deletion of {name} goes on in CloudFormation (follow it with `imgbuild status`)"
             )] }),
         }
@@ -404,6 +429,7 @@ pub async fn bake_flow(
 ) -> Result<serde_json::Value> {
     use crate::bake;
     let config = &ctx.config;
+    tokio::pin!(interrupt);
     // Every flag is checked before anything is looked up or made.
     for r in &args.regions {
         config::check_region(r).map_err(|m| Error::Invalid(format!("--regions: {m}")))?;
@@ -411,7 +437,11 @@ pub async fn bake_flow(
     let profile = profile_of(config)?;
     let progress = Progress::new(ui, "resolving the base image");
     let manifest = bake::read_manifest(&config.bake.manifest)?;
-    let (base, why) = bake::resolve_base(clients, config, region, manifest.as_ref(), args.update_base).await?;
+    // Until an execution starts nothing exists: Ctrl-C here just stops.
+    let (base, why) = tokio::select! {
+        r = bake::resolve_base(clients, config, region, manifest.as_ref(), args.update_base) => r?,
+        _ = &mut interrupt => return Err(Error::Interrupted { cleaned: Vec::new() }),
+    };
     progress.line(&format!("base image {base} ({why})"));
 
     let (script, compose_yaml) = bake::bake_script(config, profile)?;
@@ -441,7 +471,14 @@ pub async fn bake_flow(
         document: document.clone(),
     };
     let digest = recipe.digest();
-    let cached = if args.force { None } else { bake::find_cached(clients, &digest).await? };
+    let cached = if args.force {
+        None
+    } else {
+        tokio::select! {
+            r = bake::find_cached(clients, &digest) => r?,
+            _ = &mut interrupt => return Err(Error::Interrupted { cleaned: Vec::new() }),
+        }
+    };
     progress.line(&format!(
         "digest {digest}: {}",
         match (&cached, args.force) {
@@ -517,7 +554,7 @@ pub async fn bake_flow(
                     let mine = if joined.is_some() { bake::Record::default() } else { record.clone() };
                     bake::follow(clients, &id, timeout, poll, &progress, &mine).await
                 } => r,
-                _ = interrupt => Err(Error::Interrupted { cleaned: Vec::new() }),
+                _ = &mut interrupt => Err(Error::Interrupted { cleaned: Vec::new() }),
             };
             match result {
                 Ok(ami) => {
@@ -644,13 +681,11 @@ async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, p
 
 pub fn bake(args: crate::cli::BakeArgs, ctx: &Context, ui: Ui) -> Result<()> {
     let doc = block_on(async {
+        let interrupt = interrupt_listener()?;
         let conf = aws::load(ctx).await?;
         let region = conf.region().map(|r| r.to_string()).unwrap_or_default();
         let clients = Clients::from_conf(&conf);
-        bake_flow(&clients, &region, &args, ctx, ui, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
+        bake_flow(&clients, &region, &args, ctx, ui, interrupt).await
     })?;
     if ui.json() {
         ui.emit_json(&doc);

@@ -21,7 +21,7 @@ impl LineIndex {
     /// Indexes `text`; a document that does not parse gives an empty index (the YAML error
     /// itself is reported elsewhere, with its own position).
     pub fn new(text: &str) -> Self {
-        let mut walker = Walker::default();
+        let mut walker = Walker { text: text.as_bytes().to_vec(), ..Walker::default() };
         let mut parser = Parser::new_from_str(text);
         // A document that stops parsing still yields what was read before the error (duplicate
         // keys, for one, are only a problem for serde).
@@ -45,11 +45,13 @@ impl LineIndex {
 
 enum Frame {
     Map { path: String, key: Option<String> },
-    Seq { path: String, index: usize },
+    /// `start` is the byte offset where the sequence begins (its first `-` in block style).
+    Seq { path: String, index: usize, start: usize },
 }
 
 #[derive(Default)]
 struct Walker {
+    text: Vec<u8>,
     stack: Vec<Frame>,
     lines: HashMap<String, usize>,
     duplicates: Vec<(String, usize, usize)>,
@@ -63,7 +65,7 @@ impl Walker {
                 let key = key.take()?;
                 Some(if path.is_empty() { key } else { format!("{path}.{key}") })
             }
-            Frame::Seq { path, index } => {
+            Frame::Seq { path, index, .. } => {
                 let p = format!("{path}[{index}]");
                 *index += 1;
                 Some(p)
@@ -74,6 +76,21 @@ impl Walker {
     /// True when the next scalar in the current mapping is a key.
     fn expecting_key(&self) -> bool {
         matches!(self.stack.last(), Some(Frame::Map { key: None, .. }))
+    }
+
+    /// The 1-based line of item `item` of the block sequence starting at byte `start`.
+    fn item_line(&self, start: usize, item: usize) -> Option<usize> {
+        let start = start.min(self.text.len().saturating_sub(1));
+        let line_start = self.text[..start].iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+        // The sequence's mark can sit just past its first `-`: anchor on the dash itself.
+        let dash = line_start + self.text[line_start..=start].iter().rposition(|b| *b == b'-')?;
+        let column = dash - line_start;
+        let first_line = self.text[..start].iter().filter(|b| **b == b'\n').count() + 1;
+        let items = self.text[line_start..]
+            .split(|b| *b == b'\n')
+            .enumerate()
+            .filter(|(_, l)| l.get(column) == Some(&b'-') && l.get(column + 1).is_none_or(|c| c.is_ascii_whitespace()));
+        items.map(|(i, _)| first_line + i).nth(item)
     }
 
     fn record(&mut self, path: &str, mark: Marker) {
@@ -96,6 +113,19 @@ impl MarkedEventReceiver for Walker {
                     *key = Some(text);
                 }
             }
+            Event::Scalar(ref text, ..) if text.is_empty() && matches!(self.stack.last(), Some(Frame::Seq { .. })) => {
+                // An empty list item (`-` alone) is an implicit null marked where the next token
+                // starts. In a block sequence every item's `-` stands in the sequence's column, so
+                // item i is on the i-th line with a `-` there.
+                let (start, item) = match self.stack.last() {
+                    Some(Frame::Seq { start, index, .. }) => (*start, *index),
+                    _ => unreachable!("matched a sequence frame"),
+                };
+                if let Some(path) = self.value_path() {
+                    let line = self.item_line(start, item).unwrap_or(mark.line());
+                    self.lines.entry(path).or_insert(line);
+                }
+            }
             Event::Scalar(..) | Event::Alias(..) => {
                 if let Some(path) = self.value_path() {
                     self.record(&path, mark);
@@ -114,7 +144,7 @@ impl MarkedEventReceiver for Walker {
                 if !path.is_empty() {
                     self.record(&path, mark);
                 }
-                self.stack.push(Frame::Seq { path, index: 0 });
+                self.stack.push(Frame::Seq { path, index: 0, start: mark.index() });
             }
             Event::MappingEnd | Event::SequenceEnd => {
                 self.stack.pop();

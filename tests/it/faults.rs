@@ -1182,3 +1182,55 @@ fn an_error_answer_without_a_code_is_reported_with_its_http_status() {
         assert!(msg.contains(status), "the HTTP status is the only thing known about this failure, and the message drops it:\n{msg}");
     }
 }
+
+/// SIGINT at each step of a real deploy process: every request is slowed, so the signal lands
+/// while the image is chosen, while the change set is made, while it is described, while it
+/// executes and while events are followed. Afterwards no change set is pending, no empty
+/// REVIEW_IN_PROGRESS stack is left, and the next deploy works.
+#[test]
+fn sigint_at_each_step_of_deploy_leaves_nothing_and_the_next_deploy_works() {
+    let Some(moto) = services::moto() else { return };
+    let direct = Direct::new(&moto.url);
+    let mut outcomes = Vec::new();
+    for (i, after_ms) in [150u64, 450, 750, 1050, 1350, 1650, 2250, 3000].into_iter().enumerate() {
+        let project = format!("faults-sigint-{i}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("imgbuild.yaml"), format!("name: {project}\nregion: us-east-1\naws:\n  poll_interval_secs: 1\n")).unwrap();
+        let proxy = Proxy::start(&moto.url, Schedule::Script((0..80).map(|_| Some(Fault::Slow(250))).collect()));
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_imgbuild"))
+            .current_dir(dir.path())
+            .args(["--endpoint-url", &proxy.url, "deploy", "--yes", "--no-tools", "--template", FIXTURE])
+            .env_remove("AWS_PROFILE")
+            .env_remove("IMGBUILD_CONFIG")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(after_ms));
+        let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let code = out.status.code();
+        assert!(matches!(code, Some(130) | Some(0)), "SIGINT after {after_ms} ms: exit {code:?}\n{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        if code == Some(130) {
+            assert!(err.contains("error: interrupted"), "{err}");
+        }
+        assert!(direct.pending_change_sets(&project).is_empty(), "after {after_ms} ms a change set is left: {err}");
+        let status = direct.stack_status(&project);
+        assert_ne!(status.as_deref(), Some("REVIEW_IN_PROGRESS"), "after {after_ms} ms the empty stack is left: {err}");
+        // The next deploy (no faults) works from whatever the interrupted one left.
+        let again = crate::support::imgbuild(dir.path()).args(["--endpoint-url", &moto.url, "deploy", "--yes", "--no-tools", "--template", FIXTURE]).output().unwrap();
+        assert!(again.status.success(), "the deploy after a SIGINT at {after_ms} ms failed: {}", String::from_utf8_lossy(&again.stderr));
+        outcomes.push((after_ms, code, status));
+    }
+    // The signal landed both before and after execution: some runs were interrupted, and at
+    // least one interrupt came after the stack existed.
+    assert!(outcomes.iter().any(|(_, c, s)| *c == Some(130) && s.is_none()), "an interrupt before execution: {outcomes:?}");
+    assert!(outcomes.iter().any(|(_, c, s)| *c == Some(130) && s.is_some()), "an interrupt after execution: {outcomes:?}");
+    eprintln!("SIGINT outcomes (ms, exit, stack state after): {outcomes:?}");
+}

@@ -3,6 +3,8 @@
 mod bake_mocks;
 mod bake_moto;
 mod cli;
+mod corpus;
+mod fuzz;
 mod faults;
 mod interrupt;
 mod mocks;
