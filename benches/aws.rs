@@ -4,8 +4,10 @@
 //!   no-change redeploy of each;
 //! - a cache-hit bake (an image with the recipe's digest exists, so nothing is launched).
 //!
-//!     python3 -m venv .venv && .venv/bin/pip install -r tests/requirements.txt   # tests/run does this
-//!     cargo bench --bench aws --profile dev   # API-bound: the dev build measures the same
+//! ```text
+//! python3 -m venv .venv && .venv/bin/pip install -r tests/requirements.txt   # tests/run does this
+//! cargo bench --bench aws --profile dev   # API-bound: the dev build measures the same
+//! ```
 //!
 //! Needs .venv/bin/moto_server and .venv/bin/aws. Talks to loopback only.
 
@@ -83,6 +85,7 @@ fn main() {
     }
     let bake = bake_cache_hit(&url, work.path());
     let _ = moto.kill();
+    let _ = moto.wait();
     println!("| deploy against moto ({RUNS} runs each, fresh stacks, then a no-change redeploy of each) | median | min | max | API calls |");
     println!("|---|---|---|---|---|");
     for (tool, med, min, max, calls) in rows {

@@ -177,11 +177,10 @@ pub fn check(text: &str) -> Vec<Finding> {
                 }
             }
         }
-        if let Some(next) = step.get("nextStep").and_then(Value::as_str) {
-            if !all.contains(next) {
+        if let Some(next) = step.get("nextStep").and_then(Value::as_str)
+            && !all.contains(next) {
                 bad(&at, f("nextStep"), format!("nextStep {next} does not exist"));
             }
-        }
         let mut offered: BTreeSet<String> = builtin_outputs(action).iter().map(|s| s.to_string()).collect();
         for o in step.get("outputs").and_then(Value::as_sequence).into_iter().flatten() {
             match o.get("Name").and_then(Value::as_str) {

@@ -193,19 +193,21 @@ pub async fn resolve_base(clients: &Clients, config: &Config, region: &str, mani
     Ok((id, "read from AWS's public AL2023 parameter"))
 }
 
-/// An available image of ours that carries this digest. Two bakes racing on one digest can
-/// leave two images: the oldest wins, every time.
-pub async fn find_cached(clients: &Clients, digest: &str) -> Result<Option<Image>> {
-    Ok(images_with_digest(clients, digest).await?.into_iter().next())
+/// An available image of this project that carries this digest. Two bakes racing on one digest
+/// can leave two images: the oldest wins, every time. The cache is per project: another
+/// project's image is not this project's to prune or protect.
+pub async fn find_cached(clients: &Clients, project: &str, digest: &str) -> Result<Option<Image>> {
+    Ok(images_with_digest(clients, project, digest).await?.into_iter().next())
 }
 
-/// Every available image of ours with this digest, oldest first.
-pub async fn images_with_digest(clients: &Clients, digest: &str) -> Result<Vec<Image>> {
+/// Every available image of this project with this digest, oldest first.
+pub async fn images_with_digest(clients: &Clients, project: &str, digest: &str) -> Result<Vec<Image>> {
     let out = clients
         .ec2
         .describe_images()
         .owners("self")
         .filters(Filter::builder().name(format!("tag:{TAG_DIGEST}")).values(digest).build())
+        .filters(Filter::builder().name(format!("tag:{TAG_PROJECT}")).values(project).build())
         .filters(Filter::builder().name("state").values("available").build())
         .send()
         .await
@@ -422,8 +424,8 @@ pub async fn running_with(clients: &Clients, document: &str, key: &str, value: &
 
 /// After a bake: if another image with the digest is older (a race between two bakes), that
 /// one stays and ours goes, so one digest keeps one image. Returns the image to hand over.
-pub async fn settle_duplicates(clients: &Clients, digest: &str, ours: &str, progress: &Progress) -> Result<String> {
-    match find_cached(clients, digest).await? {
+pub async fn settle_duplicates(clients: &Clients, project: &str, digest: &str, ours: &str, progress: &Progress) -> Result<String> {
+    match find_cached(clients, project, digest).await? {
         Some(oldest) if oldest.image_id().is_some_and(|id| id != ours) => {
             let keep = oldest.image_id().unwrap_or_default().to_string();
             let snaps = deregister(clients, ours).await?;
@@ -437,9 +439,9 @@ pub async fn settle_duplicates(clients: &Clients, digest: &str, ours: &str, prog
 /// After `--force`: the new image is the digest's image from now on. Earlier images with the
 /// digest lose the digest tag (and say which image superseded them); nothing is deleted, so an
 /// image in use stays usable. Returns the superseded image ids.
-pub async fn supersede(clients: &Clients, digest: &str, keep: &str) -> Result<Vec<String>> {
+pub async fn supersede(clients: &Clients, project: &str, digest: &str, keep: &str) -> Result<Vec<String>> {
     let mut superseded = Vec::new();
-    for old in images_with_digest(clients, digest).await? {
+    for old in images_with_digest(clients, project, digest).await? {
         let Some(id) = old.image_id().filter(|id| *id != keep).map(String::from) else { continue };
         clients
             .ec2

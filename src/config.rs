@@ -409,11 +409,10 @@ pub fn parse(text: &str, file: &str) -> std::result::Result<Config, ConfigErrors
                 if !consequence {
                     let mut message = strip_location(&e.inner().to_string());
                     // serde_yaml words a wrong type on an enum as its own internals.
-                    if message.contains("Value::Tagged enum") {
-                        if let Some(names) = enum_names(&field) {
+                    if message.contains("Value::Tagged enum")
+                        && let Some(names) = enum_names(&field) {
                             message = format!("{}expected {names}", message.split("expected").next().unwrap_or_default());
                         }
-                    }
                     errors.push(at(field.clone(), message));
                 }
                 aside.push(field.clone());
@@ -487,11 +486,10 @@ impl Config {
         if let Err(m) = check_name(&self.name) {
             bad("name", m);
         }
-        if let Some(region) = &self.region {
-            if let Err(m) = check_region(region) {
+        if let Some(region) = &self.region
+            && let Err(m) = check_region(region) {
                 bad("region", m);
             }
-        }
         match chroma::parse_version(&self.chroma.version) {
             Ok(v) => {
                 if let Err(m) = chroma::profile(&v) {
@@ -503,15 +501,14 @@ impl Config {
         if let Err(m) = check_image_repository(&self.chroma.image) {
             bad("chroma.image", m);
         }
-        if let Some(d) = &self.chroma.digest {
-            if !is_sha256_digest(d) {
+        if let Some(d) = &self.chroma.digest
+            && !is_sha256_digest(d) {
                 bad("chroma.digest", format!("`{d}` is not an image digest (expected sha256: followed by 64 lowercase hex digits)"));
             }
-        }
         if self.chroma.port == 0 {
             bad("chroma.port", "port 0 is not a port Chroma can listen on (use 1-65535; the default is 8000)".into());
         }
-        for (key, _) in &self.chroma.env {
+        for key in self.chroma.env.keys() {
             let field = format!("chroma.env.{key}");
             if let Err(m) = check_env_key(key) {
                 bad(&field, m);
@@ -520,11 +517,10 @@ impl Config {
         if let Err(m) = check_mount_point(&self.storage.mount_point) {
             bad("storage.mount_point", m);
         }
-        if let Some(id) = &self.efs.file_system_id {
-            if let Err(m) = check_file_system_id(id) {
+        if let Some(id) = &self.efs.file_system_id
+            && let Err(m) = check_file_system_id(id) {
                 bad("efs.file_system_id", m);
             }
-        }
         if let Err(e) = semver::Version::parse(&self.compose.version) {
             bad("compose.version", format!("`{}` is not a compose release (expected MAJOR.MINOR.PATCH): {e}", self.compose.version));
         }
@@ -533,11 +529,10 @@ impl Config {
                 bad(&format!("compose.sha256.{arch}"), format!("`{sum}` is not a sha256 (expected 64 lowercase hex digits)"));
             }
         }
-        if let Some(n) = &self.stack.name {
-            if let Err(m) = check_name(n) {
+        if let Some(n) = &self.stack.name
+            && let Err(m) = check_name(n) {
                 bad("stack.name", m);
             }
-        }
         if let Err(m) = check_instance_type(&self.stack.instance_type) {
             bad("stack.instance_type", m);
         }
@@ -558,22 +553,21 @@ impl Config {
         if !RETENTION.contains(&self.stack.log_retention_days) {
             bad("stack.log_retention_days", format!("{} is not a CloudWatch Logs retention period (one of {RETENTION:?})", self.stack.log_retention_days));
         }
-        if let Some(ami) = &self.bake.base_ami {
-            if let Err(m) = crate::images::check_ami_id(ami) {
+        if let Some(ami) = &self.bake.base_ami
+            && let Err(m) = crate::images::check_ami_id(ami) {
                 bad("bake.base_ami", m);
             }
-        }
-        if let Some(t) = &self.bake.instance_type {
-            if let Err(m) = check_instance_type(t) {
+        if let Some(t) = &self.bake.instance_type
+            && let Err(m) = check_instance_type(t) {
                 bad("bake.instance_type", m);
             }
-        }
         let given = [&self.bake.subnet_id, &self.bake.security_group_id, &self.bake.instance_profile, &self.bake.automation_role_arn];
         let n = given.iter().filter(|g| g.is_some()).count();
         if n != 0 && n != given.len() {
             bad("bake", "give subnet_id, security_group_id, instance_profile and automation_role_arn together, or none (bake then makes them)".into());
         }
-        let id_checks: [(&str, &Option<String>, &str, fn(&str) -> bool); 4] = [
+        type IdCheck<'a> = (&'a str, &'a Option<String>, &'a str, fn(&str) -> bool);
+        let id_checks: [IdCheck; 4] = [
             ("bake.subnet_id", &self.bake.subnet_id, "a subnet id (subnet- followed by hex)", |v| v.strip_prefix("subnet-").is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))),
             ("bake.security_group_id", &self.bake.security_group_id, "a security group id (sg- followed by hex)", |v| v.strip_prefix("sg-").is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))),
             ("bake.instance_profile", &self.bake.instance_profile, "an instance profile name (letters, digits and +=,.@_-, at most 128)", |v| {
@@ -584,11 +578,10 @@ impl Config {
             }),
         ];
         for (field, value, what, ok) in id_checks {
-            if let Some(v) = value {
-                if !ok(v) {
+            if let Some(v) = value
+                && !ok(v) {
                     bad(field, format!("`{v}` is not {what}"));
                 }
-            }
         }
         if self.bake.timeout_secs < 600 {
             bad("bake.timeout_secs", format!("{}s is too short for a bake (at least 600)", self.bake.timeout_secs));

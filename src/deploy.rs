@@ -44,6 +44,8 @@ pub struct Plan {
 pub struct Created {
     /// The change set, until it is executed or deleted.
     pub change_set: Option<String>,
+    /// (stack, name) of a change set whose create request went out before its id came back.
+    pub requested: Option<(String, String)>,
     /// The stack, when this run created it in REVIEW_IN_PROGRESS (an empty shell that only
     /// holds the change set).
     pub review_stack: Option<String>,
@@ -146,6 +148,14 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
     // 2. The change set, recorded as soon as it exists.
     progress.set(&format!("creating {} change set for {}", kind.as_str(), plan.stack));
     let name = format!("imgbuild-{}", plan.token);
+    {
+        // Recorded before the request leaves: a Ctrl-C while it is on the wire must still find it.
+        let mut c = cleanup.lock().expect("cleanup lock");
+        c.requested = Some((plan.stack.clone(), name.clone()));
+        if creates_stack {
+            c.review_stack = Some(plan.stack.clone());
+        }
+    }
     let out = cfn
         .create_change_set()
         .stack_name(&plan.stack)
@@ -164,7 +174,11 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
         .description("imgbuild deploy")
         .send()
         .await
-        .map_err(|e| aws::err("CreateChangeSet", format!("stack {}", plan.stack), e))?;
+        .map_err(|e| {
+            // Refused: no change set exists to look for.
+            cleanup.lock().expect("cleanup lock").requested = None;
+            aws::err("CreateChangeSet", format!("stack {}", plan.stack), e)
+        })?;
     let id = out.id().unwrap_or(&name).to_string();
     {
         let mut c = cleanup.lock().expect("cleanup lock");
@@ -245,12 +259,14 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
 
     // 5. Execute and follow.
     let mut follower = EventFollower::start(cfn, &plan.stack).await?;
-    cfn.execute_change_set()
-        .change_set_name(&id)
-        .send()
-        .await
-        .map_err(|e| aws::err("ExecuteChangeSet", format!("change set {id}"), e))?;
-    *cleanup.lock().expect("cleanup lock") = Created { executed: true, ..Created::default() };
+    // From the moment the request leaves, the stack operation may be CloudFormation's: a Ctrl-C
+    // while it is on the wire must not delete a stack that is being created.
+    let pending = std::mem::replace(&mut *cleanup.lock().expect("cleanup lock"), Created { executed: true, ..Created::default() });
+    if let Err(e) = cfn.execute_change_set().change_set_name(&id).send().await {
+        // Refused: nothing started, so what this run made is still ours to remove.
+        *cleanup.lock().expect("cleanup lock") = pending;
+        return Err(aws::err("ExecuteChangeSet", format!("change set {id}"), e));
+    }
     let status = stack::wait_executed(cfn, &plan.stack, &mut follower, plan.waits, progress).await?;
     if !stack::succeeded(&status) {
         return Err(Error::StackFailed { stack: plan.stack.clone(), status, failures: follower.failures });
@@ -287,6 +303,23 @@ async fn same_as_deployed(clients: &Clients, plan: &Plan, existing: Option<&aws_
     Ok(out.template_body() == Some(plan.template_body.as_str()))
 }
 
+/// The id of a change set whose create request was sent, if it exists. The request may still
+/// be arriving, so an absent one is looked for again a few times.
+async fn requested_change_set(clients: &Clients, stack_name: &str, name: &str) -> Result<Option<String>> {
+    for attempt in 0..4 {
+        match clients.cfn.describe_change_set().stack_name(stack_name).change_set_name(name).send().await {
+            Ok(out) => return Ok(Some(out.change_set_id().unwrap_or(name).to_string())),
+            Err(e) if matches!(e.as_service_error().and_then(code), Some("ChangeSetNotFound") | Some("ValidationError")) => {
+                if attempt < 3 {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            }
+            Err(e) => return Err(aws::err("DescribeChangeSet", format!("change set {name}"), e)),
+        }
+    }
+    Ok(None)
+}
+
 /// Removes what this run created and has not handed over: a pending change set, and the empty
 /// REVIEW_IN_PROGRESS stack a first CREATE change set leaves behind. Returns what it removed.
 pub async fn remove_created(clients: &Clients, cleanup: &Cleanup) -> Result<Vec<String>> {
@@ -295,21 +328,24 @@ pub async fn remove_created(clients: &Clients, cleanup: &Cleanup) -> Result<Vec<
     if created.executed {
         return Ok(cleaned);
     }
-    if let Some(id) = created.change_set {
+    let mut change_set = created.change_set;
+    if let (None, Some((stack_name, name))) = (&change_set, &created.requested) {
+        change_set = requested_change_set(clients, stack_name, name).await?;
+    }
+    if let Some(id) = change_set {
         stack::delete_change_set(&clients.cfn, &id).await?;
         cleaned.push(format!("deleted change set {id}"));
     }
     if let Some(name) = created.review_stack {
         // Only a stack still in REVIEW_IN_PROGRESS is ours: it holds no resources.
-        if let Some(s) = stack::describe(&clients.cfn, &name).await? {
-            if stack::phase(&stack::status_of(&s)) == Phase::ReviewInProgress {
+        if let Some(s) = stack::describe(&clients.cfn, &name).await?
+            && stack::phase(&stack::status_of(&s)) == Phase::ReviewInProgress {
                 match clients.cfn.delete_stack().stack_name(&name).send().await {
                     Ok(_) => cleaned.push(format!("deleted the empty stack {name} (REVIEW_IN_PROGRESS)")),
                     Err(e) if e.as_service_error().and_then(code) == Some("ValidationError") => {}
                     Err(e) => return Err(aws::err("DeleteStack", format!("stack {name}"), e)),
                 }
             }
-        }
     }
     Ok(cleaned)
 }

@@ -25,11 +25,10 @@ impl Context {
         if let Some(r) = &global.region {
             config::check_region(r).map_err(|m| Error::Invalid(format!("--region: {m}")))?;
         }
-        if let Some(url) = &global.endpoint_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
+        if let Some(url) = &global.endpoint_url
+            && !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(Error::Invalid(format!("--endpoint-url: `{url}` is not an http:// or https:// URL")));
             }
-        }
         let region = global.region.clone().or_else(|| config.region.clone());
         Ok(Self { config, source, region, profile: global.profile.clone(), endpoint_url: global.endpoint_url.clone() })
     }

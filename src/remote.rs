@@ -475,7 +475,7 @@ pub async fn bake_flow(
         None
     } else {
         tokio::select! {
-            r = bake::find_cached(clients, &digest) => r?,
+            r = bake::find_cached(clients, &config.name, &digest) => r?,
             _ = &mut interrupt => return Err(Error::Interrupted { cleaned: Vec::new() }),
         }
     };
@@ -561,12 +561,12 @@ pub async fn bake_flow(
                     record.lock().expect("bake record").finished = true;
                     if args.force {
                         // A forced rebuild replaces the digest's image rather than losing to it.
-                        for old in bake::supersede(clients, &digest, &ami).await? {
+                        for old in bake::supersede(clients, &config.name, &digest, &ami).await? {
                             progress.line(&format!("{old} had this digest; it is marked superseded by {ami} (not deleted)"));
                         }
                         (ami, true)
                     } else {
-                        (bake::settle_duplicates(clients, &digest, &ami, &progress).await?, true)
+                        (bake::settle_duplicates(clients, &config.name, &digest, &ami, &progress).await?, true)
                     }
                 }
                 Err(e) => {
@@ -628,7 +628,7 @@ async fn clients_in(ctx: &Context, region: &str) -> Result<Clients> {
 /// available, and points that region's handoff parameter at it.
 async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, progress: &Progress) -> Result<String> {
     let clients = clients_in(ctx, to).await?;
-    let copy = match crate::bake::find_cached(&clients, digest).await? {
+    let copy = match crate::bake::find_cached(&clients, &ctx.config.name, digest).await? {
         Some(i) => i.image_id().unwrap_or_default().to_string(),
         None => {
             let out = clients

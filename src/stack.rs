@@ -261,8 +261,12 @@ pub async fn wait_executed(cfn: &Client, stack: &str, follower: &mut EventFollow
     wait_until_settled(cfn, stack, follower, waits, progress, true).await
 }
 
+/// How long a just-executed stack may still read REVIEW_IN_PROGRESS before that is an answer.
+pub const REVIEW_GRACE: Duration = Duration::from_secs(60);
+
 async fn wait_until_settled(cfn: &Client, stack: &str, follower: &mut EventFollower, waits: Waits, progress: &Progress, review_pending: bool) -> Result<String> {
-    let deadline = Instant::now() + waits.timeout;
+    let started = Instant::now();
+    let deadline = started + waits.timeout;
     loop {
         follower.poll(cfn, progress).await?;
         let status = match describe(cfn, stack).await? {
@@ -271,7 +275,7 @@ async fn wait_until_settled(cfn: &Client, stack: &str, follower: &mut EventFollo
         };
         let running = match phase(&status) {
             Phase::InProgress => true,
-            Phase::ReviewInProgress => review_pending,
+            Phase::ReviewInProgress => review_pending && started.elapsed() < REVIEW_GRACE.min(waits.timeout),
             _ => false,
         };
         if !running {

@@ -90,6 +90,12 @@ fn a_cache_hit_reuses_the_image_hands_it_over_and_deploy_boots_it() {
     let again = json_of(&cmd(dir.path(), url).args(["--output", "json", "bake", "--dry-run", "--no-tools"]).output().unwrap());
     assert_eq!(again["digest"], plan["digest"]);
 
+    // Another project's image with the same digest is not this project's cache: it is not
+    // this project's to protect from its own prune.
+    make_image(url, &[("imgbuild:digest", &digest), ("imgbuild:project", "someone-else"), ("imgbuild:chroma-version", "1.5.9")]);
+    let still = json_of(&cmd(dir.path(), url).args(["--output", "json", "bake", "--dry-run", "--no-tools"]).output().unwrap());
+    assert!(still["cached"].is_null(), "{still}");
+
     let ami = make_image(url, &[("imgbuild:digest", &digest), ("imgbuild:project", "cached"), ("imgbuild:chroma-version", "1.5.9")]);
     let done = json_of(&cmd(dir.path(), url).args(["--output", "json", "bake", "--no-tools"]).output().unwrap());
     assert_eq!(done["ami"], ami.as_str());

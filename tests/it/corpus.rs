@@ -146,11 +146,10 @@ impl Case {
             if !stdout.trim().is_empty() {
                 wrong.push(format!("printed on stdout: {:?}", stdout.chars().take(200).collect::<String>()));
             }
-            if let Some(file) = &self.file {
-                if !stderr.contains(file.as_str()) {
+            if let Some(file) = &self.file
+                && !stderr.contains(file.as_str()) {
                     wrong.push(format!("the error does not name {file}"));
                 }
-            }
             for expect in &self.expects {
                 let expect = expect.replace("{file}", self.file.as_deref().unwrap_or_default());
                 let needle = match &self.file {

@@ -835,7 +835,7 @@ async fn remove_created_deletes_the_recorded_change_set_and_review_stack() {
     let del_cs = delete_change_set();
     let del = delete_stack();
     let clients = Aws::default().cfn(&[&ds, &del_cs, &del]).clients();
-    let cleanup: Cleanup = std::sync::Arc::new(Mutex::new(Created { change_set: Some(CS_ID.into()), review_stack: Some(STACK.into()), executed: false }));
+    let cleanup: Cleanup = std::sync::Arc::new(Mutex::new(Created { change_set: Some(CS_ID.into()), review_stack: Some(STACK.into()), ..Created::default() }));
 
     let cleaned = deploy::remove_created(&clients, &cleanup).await.unwrap();
 
@@ -851,7 +851,7 @@ async fn remove_created_keeps_a_review_stack_that_has_moved_on() {
     let del_cs = delete_change_set();
     let del = delete_stack();
     let clients = Aws::default().cfn(&[&ds, &del_cs, &del]).clients();
-    let cleanup: Cleanup = std::sync::Arc::new(Mutex::new(Created { change_set: Some(CS_ID.into()), review_stack: Some(STACK.into()), executed: false }));
+    let cleanup: Cleanup = std::sync::Arc::new(Mutex::new(Created { change_set: Some(CS_ID.into()), review_stack: Some(STACK.into()), ..Created::default() }));
 
     let cleaned = deploy::remove_created(&clients, &cleanup).await.unwrap();
 
@@ -862,7 +862,7 @@ async fn remove_created_keeps_a_review_stack_that_has_moved_on() {
 #[tokio::test]
 async fn remove_created_after_execution_touches_nothing() {
     let clients = Aws::default().clients();
-    let cleanup: Cleanup = std::sync::Arc::new(Mutex::new(Created { change_set: Some(CS_ID.into()), review_stack: Some(STACK.into()), executed: true }));
+    let cleanup: Cleanup = std::sync::Arc::new(Mutex::new(Created { change_set: Some(CS_ID.into()), review_stack: Some(STACK.into()), executed: true, ..Created::default() }));
 
     let cleaned = deploy::remove_created(&clients, &cleanup).await.unwrap();
 
