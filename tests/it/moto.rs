@@ -288,7 +288,7 @@ fn doctor_checks_the_account_and_says_what_to_do() {
     assert!(find("baked image")["fix"].as_str().unwrap().contains("imgbuild bake"));
     assert!(checks.iter().all(|c| c["verdict"] == "ok" || c["fix"].is_string()), "every problem says what to do");
     // Without a region, doctor says so and exits 1.
-    let out = imgbuild(dir.path()).env_remove("AWS_REGION").args(["--config", "/dev/null", "doctor"]).output().unwrap();
+    let out = imgbuild(dir.path()).env_remove("AWS_REGION").env_remove("AWS_DEFAULT_REGION").args(["--config", "/dev/null", "doctor"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("FAIL region"));
 }
