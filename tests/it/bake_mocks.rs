@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_smithy_mocks::{MockResponseInterceptor, Rule, RuleMode, create_mock_http_client, mock};
+use aws_smithy_mocks::{Rule, mock};
 use aws_smithy_types::error::ErrorMetadata;
 use aws_smithy_types::retry::RetryConfig;
 
@@ -51,27 +51,8 @@ use imgbuild::progress::Progress;
 use imgbuild::ui::Ui;
 
 // ---------------------------------------------------------------------------------------------
-// Clients (as in mocks.rs)
+// Clients
 
-/// A client of `$krate` answering only from `$rules` (MatchAny), with `$retry`.
-macro_rules! mocked {
-    ($krate:ident, $rules:expr, $retry:expr) => {{
-        let mut interceptor = MockResponseInterceptor::new().rule_mode(RuleMode::MatchAny);
-        for rule in $rules.iter() {
-            interceptor = interceptor.with_rule(rule);
-        }
-        $krate::Client::from_conf(
-            $krate::config::Builder::new()
-                .behavior_version($krate::config::BehaviorVersion::latest())
-                .region($krate::config::Region::new("us-east-1"))
-                .credentials_provider($krate::config::Credentials::new("AKIDMOCKS", "mocks", None, None, "aws-smithy-mocks"))
-                .http_client(create_mock_http_client())
-                .retry_config($retry)
-                .interceptor(interceptor)
-                .build(),
-        )
-    }};
-}
 
 /// Clients whose EC2 and SSM answer from `ec2` and `ssm`; the others have no rules and panic
 /// when called. Rules share their call counters with their clones.

@@ -1,5 +1,8 @@
 //! The one integration-test binary: `cargo test --test it`.
 
+#[macro_use]
+mod mock_client;
+
 mod bake_mocks;
 mod bake_moto;
 mod cli;

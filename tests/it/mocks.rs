@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use aws_smithy_mocks::{MockResponseInterceptor, Rule, RuleMode, create_mock_http_client, mock};
+use aws_smithy_mocks::{Rule, mock};
 use aws_smithy_types::error::ErrorMetadata;
 use aws_smithy_types::retry::RetryConfig;
 
@@ -41,25 +41,6 @@ use imgbuild::stack::{Change, Waits};
 // ---------------------------------------------------------------------------------------------
 // Clients
 
-/// A client of `$krate` answering only from `$rules` (MatchAny), with `$retry`.
-macro_rules! mocked {
-    ($krate:ident, $rules:expr, $retry:expr) => {{
-        let mut interceptor = MockResponseInterceptor::new().rule_mode(RuleMode::MatchAny);
-        for rule in $rules.iter() {
-            interceptor = interceptor.with_rule(rule);
-        }
-        $krate::Client::from_conf(
-            $krate::config::Builder::new()
-                .behavior_version($krate::config::BehaviorVersion::latest())
-                .region($krate::config::Region::new("us-east-1"))
-                .credentials_provider($krate::config::Credentials::new("AKIDMOCKS", "mocks", None, None, "aws-smithy-mocks"))
-                .http_client(create_mock_http_client())
-                .retry_config($retry)
-                .interceptor(interceptor)
-                .build(),
-        )
-    }};
-}
 
 /// The rules each client answers from; a client with none panics when called.
 #[derive(Default)]
