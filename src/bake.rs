@@ -21,7 +21,7 @@ use crate::chroma::Profile;
 use crate::compose::{self, PullPolicy};
 use crate::config::{Config, StorageMode};
 use crate::error::{Error, Result};
-use crate::images::{self, Arch, TAG_BAKE_TOKEN, TAG_CHROMA_VERSION, TAG_DIGEST, TAG_PROJECT};
+use crate::images::{self, Arch, TAG_BAKE_TOKEN, TAG_DIGEST, TAG_PROJECT};
 use crate::progress::Progress;
 use crate::render::{self, COMPOSE_PATH, ENV_FILE, Inputs, Mode, SCRIPT_DIR, UNIT_PATH};
 
@@ -693,9 +693,4 @@ pub async fn hand_off(clients: &Clients, config: &Config, ami: &str) -> Result<S
         .await
         .map_err(|e| aws::err("PutParameter", format!("parameter {name}"), e))?;
     Ok(name)
-}
-
-/// The image's Chroma version tag, for messages.
-pub fn chroma_tag(image: &Image) -> Option<&str> {
-    image.tags().iter().find(|t| t.key() == Some(TAG_CHROMA_VERSION)).and_then(|t| t.value())
 }

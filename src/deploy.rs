@@ -180,13 +180,7 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
             aws::err("CreateChangeSet", format!("stack {}", plan.stack), e)
         })?;
     let id = out.id().unwrap_or(&name).to_string();
-    {
-        let mut c = cleanup.lock().expect("cleanup lock");
-        c.change_set = Some(id.clone());
-        if creates_stack {
-            c.review_stack = Some(plan.stack.clone());
-        }
-    }
+    cleanup.lock().expect("cleanup lock").change_set = Some(id.clone());
 
     // 3. The diff. "No changes" is decided on facts, not on CloudFormation's message text: the
     // change set lists nothing and the stack already has this template and these parameters.

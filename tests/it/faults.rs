@@ -1197,15 +1197,9 @@ fn sigint_at_each_step_of_deploy_leaves_nothing_and_the_next_deploy_works() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("imgbuild.yaml"), format!("name: {project}\nregion: us-east-1\naws:\n  poll_interval_secs: 1\n")).unwrap();
         let proxy = Proxy::start(&moto.url, Schedule::Script((0..80).map(|_| Some(Fault::Slow(250))).collect()));
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_imgbuild"))
+        let child = crate::support::hermetic(&mut std::process::Command::new(env!("CARGO_BIN_EXE_imgbuild")))
             .current_dir(dir.path())
             .args(["--endpoint-url", &proxy.url, "deploy", "--yes", "--no-tools", "--template", FIXTURE])
-            .env_remove("AWS_PROFILE")
-            .env_remove("IMGBUILD_CONFIG")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()

@@ -28,15 +28,9 @@ fn deploy_on_a_terminal(name: &str, url: &str) -> Option<(Session, tempfile::Tem
         format!("exec '{}' --endpoint-url '{url}' deploy --no-tools --template '{FIXTURE}'\n", env!("CARGO_BIN_EXE_imgbuild")),
     )
     .unwrap();
-    let mut child = Command::new(script)
+    let mut child = crate::support::hermetic(&mut Command::new(script))
         .args(["-qefc", &format!("bash '{}'", run.display()), "/dev/null"])
         .current_dir(dir.path())
-        .env_remove("AWS_PROFILE")
-        .env_remove("IMGBUILD_CONFIG")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

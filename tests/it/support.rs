@@ -5,18 +5,23 @@ use std::path::Path;
 use imgbuild::config::{self, Config};
 use imgbuild::render::{self, Format, Inputs, Mode, Rendered};
 
-/// The binary, run in `dir` with no ambient config or AWS settings, and never reaching AWS.
-pub fn imgbuild(dir: &Path) -> assert_cmd::Command {
-    let mut cmd = assert_cmd::Command::cargo_bin("imgbuild").expect("binary is built");
-    cmd.current_dir(dir)
-        .env_remove("IMGBUILD_CONFIG")
+/// No ambient config or AWS settings, and nothing that could reach AWS: for every process a test
+/// starts (the binary, or `script` running it).
+pub fn hermetic(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    cmd.env_remove("IMGBUILD_CONFIG")
         .env_remove("AWS_PROFILE")
         .env_remove("AWS_ENDPOINT_URL")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing");
-    cmd
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+}
+
+/// The binary, run hermetically in `dir`.
+pub fn imgbuild(dir: &Path) -> assert_cmd::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_imgbuild"));
+    hermetic(cmd.current_dir(dir));
+    assert_cmd::Command::from_std(cmd)
 }
 
 /// `tests/run` and CI set this: a validator that is not installed is then a failure, not a skip.
