@@ -35,6 +35,9 @@ fn main() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut moto = Command::new(venv("moto_server"))
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        // moto's request recorder writes `moto_recording` into its working directory unless told
+        // otherwise: keep it under target/, out of the work tree.
+        .env("MOTO_RECORDER_FILEPATH", Path::new(env!("CARGO_TARGET_TMPDIR")).join("moto_recording"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -67,9 +70,7 @@ fn main() {
                     .args(["--parameter-overrides", "ChromaPort=8000", "HeartbeatPath=/api/v2/heartbeat", "VpcCidr=10.0.0.0/16"]);
                 c
             };
-            cmd.envs(aws_env())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
+            cmd.envs(aws_env()).stdout(Stdio::null()).stderr(Stdio::null());
             recorder(&url, "reset-recording");
             recorder(&url, "start-recording");
             let t = Instant::now();
@@ -138,7 +139,16 @@ fn tag_an_image(url: &str, digest: &str) {
         assert!(out.status.success(), "aws {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
-    let base = aws(&["ssm", "get-parameter", "--name", "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64", "--query", "Parameter.Value", "--output", "text"]);
+    let base = aws(&[
+        "ssm",
+        "get-parameter",
+        "--name",
+        "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
+        "--query",
+        "Parameter.Value",
+        "--output",
+        "text",
+    ]);
     let instance = aws(&["ec2", "run-instances", "--image-id", &base, "--count", "1", "--query", "Instances[0].InstanceId", "--output", "text"]);
     let ami = aws(&["ec2", "create-image", "--instance-id", &instance, "--name", "benchbake", "--query", "ImageId", "--output", "text"]);
     aws(&["ec2", "create-tags", "--resources", &ami, "--tags", &format!("Key=imgbuild:digest,Value={digest}"), "Key=imgbuild:project,Value=benchbake"]);

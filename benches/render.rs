@@ -3,17 +3,15 @@
 //! figures and commands are in BENCHMARKS.md.
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use imgbuild::check::userdata::{self as validate, Tools};
 use imgbuild::config::Config;
 use imgbuild::render::{self, Format, Inputs, Mode};
-use imgbuild::validate::{self, Tools};
 
 fn bench(c: &mut Criterion) {
     let config = Config::default();
     for (mode, format) in [(Mode::Full, Format::CloudConfig), (Mode::Baked, Format::Mime)] {
         let inputs = Inputs::new(&config, None, mode, format, false).unwrap();
-        c.bench_function(&format!("render {}/{}", mode.as_str(), format.as_str()), |b| {
-            b.iter(|| render::render(std::hint::black_box(&inputs)).unwrap())
-        });
+        c.bench_function(&format!("render {}/{}", mode.as_str(), format.as_str()), |b| b.iter(|| render::render(std::hint::black_box(&inputs)).unwrap()));
     }
     let gz = Inputs::new(&config, None, Mode::Full, Format::CloudConfig, true).unwrap();
     c.bench_function("render full/cloud-config + gzip", |b| b.iter(|| render::render(std::hint::black_box(&gz)).unwrap()));

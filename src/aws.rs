@@ -8,9 +8,20 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
-use crate::config::{AwsConfig, RetryMode};
 use crate::error::Error;
-use crate::plan::Context;
+
+/// What the AWS layer needs to build clients: plain values, so this layer knows neither the config
+/// file nor the command line.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    pub profile: Option<String>,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub adaptive_retries: bool,
+    pub max_attempts: u32,
+    /// One API call, retries included.
+    pub operation_timeout: Duration,
+}
 
 /// Attempts per call when cleaning up, whatever `aws.max_attempts` says.
 pub const CLEANUP_ATTEMPTS: u32 = 8;
@@ -53,26 +64,17 @@ impl Clients {
     }
 }
 
-pub fn retry_config(aws: &AwsConfig) -> RetryConfig {
-    let base = match aws.retry_mode {
-        RetryMode::Standard => RetryConfig::standard(),
-        RetryMode::Adaptive => RetryConfig::adaptive(),
-    };
-    base.with_max_attempts(aws.max_attempts)
+pub fn retry_config(settings: &Settings) -> RetryConfig {
+    let base = if settings.adaptive_retries { RetryConfig::adaptive() } else { RetryConfig::standard() };
+    base.with_max_attempts(settings.max_attempts)
 }
 
 /// Loads the shared config the way the AWS CLI does (env, profile, SSO, ...), then applies the
 /// flags and the config file's retry and timeout settings.
-pub async fn load(ctx: &Context) -> Result<aws_config::SdkConfig, Error> {
-    let aws = &ctx.config.aws;
+pub async fn load(ctx: &Settings) -> Result<aws_config::SdkConfig, Error> {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .retry_config(retry_config(aws))
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .operation_timeout(Duration::from_secs(aws.operation_timeout_secs))
-                .build(),
-        );
+        .retry_config(retry_config(ctx))
+        .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(10)).operation_timeout(ctx.operation_timeout).build());
     if let Some(p) = &ctx.profile {
         loader = loader.profile_name(p);
     }
@@ -84,9 +86,7 @@ pub async fn load(ctx: &Context) -> Result<aws_config::SdkConfig, Error> {
     }
     let conf = loader.load().await;
     if conf.region().is_none() {
-        return Err(Error::Invalid(
-            "no AWS region: pass --region, set `region:` in imgbuild.yaml, or set AWS_REGION / a region in your profile".into(),
-        ));
+        return Err(Error::Invalid("no AWS region: pass --region, set `region:` in imgbuild.yaml, or set AWS_REGION / a region in your profile".into()));
     }
     Ok(conf)
 }

@@ -45,11 +45,7 @@ const TABLE: &[Profile] = &[
         heartbeat_path: "/api/v1/heartbeat",
         data_dir: "/chroma/chroma",
         builtin_auth: true,
-        persistence_env: &[
-            ("IS_PERSISTENT", "TRUE"),
-            ("PERSIST_DIRECTORY", "/chroma/chroma"),
-            ("ANONYMIZED_TELEMETRY", "FALSE"),
-        ],
+        persistence_env: &[("IS_PERSISTENT", "TRUE"), ("PERSIST_DIRECTORY", "/chroma/chroma"), ("ANONYMIZED_TELEMETRY", "FALSE")],
     },
     Profile {
         from: "0.5.16",
@@ -59,11 +55,7 @@ const TABLE: &[Profile] = &[
         heartbeat_path: "/api/v2/heartbeat",
         data_dir: "/chroma/chroma",
         builtin_auth: true,
-        persistence_env: &[
-            ("IS_PERSISTENT", "TRUE"),
-            ("PERSIST_DIRECTORY", "/chroma/chroma"),
-            ("ANONYMIZED_TELEMETRY", "FALSE"),
-        ],
+        persistence_env: &[("IS_PERSISTENT", "TRUE"), ("PERSIST_DIRECTORY", "/chroma/chroma"), ("ANONYMIZED_TELEMETRY", "FALSE")],
     },
     Profile {
         from: "1.0.0",
@@ -96,30 +88,19 @@ pub fn profile(version: &Version) -> Result<&'static Profile, String> {
             let plain = Version::new(version.major, version.minor, version.patch);
             plain >= from && plain < until
         })
-        .ok_or_else(|| {
-            format!(
-                "Chroma {version} is not supported; supported releases are {}",
-                supported_ranges()
-            )
-        })
+        .ok_or_else(|| format!("Chroma {version} is not supported; supported releases are {}", supported_ranges()))
 }
 
 /// The supported ranges as text, for error messages and `--help`.
 pub fn supported_ranges() -> String {
-    TABLE
-        .iter()
-        .map(|row| format!("{} to before {}", row.from, row.until))
-        .collect::<Vec<_>>()
-        .join(", ")
+    TABLE.iter().map(|row| format!("{} to before {}", row.from, row.until)).collect::<Vec<_>>().join(", ")
 }
 
 /// Parses a pinned release (`1.5.9`, `v0.4.13`); tags like `latest` are rejected because the
 /// whole point of the table is to know what the image serves.
 pub fn parse_version(text: &str) -> Result<Version, String> {
     let trimmed = text.strip_prefix('v').unwrap_or(text);
-    Version::parse(trimmed).map_err(|e| {
-        format!("`{text}` is not a pinned Chroma release (expected MAJOR.MINOR.PATCH such as {DEFAULT_VERSION}): {e}")
-    })
+    Version::parse(trimmed).map_err(|e| format!("`{text}` is not a pinned Chroma release (expected MAJOR.MINOR.PATCH such as {DEFAULT_VERSION}): {e}"))
 }
 
 #[cfg(test)]

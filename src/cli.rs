@@ -1,10 +1,12 @@
-//! The raw command line, exactly as typed. `plan.rs` turns it into validated plans.
+//! The raw command line, exactly as typed: clap's structs and nothing else. `cmd` turns them into
+//! validated plans and domain calls; no layer below `cmd` imports this module.
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::render::{Format, Mode};
+pub use crate::ui::OutputFormat;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -57,12 +59,6 @@ pub struct GlobalArgs {
     /// Only errors on stderr.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]

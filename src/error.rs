@@ -112,7 +112,13 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Invalid(_) | Error::Validation(_) => EXIT_INVALID,
-            Error::Io { .. } | Error::Tool(_) | Error::Template { .. } | Error::Aws { .. } | Error::Timeout { .. } | Error::SmokeFailed(_) | Error::BakeFailed { .. } => EXIT_FAILURE,
+            Error::Io { .. }
+            | Error::Tool(_)
+            | Error::Template { .. }
+            | Error::Aws { .. }
+            | Error::Timeout { .. }
+            | Error::SmokeFailed(_)
+            | Error::BakeFailed { .. } => EXIT_FAILURE,
             Error::StackFailed { .. } => EXIT_STACK_FAILED,
             Error::Interrupted { .. } => EXIT_INTERRUPTED,
         }
@@ -142,19 +148,11 @@ impl Error {
 }
 
 fn failures_text(failures: &[String]) -> String {
-    if failures.is_empty() {
-        String::new()
-    } else {
-        format!(":\n  {}", failures.join("\n  "))
-    }
+    if failures.is_empty() { String::new() } else { format!(":\n  {}", failures.join("\n  ")) }
 }
 
 fn cleaned_text(cleaned: &[String]) -> String {
-    if cleaned.is_empty() {
-        "; nothing needed cleaning up".to_string()
-    } else {
-        format!("; cleaned up: {}", cleaned.join("; "))
-    }
+    if cleaned.is_empty() { "; nothing needed cleaning up".to_string() } else { format!("; cleaned up: {}", cleaned.join("; ")) }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

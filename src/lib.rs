@@ -1,30 +1,29 @@
 //! imgbuild: renders, bakes and deploys a private ChromaDB on AWS.
 //!
-//! The binary is a thin shell over [`commands::run`]; everything is testable in-process.
+//! The binary is a thin shell over [`cmd::run`]; everything is testable in-process.
+//!
+//! Layers, lowest first; a module imports only from the layers before it:
+//! - `error`, `chroma` (the version table): leaves.
+//! - `config`: the file format, defaults, line numbers, ids, and the validated [`config::Context`].
+//! - `render`: the pure renderer (user-data, compose); no I/O, no AWS.
+//! - `check`: every validator (user-data, automation document, guard policies).
+//! - `ui`: text vs JSON output, progress.
+//! - `aws`: clients, retries, error codes, built from plain [`aws::Settings`].
+//! - `stack`: the CloudFormation engine (template, change set, events, waits, outputs).
+//! - `bake`, `smoke`: the image pipeline and images; the acceptance test.
+//! - `cli`: the raw arguments; `cmd`: one file per command, the only layer that sees both.
 
-pub mod automation;
 pub mod aws;
 pub mod bake;
+pub mod check;
 pub mod chroma;
 pub mod cli;
-pub mod commands;
-pub mod compose;
+pub mod cmd;
 pub mod config;
-pub mod deploy;
-pub mod doctor;
 pub mod error;
-pub mod guard;
-pub mod images;
-pub mod ops;
-pub mod plan;
-pub mod progress;
-pub mod remote;
 pub mod render;
 pub mod smoke;
 pub mod stack;
-pub mod template;
 pub mod ui;
-pub mod validate;
-pub(crate) mod yaml_lines;
 
 pub use error::{Error, Result};

@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     // clap prints usage errors itself and exits with 2.
     let cli = Cli::parse();
     let ui = Ui::new(cli.global.output, cli.global.verbose, cli.global.quiet);
-    match imgbuild::commands::run(cli, ui) {
+    match imgbuild::cmd::run(cli, ui) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             ui.error(&err);

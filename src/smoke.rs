@@ -75,27 +75,24 @@ impl Http {
 
 /// Runs the HTTP smoke test. The collection it creates is deleted whatever happens after.
 pub fn over_http(url: &str, profile: &Profile, timeout: Duration, run_id: &str) -> Report {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into();
     let http = Http { agent, base: api_base(url, profile) };
     let mut report = Report { target: http.base.clone(), steps: Vec::new() };
-    let mut step = |name: &str, method: &str, path: &str, body: Option<&Value>, expect: &dyn Fn(u16, &Value) -> std::result::Result<String, String>| -> Option<Value> {
-        let t = Instant::now();
-        let res = http.call(method, path, body);
-        let millis = t.elapsed().as_secs_f64() * 1000.0;
-        let (ok, status, detail, value) = match res {
-            Ok((status, value)) => match expect(status, &value) {
-                Ok(d) => (true, Some(status), d, Some(value)),
-                Err(d) => (false, Some(status), d, None),
-            },
-            Err(e) => (false, None, e, None),
+    let mut step =
+        |name: &str, method: &str, path: &str, body: Option<&Value>, expect: &dyn Fn(u16, &Value) -> std::result::Result<String, String>| -> Option<Value> {
+            let t = Instant::now();
+            let res = http.call(method, path, body);
+            let millis = t.elapsed().as_secs_f64() * 1000.0;
+            let (ok, status, detail, value) = match res {
+                Ok((status, value)) => match expect(status, &value) {
+                    Ok(d) => (true, Some(status), d, Some(value)),
+                    Err(d) => (false, Some(status), d, None),
+                },
+                Err(e) => (false, None, e, None),
+            };
+            report.steps.push(Step { name: name.into(), ok, status, millis, detail });
+            value
         };
-        report.steps.push(Step { name: name.into(), ok, status, millis, detail });
-        value
-    };
     let success = |status: u16| (200..300).contains(&status);
 
     let hb = step("heartbeat", "GET", "/heartbeat", None, &|s, v| {
@@ -106,10 +103,11 @@ pub fn over_http(url: &str, profile: &Profile, timeout: Duration, run_id: &str) 
     }
     let name = format!("imgbuild-smoke-{run_id}");
     let coll = collections_path(profile);
-    let created = step("create collection", "POST", coll, Some(&json!({ "name": name, "get_or_create": false })), &|s, v| match v.get("id").and_then(Value::as_str) {
-        Some(id) if success(s) => Ok(format!("{name} ({id})")),
-        _ => Err(format!("HTTP {s}: {v}")),
-    });
+    let created =
+        step("create collection", "POST", coll, Some(&json!({ "name": name, "get_or_create": false })), &|s, v| match v.get("id").and_then(Value::as_str) {
+            Some(id) if success(s) => Ok(format!("{name} ({id})")),
+            _ => Err(format!("HTTP {s}: {v}")),
+        });
     let Some(id) = created.as_ref().and_then(|v| v.get("id")).and_then(Value::as_str).map(String::from) else {
         return report;
     };
@@ -159,15 +157,7 @@ pub async fn through_api_gateway(clients: &Clients, rest_api_id: &str, profile: 
     let mut report = Report { target: format!("API {rest_api_id}, resource {proxy} (test-invoke)"), steps: Vec::new() };
     for (name, path) in [("heartbeat", format!("/{version}/heartbeat")), ("list collections", format!("/{version}{}", collections_path(profile)))] {
         let t = Instant::now();
-        let out = clients
-            .apigw
-            .test_invoke_method()
-            .rest_api_id(rest_api_id)
-            .resource_id(&proxy)
-            .http_method("ANY")
-            .path_with_query_string(&path)
-            .send()
-            .await;
+        let out = clients.apigw.test_invoke_method().rest_api_id(rest_api_id).resource_id(&proxy).http_method("ANY").path_with_query_string(&path).send().await;
         let millis = t.elapsed().as_secs_f64() * 1000.0;
         let step = match out {
             Ok(o) => {

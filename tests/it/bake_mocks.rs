@@ -38,21 +38,21 @@ use aws_sdk_ssm::operation::update_document::{UpdateDocumentError, UpdateDocumen
 use aws_sdk_ssm::operation::update_document_default_version::{UpdateDocumentDefaultVersionInput, UpdateDocumentDefaultVersionOutput};
 use aws_sdk_ssm::types::error::{DuplicateDocumentContent, InvalidAutomationStatusUpdateException, InvalidDocument};
 use aws_sdk_ssm::types::{
-    AutomationExecution, AutomationExecutionMetadata, AutomationExecutionStatus, DocumentDescription, DocumentFormat, DocumentType, DocumentVersionInfo, Parameter, StepExecution, StopType,
+    AutomationExecution, AutomationExecutionMetadata, AutomationExecutionStatus, DocumentDescription, DocumentFormat, DocumentType, DocumentVersionInfo,
+    Parameter, StepExecution, StopType,
 };
 
 use imgbuild::Error;
 use imgbuild::aws::Clients;
 use imgbuild::bake::{self, DocumentChange, Made, Record};
 use imgbuild::cli::{BakeArgs, OutputFormat, ToolArgs};
+use imgbuild::config::Context;
 use imgbuild::config::{Config, Source};
-use imgbuild::plan::Context;
-use imgbuild::progress::Progress;
 use imgbuild::ui::Ui;
+use imgbuild::ui::progress::Progress;
 
 // ---------------------------------------------------------------------------------------------
 // Clients
-
 
 /// Clients whose EC2 and SSM answer from `ec2` and `ssm`; the others have no rules and panic
 /// when called. Rules share their call counters with their clones.
@@ -119,23 +119,14 @@ fn made(r: &Record) -> Made {
 /// The step names of the shipped document, in order.
 fn step_names() -> Vec<String> {
     let doc: serde_yaml::Value = serde_yaml::from_str(bake::DOCUMENT_TEMPLATE).expect("images/bake.yaml parses");
-    doc["mainSteps"]
-        .as_sequence()
-        .expect("mainSteps")
-        .iter()
-        .map(|s| s["name"].as_str().expect("every step is named").to_string())
-        .collect()
+    doc["mainSteps"].as_sequence().expect("mainSteps").iter().map(|s| s["name"].as_str().expect("every step is named").to_string()).collect()
 }
 
 fn step(name: &str, status: &str, failure: Option<&str>) -> StepExecution {
-    let b = StepExecution::builder()
-        .step_name(name)
-        .step_status(AutomationExecutionStatus::from(status))
-        .set_failure_message(failure.map(String::from));
+    let b = StepExecution::builder().step_name(name).step_status(AutomationExecutionStatus::from(status)).set_failure_message(failure.map(String::from));
     // Finished steps carry their times (the progress line shows how long they took).
     let b = if matches!(status, "Success" | "Failed" | "TimedOut" | "Cancelled") {
-        b.execution_start_time(aws_smithy_types::DateTime::from_secs(1_700_000_000))
-            .execution_end_time(aws_smithy_types::DateTime::from_secs(1_700_000_042))
+        b.execution_start_time(aws_smithy_types::DateTime::from_secs(1_700_000_000)).execution_end_time(aws_smithy_types::DateTime::from_secs(1_700_000_042))
     } else if status == "InProgress" {
         b.execution_start_time(aws_smithy_types::DateTime::from_secs(1_700_000_042))
     } else {
@@ -164,9 +155,7 @@ fn done(names: &[&str]) -> Vec<StepExecution> {
 
 /// GetAutomationExecution for EXEC answering `answers` in order, the last one from then on.
 fn get_execution(answers: Vec<GetAutomationExecutionOutput>) -> Rule {
-    let mut seq = mock!(aws_sdk_ssm::Client::get_automation_execution)
-        .match_requests(|r| r.automation_execution_id() == Some(EXEC))
-        .sequence();
+    let mut seq = mock!(aws_sdk_ssm::Client::get_automation_execution).match_requests(|r| r.automation_execution_id() == Some(EXEC)).sequence();
     for a in answers {
         seq = seq.output(move || a.clone());
     }
@@ -192,9 +181,7 @@ fn failure_of(step: &str) -> String {
 fn instances(state: InstanceStateName) -> DescribeInstancesOutput {
     DescribeInstancesOutput::builder()
         .reservations(
-            Reservation::builder()
-                .instances(Instance::builder().instance_id(INSTANCE).state(InstanceState::builder().name(state).build()).build())
-                .build(),
+            Reservation::builder().instances(Instance::builder().instance_id(INSTANCE).state(InstanceState::builder().name(state).build()).build()).build(),
         )
         .build()
 }
@@ -213,10 +200,7 @@ fn image_made(id: &str, digest: &str, created: &str) -> Image {
         .tags(aws_sdk_ec2::types::Tag::builder().key("imgbuild:digest").value(digest).build())
         .tags(aws_sdk_ec2::types::Tag::builder().key("imgbuild:chroma-version").value("1.0.0").build())
         .block_device_mappings(
-            BlockDeviceMapping::builder()
-                .device_name("/dev/xvda")
-                .ebs(EbsBlockDevice::builder().snapshot_id(SNAP).volume_size(15).build())
-                .build(),
+            BlockDeviceMapping::builder().device_name("/dev/xvda").ebs(EbsBlockDevice::builder().snapshot_id(SNAP).volume_size(15).build()).build(),
         )
         .block_device_mappings(BlockDeviceMapping::builder().device_name("/dev/sdb").virtual_name("ephemeral0").build())
         .build()
@@ -241,7 +225,14 @@ fn context(config: Config) -> Context {
 }
 
 fn args(force: bool, timeout_secs: u64) -> BakeArgs {
-    BakeArgs { force, update_base: false, dry_run: false, regions: vec![], timeout: Some(timeout_secs), tools: ToolArgs { require_tools: false, no_tools: true } }
+    BakeArgs {
+        force,
+        update_base: false,
+        dry_run: false,
+        regions: vec![],
+        timeout: Some(timeout_secs),
+        tools: ToolArgs { require_tools: false, no_tools: true },
+    }
 }
 
 /// The document bake registers for `config`, as bake_flow renders it.
@@ -259,7 +250,8 @@ fn read_manifest(config: &Config) -> serde_json::Value {
 
 fn is_uuid(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
-    parts.iter().map(|p| p.len()).collect::<Vec<_>>() == [8, 4, 4, 4, 12] && parts.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    parts.iter().map(|p| p.len()).collect::<Vec<_>>() == [8, 4, 4, 4, 12]
+        && parts.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 /// The one value of a StartAutomationExecution parameter.
@@ -348,7 +340,11 @@ fn running(executions: &[(&'static str, &'static str)]) -> Rule {
     let list: Vec<AutomationExecutionMetadata> = executions
         .iter()
         .map(|(id, doc)| {
-            AutomationExecutionMetadata::builder().automation_execution_id(*id).document_name(*doc).automation_execution_status(AutomationExecutionStatus::Inprogress).build()
+            AutomationExecutionMetadata::builder()
+                .automation_execution_id(*id)
+                .document_name(*doc)
+                .automation_execution_status(AutomationExecutionStatus::Inprogress)
+                .build()
         })
         .collect();
     mock!(aws_sdk_ssm::Client::describe_automation_executions)
@@ -382,11 +378,13 @@ impl Bake {
                 let msg = "Document with name imgbuild-vectordb-bake does not exist.";
                 GetDocumentError::InvalidDocument(InvalidDocument::builder().message(msg).meta(meta("InvalidDocument", msg)).build())
             }),
-            create_document: capturing!(mock!(aws_sdk_ssm::Client::create_document), created)
-                .then_output(|| CreateDocumentOutput::builder().document_description(DocumentDescription::builder().name(DOC_NAME).document_version("1").build()).build()),
+            create_document: capturing!(mock!(aws_sdk_ssm::Client::create_document), created).then_output(|| {
+                CreateDocumentOutput::builder().document_description(DocumentDescription::builder().name(DOC_NAME).document_version("1").build()).build()
+            }),
             created,
-            update_document: mock!(aws_sdk_ssm::Client::update_document)
-                .then_output(|| UpdateDocumentOutput::builder().document_description(DocumentDescription::builder().name(DOC_NAME).document_version("2").build()).build()),
+            update_document: mock!(aws_sdk_ssm::Client::update_document).then_output(|| {
+                UpdateDocumentOutput::builder().document_description(DocumentDescription::builder().name(DOC_NAME).document_version("2").build()).build()
+            }),
             update_default: mock!(aws_sdk_ssm::Client::update_document_default_version).then_output(|| UpdateDocumentDefaultVersionOutput::builder().build()),
             running: running(&[]),
             start: capturing!(mock!(aws_sdk_ssm::Client::start_automation_execution), starts)
@@ -442,7 +440,19 @@ impl Bake {
             &self.put_parameter,
         ];
         ssm.extend(self.extra_ssm.iter());
-        clients(&[&self.find_cached, &self.describe_instances, &self.terminate, &self.describe_image, &self.deregister, &self.delete_snapshot, &self.untag, &self.mark], &ssm)
+        clients(
+            &[
+                &self.find_cached,
+                &self.describe_instances,
+                &self.terminate,
+                &self.describe_image,
+                &self.deregister,
+                &self.delete_snapshot,
+                &self.untag,
+                &self.mark,
+            ],
+            &ssm,
+        )
     }
 
     fn start_request(&self) -> StartAutomationExecutionInput {
@@ -453,7 +463,11 @@ impl Bake {
 
     /// Calls that only a cleanup makes.
     fn cleanup_calls(&self) -> usize {
-        self.stop.num_calls() + self.describe_instances.num_calls() + self.terminate.num_calls() + self.deregister.num_calls() + self.delete_snapshot.num_calls()
+        self.stop.num_calls()
+            + self.describe_instances.num_calls()
+            + self.terminate.num_calls()
+            + self.deregister.num_calls()
+            + self.delete_snapshot.num_calls()
     }
 }
 
@@ -509,11 +523,7 @@ async fn follow_returns_the_image_of_a_successful_execution_and_records_it() {
 async fn follow_records_the_image_as_soon_as_the_output_appears() {
     // The image id appears while waitForImage still runs; then the execution stays InProgress
     // until the deadline. The record holds the image for the cleanup to remove.
-    let get = get_execution(vec![execution(
-        "InProgress",
-        vec![step("createImage", "Success", None), step("waitForImage", "InProgress", None)],
-        Some(AMI),
-    )]);
+    let get = get_execution(vec![execution("InProgress", vec![step("createImage", "Success", None), step("waitForImage", "InProgress", None)], Some(AMI))]);
     let clients = clients(&[], &[&get]);
     let rec = record();
 
@@ -630,7 +640,13 @@ async fn follow_falls_back_to_the_executions_own_failure_message() {
     // A failure before any step ran (a parameter the document rejects) names no step.
     let reason = "Parameter \"BaseAmiId\" has value \"ami-bad\" not matching \"^ami-([0-9a-f]{8}|[0-9a-f]{17})$\".";
     let out = GetAutomationExecutionOutput::builder()
-        .automation_execution(AutomationExecution::builder().automation_execution_id(EXEC).automation_execution_status(AutomationExecutionStatus::Failed).failure_message(reason).build())
+        .automation_execution(
+            AutomationExecution::builder()
+                .automation_execution_id(EXEC)
+                .automation_execution_status(AutomationExecutionStatus::Failed)
+                .failure_message(reason)
+                .build(),
+        )
         .build();
     let get = get_execution(vec![out]);
     let clients = clients(&[], &[&get]);
@@ -706,7 +722,8 @@ async fn clean_up_after_a_finished_bake_touches_nothing() {
     let rec = record();
     *rec.lock().unwrap() = Made { execution: Some(EXEC.into()), image: Some(AMI.into()), finished: true, ..Made::default() };
 
-    let lines = bake::clean_up(&clients, &rec, "tok", imgbuild::stack::Waits { timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }, &quiet()).await;
+    let lines =
+        bake::clean_up(&clients, &rec, "tok", imgbuild::stack::Waits { timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }, &quiet()).await;
 
     assert!(lines.is_empty(), "{lines:?}");
     assert_eq!(b.stop.num_calls() + b.describe_instances.num_calls() + b.deregister.num_calls(), 0);
@@ -719,7 +736,8 @@ async fn clean_up_stops_terminates_and_deregisters_in_that_order() {
     let rec = record();
     *rec.lock().unwrap() = Made { execution: Some(EXEC.into()), image: Some(AMI.into()), finished: false, ..Made::default() };
 
-    let lines = bake::clean_up(&clients, &rec, "tok-1", imgbuild::stack::Waits { timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }, &quiet()).await;
+    let lines =
+        bake::clean_up(&clients, &rec, "tok-1", imgbuild::stack::Waits { timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }, &quiet()).await;
 
     assert_eq!(
         lines,
@@ -755,7 +773,8 @@ async fn clean_up_finds_and_stops_an_execution_whose_start_was_in_flight() {
     let rec = record();
     *rec.lock().unwrap() = Made { start_sent: true, document: Some(DOC_NAME.into()), ..Made::default() };
 
-    let lines = bake::clean_up(&clients, &rec, "tok-2", imgbuild::stack::Waits { timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }, &quiet()).await;
+    let lines =
+        bake::clean_up(&clients, &rec, "tok-2", imgbuild::stack::Waits { timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }, &quiet()).await;
 
     assert_eq!(b.stop.num_calls(), 1, "{lines:?}");
     assert_eq!(lines[0], format!("stopped automation execution {EXEC}"));
@@ -768,7 +787,7 @@ async fn clean_up_finds_and_stops_an_execution_whose_start_was_in_flight() {
 /// bake_flow in us-east-1 with `args`, interrupted when `interrupt` resolves.
 async fn bake_flow(b: &Bake, cfg: &Config, args: &BakeArgs, interrupt: impl std::future::Future<Output = ()>) -> imgbuild::Result<serde_json::Value> {
     let clients = b.clients();
-    imgbuild::remote::bake_flow(&clients, "us-east-1", args, &context(cfg.clone()), quiet_ui(), interrupt).await
+    imgbuild::cmd::bake_flow(&clients, "us-east-1", args, &context(cfg.clone()), quiet_ui(), interrupt).await
 }
 
 fn no_manifest(cfg: &Config) -> bool {
@@ -1142,7 +1161,8 @@ async fn bake_interrupted_while_following_someone_elses_execution_leaves_it_runn
     let mut b = Bake::new(None, vec![execution("Pending", vec![], None)]);
     let (other, _, _) = join(&mut b, vec![("InProgress", None)]);
     // This bake launched nothing: no instance carries its token.
-    b.describe_instances = capturing!(mock!(aws_sdk_ec2::Client::describe_instances), b.instance_lookups).then_output(|| DescribeInstancesOutput::builder().build());
+    b.describe_instances =
+        capturing!(mock!(aws_sdk_ec2::Client::describe_instances), b.instance_lookups).then_output(|| DescribeInstancesOutput::builder().build());
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&dir);
 
@@ -1245,10 +1265,11 @@ async fn ensure_document_adds_a_version_for_new_content_and_makes_it_the_default
     let get = get_document_with(CONTENT_A, "3");
     let updates: Seen<UpdateDocumentInput> = seen();
     let defaults: Seen<UpdateDocumentDefaultVersionInput> = seen();
-    let update = capturing!(mock!(aws_sdk_ssm::Client::update_document), updates)
-        .then_output(|| UpdateDocumentOutput::builder().document_description(DocumentDescription::builder().name(DOC_NAME).document_version("4").build()).build());
-    let default = capturing!(mock!(aws_sdk_ssm::Client::update_document_default_version), defaults)
-        .then_output(|| UpdateDocumentDefaultVersionOutput::builder().build());
+    let update = capturing!(mock!(aws_sdk_ssm::Client::update_document), updates).then_output(|| {
+        UpdateDocumentOutput::builder().document_description(DocumentDescription::builder().name(DOC_NAME).document_version("4").build()).build()
+    });
+    let default =
+        capturing!(mock!(aws_sdk_ssm::Client::update_document_default_version), defaults).then_output(|| UpdateDocumentDefaultVersionOutput::builder().build());
     let create = mock!(aws_sdk_ssm::Client::create_document).then_output(|| CreateDocumentOutput::builder().build());
     let clients = clients(&[], &[&get, &update, &default, &create]);
 
@@ -1318,8 +1339,8 @@ async fn ensure_document_returns_to_an_existing_version_with_the_same_content() 
         UpdateDocumentError::DuplicateDocumentContent(DuplicateDocumentContent::builder().message(msg).meta(meta("DuplicateDocumentContent", msg)).build())
     });
     let defaults: Seen<UpdateDocumentDefaultVersionInput> = seen();
-    let default = capturing!(mock!(aws_sdk_ssm::Client::update_document_default_version), defaults)
-        .then_output(|| UpdateDocumentDefaultVersionOutput::builder().build());
+    let default =
+        capturing!(mock!(aws_sdk_ssm::Client::update_document_default_version), defaults).then_output(|| UpdateDocumentDefaultVersionOutput::builder().build());
     let clients = clients(&[], &[&get, &get_v1, &get_v2, &describe, &list, &update, &default]);
 
     let result = bake::ensure_document(&clients, DOC_NAME, CONTENT_B, NAME).await;

@@ -52,7 +52,7 @@ fn make_image(url: &str, tags: &[(&str, &str)]) -> String {
         let base = base.parameter().unwrap().value().unwrap().to_string();
         let run = ec2.run_instances().image_id(&base).min_count(1).max_count(1).send().await.unwrap();
         let instance = run.instances()[0].instance_id().unwrap().to_string();
-        let name = format!("imgbuild-test-{}", imgbuild::remote::run_token());
+        let name = format!("imgbuild-test-{}", imgbuild::cmd::run_token());
         let ami = ec2.create_image().instance_id(&instance).name(name).send().await.unwrap().image_id().unwrap().to_string();
         ec2.terminate_instances().instance_ids(&instance).send().await.unwrap();
         let mut req = ec2.create_tags().resources(&ami);
@@ -170,7 +170,7 @@ fn the_document_gets_a_new_version_only_when_its_content_changes() {
         let profile = imgbuild::chroma::profile(&imgbuild::chroma::parse_version("1.5.9").unwrap()).unwrap();
         let (script, _) = bake::bake_script(&config, profile).unwrap();
         let doc = bake::document(&script).unwrap();
-        let name = format!("imgbuild-doctest-{}", imgbuild::remote::run_token());
+        let name = format!("imgbuild-doctest-{}", imgbuild::cmd::run_token());
         assert_eq!(bake::ensure_document(&clients, &name, &doc, "doctest").await.unwrap(), (DocumentChange::Created, "1".to_string()));
         assert_eq!(bake::ensure_document(&clients, &name, &doc, "doctest").await.unwrap(), (DocumentChange::Unchanged, "1".to_string()));
         // A change of meaning (a comment alone is the same document to SSM, tested below).
@@ -194,18 +194,20 @@ fn prune_keeps_the_newest_and_everything_in_use() {
     let url = &moto.url;
     let dir = project("pruned");
     let tags = [("imgbuild:project", "pruned")];
-    let images: Vec<String> = (0..4).map(|_| {
-        let ami = make_image(url, &tags);
-        std::thread::sleep(std::time::Duration::from_millis(1100)); // distinct creation times
-        ami
-    }).collect();
+    let images: Vec<String> = (0..4)
+        .map(|_| {
+            let ami = make_image(url, &tags);
+            std::thread::sleep(std::time::Duration::from_millis(1100)); // distinct creation times
+            ami
+        })
+        .collect();
     let (oldest, second, third, newest) = (&images[0], &images[1], &images[2], &images[3]);
     // The oldest is what a deployed launch template boots; the second is handed over to deploy.
     rt().block_on(async {
         let c = conf(url).await;
         let ec2 = aws_sdk_ec2::Client::new(&c);
         ec2.create_launch_template()
-            .launch_template_name(format!("pruned-{}", imgbuild::remote::run_token()))
+            .launch_template_name(format!("pruned-{}", imgbuild::cmd::run_token()))
             .launch_template_data(aws_sdk_ec2::types::RequestLaunchTemplateData::builder().image_id(oldest).build())
             .tag_specifications(
                 aws_sdk_ec2::types::TagSpecification::builder()

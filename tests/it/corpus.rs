@@ -70,15 +70,10 @@ impl Kind {
     fn commands(self, file: &str, text: &str) -> Vec<Vec<String>> {
         let owned = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
         match self {
-            Kind::Config => vec![
-                owned(&["--config", file, "validate", "--no-tools"]),
-                owned(&["--config", file, "render-userdata", "--no-tools"]),
-            ],
+            Kind::Config => vec![owned(&["--config", file, "validate", "--no-tools"]), owned(&["--config", file, "render-userdata", "--no-tools"])],
             Kind::Template => vec![owned(&["validate", "--no-tools", "--template", file])],
             Kind::Document => vec![owned(&["validate", "--no-tools", "--document", file])],
-            Kind::Flags => vec![
-                text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect(),
-            ],
+            Kind::Flags => vec![text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect()],
         }
     }
 }
@@ -129,11 +124,7 @@ impl Case {
         }
         let mut problems = Vec::new();
         for args in &self.commands {
-            let out = imgbuild(dir.path())
-                .args(args)
-                .timeout(Duration::from_secs(60))
-                .output()
-                .map_err(|e| format!("could not run imgbuild {args:?}: {e}"))?;
+            let out = imgbuild(dir.path()).args(args).timeout(Duration::from_secs(60)).output().map_err(|e| format!("could not run imgbuild {args:?}: {e}"))?;
             let stderr = String::from_utf8_lossy(&out.stderr);
             let stdout = String::from_utf8_lossy(&out.stdout);
             let mut wrong = Vec::new();
@@ -147,9 +138,10 @@ impl Case {
                 wrong.push(format!("printed on stdout: {:?}", stdout.chars().take(200).collect::<String>()));
             }
             if let Some(file) = &self.file
-                && !stderr.contains(file.as_str()) {
-                    wrong.push(format!("the error does not name {file}"));
-                }
+                && !stderr.contains(file.as_str())
+            {
+                wrong.push(format!("the error does not name {file}"));
+            }
             for expect in &self.expects {
                 let expect = expect.replace("{file}", self.file.as_deref().unwrap_or_default());
                 let needle = match &self.file {

@@ -631,7 +631,7 @@ impl Direct {
             let base = base.parameter().unwrap().value().unwrap().to_string();
             let run = self.ec2.run_instances().image_id(&base).min_count(1).max_count(1).send().await.unwrap();
             let instance = run.instances()[0].instance_id().unwrap().to_string();
-            let name = format!("imgbuild-faults-{}", imgbuild::remote::run_token());
+            let name = format!("imgbuild-faults-{}", imgbuild::cmd::run_token());
             let ami = self.ec2.create_image().instance_id(&instance).name(name).send().await.unwrap().image_id().unwrap().to_string();
             self.ec2.terminate_instances().instance_ids(&instance).send().await.unwrap();
             let mut req = self.ec2.create_tags().resources(&ami);
@@ -728,7 +728,10 @@ fn assert_clear_failure(ran: &Ran, label: &str) {
     assert!(!msg.contains("\n\n"), "{label}: the error is more than one paragraph:\n{msg}");
     let text = msg.trim_start_matches("error: ");
     let names_aws_call = text.split_once(" on ").is_some_and(|(op, rest)| {
-        op.len() > 3 && op.chars().next().is_some_and(|c| c.is_ascii_uppercase()) && op.chars().all(|c| c.is_ascii_alphanumeric()) && rest.split_once(" failed: ").is_some_and(|(res, _)| !res.trim().is_empty())
+        op.len() > 3
+            && op.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+            && op.chars().all(|c| c.is_ascii_alphanumeric())
+            && rest.split_once(" failed: ").is_some_and(|(res, _)| !res.trim().is_empty())
     });
     let names_wait = text.starts_with("gave up waiting for ");
     let names_stack = text.starts_with("stack ") && text.contains(" ended in ");
@@ -1008,9 +1011,10 @@ fn figures(i: usize) -> Option<Figures> {
     let result = RUNS[i].get_or_init(|| {
         let moto = services::moto()?;
         let s = scenarios()[i];
-        Some(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_scenario(s, moto))).map_err(|p| {
-            p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
-        }))
+        Some(
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_scenario(s, moto)))
+                .map_err(|p| p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()),
+        )
     });
     match result {
         None => None,
@@ -1154,7 +1158,9 @@ fn a_deploy_that_fails_midway_cleans_up_through_faults() {
 #[test]
 fn with_1_attempt_a_fault_during_deploy_cleanup_still_leaves_nothing() {
     let Some(moto) = services::moto() else { return };
-    for (project, cleanup_fault) in [("faults-cleanup-a1-describe", ("DescribeStacks", Fault::Drop)), ("faults-cleanup-a1-delete", ("DeleteChangeSet", Fault::Http500))] {
+    for (project, cleanup_fault) in
+        [("faults-cleanup-a1-describe", ("DescribeStacks", Fault::Drop)), ("faults-cleanup-a1-delete", ("DeleteChangeSet", Fault::Http500))]
+    {
         let (ran, left) = deploy_with_faults(moto, project, "  max_attempts: 1\n", vec![("DescribeChangeSet", Fault::Http500), cleanup_fault]);
         assert_eq!(ran.code, 1, "{}", ran.stderr);
         assert_clear_failure(&ran, "deploy");
@@ -1220,7 +1226,8 @@ fn sigint_at_each_step_of_deploy_leaves_nothing_and_the_next_deploy_works() {
         let status = direct.stack_status(&project);
         assert_ne!(status.as_deref(), Some("REVIEW_IN_PROGRESS"), "after {after_ms} ms the empty stack is left: {err}");
         // The next deploy (no faults) works from whatever the interrupted one left.
-        let again = crate::support::imgbuild(dir.path()).args(["--endpoint-url", &moto.url, "deploy", "--yes", "--no-tools", "--template", FIXTURE]).output().unwrap();
+        let again =
+            crate::support::imgbuild(dir.path()).args(["--endpoint-url", &moto.url, "deploy", "--yes", "--no-tools", "--template", FIXTURE]).output().unwrap();
         assert!(again.status.success(), "the deploy after a SIGINT at {after_ms} ms failed: {}", String::from_utf8_lossy(&again.stderr));
         outcomes.push((after_ms, code, status));
     }

@@ -15,9 +15,9 @@
 
 use std::collections::BTreeMap;
 
+use imgbuild::check::userdata::{self as validate, Status, Tools};
 use imgbuild::config::{self, Config, StorageMode};
 use imgbuild::render::{self, Format, Inputs, Mode, USERDATA_LIMIT};
-use imgbuild::validate::{self, Status, Tools};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config as ProptestConfig, RngAlgorithm, RngSeed};
@@ -118,16 +118,106 @@ fn regression_empty_list_item_is_located_on_the_next_line() {
 
 /// Pieces config files (and broken ones) are made of.
 const TOKENS: &[&str] = &[
-    "name", "region", "chroma", "version", "image", "digest", "port", "env", "storage", "mode", "mount_point", "efs",
-    "file_system_id", "compose", "sha256", "x86_64", "aarch64", "stack", "instance_type", "vpc_cidr", "nat_gateways",
-    "allowed_client_cidr", "log_retention_days", "bake", "base_ami", "subnet_id", "security_group_id",
-    "instance_profile", "automation_role_arn", "timeout_secs", "regions", "manifest", "aws", "retry_mode",
-    "max_attempts", "operation_timeout_secs", "stack_timeout_secs", "poll_interval_secs", ": ", ":", "\n", "\n  ",
-    "\n    ", "  ", "\t", "- ", "[", "]", "{", "}", ", ", "'", "\"", "# ", "&a ", "*a", "!tag ", "!!str ", "? ", "|",
-    ">", "---\n", "...\n", "~", "null", "true", "0", "-1", "70000", "1.5", "1.5.9", "0.4.13", "1e400", ".nan", "0x1F",
-    "%YAML 1.2\n", "\r", "\r\n", "\u{85}", "\u{2028}", "é", "\u{feff}", "\\", "fs-0123456789abcdef0", "sha256:",
-    "us-east-1", "0.0.0.0/0", "10.0.0.0/16", "efs-tls", "docker-nfs", "per-az", "adaptive", "/mnt/chroma", "ALLOW_RESET",
-    "AUTH_TOKEN", "IS_PERSISTENT", "<<: ", "=", "@", "`",
+    "name",
+    "region",
+    "chroma",
+    "version",
+    "image",
+    "digest",
+    "port",
+    "env",
+    "storage",
+    "mode",
+    "mount_point",
+    "efs",
+    "file_system_id",
+    "compose",
+    "sha256",
+    "x86_64",
+    "aarch64",
+    "stack",
+    "instance_type",
+    "vpc_cidr",
+    "nat_gateways",
+    "allowed_client_cidr",
+    "log_retention_days",
+    "bake",
+    "base_ami",
+    "subnet_id",
+    "security_group_id",
+    "instance_profile",
+    "automation_role_arn",
+    "timeout_secs",
+    "regions",
+    "manifest",
+    "aws",
+    "retry_mode",
+    "max_attempts",
+    "operation_timeout_secs",
+    "stack_timeout_secs",
+    "poll_interval_secs",
+    ": ",
+    ":",
+    "\n",
+    "\n  ",
+    "\n    ",
+    "  ",
+    "\t",
+    "- ",
+    "[",
+    "]",
+    "{",
+    "}",
+    ", ",
+    "'",
+    "\"",
+    "# ",
+    "&a ",
+    "*a",
+    "!tag ",
+    "!!str ",
+    "? ",
+    "|",
+    ">",
+    "---\n",
+    "...\n",
+    "~",
+    "null",
+    "true",
+    "0",
+    "-1",
+    "70000",
+    "1.5",
+    "1.5.9",
+    "0.4.13",
+    "1e400",
+    ".nan",
+    "0x1F",
+    "%YAML 1.2\n",
+    "\r",
+    "\r\n",
+    "\u{85}",
+    "\u{2028}",
+    "é",
+    "\u{feff}",
+    "\\",
+    "fs-0123456789abcdef0",
+    "sha256:",
+    "us-east-1",
+    "0.0.0.0/0",
+    "10.0.0.0/16",
+    "efs-tls",
+    "docker-nfs",
+    "per-az",
+    "adaptive",
+    "/mnt/chroma",
+    "ALLOW_RESET",
+    "AUTH_TOKEN",
+    "IS_PERSISTENT",
+    "<<: ",
+    "=",
+    "@",
+    "`",
 ];
 
 fn token_soup() -> impl Strategy<Value = String> {
@@ -135,19 +225,53 @@ fn token_soup() -> impl Strategy<Value = String> {
 }
 
 const STRINGS: &[&str] = &[
-    "", "latest", "1.5.9", "0.4.13", "0.5.16", "2.0.0", "v1.5.9", "1.0.0-rc.1", "fs-0123456789abcdef0", "fs-XYZ",
-    "sha256:0000000000000000000000000000000000000000000000000000000000000000", "us-east-1", "US-EAST-1", "0.0.0.0/0",
-    "10.0.0.0/16", "10.0.0.1/16", "10.0.0.0/24", "t3a.small", "ami-0123456789abcdef0", "efs-tls", "docker-nfs", "one",
-    "per-az", "standard", "adaptive", "/mnt/chroma", "/", "/mnt/../etc", "a: b", "- x", "#", "\n", "\t", "é",
-    "\u{2028}", "{{", "~", "null", "*a", "&a", "true", "8000", "ghcr.io/chroma-core/chroma:1.5.9",
+    "",
+    "latest",
+    "1.5.9",
+    "0.4.13",
+    "0.5.16",
+    "2.0.0",
+    "v1.5.9",
+    "1.0.0-rc.1",
+    "fs-0123456789abcdef0",
+    "fs-XYZ",
+    "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+    "us-east-1",
+    "US-EAST-1",
+    "0.0.0.0/0",
+    "10.0.0.0/16",
+    "10.0.0.1/16",
+    "10.0.0.0/24",
+    "t3a.small",
+    "ami-0123456789abcdef0",
+    "efs-tls",
+    "docker-nfs",
+    "one",
+    "per-az",
+    "standard",
+    "adaptive",
+    "/mnt/chroma",
+    "/",
+    "/mnt/../etc",
+    "a: b",
+    "- x",
+    "#",
+    "\n",
+    "\t",
+    "é",
+    "\u{2028}",
+    "{{",
+    "~",
+    "null",
+    "*a",
+    "&a",
+    "true",
+    "8000",
+    "ghcr.io/chroma-core/chroma:1.5.9",
 ];
 
 fn text_value() -> impl Strategy<Value = String> {
-    prop_oneof![
-        prop::sample::select(STRINGS).prop_map(String::from),
-        "[ -~]{0,30}",
-        "(?s).{0,20}",
-    ]
+    prop_oneof![prop::sample::select(STRINGS).prop_map(String::from), "[ -~]{0,30}", "(?s).{0,20}",]
 }
 
 fn scalar() -> impl Strategy<Value = Value> {
@@ -156,8 +280,7 @@ fn scalar() -> impl Strategy<Value = Value> {
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| Value::Number(n.into())),
         any::<u64>().prop_map(|n| Value::Number(n.into())),
-        prop::sample::select(&[0i64, -1, 1, 599, 600, 3653, 20, 21, 300, 301, 65535, 65536, 4_294_967_296][..])
-            .prop_map(|n| Value::Number(n.into())),
+        prop::sample::select(&[0i64, -1, 1, 599, 600, 3653, 20, 21, 300, 301, 65535, 65536, 4_294_967_296][..]).prop_map(|n| Value::Number(n.into())),
         any::<f64>().prop_map(|f| Value::Number(f.into())),
         text_value().prop_map(Value::String),
     ]
@@ -183,8 +306,7 @@ fn value() -> impl Strategy<Value = Value> {
 
 /// A valid config with every kind of node filled in: optional strings, an env map, a list.
 fn rich_config() -> Config {
-    let mut c = Config::default();
-    c.region = Some("eu-west-1".into());
+    let mut c = Config { region: Some("eu-west-1".into()), ..Config::default() };
     c.chroma.digest = Some(format!("sha256:{}", "ab".repeat(32)));
     c.chroma.env = BTreeMap::from([("ALLOW_RESET".into(), "TRUE".into()), ("CHROMA_LOG_LEVEL".into(), "INFO".into())]);
     c.efs.file_system_id = Some("fs-0123456789abcdef0".into());
@@ -529,6 +651,7 @@ fn env_key() -> impl Strategy<Value = String> {
 }
 
 /// Nothing the secret scan or the baked-boot download check would rightly flag.
+#[allow(clippy::ptr_arg)] // proptest's prop_filter hands the strategy's `&String`
 fn harmless(v: &String) -> bool {
     ["https://", "dnf ", "docker pull", "AKIA", "ASIA", "-----BEGIN", "aws_secret_access_key", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
         .iter()

@@ -19,15 +19,11 @@ struct Session {
 
 /// Starts `imgbuild deploy` on a pseudo-terminal for project `name`.
 fn deploy_on_a_terminal(name: &str, url: &str) -> Option<(Session, tempfile::TempDir)> {
-    let script = imgbuild::validate::which("script")?;
+    let script = imgbuild::check::userdata::which("script")?;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("imgbuild.yaml"), format!("name: {name}\nregion: us-east-1\naws:\n  poll_interval_secs: 1\n")).unwrap();
     let run = dir.path().join("run.sh");
-    std::fs::write(
-        &run,
-        format!("exec '{}' --endpoint-url '{url}' deploy --no-tools --template '{FIXTURE}'\n", env!("CARGO_BIN_EXE_imgbuild")),
-    )
-    .unwrap();
+    std::fs::write(&run, format!("exec '{}' --endpoint-url '{url}' deploy --no-tools --template '{FIXTURE}'\n", env!("CARGO_BIN_EXE_imgbuild"))).unwrap();
     let mut child = crate::support::hermetic(&mut Command::new(script))
         .args(["-qefc", &format!("bash '{}'", run.display()), "/dev/null"])
         .current_dir(dir.path())

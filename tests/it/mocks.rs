@@ -32,15 +32,14 @@ use aws_sdk_cloudformation::types::{
 
 use imgbuild::Error;
 use imgbuild::aws::Clients;
-use imgbuild::config::{AwsConfig, Config};
-use imgbuild::deploy::{self, Cleanup, Confirm, Confirmer, Created, Plan};
-use imgbuild::progress::Progress;
+use imgbuild::config::Config;
 use imgbuild::render::Mode;
+use imgbuild::stack::changeset::{self as deploy, Cleanup, Confirm, Confirmer, Created, Plan};
 use imgbuild::stack::{Change, Waits};
+use imgbuild::ui::progress::Progress;
 
 // ---------------------------------------------------------------------------------------------
 // Clients
-
 
 /// The rules each client answers from; a client with none panics when called.
 #[derive(Default)]
@@ -142,10 +141,7 @@ fn outputs() -> Vec<(&'static str, &'static str)> {
 }
 
 fn stack(status: &str, outputs: &[(&str, &str)]) -> aws_sdk_cloudformation::types::Stack {
-    let mut b = aws_sdk_cloudformation::types::Stack::builder()
-        .stack_name(STACK)
-        .stack_id(STACK_ID)
-        .stack_status(StackStatus::from(status));
+    let mut b = aws_sdk_cloudformation::types::Stack::builder().stack_name(STACK).stack_id(STACK_ID).stack_status(StackStatus::from(status));
     for (k, v) in outputs {
         b = b.outputs(aws_sdk_cloudformation::types::Output::builder().output_key(*k).output_value(*v).build());
     }
@@ -269,12 +265,7 @@ fn resource_change(action: ChangeAction, logical: &str, kind: &str, replacement:
 }
 
 fn change_set(status: ChangeSetStatus, changes: Vec<aws_sdk_cloudformation::types::Change>) -> DescribeChangeSetOutput {
-    DescribeChangeSetOutput::builder()
-        .change_set_id(CS_ID)
-        .stack_id(STACK_ID)
-        .status(status)
-        .set_changes(Some(changes))
-        .build()
+    DescribeChangeSetOutput::builder().change_set_id(CS_ID).stack_id(STACK_ID).status(status).set_changes(Some(changes)).build()
 }
 
 /// DescribeChangeSet for CS_ID: in progress once, then CREATE_COMPLETE with `changes`.
@@ -294,13 +285,7 @@ fn change_set_failed(reason: &'static str) -> Rule {
         .match_requests(|r| r.change_set_name() == Some(CS_ID))
         .sequence()
         .output(|| change_set(ChangeSetStatus::CreatePending, vec![]))
-        .output(move || {
-            DescribeChangeSetOutput::builder()
-                .change_set_id(CS_ID)
-                .status(ChangeSetStatus::Failed)
-                .status_reason(reason)
-                .build()
-        })
+        .output(move || DescribeChangeSetOutput::builder().change_set_id(CS_ID).status(ChangeSetStatus::Failed).status_reason(reason).build())
         .repeatedly()
         .build()
 }
@@ -318,9 +303,7 @@ fn delete_change_set() -> Rule {
 }
 
 fn delete_stack() -> Rule {
-    mock!(aws_sdk_cloudformation::Client::delete_stack)
-        .match_requests(|r| r.stack_name() == Some(STACK))
-        .then_output(|| DeleteStackOutput::builder().build())
+    mock!(aws_sdk_cloudformation::Client::delete_stack).match_requests(|r| r.stack_name() == Some(STACK)).then_output(|| DeleteStackOutput::builder().build())
 }
 
 fn get_template(body: &'static str) -> Rule {
@@ -395,7 +378,13 @@ async fn deploy_new_stack_that_rolls_back_fails_with_the_resource_and_its_reason
         event("e7", STACK, stack_kind, "ROLLBACK_COMPLETE", None),
         event("e6", "LaunchTemplate", "AWS::EC2::LaunchTemplate", "DELETE_COMPLETE", None),
         event("e5", "Vpc", "AWS::EC2::VPC", "DELETE_COMPLETE", None),
-        event("e4", STACK, stack_kind, "ROLLBACK_IN_PROGRESS", Some("The following resource(s) failed to create: [LaunchTemplate]. Rollback requested by user.")),
+        event(
+            "e4",
+            STACK,
+            stack_kind,
+            "ROLLBACK_IN_PROGRESS",
+            Some("The following resource(s) failed to create: [LaunchTemplate]. Rollback requested by user."),
+        ),
         event("e3", "LaunchTemplate", "AWS::EC2::LaunchTemplate", "CREATE_FAILED", Some(REASON)),
         event("e2", "LaunchTemplate", "AWS::EC2::LaunchTemplate", "CREATE_IN_PROGRESS", None),
         event("e1", STACK, stack_kind, "CREATE_IN_PROGRESS", Some("User Initiated")),
@@ -553,7 +542,7 @@ async fn deploy_survives_throttled_describe_stacks_through_sdk_retries() {
 async fn deploy_with_one_attempt_reports_throttling_as_an_aws_error() {
     let ds = describe_stacks(&[Throttled, Is("CREATE_COMPLETE", vec![])]);
     let create = create_change_set(ChangeSetType::Update);
-    let aws = AwsConfig { max_attempts: 1, ..AwsConfig::default() };
+    let aws = imgbuild::aws::Settings { max_attempts: 1, ..Default::default() };
     let clients = Aws::default().cfn(&[&ds, &create]).retry(imgbuild::aws::retry_config(&aws)).clients();
 
     let err = deploy::run(&clients, &plan(Confirm::Yes), &quiet(), &cleanup(), &Answer::new(false)).await.unwrap_err();
@@ -843,7 +832,8 @@ async fn remove_created_keeps_a_review_stack_that_has_moved_on() {
 #[tokio::test]
 async fn remove_created_after_execution_touches_nothing() {
     let clients = Aws::default().clients();
-    let cleanup: Cleanup = std::sync::Arc::new(Mutex::new(Created { change_set: Some(CS_ID.into()), review_stack: Some(STACK.into()), executed: true, ..Created::default() }));
+    let cleanup: Cleanup =
+        std::sync::Arc::new(Mutex::new(Created { change_set: Some(CS_ID.into()), review_stack: Some(STACK.into()), executed: true, ..Created::default() }));
 
     let cleaned = deploy::remove_created(&clients, &cleanup).await.unwrap();
 
@@ -861,7 +851,7 @@ async fn destroy_keeps_the_file_system_without_delete_data() {
     // No EFS rules: any EFS call fails the test.
     let clients = Aws::default().cfn(&[&ds, &events, &del]).clients();
 
-    let d = imgbuild::ops::destroy(&clients, STACK, false, false, fast(), &quiet()).await.unwrap();
+    let d = imgbuild::stack::ops::destroy(&clients, STACK, false, false, fast(), &quiet()).await.unwrap();
 
     assert!(d.existed);
     assert_eq!(d.file_system.as_deref(), Some("fs-0123456789abcdef0"));
@@ -893,7 +883,7 @@ async fn destroy_with_delete_data_waits_out_file_system_in_use() {
         .build();
     let clients = Aws::default().cfn(&[&ds, &events, &del]).efs(&[&del_fs]).clients();
 
-    let d = imgbuild::ops::destroy(&clients, STACK, true, false, fast(), &quiet()).await.unwrap();
+    let d = imgbuild::stack::ops::destroy(&clients, STACK, true, false, fast(), &quiet()).await.unwrap();
 
     assert!(d.existed && d.data_deleted);
     assert_eq!(d.file_system.as_deref(), Some("fs-0123456789abcdef0"));
@@ -907,7 +897,7 @@ async fn destroy_of_a_missing_stack_deletes_nothing() {
     let del = delete_stack();
     let clients = Aws::default().cfn(&[&ds, &del]).clients();
 
-    let d = imgbuild::ops::destroy(&clients, STACK, true, false, fast(), &quiet()).await.unwrap();
+    let d = imgbuild::stack::ops::destroy(&clients, STACK, true, false, fast(), &quiet()).await.unwrap();
 
     assert!(!d.existed && !d.data_deleted);
     assert_eq!(d.file_system, None);
@@ -920,7 +910,7 @@ async fn destroy_refuses_a_busy_stack_without_wait() {
     let del = delete_stack();
     let clients = Aws::default().cfn(&[&ds, &del]).clients();
 
-    let err = imgbuild::ops::destroy(&clients, STACK, false, false, fast(), &quiet()).await.unwrap_err();
+    let err = imgbuild::stack::ops::destroy(&clients, STACK, false, false, fast(), &quiet()).await.unwrap_err();
 
     assert!(matches!(&err, Error::Invalid(m) if m.contains("--wait")), "{err:?}");
     assert_eq!(del.num_calls(), 0);
@@ -937,21 +927,18 @@ async fn status_joins_target_health_with_the_instances() {
         event("s1", "Asg", "AWS::AutoScaling::AutoScalingGroup", "UPDATE_COMPLETE", None),
         event("s0", STACK, "AWS::CloudFormation::Stack", "UPDATE_IN_PROGRESS", Some("User Initiated")),
     ]]);
-    let health = mock!(aws_sdk_elasticloadbalancingv2::Client::describe_target_health)
-        .match_requests(|r| r.target_group_arn() == Some(TG))
-        .then_output(|| {
-            aws_sdk_elasticloadbalancingv2::operation::describe_target_health::DescribeTargetHealthOutput::builder()
-                .target_health_descriptions(
-                    TargetHealthDescription::builder()
-                        .target(TargetDescription::builder().id("i-0aaaaaaaaaaaaaaaa").port(8000).build())
-                        .target_health(TargetHealth::builder().state(TargetHealthStateEnum::Unhealthy).description("Health checks failed").build())
-                        .build(),
-                )
-                .build()
-        });
-    let instances = mock!(aws_sdk_ec2::Client::describe_instances)
-        .match_requests(|r| r.instance_ids() == ["i-0aaaaaaaaaaaaaaaa".to_string()])
-        .then_output(|| {
+    let health = mock!(aws_sdk_elasticloadbalancingv2::Client::describe_target_health).match_requests(|r| r.target_group_arn() == Some(TG)).then_output(|| {
+        aws_sdk_elasticloadbalancingv2::operation::describe_target_health::DescribeTargetHealthOutput::builder()
+            .target_health_descriptions(
+                TargetHealthDescription::builder()
+                    .target(TargetDescription::builder().id("i-0aaaaaaaaaaaaaaaa").port(8000).build())
+                    .target_health(TargetHealth::builder().state(TargetHealthStateEnum::Unhealthy).description("Health checks failed").build())
+                    .build(),
+            )
+            .build()
+    });
+    let instances =
+        mock!(aws_sdk_ec2::Client::describe_instances).match_requests(|r| r.instance_ids() == ["i-0aaaaaaaaaaaaaaaa".to_string()]).then_output(|| {
             aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput::builder()
                 .reservations(
                     Reservation::builder()
@@ -969,7 +956,7 @@ async fn status_joins_target_health_with_the_instances() {
         });
     let clients = Aws::default().cfn(&[&ds, &events]).elb(&[&health]).ec2(&[&instances]).clients();
 
-    let s = imgbuild::ops::status(&clients, STACK, 2).await.unwrap();
+    let s = imgbuild::stack::ops::status(&clients, STACK, 2).await.unwrap();
 
     assert!(s.exists);
     assert_eq!(s.status.as_deref(), Some("UPDATE_COMPLETE"));
@@ -1095,11 +1082,11 @@ async fn choose_prefers_the_baked_image_from_the_handoff_parameter() {
     let image = image_tagged("1.5.9");
     let clients = Aws::default().ssm(&[&handoff]).ec2(&[&image]).clients();
 
-    let c = imgbuild::images::choose(&clients, &config, None, None).await.unwrap();
+    let c = imgbuild::bake::images::choose(&clients, &config, None, None).await.unwrap();
 
     assert_eq!(c.ami, AMI);
     assert_eq!(c.mode, Mode::Baked);
-    assert_eq!(c.source, imgbuild::images::Source::Baked { parameter: "/imgbuild/vectordb/ami".into() });
+    assert_eq!(c.source, imgbuild::bake::images::Source::Baked { parameter: "/imgbuild/vectordb/ami".into() });
     assert_eq!(image.num_calls(), 1);
 }
 
@@ -1110,7 +1097,7 @@ async fn choose_refuses_a_baked_image_of_another_chroma_version() {
     let image = image_tagged("1.0.0");
     let clients = Aws::default().ssm(&[&handoff]).ec2(&[&image]).clients();
 
-    let err = imgbuild::images::choose(&clients, &config, None, None).await.unwrap_err();
+    let err = imgbuild::bake::images::choose(&clients, &config, None, None).await.unwrap_err();
 
     match &err {
         Error::Invalid(m) => assert!(m.contains(AMI) && m.contains("1.0.0") && m.contains("1.5.9"), "{m}"),
@@ -1126,14 +1113,11 @@ async fn choose_falls_back_to_stock_al2023_in_full_mode() {
     // No EC2 rules: a stock image is not checked for a baked Chroma version.
     let clients = Aws::default().ssm(&[&handoff, &stock]).clients();
 
-    let c = imgbuild::images::choose(&clients, &config, None, None).await.unwrap();
+    let c = imgbuild::bake::images::choose(&clients, &config, None, None).await.unwrap();
 
     assert_eq!(c.ami, "ami-0fedcba9876543210");
     assert_eq!(c.mode, Mode::Full);
-    assert_eq!(
-        c.source,
-        imgbuild::images::Source::Stock { parameter: "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64".into() }
-    );
+    assert_eq!(c.source, imgbuild::bake::images::Source::Stock { parameter: "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64".into() });
     assert_eq!(handoff.num_calls(), 1);
     assert_eq!(stock.num_calls(), 1);
 }
@@ -1146,7 +1130,7 @@ async fn choose_reads_the_arm64_parameter_for_graviton() {
     let stock = parameter("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64", "ami-0aaaabbbbccccdddd");
     let clients = Aws::default().ssm(&[&handoff, &stock]).clients();
 
-    let c = imgbuild::images::choose(&clients, &config, None, None).await.unwrap();
+    let c = imgbuild::bake::images::choose(&clients, &config, None, None).await.unwrap();
 
     assert_eq!(c.ami, "ami-0aaaabbbbccccdddd");
     assert_eq!(c.mode, Mode::Full);

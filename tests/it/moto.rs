@@ -8,8 +8,8 @@ use std::path::Path;
 
 use aws_config::BehaviorVersion;
 use imgbuild::cli::{DeployArgs, ToolArgs, WaitArgs};
-use imgbuild::deploy::Confirmer;
 use imgbuild::error::Error;
+use imgbuild::stack::changeset::Confirmer;
 
 use crate::services;
 use crate::support::imgbuild;
@@ -175,7 +175,7 @@ impl Confirmer for CtrlCAtPrompt {
 fn interrupt_while_the_change_set_is_pending_removes_it() {
     let Some(moto) = services::moto() else { return };
     let dir = project("interrupted", "");
-    let ctx = imgbuild::plan::Context::load(&imgbuild::cli::GlobalArgs {
+    let ctx = imgbuild::cmd::context(&imgbuild::cli::GlobalArgs {
         config: Some(dir.path().join("imgbuild.yaml")),
         profile: None,
         region: None,
@@ -199,9 +199,7 @@ fn interrupt_while_the_change_set_is_pending_removes_it() {
         let bell = std::sync::Arc::new(tokio::sync::Notify::new());
         let ui = imgbuild::ui::Ui::new(imgbuild::cli::OutputFormat::Text, 0, true);
         let waiter = bell.clone();
-        imgbuild::remote::deploy_flow(&clients, &args, &ctx, ui, &CtrlCAtPrompt(bell), async move { waiter.notified().await })
-            .await
-            .unwrap_err()
+        imgbuild::cmd::deploy_flow(&clients, &args, &ctx, ui, &CtrlCAtPrompt(bell), async move { waiter.notified().await }).await.unwrap_err()
     });
     let Error::Interrupted { cleaned } = &err else { panic!("{err:?}") };
     assert_eq!(err.exit_code(), 130);
@@ -218,20 +216,10 @@ fn deploy_boots_the_baked_image_handed_over_and_refuses_a_mismatched_one() {
     let ami = rt().block_on(async {
         let conf = sdk(&url).await;
         let ssm = aws_sdk_ssm::Client::new(&conf);
-        let base = ssm
-            .get_parameter()
-            .name("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64")
-            .send()
-            .await
-            .unwrap();
+        let base = ssm.get_parameter().name("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64").send().await.unwrap();
         let ami = base.parameter().unwrap().value().unwrap().to_string();
         let ec2 = aws_sdk_ec2::Client::new(&conf);
-        ec2.create_tags()
-            .resources(&ami)
-            .tags(aws_sdk_ec2::types::Tag::builder().key("imgbuild:chroma-version").value("0.4.13").build())
-            .send()
-            .await
-            .unwrap();
+        ec2.create_tags().resources(&ami).tags(aws_sdk_ec2::types::Tag::builder().key("imgbuild:chroma-version").value("0.4.13").build()).send().await.unwrap();
         ssm.put_parameter().name("/imgbuild/handoff/ami").value(&ami).r#type(aws_sdk_ssm::types::ParameterType::String).send().await.unwrap();
         ami
     });

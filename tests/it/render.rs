@@ -1,10 +1,10 @@
 //! What render produces, per mode, format and storage option: snapshots of the real output, and
 //! the properties that must hold whatever the snapshot says.
 
-use imgbuild::compose::{self, PullPolicy, VolumeKind};
+use imgbuild::check::userdata::{self as validate, Status, Tools};
 use imgbuild::config::Config;
+use imgbuild::render::compose::{self as compose, PullPolicy, VolumeKind};
 use imgbuild::render::{Format, Mode, USERDATA_LIMIT};
-use imgbuild::validate::{self, Status, Tools};
 
 use crate::support::*;
 

@@ -3,7 +3,7 @@
 //! closes), so nothing outlives the tests.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -22,10 +22,7 @@ fn free_port() -> u16 {
 
 fn start(name: &str, program: PathBuf, args: &[String], port: u16, ready: Duration) -> Service {
     let log = std::env::temp_dir().join(format!("imgbuild-test-{name}-{port}.log"));
-    let script = format!(
-        "\"$0\" \"$@\" >'{}' 2>&1 & pid=$!; cat >/dev/null; kill $pid 2>/dev/null; wait $pid 2>/dev/null",
-        log.display()
-    );
+    let script = format!("\"$0\" \"$@\" >'{}' 2>&1 & pid=$!; cat >/dev/null; kill $pid 2>/dev/null; wait $pid 2>/dev/null", log.display());
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(script)
@@ -33,6 +30,8 @@ fn start(name: &str, program: PathBuf, args: &[String], port: u16, ready: Durati
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
+        // moto's request recorder would write `moto_recording` into the work tree.
+        .env("MOTO_RECORDER_FILEPATH", Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("moto_recording-{port}")))
         .spawn()
         .unwrap_or_else(|e| panic!("starting {name}: {e}"));
     let stdin = child.stdin.take().unwrap();
@@ -88,5 +87,5 @@ fn tool_in_venv_quiet(program: &str) -> Option<PathBuf> {
     if venv.is_file() {
         return Some(venv);
     }
-    imgbuild::validate::which(program)
+    imgbuild::check::userdata::which(program)
 }

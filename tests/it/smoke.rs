@@ -19,11 +19,9 @@ fn smoke_passes_against_a_real_chroma_and_cleans_up_its_collection() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let steps: Vec<(&str, bool)> = doc["smoke"]["steps"].as_array().unwrap().iter().map(|s| (s["name"].as_str().unwrap(), s["ok"].as_bool().unwrap())).collect();
-    assert_eq!(
-        steps,
-        [("heartbeat", true), ("create collection", true), ("add documents", true), ("query", true), ("delete collection", true)]
-    );
+    let steps: Vec<(&str, bool)> =
+        doc["smoke"]["steps"].as_array().unwrap().iter().map(|s| (s["name"].as_str().unwrap(), s["ok"].as_bool().unwrap())).collect();
+    assert_eq!(steps, [("heartbeat", true), ("create collection", true), ("add documents", true), ("query", true), ("delete collection", true)]);
     assert!(doc["smoke"]["steps"].as_array().unwrap().iter().all(|s| s["millis"].as_f64().unwrap() > 0.0));
     assert!(err.contains("nearest: b (second document)"), "{err}");
 

@@ -31,7 +31,7 @@ pub fn validators_required() -> bool {
 
 /// The path of `program`, or None after saying why the caller skips (failing when required).
 pub fn tool(program: &str) -> Option<std::path::PathBuf> {
-    match imgbuild::validate::which(program) {
+    match imgbuild::check::userdata::which(program) {
         Some(p) => Some(p),
         None if validators_required() => panic!("{program} is required (IMGBUILD_REQUIRE_VALIDATORS=1) but not installed"),
         None => {

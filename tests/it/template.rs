@@ -7,10 +7,10 @@ use std::path::Path;
 use std::process::Command;
 
 use base64::Engine;
+use imgbuild::check::guard::{self, Verdict};
 use imgbuild::config::Config;
-use imgbuild::guard::{self, Verdict};
 use imgbuild::render::{self, EFS_TAG, Format, Mode};
-use imgbuild::template::{self, Template};
+use imgbuild::stack::template::{self, STACK_TEMPLATE_NAME, Template};
 
 use crate::support::*;
 
@@ -23,9 +23,7 @@ fn rewrite_embedded_user_data(text: &str, new: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.iter().position(|l| l.trim() == "Fn::Base64: |").expect("the launch template's user-data block");
     let indent = lines[start].len() - lines[start].trim_start().len() + 2;
-    let end = (start + 1..lines.len())
-        .find(|&i| !lines[i].trim().is_empty() && lines[i].len() - lines[i].trim_start().len() < indent)
-        .unwrap_or(lines.len());
+    let end = (start + 1..lines.len()).find(|&i| !lines[i].trim().is_empty() && lines[i].len() - lines[i].trim_start().len() < indent).unwrap_or(lines.len());
     let mut out: Vec<String> = lines[..=start].iter().map(|s| s.to_string()).collect();
     out.extend(new.lines().map(|l| if l.is_empty() { String::new() } else { format!("{}{l}", " ".repeat(indent)) }));
     out.extend(lines[end..].iter().map(|s| s.to_string()));
@@ -98,13 +96,13 @@ fn each_policy_catches_the_template_that_breaks_it() {
         let file = path.file_name().unwrap().to_str().unwrap().to_string();
         let Some(rule) = file.strip_suffix("-violation.yaml") else { continue };
         let t = Template::parse(&std::fs::read_to_string(&path).unwrap(), &file).unwrap();
-        let outcomes = guard::evaluate(&t).unwrap();
+        let outcomes = guard::evaluate(&t.name, t.document()).unwrap();
         let failing: Vec<&str> = outcomes.iter().filter(|o| o.verdict == Verdict::Fail).map(|o| o.rule.as_str()).collect();
         assert_eq!(failing, [rule], "{file} must fail exactly its own rule");
         assert!(t.check_policies().is_err());
         seen += 1;
     }
-    let rules = guard::evaluate(&Template::reference()).unwrap().len();
+    let rules = guard::evaluate(STACK_TEMPLATE_NAME, Template::reference().document()).unwrap().len();
     assert_eq!(seen, rules, "one violation fixture per rule");
 }
 
@@ -133,12 +131,7 @@ fn cfn_lint_is_clean_on_the_template_and_on_what_deploy_sends() {
     files.push(fixtures.join("moto-stack.yaml"));
     files.push(repo().join("infra/bake-prereqs.yaml"));
     let out = Command::new(lint).args(&files).output().unwrap();
-    assert!(
-        out.status.success(),
-        "cfn-lint found errors or warnings:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "cfn-lint found errors or warnings:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // And it is a real check: a template with a bad property fails.
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "Resources:\n  Vpc:\n    Type: AWS::EC2::VPC\n    Properties:\n      CidrBlok: 10.0.0.0/16\n").unwrap();
@@ -157,12 +150,10 @@ fn user_data_mode_and_render_constants_agree() {
 #[test]
 fn checkov_finds_nothing_and_every_suppression_is_justified() {
     let Some(checkov) = tool_in_venv("checkov") else { return };
-    let out = Command::new(checkov)
-        .args(["-d", "infra", "--framework", "cloudformation", "--skip-download", "-o", "json"])
-        .current_dir(repo())
-        .output()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("checkov JSON: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let out =
+        Command::new(checkov).args(["-d", "infra", "--framework", "cloudformation", "--skip-download", "-o", "json"]).current_dir(repo()).output().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("checkov JSON: {e}: {}", String::from_utf8_lossy(&out.stdout)));
     let summary = &report["summary"];
     assert_eq!(summary["failed"], 0, "checkov failed checks: {}", report["results"]["failed_checks"]);
     assert!(summary["passed"].as_u64().unwrap() >= 60, "{summary}");

@@ -4,10 +4,10 @@
 
 use std::process::Command;
 
+use imgbuild::check::userdata::{self as validate, Status, Tools};
 use imgbuild::chroma;
 use imgbuild::config::Config;
 use imgbuild::render::{Format, Mode};
-use imgbuild::validate::{self, Status, Tools};
 
 use crate::support::*;
 
@@ -104,12 +104,7 @@ assert msg.is_multipart(), "not multipart"
 for part in msg.get_payload():
     print(part.get_content_type(), part.get_filename(), len(part.get_payload(decode=True)))
 "#;
-    let mut child = Command::new(python)
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Command::new(python).args(["-c", script]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
     use std::io::Write;
     child.stdin.take().unwrap().write_all(&r.raw).unwrap();
     let out = child.wait_with_output().unwrap();

@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use crate::aws::{self, Clients, code};
 use crate::error::{Error, Result};
-use crate::progress::Progress;
 use crate::stack::{self, Phase, Waits};
+use crate::ui::progress::Progress;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
@@ -56,13 +56,7 @@ pub async fn status(clients: &Clients, name: &str, events: usize) -> Result<Stat
         });
     };
     let outputs = stack::outputs_of(&s);
-    let recent = clients
-        .cfn
-        .describe_stack_events()
-        .stack_name(name)
-        .send()
-        .await
-        .map_err(|e| aws::err("DescribeStackEvents", format!("stack {name}"), e))?;
+    let recent = clients.cfn.describe_stack_events().stack_name(name).send().await.map_err(|e| aws::err("DescribeStackEvents", format!("stack {name}"), e))?;
     let events = recent
         .stack_events()
         .iter()

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::aws::{self, Clients, code};
-use crate::config::Config;
+use crate::config::{Config, check_ami_id};
 use crate::error::{Error, Result};
 use crate::render::Mode;
 
@@ -42,13 +42,6 @@ pub fn base_parameter(arch: Arch) -> &'static str {
 /// The parameter `bake` writes and `deploy` reads.
 pub fn handoff_parameter(config: &Config) -> String {
     format!("/imgbuild/{}/ami", config.name)
-}
-
-pub fn check_ami_id(id: &str) -> std::result::Result<(), String> {
-    match id.strip_prefix("ami-") {
-        Some(hex) if (hex.len() == 8 || hex.len() == 17) && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => Ok(()),
-        _ => Err(format!("`{id}` is not an AMI id (ami- followed by 8 or 17 lowercase hex digits)")),
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -90,9 +83,9 @@ pub async fn choose(clients: &Clients, config: &Config, flag: Option<&str>, mode
             Some(id) => Choice { ami: id, source: Source::Baked { parameter: handoff }, mode: mode.unwrap_or(Mode::Baked) },
             None => {
                 let parameter = base_parameter(arch_of(&config.stack.instance_type)).to_string();
-                let id = get_parameter(clients, &parameter).await?.ok_or_else(|| {
-                    Error::Invalid(format!("the public parameter {parameter} does not exist in this region; pass --ami"))
-                })?;
+                let id = get_parameter(clients, &parameter)
+                    .await?
+                    .ok_or_else(|| Error::Invalid(format!("the public parameter {parameter} does not exist in this region; pass --ami")))?;
                 Choice { ami: id, source: Source::Stock { parameter }, mode: mode.unwrap_or(Mode::Full) }
             }
         }
@@ -105,13 +98,7 @@ pub async fn choose(clients: &Clients, config: &Config, flag: Option<&str>, mode
 
 /// A baked boot pulls nothing, so the image must hold the Chroma version the config names.
 async fn check_baked(clients: &Clients, config: &Config, ami: &str) -> Result<()> {
-    let out = clients
-        .ec2
-        .describe_images()
-        .image_ids(ami)
-        .send()
-        .await
-        .map_err(|e| aws::err("DescribeImages", format!("image {ami}"), e))?;
+    let out = clients.ec2.describe_images().image_ids(ami).send().await.map_err(|e| aws::err("DescribeImages", format!("image {ami}"), e))?;
     let image = out.images().first().ok_or_else(|| Error::Invalid(format!("image {ami} does not exist or is not visible to this account")))?;
     let tagged = image.tags().iter().find(|t| t.key() == Some(TAG_CHROMA_VERSION)).and_then(|t| t.value());
     match tagged {

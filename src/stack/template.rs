@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 
 /// The reference stack. It carries the default full-mode user-data, so plain
 /// `aws cloudformation deploy` works with it as it is.
-pub const STACK_TEMPLATE: &str = include_str!("../infra/stack.yaml");
+pub const STACK_TEMPLATE: &str = include_str!("../../infra/stack.yaml");
 pub const STACK_TEMPLATE_NAME: &str = "infra/stack.yaml";
 
 /// CloudFormation's limit on a template passed inline (`TemplateBody`).
@@ -17,7 +17,7 @@ pub const BODY_LIMIT: usize = 51_200;
 pub struct Template {
     pub name: String,
     doc: Value,
-    lines: crate::yaml_lines::LineIndex,
+    lines: crate::config::lines::LineIndex,
 }
 
 impl Template {
@@ -29,7 +29,7 @@ impl Template {
         if !doc.get("Resources").is_some_and(Value::is_mapping) {
             return Err(Error::Invalid(format!("{name}: not a CloudFormation template (no Resources mapping)")));
         }
-        Ok(Self { name: name.into(), doc, lines: crate::yaml_lines::LineIndex::new(text) })
+        Ok(Self { name: name.into(), doc, lines: crate::config::lines::LineIndex::new(text) })
     }
 
     /// The file at `path`, or the embedded reference stack.
@@ -70,17 +70,23 @@ impl Template {
     }
 
     /// Security policies (cfn-guard) on the template as it will be sent; every failure named.
-    pub fn check_policies(&self) -> Result<Vec<crate::guard::RuleOutcome>> {
-        let outcomes = crate::guard::evaluate(self)?;
+    pub fn check_policies(&self) -> Result<Vec<crate::check::guard::RuleOutcome>> {
+        let outcomes = crate::check::guard::evaluate(&self.name, self.document())?;
         let failed: Vec<String> = outcomes
             .iter()
-            .filter(|o| o.verdict == crate::guard::Verdict::Fail)
+            .filter(|o| o.verdict == crate::check::guard::Verdict::Fail)
             .map(|o| format!("{}{}: {} ({}): {}", self.name, self.locate(&o.detail).map(|l| format!(":{l}")).unwrap_or_default(), o.rule, o.file, o.detail))
             .collect();
         if failed.is_empty() {
             Ok(outcomes)
         } else {
-            Err(Error::Validation(format!("{} breaks {} security polic{}:\n  {}", self.name, failed.len(), if failed.len() == 1 { "y" } else { "ies" }, failed.join("\n  "))))
+            Err(Error::Validation(format!(
+                "{} breaks {} security polic{}:\n  {}",
+                self.name,
+                failed.len(),
+                if failed.len() == 1 { "y" } else { "ies" },
+                failed.join("\n  ")
+            )))
         }
     }
 
@@ -94,11 +100,7 @@ impl Template {
 
     /// The names of the template's parameters, in template order.
     pub fn parameter_names(&self) -> Vec<String> {
-        self.doc
-            .get("Parameters")
-            .and_then(Value::as_mapping)
-            .map(|m| m.keys().filter_map(|k| k.as_str().map(String::from)).collect())
-            .unwrap_or_default()
+        self.doc.get("Parameters").and_then(Value::as_mapping).map(|m| m.keys().filter_map(|k| k.as_str().map(String::from)).collect()).unwrap_or_default()
     }
 
     /// Logical ids of the launch templates, whose user-data deploy sets.
@@ -110,12 +112,7 @@ impl Template {
         self.doc
             .get("Resources")
             .and_then(Value::as_mapping)
-            .map(|m| {
-                m.iter()
-                    .filter(|(_, r)| r.get("Type").and_then(Value::as_str) == Some(kind))
-                    .filter_map(|(k, _)| k.as_str().map(String::from))
-                    .collect()
-            })
+            .map(|m| m.iter().filter(|(_, r)| r.get("Type").and_then(Value::as_str) == Some(kind)).filter_map(|(k, _)| k.as_str().map(String::from)).collect())
             .unwrap_or_default()
     }
 

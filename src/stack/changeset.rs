@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use crate::aws::{self, Clients, code};
 use crate::error::{Error, Result};
-use crate::progress::Progress;
 use crate::stack::{self, Change, ChangeSetReady, EventFollower, Phase, Waits};
+use crate::ui::progress::Progress;
 
 /// How the user agreed to execute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,10 +115,7 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
                 waited = true;
             }
             Phase::InProgress => {
-                return Err(Error::Invalid(format!(
-                    "stack {} is {status}: another operation is running; wait for it (or pass --wait)",
-                    plan.stack
-                )));
+                return Err(Error::Invalid(format!("stack {} is {status}: another operation is running; wait for it (or pass --wait)", plan.stack)));
             }
             Phase::Failed => {
                 return Err(Error::Invalid(format!(
@@ -127,10 +124,8 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
                 )));
             }
             Phase::RollbackComplete => {
-                let notice = format!(
-                    "stack {} is ROLLBACK_COMPLETE: its creation failed and it holds no resources; deleting it and creating it again",
-                    plan.stack
-                );
+                let notice =
+                    format!("stack {} is ROLLBACK_COMPLETE: its creation failed and it holds no resources; deleting it and creating it again", plan.stack);
                 progress.line(&notice);
                 notices.push(notice);
                 stack::delete_and_wait(cfn, &plan.stack, plan.waits, progress).await?;
@@ -162,12 +157,7 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
         .change_set_name(&name)
         .change_set_type(kind.clone())
         .template_body(&plan.template_body)
-        .set_parameters(Some(
-            plan.parameters
-                .iter()
-                .map(|(k, v)| Parameter::builder().parameter_key(k).parameter_value(v).build())
-                .collect(),
-        ))
+        .set_parameters(Some(plan.parameters.iter().map(|(k, v)| Parameter::builder().parameter_key(k).parameter_value(v).build()).collect()))
         .capabilities(Capability::CapabilityIam)
         .set_tags(Some(plan.tags.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect()))
         .client_token(&plan.token)
@@ -225,7 +215,9 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
     let go = match plan.confirm {
         Confirm::Yes => true,
         Confirm::NoExecute => {
-            progress.line(&format!("--no-execute: change set {id} is left for review; execute it with `aws cloudformation execute-change-set --change-set-name {id}`"));
+            progress.line(&format!(
+                "--no-execute: change set {id} is left for review; execute it with `aws cloudformation execute-change-set --change-set-name {id}`"
+            ));
             // The user asked to keep it: no longer ours to clean.
             *cleanup.lock().expect("cleanup lock") = Created::default();
             return Ok(Outcome {
@@ -333,13 +325,14 @@ pub async fn remove_created(clients: &Clients, cleanup: &Cleanup) -> Result<Vec<
     if let Some(name) = created.review_stack {
         // Only a stack still in REVIEW_IN_PROGRESS is ours: it holds no resources.
         if let Some(s) = stack::describe(&clients.cfn, &name).await?
-            && stack::phase(&stack::status_of(&s)) == Phase::ReviewInProgress {
-                match clients.cfn.delete_stack().stack_name(&name).send().await {
-                    Ok(_) => cleaned.push(format!("deleted the empty stack {name} (REVIEW_IN_PROGRESS)")),
-                    Err(e) if e.as_service_error().and_then(code) == Some("ValidationError") => {}
-                    Err(e) => return Err(aws::err("DeleteStack", format!("stack {name}"), e)),
-                }
+            && stack::phase(&stack::status_of(&s)) == Phase::ReviewInProgress
+        {
+            match clients.cfn.delete_stack().stack_name(&name).send().await {
+                Ok(_) => cleaned.push(format!("deleted the empty stack {name} (REVIEW_IN_PROGRESS)")),
+                Err(e) if e.as_service_error().and_then(code) == Some("ValidationError") => {}
+                Err(e) => return Err(aws::err("DeleteStack", format!("stack {name}"), e)),
             }
+        }
     }
     Ok(cleaned)
 }

@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use serde::Serialize;
 
 use crate::chroma::Profile;
-use crate::compose::{self, VolumeKind};
 use crate::config::Config;
+use crate::render::compose::{self, VolumeKind};
 use crate::render::{self, Mode, Rendered, USERDATA_LIMIT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -155,12 +155,8 @@ fn cloud_config_structure(doc: &str) -> Result<String, String> {
 }
 
 fn run_with_stdin(mut cmd: Command, stdin: &[u8]) -> Result<std::process::Output, String> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("could not run {:?}: {e}", cmd.get_program()))?;
+    let mut child =
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| format!("could not run {:?}: {e}", cmd.get_program()))?;
     child.stdin.take().expect("stdin is piped").write_all(stdin).map_err(|e| e.to_string())?;
     child.wait_with_output().map_err(|e| e.to_string())
 }
@@ -169,18 +165,10 @@ fn cloud_init_schema(exe: PathBuf, doc: &str) -> Result<String, String> {
     // cloud-init schema reads a file, not stdin.
     let mut file = tempfile::Builder::new().prefix("imgbuild-").suffix(".yaml").tempfile().map_err(|e| e.to_string())?;
     file.write_all(doc.as_bytes()).map_err(|e| e.to_string())?;
-    let out = Command::new(&exe)
-        .args(["schema", "-c"])
-        .arg(file.path())
-        .output()
-        .map_err(|e| format!("could not run {}: {e}", exe.display()))?;
+    let out = Command::new(&exe).args(["schema", "-c"]).arg(file.path()).output().map_err(|e| format!("could not run {}: {e}", exe.display()))?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let text = text.replace(&file.path().display().to_string(), "<user-data>");
-    if out.status.success() {
-        Ok(text.lines().find(|l| !l.trim().is_empty()).unwrap_or("valid").trim().to_string())
-    } else {
-        Err(text.trim().to_string())
-    }
+    if out.status.success() { Ok(text.lines().find(|l| !l.trim().is_empty()).unwrap_or("valid").trim().to_string()) } else { Err(text.trim().to_string()) }
 }
 
 fn shellcheck(exe: PathBuf, script: &str) -> Result<String, String> {
@@ -196,8 +184,7 @@ fn shellcheck(exe: PathBuf, script: &str) -> Result<String, String> {
 
 fn compose_document(r: &Rendered) -> Result<String, String> {
     // An independent model of the Compose Specification that rejects unknown keys.
-    serde_yaml::from_str::<docker_compose_types::Compose>(&r.compose_yaml)
-        .map_err(|e| format!("the Compose Specification model rejects it: {e}"))?;
+    serde_yaml::from_str::<docker_compose_types::Compose>(&r.compose_yaml).map_err(|e| format!("the Compose Specification model rejects it: {e}"))?;
     let svc = r.compose.service().ok_or("no chroma service")?;
     if svc.image.is_empty() {
         return Err("the chroma service has no image".into());
@@ -235,10 +222,7 @@ fn version_cross_check(r: &Rendered, config: &Config, profile: &Profile) -> Resu
     if !boot.text.contains(profile.heartbeat_path) {
         return Err(format!("the boot script does not wait on {}", profile.heartbeat_path));
     }
-    Ok(format!(
-        "Chroma {}: API {}, heartbeat {}, data {}",
-        config.chroma.version, profile.api_prefix, profile.heartbeat_path, profile.data_dir
-    ))
+    Ok(format!("Chroma {}: API {}, heartbeat {}, data {}", config.chroma.version, profile.api_prefix, profile.heartbeat_path, profile.data_dir))
 }
 
 fn size(report: &mut Report, r: &Rendered) {

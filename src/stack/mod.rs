@@ -1,5 +1,11 @@
-//! CloudFormation stack operations shared by deploy, status and destroy: reading a stack's
-//! state, change sets and their diff, following events, bounded waits.
+//! The CloudFormation engine, shared by deploy, bake's prerequisites stack and status/destroy:
+//! reading a stack's state, change sets and their diff, following events, bounded waits (this
+//! file); the template and its one edit (`template`); the change-set flow with its cleanup
+//! (`changeset`); status and destroy (`ops`). Knows AWS and the UI's progress, not the CLI.
+
+pub mod changeset;
+pub mod ops;
+pub mod template;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
@@ -10,7 +16,7 @@ use serde::Serialize;
 
 use crate::aws::{self, code};
 use crate::error::{Error, Result};
-use crate::progress::Progress;
+use crate::ui::progress::Progress;
 
 /// How long and how often to wait.
 #[derive(Debug, Clone, Copy)]
@@ -73,11 +79,7 @@ pub fn status_of(stack: &Stack) -> String {
 }
 
 pub fn outputs_of(stack: &Stack) -> BTreeMap<String, String> {
-    stack
-        .outputs()
-        .iter()
-        .filter_map(|o| Some((o.output_key()?.to_string(), o.output_value().unwrap_or_default().to_string())))
-        .collect()
+    stack.outputs().iter().filter_map(|o| Some((o.output_key()?.to_string(), o.output_value().unwrap_or_default().to_string()))).collect()
 }
 
 /// One row of the diff.
@@ -107,18 +109,16 @@ impl Change {
 pub enum ChangeSetReady {
     Changes(Vec<Change>),
     /// CloudFormation could not make it; its reason, and whether it listed any change.
-    Failed { reason: String, any_changes: bool },
+    Failed {
+        reason: String,
+        any_changes: bool,
+    },
 }
 
 pub async fn wait_change_set(cfn: &Client, id: &str, waits: Waits, progress: &Progress) -> Result<ChangeSetReady> {
     let deadline = Instant::now() + waits.timeout;
     loop {
-        let out = cfn
-            .describe_change_set()
-            .change_set_name(id)
-            .send()
-            .await
-            .map_err(|e| aws::err("DescribeChangeSet", format!("change set {id}"), e))?;
+        let out = cfn.describe_change_set().change_set_name(id).send().await.map_err(|e| aws::err("DescribeChangeSet", format!("change set {id}"), e))?;
         let status = out.status().cloned();
         match status {
             Some(ChangeSetStatus::CreateComplete) => return Ok(ChangeSetReady::Changes(all_changes(cfn, id, out).await?)),
@@ -141,11 +141,7 @@ pub async fn wait_change_set(cfn: &Client, id: &str, waits: Waits, progress: &Pr
     }
 }
 
-async fn all_changes(
-    cfn: &Client,
-    id: &str,
-    first: aws_sdk_cloudformation::operation::describe_change_set::DescribeChangeSetOutput,
-) -> Result<Vec<Change>> {
+async fn all_changes(cfn: &Client, id: &str, first: aws_sdk_cloudformation::operation::describe_change_set::DescribeChangeSetOutput) -> Result<Vec<Change>> {
     let mut changes = Vec::new();
     let mut page = first;
     loop {
@@ -264,7 +260,14 @@ pub async fn wait_executed(cfn: &Client, stack: &str, follower: &mut EventFollow
 /// How long a just-executed stack may still read REVIEW_IN_PROGRESS before that is an answer.
 pub const REVIEW_GRACE: Duration = Duration::from_secs(60);
 
-async fn wait_until_settled(cfn: &Client, stack: &str, follower: &mut EventFollower, waits: Waits, progress: &Progress, review_pending: bool) -> Result<String> {
+async fn wait_until_settled(
+    cfn: &Client,
+    stack: &str,
+    follower: &mut EventFollower,
+    waits: Waits,
+    progress: &Progress,
+    review_pending: bool,
+) -> Result<String> {
     let started = Instant::now();
     let deadline = started + waits.timeout;
     loop {
@@ -299,20 +302,12 @@ pub async fn delete_and_wait(cfn: &Client, stack: &str, waits: Waits, progress: 
     let mut follower = EventFollower::start(cfn, stack).await?;
     cfn.delete_stack().stack_name(stack).send().await.map_err(|e| aws::err("DeleteStack", format!("stack {stack}"), e))?;
     let status = wait_stable(cfn, stack, &mut follower, waits, progress).await?;
-    if status == "DELETE_COMPLETE" {
-        Ok(())
-    } else {
-        Err(Error::StackFailed { stack: stack.into(), status, failures: follower.failures })
-    }
+    if status == "DELETE_COMPLETE" { Ok(()) } else { Err(Error::StackFailed { stack: stack.into(), status, failures: follower.failures }) }
 }
 
 /// The parameters a stack was last deployed with.
 pub fn parameters_of(stack: &Stack) -> BTreeMap<String, String> {
-    stack
-        .parameters()
-        .iter()
-        .filter_map(|p| Some((p.parameter_key()?.to_string(), p.parameter_value().unwrap_or_default().to_string())))
-        .collect()
+    stack.parameters().iter().filter_map(|p| Some((p.parameter_key()?.to_string(), p.parameter_value().unwrap_or_default().to_string()))).collect()
 }
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ fn references(v: &Value, out: &mut Vec<String>) {
 }
 
 pub fn check(text: &str) -> Vec<Finding> {
-    let lines = crate::yaml_lines::LineIndex::new(text);
+    let lines = crate::config::lines::LineIndex::new(text);
     let mut found = Vec::new();
     let mut bad = |at: &str, field: String, message: String| {
         let line = lines.line_of(&field);
@@ -95,11 +95,8 @@ pub fn check(text: &str) -> Vec<Finding> {
     if doc.get("schemaVersion").and_then(Value::as_str) != Some("0.3") {
         bad("schemaVersion", "schemaVersion".into(), "Automation documents need schemaVersion '0.3'".into());
     }
-    let params: BTreeSet<String> = doc
-        .get("parameters")
-        .and_then(Value::as_mapping)
-        .map(|m| m.keys().filter_map(|k| k.as_str().map(String::from)).collect())
-        .unwrap_or_default();
+    let params: BTreeSet<String> =
+        doc.get("parameters").and_then(Value::as_mapping).map(|m| m.keys().filter_map(|k| k.as_str().map(String::from)).collect()).unwrap_or_default();
     let Some(steps) = doc.get("mainSteps").and_then(Value::as_sequence).filter(|s| !s.is_empty()) else {
         bad("mainSteps", "mainSteps".into(), "no steps".into());
         return found;
@@ -178,9 +175,10 @@ pub fn check(text: &str) -> Vec<Finding> {
             }
         }
         if let Some(next) = step.get("nextStep").and_then(Value::as_str)
-            && !all.contains(next) {
-                bad(&at, f("nextStep"), format!("nextStep {next} does not exist"));
-            }
+            && !all.contains(next)
+        {
+            bad(&at, f("nextStep"), format!("nextStep {next} does not exist"));
+        }
         let mut offered: BTreeSet<String> = builtin_outputs(action).iter().map(|s| s.to_string()).collect();
         for o in step.get("outputs").and_then(Value::as_sequence).into_iter().flatten() {
             match o.get("Name").and_then(Value::as_str) {
@@ -261,8 +259,14 @@ outputs: [image.ImageId]
     fn each_kind_of_mistake_is_named() {
         let cases = [
             (("'{{ Ami }}'", "'{{ Amy }}'"), "step launch: `{{ Amy }}` is not a parameter of the document"),
-            (("'{{ launch.InstanceId }}', ImageName", "'{{ launch.Instance }}', ImageName"), "step image: `{{ launch.Instance }}`: step launch has no output Instance"),
-            (("ImageId: '{{ Ami }}'", "ImageId: '{{ image.ImageId }}'"), "step launch: `{{ image.ImageId }}` names step image, which has not run yet at this point"),
+            (
+                ("'{{ launch.InstanceId }}', ImageName", "'{{ launch.Instance }}', ImageName"),
+                "step image: `{{ launch.Instance }}`: step launch has no output Instance",
+            ),
+            (
+                ("ImageId: '{{ Ami }}'", "ImageId: '{{ image.ImageId }}'"),
+                "step launch: `{{ image.ImageId }}` names step image, which has not run yet at this point",
+            ),
             (("onFailure: step:stop", "onFailure: step:halt"), "step image: onFailure goes to step halt, which does not exist"),
             (("onCancel: step:stop", "onCancel: Retry"), "step image: onCancel `Retry` is not Abort, Continue or step:<name>"),
             (("ImageName: 'x-{{ global:DATE_TIME }}'", "Name: x"), "step image: aws:createImage needs the input ImageName"),

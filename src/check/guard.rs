@@ -4,15 +4,14 @@ use serde::Serialize;
 use serde_yaml::Value;
 
 use crate::error::{Error, Result};
-use crate::template::Template;
 
 /// The policy files, embedded so the binary checks templates with no files around it.
 pub const RULE_FILES: &[(&str, &str)] = &[
-    ("api_gateway.guard", include_str!("../infra/guard/api_gateway.guard")),
-    ("efs.guard", include_str!("../infra/guard/efs.guard")),
-    ("launch_template.guard", include_str!("../infra/guard/launch_template.guard")),
-    ("security_groups.guard", include_str!("../infra/guard/security_groups.guard")),
-    ("service.guard", include_str!("../infra/guard/service.guard")),
+    ("api_gateway.guard", include_str!("../../infra/guard/api_gateway.guard")),
+    ("efs.guard", include_str!("../../infra/guard/efs.guard")),
+    ("launch_template.guard", include_str!("../../infra/guard/launch_template.guard")),
+    ("security_groups.guard", include_str!("../../infra/guard/security_groups.guard")),
+    ("service.guard", include_str!("../../infra/guard/service.guard")),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -33,9 +32,9 @@ pub struct RuleOutcome {
     pub detail: String,
 }
 
-/// Runs every embedded rule on the template.
-pub fn evaluate(template: &Template) -> Result<Vec<RuleOutcome>> {
-    let mut doc = long_form(template.document());
+/// Runs every embedded rule on a template document; `name` says which template in messages.
+pub fn evaluate(name: &str, document: &Value) -> Result<Vec<RuleOutcome>> {
+    let mut doc = long_form(document);
     // No policy reads user-data, and guard's reports quote the values they fail on: a launch
     // template's kilobytes of user-data would only bloat them (and cfn-guard 3.2.1 returns a
     // report over 8 KiB cut short).
@@ -50,11 +49,11 @@ pub fn evaluate(template: &Template) -> Result<Vec<RuleOutcome>> {
     let mut out = Vec::new();
     for (file, rules) in RULE_FILES {
         let report = cfn_guard::run_checks(
-            cfn_guard::ValidateInput { content: &data, file_name: &template.name },
+            cfn_guard::ValidateInput { content: &data, file_name: name },
             cfn_guard::ValidateInput { content: rules, file_name: file },
             false,
         )
-        .map_err(|e| Error::Tool(format!("cfn-guard could not evaluate {file} on {}: {e}", template.name)))?;
+        .map_err(|e| Error::Tool(format!("cfn-guard could not evaluate {file} on {name}: {e}")))?;
         let report: serde_json::Value =
             serde_json::from_str(&report).map_err(|e| Error::Tool(format!("cfn-guard gave an unreadable report for {file}: {e}")))?;
         for name in names(&report["compliant"]) {
@@ -134,4 +133,3 @@ fn key_text(k: &Value) -> String {
         other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
     }
 }
-

@@ -1,10 +1,20 @@
-//! Where output goes: human text on stderr (quiet, normal, verbose), one JSON document on stdout.
+//! Where output goes: human text on stderr (quiet, normal, verbose), one JSON document on stdout,
+//! and progress on long work (`progress`). Knows the shape of a validation report, nothing of AWS
+//! or the command line.
+
+pub mod progress;
 
 use std::io::Write;
 
-use crate::cli::OutputFormat;
+use crate::check::userdata::{Report, Status};
 use crate::error::Error;
-use crate::validate::{Report, Status};
+
+/// Text for people (stderr only), or one JSON document on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Ui {

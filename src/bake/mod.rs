@@ -5,6 +5,10 @@
 //! Like Packer's builders, the bake records each thing it makes the moment it exists (typed, in
 //! `Made`), and on failure or Ctrl-C removes it in reverse: stops the execution, confirms the
 //! build instance is gone, and deregisters a half-made image with its snapshots.
+//!
+//! `images` owns which AMI an instance boots and the project's images (list, prune, in use).
+
+pub mod images;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,23 +22,22 @@ use sha2::{Digest, Sha256};
 
 use crate::aws::{self, Clients, code};
 use crate::chroma::Profile;
-use crate::compose::{self, PullPolicy};
 use crate::config::{Config, StorageMode};
 use crate::error::{Error, Result};
-use crate::images::{self, Arch, TAG_BAKE_TOKEN, TAG_DIGEST, TAG_PROJECT};
-use crate::progress::Progress;
+use crate::render::compose::{self, PullPolicy};
 use crate::render::{self, COMPOSE_PATH, ENV_FILE, Inputs, Mode, SCRIPT_DIR, UNIT_PATH};
+use crate::ui::progress::Progress;
+use images::{Arch, TAG_BAKE_TOKEN, TAG_DIGEST, TAG_PROJECT};
 
 /// Bumped when what a recipe means changes (so old images stop matching).
 pub const RECIPE_FORMAT: u32 = 1;
 
 /// The automation document as shipped; `document()` fills in the bake script.
-pub const DOCUMENT_TEMPLATE: &str = include_str!("../images/bake.yaml");
+pub const DOCUMENT_TEMPLATE: &str = include_str!("../../images/bake.yaml");
 pub const DOCUMENT_TEMPLATE_NAME: &str = "images/bake.yaml";
 /// The step whose commands carry the bake script, and the placeholder it ships with.
 pub const SCRIPT_STEP: &str = "runBakeScript";
 pub const SCRIPT_PLACEHOLDER: &str = "IMGBUILD_BAKE_SCRIPT";
-
 
 #[derive(Template)]
 #[template(path = "bake.sh", escape = "none")]
@@ -121,8 +124,8 @@ fn ensure_newline(mut s: String) -> String {
 /// half a script (the commands run without `set -e`).
 pub fn document(script: &str) -> Result<String> {
     use base64::Engine;
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(DOCUMENT_TEMPLATE)
-        .map_err(|e| Error::Invalid(format!("{DOCUMENT_TEMPLATE_NAME}: not valid YAML: {e}")))?;
+    let mut doc: serde_yaml::Value =
+        serde_yaml::from_str(DOCUMENT_TEMPLATE).map_err(|e| Error::Invalid(format!("{DOCUMENT_TEMPLATE_NAME}: not valid YAML: {e}")))?;
     let b64 = base64::engine::general_purpose::STANDARD.encode(script);
     let commands = vec![serde_yaml::Value::String(format!("echo '{b64}' | base64 -d > /root/imgbuild-bake.sh && bash /root/imgbuild-bake.sh"))];
     let steps = doc.get_mut("mainSteps").and_then(|s| s.as_sequence_mut()).ok_or_else(|| Error::Invalid(format!("{DOCUMENT_TEMPLATE_NAME}: no mainSteps")))?;
@@ -168,9 +171,9 @@ pub struct Manifest {
 
 pub fn read_manifest(path: &str) -> Result<Option<Manifest>> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::Invalid(format!("{path}: not an imgbuild bake manifest ({e}); move it away or fix it"))),
+        Ok(text) => {
+            serde_json::from_str(&text).map(Some).map_err(|e| Error::Invalid(format!("{path}: not an imgbuild bake manifest ({e}); move it away or fix it")))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io("reading", path, e)),
     }
@@ -410,11 +413,7 @@ pub async fn running_with(clients: &Clients, document: &str, key: &str, value: &
             .send()
             .await
             .map_err(|e| aws::err("GetAutomationExecution", format!("execution {id}"), e))?;
-        let same = exec
-            .automation_execution()
-            .and_then(|e| e.parameters())
-            .and_then(|p| p.get(key))
-            .is_some_and(|v| v.iter().any(|d| d == value));
+        let same = exec.automation_execution().and_then(|e| e.parameters()).and_then(|p| p.get(key)).is_some_and(|v| v.iter().any(|d| d == value));
         if same {
             return Ok(Some(id.to_string()));
         }
@@ -483,10 +482,7 @@ pub async fn start(clients: &Clients, document: &str, version: &str, parameters:
         .send()
         .await
         .map_err(|e| aws::err("StartAutomationExecution", format!("document {document}"), e))?;
-    let id = out
-        .automation_execution_id()
-        .ok_or_else(|| Error::Tool("StartAutomationExecution returned no execution id".into()))?
-        .to_string();
+    let id = out.automation_execution_id().ok_or_else(|| Error::Tool("StartAutomationExecution returned no execution id".into()))?.to_string();
     record.lock().expect("bake record").execution = Some(id.clone());
     Ok(id)
 }
@@ -571,14 +567,7 @@ pub async fn clean_up(clients: &Clients, record: &Record, token: &str, waits: cr
         }
     }
     if let Some(id) = &execution {
-        match clients
-            .ssm
-            .stop_automation_execution()
-            .automation_execution_id(id)
-            .r#type(aws_sdk_ssm::types::StopType::Cancel)
-            .send()
-            .await
-        {
+        match clients.ssm.stop_automation_execution().automation_execution_id(id).r#type(aws_sdk_ssm::types::StopType::Cancel).send().await {
             Ok(_) => done.push(format!("stopped automation execution {id}")),
             // Already over: nothing to stop.
             Err(e) if e.as_service_error().and_then(code) == Some("InvalidAutomationStatusUpdateException") => {}
@@ -637,7 +626,11 @@ pub async fn terminate_build_instances(clients: &Clients, token: &str, waits: cr
             asked = true;
         }
         if Instant::now() >= deadline {
-            return Err(Error::Timeout { what: format!("build instance {} to terminate", live.join(", ")), secs: waits.timeout.as_secs(), hint: "check the EC2 console".into() });
+            return Err(Error::Timeout {
+                what: format!("build instance {} to terminate", live.join(", ")),
+                secs: waits.timeout.as_secs(),
+                hint: "check the EC2 console".into(),
+            });
         }
         progress.set(&format!("waiting for build instance {} to terminate", live.join(", ")));
         tokio::time::sleep(waits.poll).await;
@@ -646,34 +639,12 @@ pub async fn terminate_build_instances(clients: &Clients, token: &str, waits: cr
 
 /// Deregisters an image and deletes its snapshots; returns the snapshot ids.
 pub async fn deregister(clients: &Clients, image: &str) -> Result<Vec<String>> {
-    let out = clients
-        .ec2
-        .describe_images()
-        .image_ids(image)
-        .send()
-        .await
-        .map_err(|e| aws::err("DescribeImages", format!("image {image}"), e))?;
-    let snapshots: Vec<String> = out
-        .images()
-        .iter()
-        .flat_map(|i| i.block_device_mappings())
-        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(String::from))
-        .collect();
-    clients
-        .ec2
-        .deregister_image()
-        .image_id(image)
-        .send()
-        .await
-        .map_err(|e| aws::err("DeregisterImage", format!("image {image}"), e))?;
+    let out = clients.ec2.describe_images().image_ids(image).send().await.map_err(|e| aws::err("DescribeImages", format!("image {image}"), e))?;
+    let snapshots: Vec<String> =
+        out.images().iter().flat_map(|i| i.block_device_mappings()).filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(String::from)).collect();
+    clients.ec2.deregister_image().image_id(image).send().await.map_err(|e| aws::err("DeregisterImage", format!("image {image}"), e))?;
     for s in &snapshots {
-        clients
-            .ec2
-            .delete_snapshot()
-            .snapshot_id(s)
-            .send()
-            .await
-            .map_err(|e| aws::err("DeleteSnapshot", format!("snapshot {s}"), e))?;
+        clients.ec2.delete_snapshot().snapshot_id(s).send().await.map_err(|e| aws::err("DeleteSnapshot", format!("snapshot {s}"), e))?;
     }
     Ok(snapshots)
 }

@@ -1,5 +1,8 @@
 //! Renders the cloud-init user-data: askama templates for the text files, typed structs and
-//! serde_yaml for the YAML documents, deterministic to the byte.
+//! serde_yaml for the YAML documents, deterministic to the byte. Pure: no I/O, no AWS; the
+//! compose document lives in `compose`, the Chroma version facts in `crate::chroma`.
+
+pub mod compose;
 
 use std::io::Write;
 
@@ -8,9 +11,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::chroma::{self, Profile};
-use crate::compose::{self, ComposeFile, PullPolicy};
 use crate::config::{Config, StorageMode};
 use crate::error::{Error, Result};
+use compose::{ComposeFile, PullPolicy};
 
 /// EC2 accepts at most this many bytes of user-data, before base64.
 pub const USERDATA_LIMIT: usize = 16_384;
@@ -342,8 +345,7 @@ pub fn render(inputs: &Inputs) -> Result<Rendered> {
         // after a failed install.
         runcmd.push(vec!["bash".to_string(), "-c".to_string(), paths.join(" && ")]);
     }
-    let body = serde_yaml::to_string(&CloudConfigBody { write_files: files, runcmd })
-        .expect("cloud-config structs always serialise");
+    let body = serde_yaml::to_string(&CloudConfigBody { write_files: files, runcmd }).expect("cloud-config structs always serialise");
     let cloud_config = render_template(
         "cloud-config.yaml",
         &CloudConfigDoc {
@@ -381,9 +383,7 @@ fn deploy_notes(inputs: &Inputs) -> Vec<String> {
     let c = inputs.config;
     let efs = match &c.efs.file_system_id {
         Some(id) => format!("EFS file system {id} (from efs.file_system_id)"),
-        None => format!(
-            "EFS file system <read at boot from the instance tag {EFS_TAG}, set by the stack>"
-        ),
+        None => format!("EFS file system <read at boot from the instance tag {EFS_TAG}, set by the stack>"),
     };
     let region = match inputs.region {
         Some(r) => format!("region {r}"),

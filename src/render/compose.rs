@@ -128,28 +128,18 @@ pub fn heartbeat_probe(port: u16, path: &str) -> Vec<String> {
         "CMD".into(),
         "bash".into(),
         "-c".into(),
-        format!(
-            "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET {path} HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '"
-        ),
+        format!("exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET {path} HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '"),
     ]
 }
 
 pub fn build(config: &Config, profile: &Profile, region: Option<&str>, pull_policy: Option<PullPolicy>) -> ComposeFile {
     let port = config.chroma.port;
-    let mut environment: BTreeMap<String, String> = config
-        .chroma
-        .env
-        .iter()
-        .map(|(k, v)| (k.clone(), escape_interpolation(v)))
-        .collect();
+    let mut environment: BTreeMap<String, String> = config.chroma.env.iter().map(|(k, v)| (k.clone(), escape_interpolation(v))).collect();
     for (k, v) in profile.persistence_env {
         environment.insert((*k).into(), (*v).into());
     }
     let (data_volume, volumes) = match config.storage.mode {
-        StorageMode::EfsTls => (
-            ServiceVolume { kind: VolumeKind::Bind, source: host_data_dir(config), target: profile.data_dir.into() },
-            BTreeMap::new(),
-        ),
+        StorageMode::EfsTls => (ServiceVolume { kind: VolumeKind::Bind, source: host_data_dir(config), target: profile.data_dir.into() }, BTreeMap::new()),
         StorageMode::DockerNfs => {
             let driver_opts = BTreeMap::from([
                 ("type".to_string(), "nfs".to_string()),
@@ -179,10 +169,7 @@ pub fn build(config: &Config, profile: &Profile, region: Option<&str>, pull_poli
             start_period: "60s".into(),
         },
         stop_grace_period: "60s".into(),
-        logging: Logging {
-            driver: "json-file".into(),
-            options: BTreeMap::from([("max-size".into(), "10m".into()), ("max-file".into(), "5".into())]),
-        },
+        logging: Logging { driver: "json-file".into(), options: BTreeMap::from([("max-size".into(), "10m".into()), ("max-file".into(), "5".into())]) },
     };
     ComposeFile { services: BTreeMap::from([(SERVICE.to_string(), service)]), volumes }
 }

@@ -1,4 +1,12 @@
-//! `imgbuild.yaml`: the typed schema, its defaults, and a loader that reports every error.
+//! `imgbuild.yaml`: the typed schema, its defaults, a loader that reports every error with its
+//! line (`lines`), the syntax of every id a user types (names, regions, AMI and file system ids),
+//! and the validated [`Context`] commands work from (`plan`). Imports only `error` and the Chroma
+//! table: never render, AWS, or the command line.
+
+pub mod lines;
+mod plan;
+
+pub use plan::Context;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -6,8 +14,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::chroma;
+use crate::config::lines::LineIndex;
 use crate::error::{ConfigErrors, Error, FieldError, Result};
-use crate::yaml_lines::LineIndex;
 
 /// The file looked for in the working directory when `--config` is not given.
 pub const DEFAULT_FILE: &str = "imgbuild.yaml";
@@ -229,13 +237,7 @@ impl Config {
 
 impl Default for ChromaConfig {
     fn default() -> Self {
-        Self {
-            version: chroma::DEFAULT_VERSION.into(),
-            image: chroma::IMAGE_REPOSITORY.into(),
-            digest: None,
-            port: 8000,
-            env: BTreeMap::new(),
-        }
+        Self { version: chroma::DEFAULT_VERSION.into(), image: chroma::IMAGE_REPOSITORY.into(), digest: None, port: 8000, env: BTreeMap::new() }
     }
 }
 
@@ -345,11 +347,7 @@ pub fn load(explicit: Option<&Path>) -> Result<(Config, Source)> {
 pub fn parse(text: &str, file: &str) -> std::result::Result<Config, ConfigErrors> {
     let lines = LineIndex::new(text);
     let mut errors = Vec::new();
-    let at = |field: String, message: String| FieldError {
-        line: lines.line_of(&field),
-        field,
-        message,
-    };
+    let at = |field: String, message: String| FieldError { line: lines.line_of(&field), field, message };
 
     let mut value: serde_yaml::Value = match serde_yaml::from_str(text) {
         Ok(v) => v,
@@ -370,10 +368,7 @@ pub fn parse(text: &str, file: &str) -> std::result::Result<Config, ConfigErrors
                     .iter()
                     .map(|(field, line, first)| FieldError {
                         line: Some(*line),
-                        message: format!(
-                            "duplicate entry with key \"{}\" (first at line {first}); keep one",
-                            field.rsplit('.').next().unwrap_or(field)
-                        ),
+                        message: format!("duplicate entry with key \"{}\" (first at line {first}); keep one", field.rsplit('.').next().unwrap_or(field)),
                         field: field.clone(),
                     })
                     .collect()
@@ -385,10 +380,7 @@ pub fn parse(text: &str, file: &str) -> std::result::Result<Config, ConfigErrors
         value = serde_yaml::Value::Mapping(Default::default());
     }
     if !value.is_mapping() {
-        return Err(ConfigErrors {
-            file: file.into(),
-            errors: vec![at(String::new(), "the top level must be a mapping of settings".into())],
-        });
+        return Err(ConfigErrors { file: file.into(), errors: vec![at(String::new(), "the top level must be a mapping of settings".into())] });
     }
     for (field, message) in remove_non_text_keys(&mut value, "") {
         errors.push(at(field, message));
@@ -410,9 +402,10 @@ pub fn parse(text: &str, file: &str) -> std::result::Result<Config, ConfigErrors
                     let mut message = strip_location(&e.inner().to_string());
                     // serde_yaml words a wrong type on an enum as its own internals.
                     if message.contains("Value::Tagged enum")
-                        && let Some(names) = enum_names(&field) {
-                            message = format!("{}expected {names}", message.split("expected").next().unwrap_or_default());
-                        }
+                        && let Some(names) = enum_names(&field)
+                    {
+                        message = format!("{}expected {names}", message.split("expected").next().unwrap_or_default());
+                    }
                     errors.push(at(field.clone(), message));
                 }
                 aside.push(field.clone());
@@ -427,11 +420,7 @@ pub fn parse(text: &str, file: &str) -> std::result::Result<Config, ConfigErrors
     errors.extend(config.check().into_iter().map(|(field, message)| at(field, message)));
     // In file order, as a person reads them.
     errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.field.clone()));
-    if errors.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigErrors { file: file.into(), errors })
-    }
+    if errors.is_empty() { Ok(config) } else { Err(ConfigErrors { file: file.into(), errors }) }
 }
 
 /// Removes mapping keys that are not text (`8000: x`), returning each as (field, message).
@@ -487,9 +476,10 @@ impl Config {
             bad("name", m);
         }
         if let Some(region) = &self.region
-            && let Err(m) = check_region(region) {
-                bad("region", m);
-            }
+            && let Err(m) = check_region(region)
+        {
+            bad("region", m);
+        }
         match chroma::parse_version(&self.chroma.version) {
             Ok(v) => {
                 if let Err(m) = chroma::profile(&v) {
@@ -502,9 +492,10 @@ impl Config {
             bad("chroma.image", m);
         }
         if let Some(d) = &self.chroma.digest
-            && !is_sha256_digest(d) {
-                bad("chroma.digest", format!("`{d}` is not an image digest (expected sha256: followed by 64 lowercase hex digits)"));
-            }
+            && !is_sha256_digest(d)
+        {
+            bad("chroma.digest", format!("`{d}` is not an image digest (expected sha256: followed by 64 lowercase hex digits)"));
+        }
         if self.chroma.port == 0 {
             bad("chroma.port", "port 0 is not a port Chroma can listen on (use 1-65535; the default is 8000)".into());
         }
@@ -518,9 +509,10 @@ impl Config {
             bad("storage.mount_point", m);
         }
         if let Some(id) = &self.efs.file_system_id
-            && let Err(m) = check_file_system_id(id) {
-                bad("efs.file_system_id", m);
-            }
+            && let Err(m) = check_file_system_id(id)
+        {
+            bad("efs.file_system_id", m);
+        }
         if let Err(e) = semver::Version::parse(&self.compose.version) {
             bad("compose.version", format!("`{}` is not a compose release (expected MAJOR.MINOR.PATCH): {e}", self.compose.version));
         }
@@ -530,15 +522,18 @@ impl Config {
             }
         }
         if let Some(n) = &self.stack.name
-            && let Err(m) = check_name(n) {
-                bad("stack.name", m);
-            }
+            && let Err(m) = check_name(n)
+        {
+            bad("stack.name", m);
+        }
         if let Err(m) = check_instance_type(&self.stack.instance_type) {
             bad("stack.instance_type", m);
         }
         match parse_cidr(&self.stack.vpc_cidr) {
             Ok((_, prefix)) if (16..=20).contains(&prefix) => {}
-            Ok((_, prefix)) => bad("stack.vpc_cidr", format!("/{prefix} leaves too little room for the four subnets the stack carves (use a prefix from /16 to /20)")),
+            Ok((_, prefix)) => {
+                bad("stack.vpc_cidr", format!("/{prefix} leaves too little room for the four subnets the stack carves (use a prefix from /16 to /20)"))
+            }
             Err(m) => bad("stack.vpc_cidr", m),
         }
         if let Some(c) = &self.stack.allowed_client_cidr {
@@ -554,13 +549,15 @@ impl Config {
             bad("stack.log_retention_days", format!("{} is not a CloudWatch Logs retention period (one of {RETENTION:?})", self.stack.log_retention_days));
         }
         if let Some(ami) = &self.bake.base_ami
-            && let Err(m) = crate::images::check_ami_id(ami) {
-                bad("bake.base_ami", m);
-            }
+            && let Err(m) = check_ami_id(ami)
+        {
+            bad("bake.base_ami", m);
+        }
         if let Some(t) = &self.bake.instance_type
-            && let Err(m) = check_instance_type(t) {
-                bad("bake.instance_type", m);
-            }
+            && let Err(m) = check_instance_type(t)
+        {
+            bad("bake.instance_type", m);
+        }
         let given = [&self.bake.subnet_id, &self.bake.security_group_id, &self.bake.instance_profile, &self.bake.automation_role_arn];
         let n = given.iter().filter(|g| g.is_some()).count();
         if n != 0 && n != given.len() {
@@ -568,8 +565,12 @@ impl Config {
         }
         type IdCheck<'a> = (&'a str, &'a Option<String>, &'a str, fn(&str) -> bool);
         let id_checks: [IdCheck; 4] = [
-            ("bake.subnet_id", &self.bake.subnet_id, "a subnet id (subnet- followed by hex)", |v| v.strip_prefix("subnet-").is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))),
-            ("bake.security_group_id", &self.bake.security_group_id, "a security group id (sg- followed by hex)", |v| v.strip_prefix("sg-").is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))),
+            ("bake.subnet_id", &self.bake.subnet_id, "a subnet id (subnet- followed by hex)", |v| {
+                v.strip_prefix("subnet-").is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            }),
+            ("bake.security_group_id", &self.bake.security_group_id, "a security group id (sg- followed by hex)", |v| {
+                v.strip_prefix("sg-").is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            }),
             ("bake.instance_profile", &self.bake.instance_profile, "an instance profile name (letters, digits and +=,.@_-, at most 128)", |v| {
                 !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
             }),
@@ -579,9 +580,10 @@ impl Config {
         ];
         for (field, value, what, ok) in id_checks {
             if let Some(v) = value
-                && !ok(v) {
-                    bad(field, format!("`{v}` is not {what}"));
-                }
+                && !ok(v)
+            {
+                bad(field, format!("`{v}` is not {what}"));
+            }
         }
         if self.bake.timeout_secs < 600 {
             bad("bake.timeout_secs", format!("{}s is too short for a bake (at least 600)", self.bake.timeout_secs));
@@ -648,9 +650,7 @@ fn is_sha256_digest(s: &str) -> bool {
 /// CloudFormation stack names: a letter, then letters, digits and hyphens, at most 128
 /// characters. We stop at 100 so the names derived from it (`<name>-bake`, …) stay valid.
 pub fn check_name(name: &str) -> std::result::Result<(), String> {
-    let ok = name.len() <= 100
-        && name.starts_with(|c: char| c.is_ascii_alphabetic())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    let ok = name.len() <= 100 && name.starts_with(|c: char| c.is_ascii_alphabetic()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
     if ok {
         Ok(())
     } else {
@@ -668,6 +668,13 @@ pub fn check_region(region: &str) -> std::result::Result<(), String> {
         && parts[..parts.len() - 1].iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
         && parts[parts.len() - 1].parse::<u8>().is_ok();
     if ok { Ok(()) } else { Err(format!("`{region}` is not an AWS region code (such as us-east-1)")) }
+}
+
+pub fn check_ami_id(id: &str) -> std::result::Result<(), String> {
+    match id.strip_prefix("ami-") {
+        Some(hex) if (hex.len() == 8 || hex.len() == 17) && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => Ok(()),
+        _ => Err(format!("`{id}` is not an AMI id (ami- followed by 8 or 17 lowercase hex digits)")),
+    }
 }
 
 pub fn check_file_system_id(id: &str) -> std::result::Result<(), String> {
@@ -691,8 +698,7 @@ fn check_image_repository(image: &str) -> std::result::Result<(), String> {
 }
 
 fn check_env_key(key: &str) -> std::result::Result<(), String> {
-    let valid = key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let valid = key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid {
         return Err(format!("`{key}` is not an environment variable name (letters, digits and _, not starting with a digit)"));
     }
@@ -716,11 +722,7 @@ fn check_mount_point(path: &str) -> std::result::Result<(), String> {
         && !path.contains("//")
         && !path.split('/').any(|c| c == "..")
         && path.chars().all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("`{path}` is not a usable mount point (an absolute path of letters, digits, / _ . -, not / itself)"))
-    }
+    if ok { Ok(()) } else { Err(format!("`{path}` is not a usable mount point (an absolute path of letters, digits, / _ . -, not / itself)")) }
 }
 
 #[cfg(test)]

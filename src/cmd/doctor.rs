@@ -6,9 +6,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::aws::{self, Clients};
+use crate::bake::images;
+use crate::config::Context;
 use crate::error::{Error, Result};
-use crate::images;
-use crate::plan::Context;
 use crate::ui::Ui;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -74,12 +74,22 @@ pub async fn checks(conf: &aws_config::SdkConfig, clients: &Clients, ctx: &Conte
     let parameter = images::base_parameter(arch);
     match images::get_parameter(clients, parameter).await {
         Ok(Some(ami)) => out.push(ok("AL2023 image", format!("{parameter} = {ami}"))),
-        Ok(None) => out.push(problem("AL2023 image", Verdict::Fail, format!("{parameter} does not exist here"), "use a region with Amazon Linux 2023, or pin bake.base_ami and deploy --ami")),
+        Ok(None) => out.push(problem(
+            "AL2023 image",
+            Verdict::Fail,
+            format!("{parameter} does not exist here"),
+            "use a region with Amazon Linux 2023, or pin bake.base_ami and deploy --ami",
+        )),
         Err(e) => out.push(problem("AL2023 image", Verdict::Fail, e.to_string(), "allow ssm:GetParameter on /aws/service/ami-amazon-linux-latest/*")),
     }
     match images::get_parameter(clients, &images::handoff_parameter(config)).await {
         Ok(Some(ami)) => out.push(ok("baked image", format!("{ami} (deploy boots it)"))),
-        Ok(None) => out.push(problem("baked image", Verdict::Warn, "none handed over yet", "`imgbuild bake` for fast identical boots; without it deploy boots stock AL2023 with the full bootstrap")),
+        Ok(None) => out.push(problem(
+            "baked image",
+            Verdict::Warn,
+            "none handed over yet",
+            "`imgbuild bake` for fast identical boots; without it deploy boots stock AL2023 with the full bootstrap",
+        )),
         Err(e) => out.push(problem("baked image", Verdict::Warn, e.to_string(), "allow ssm:GetParameter on /imgbuild/*")),
     }
 
@@ -87,7 +97,12 @@ pub async fn checks(conf: &aws_config::SdkConfig, clients: &Clients, ctx: &Conte
     match &config.bake.subnet_id {
         Some(subnet) => match clients.ec2.describe_subnets().subnet_ids(subnet).send().await {
             Ok(s) if !s.subnets().is_empty() => out.push(ok("build subnet", format!("{subnet} (bake.subnet_id)"))),
-            Ok(_) | Err(_) => out.push(problem("build subnet", Verdict::Fail, format!("{subnet} does not exist here"), "fix bake.subnet_id, or remove the four bake.* prerequisites so bake makes them")),
+            Ok(_) | Err(_) => out.push(problem(
+                "build subnet",
+                Verdict::Fail,
+                format!("{subnet} does not exist here"),
+                "fix bake.subnet_id, or remove the four bake.* prerequisites so bake makes them",
+            )),
         },
         None => out.push(ok("build subnet", format!("bake makes its own (stack {}-bake) when first needed", config.name))),
     }
@@ -101,21 +116,38 @@ pub async fn checks(conf: &aws_config::SdkConfig, clients: &Clients, ctx: &Conte
     let eips = clients.ec2.describe_addresses().send().await.map(|a| a.addresses().len());
     match vpcs {
         // 5 VPCs per region is the default quota (L-F678F1CE); the stack adds one (bake's, two).
-        Ok(n) if n + 2 > 5 => out.push(problem("VPC quota", Verdict::Warn, format!("{n} VPCs in this region; the default quota is 5 and deploy (and bake's prerequisites) add one each"), "request more VPCs in Service Quotas (Amazon VPC, L-F678F1CE) or remove unused ones")),
+        Ok(n) if n + 2 > 5 => out.push(problem(
+            "VPC quota",
+            Verdict::Warn,
+            format!("{n} VPCs in this region; the default quota is 5 and deploy (and bake's prerequisites) add one each"),
+            "request more VPCs in Service Quotas (Amazon VPC, L-F678F1CE) or remove unused ones",
+        )),
         Ok(n) => out.push(ok("VPC quota", format!("{n} VPCs in use, room for the stack's"))),
         Err(e) => out.push(problem("VPC quota", Verdict::Warn, aws::err("DescribeVpcs", "this region", e).to_string(), "allow ec2:DescribeVpcs")),
     }
     match eips {
         // 5 Elastic IPs per region is the default quota (L-0263D0A3); each NAT gateway takes one.
-        Ok(n) if n + nats > 5 => out.push(problem("Elastic IP quota", Verdict::Warn, format!("{n} Elastic IPs in use; the stack needs {nats} more, the default quota is 5"), "request more in Service Quotas (Amazon EC2, L-0263D0A3), release unused addresses, or use stack.nat_gateways: one")),
+        Ok(n) if n + nats > 5 => out.push(problem(
+            "Elastic IP quota",
+            Verdict::Warn,
+            format!("{n} Elastic IPs in use; the stack needs {nats} more, the default quota is 5"),
+            "request more in Service Quotas (Amazon EC2, L-0263D0A3), release unused addresses, or use stack.nat_gateways: one",
+        )),
         Ok(n) => out.push(ok("Elastic IP quota", format!("{n} in use, the stack needs {nats}"))),
-        Err(e) => out.push(problem("Elastic IP quota", Verdict::Warn, aws::err("DescribeAddresses", "this region", e).to_string(), "allow ec2:DescribeAddresses")),
+        Err(e) => {
+            out.push(problem("Elastic IP quota", Verdict::Warn, aws::err("DescribeAddresses", "this region", e).to_string(), "allow ec2:DescribeAddresses"))
+        }
     }
     match crate::stack::describe(&clients.cfn, config.stack_name()).await {
         Ok(Some(s)) => {
             let status = crate::stack::status_of(&s);
             match crate::stack::phase(&status) {
-                crate::stack::Phase::Failed => out.push(problem("stack", Verdict::Warn, format!("{} is {status}", config.stack_name()), "see `imgbuild status`; a *_FAILED stack needs fixing in the CloudFormation console before deploy")),
+                crate::stack::Phase::Failed => out.push(problem(
+                    "stack",
+                    Verdict::Warn,
+                    format!("{} is {status}", config.stack_name()),
+                    "see `imgbuild status`; a *_FAILED stack needs fixing in the CloudFormation console before deploy",
+                )),
                 _ => out.push(ok("stack", format!("{} is {status}", config.stack_name()))),
             }
         }
@@ -126,8 +158,8 @@ pub async fn checks(conf: &aws_config::SdkConfig, clients: &Clients, ctx: &Conte
 }
 
 pub fn run(ctx: &Context, ui: Ui) -> Result<()> {
-    let findings = crate::remote::block_on(async {
-        let conf = match aws::load(ctx).await {
+    let findings = super::block_on(async {
+        let conf = match aws::load(&super::aws_settings(ctx)).await {
             Ok(c) => c,
             Err(Error::Invalid(m)) => {
                 return Ok(vec![problem("region", Verdict::Fail, m, "pass --region, set `region:` in imgbuild.yaml, or set AWS_REGION")]);
@@ -154,9 +186,5 @@ pub fn run(ctx: &Context, ui: Ui) -> Result<()> {
             }
         }
     }
-    if failed == 0 {
-        Ok(())
-    } else {
-        Err(Error::Tool(format!("doctor found {failed} problem(s) that stop a deploy; each says what to do")))
-    }
+    if failed == 0 { Ok(()) } else { Err(Error::Tool(format!("doctor found {failed} problem(s) that stop a deploy; each says what to do"))) }
 }

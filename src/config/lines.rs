@@ -44,9 +44,16 @@ impl LineIndex {
 }
 
 enum Frame {
-    Map { path: String, key: Option<String> },
+    Map {
+        path: String,
+        key: Option<String>,
+    },
     /// `start` is the byte offset where the sequence begins (its first `-` in block style).
-    Seq { path: String, index: usize, start: usize },
+    Seq {
+        path: String,
+        index: usize,
+        start: usize,
+    },
 }
 
 #[derive(Default)]

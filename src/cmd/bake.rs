@@ -1,0 +1,348 @@
+//! `imgbuild bake`: plan the recipe, reuse a cached image or run the automation, hand the image
+//! over (parameter, manifest, region copies). The domain steps live in `crate::bake`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use super::*;
+use crate::aws::{self, Clients};
+use crate::bake::images::{self};
+use crate::check::userdata as validate;
+use crate::cli::WaitArgs;
+use crate::config::{self, Context};
+use crate::error::{Error, Result};
+use crate::stack::changeset::{self, Cleanup, Confirm, TtyConfirmer};
+use crate::stack::template::Template;
+use crate::ui::Ui;
+use crate::ui::progress::Progress;
+
+/// The bake's prerequisites: given in the config, or the `<name>-bake` stack, deployed through
+/// the same engine as the product's stack when it is missing.
+async fn prereqs(clients: &Clients, ctx: &Context, progress: &Progress) -> Result<crate::bake::Prereqs> {
+    let b = &ctx.config.bake;
+    if let (Some(subnet), Some(sg), Some(profile), Some(role)) = (&b.subnet_id, &b.security_group_id, &b.instance_profile, &b.automation_role_arn) {
+        return Ok(crate::bake::Prereqs {
+            subnet_id: subnet.clone(),
+            security_group_id: sg.clone(),
+            instance_profile: profile.clone(),
+            automation_role_arn: role.clone(),
+        });
+    }
+    let name = format!("{}-bake", ctx.config.name);
+    let template = Template::parse(PREREQS_TEMPLATE, "infra/bake-prereqs.yaml")?;
+    template.check_policies()?;
+    let plan = changeset::Plan {
+        stack: name.clone(),
+        template_body: template.body()?,
+        parameters: BTreeMap::from([("ProjectName".to_string(), ctx.config.name.clone())]),
+        tags: BTreeMap::from([("imgbuild:project".to_string(), ctx.config.name.clone())]),
+        confirm: Confirm::Yes,
+        wait_if_busy: true,
+        waits: waits(&ctx.config, &WaitArgs { wait: true, timeout: None }),
+        token: run_token(),
+    };
+    progress.line(&format!("bake prerequisites: stack {name} (subnet with egress, security group, instance profile, automation role)"));
+    let cleanup = Cleanup::default();
+    let outcome = match changeset::run(clients, &plan, progress, &cleanup, &TtyConfirmer).await {
+        Ok(o) => o,
+        Err(e) => return Err(clean_after(clients, &cleanup, progress, e).await),
+    };
+    let get = |k: &str| {
+        outcome.outputs.get(k).cloned().ok_or_else(|| {
+            Error::Invalid(format!("stack {name} has no output {k}; give bake.subnet_id, security_group_id, instance_profile and automation_role_arn instead"))
+        })
+    };
+    Ok(crate::bake::Prereqs {
+        subnet_id: get("SubnetId")?,
+        security_group_id: get("SecurityGroupId")?,
+        instance_profile: get("InstanceProfileName")?,
+        automation_role_arn: get("AutomationRoleArn")?,
+    })
+}
+
+pub const PREREQS_TEMPLATE: &str = include_str!("../../infra/bake-prereqs.yaml");
+
+/// Everything bake does after the clients exist. `region` is the one the clients talk to.
+pub async fn bake_flow(
+    clients: &Clients,
+    region: &str,
+    args: &crate::cli::BakeArgs,
+    ctx: &Context,
+    ui: Ui,
+    interrupt: impl Future<Output = ()>,
+) -> Result<serde_json::Value> {
+    use crate::bake;
+    let config = &ctx.config;
+    tokio::pin!(interrupt);
+    // Every flag is checked before anything is looked up or made.
+    for r in &args.regions {
+        config::check_region(r).map_err(|m| Error::Invalid(format!("--regions: {m}")))?;
+    }
+    let profile = profile_of(config)?;
+    let progress = Progress::new(ui, "resolving the base image");
+    let manifest = bake::read_manifest(&config.bake.manifest)?;
+    // Until an execution starts nothing exists: Ctrl-C here just stops.
+    let (base, why) = tokio::select! {
+        r = bake::resolve_base(clients, config, region, manifest.as_ref(), args.update_base) => r?,
+        _ = &mut interrupt => return Err(Error::Interrupted { cleaned: Vec::new() }),
+    };
+    progress.line(&format!("base image {base} ({why})"));
+
+    let (script, compose_yaml) = bake::bake_script(config, profile)?;
+    let document = bake::document(&script)?;
+    let findings = crate::check::automation::check(&document);
+    if !findings.is_empty() {
+        let lines: Vec<String> = findings.iter().map(|f| format!("{}: {}", f.at, f.message)).collect();
+        return Err(Error::Validation(format!("{}: {}", bake::DOCUMENT_TEMPLATE_NAME, lines.join("; "))));
+    }
+    let report = validate::validate_script("bake.sh", &script, tools(&args.tools));
+    ui.report("bake script", &report);
+    if !report.ok() {
+        return Err(Error::Validation("the bake script failed shellcheck".into()));
+    }
+    let recipe = bake::Recipe {
+        format: bake::RECIPE_FORMAT,
+        base_ami: base.clone(),
+        arch: images::arch_of(config.bake_instance_type()),
+        image: crate::render::compose::image_reference(config),
+        compose_version: config.compose.version.clone(),
+        compose_sha256: BTreeMap::from([
+            ("aarch64".to_string(), config.compose.sha256.aarch64.clone()),
+            ("x86_64".to_string(), config.compose.sha256.x86_64.clone()),
+        ]),
+        bake_script: script.clone(),
+        compose_yaml,
+        document: document.clone(),
+    };
+    let digest = recipe.digest();
+    let cached = if args.force {
+        None
+    } else {
+        tokio::select! {
+            r = bake::find_cached(clients, &config.name, &digest) => r?,
+            _ = &mut interrupt => return Err(Error::Interrupted { cleaned: Vec::new() }),
+        }
+    };
+    progress.line(&format!(
+        "digest {digest}: {}",
+        match (&cached, args.force) {
+            (Some(i), _) => format!("image {} has it, nothing to build", i.image_id().unwrap_or("?")),
+            (None, true) => "--force: baking anyway".into(),
+            (None, false) => "no image has it yet".into(),
+        }
+    ));
+    let doc_name = bake::document_name(config);
+
+    if args.dry_run {
+        drop(progress);
+        let plan_doc = json!({
+            "ok": true,
+            "dry_run": true,
+            "base_ami": base,
+            "base_from": why,
+            "digest": digest,
+            "cached": cached.as_ref().and_then(|i| i.image_id()),
+            "document_name": doc_name,
+            "document": document,
+            "bake_script": script,
+        });
+        if !ui.json() {
+            ui.info(format!(
+                "--dry-run: would {} (document {doc_name}); the document follows on stdout",
+                if cached.is_some() { "reuse the cached image" } else { "bake" }
+            ));
+            print!("{document}");
+        }
+        return Ok(plan_doc);
+    }
+
+    let (ami, fresh) = match cached {
+        Some(image) => (image.image_id().unwrap_or_default().to_string(), false),
+        None => {
+            let pre = prereqs(clients, ctx, &progress).await?;
+            let (change, version) = bake::ensure_document(clients, &doc_name, &document, &config.name).await?;
+            progress.line(&format!("document {doc_name}: {change:?} (version {version})"));
+            let token = uuid_token();
+            let params = BTreeMap::from([
+                ("AutomationAssumeRole".to_string(), pre.automation_role_arn.clone()),
+                ("BaseAmiId".to_string(), base.clone()),
+                ("InstanceType".to_string(), config.bake_instance_type().to_string()),
+                ("SubnetId".to_string(), pre.subnet_id.clone()),
+                ("SecurityGroupId".to_string(), pre.security_group_id.clone()),
+                ("InstanceProfileName".to_string(), pre.instance_profile.clone()),
+                ("ImageName".to_string(), format!("imgbuild-{}-{}-{}", config.name, &digest[7..19], run_token().split('-').next().unwrap_or("0"))),
+                ("Digest".to_string(), digest.clone()),
+                ("BakeToken".to_string(), token.clone()),
+                ("ProjectName".to_string(), config.name.clone()),
+                ("ChromaVersion".to_string(), config.chroma.version.clone()),
+                ("ChromaImage".to_string(), crate::render::compose::image_reference(config)),
+                ("ComposeVersion".to_string(), config.compose.version.clone()),
+            ]);
+            let record = bake::Record::default();
+            let timeout = Duration::from_secs(args.timeout.unwrap_or(config.bake.timeout_secs));
+            let poll = Duration::from_secs(config.aws.poll_interval_secs);
+            // Someone already baking this digest: follow that execution instead of a second one
+            // (it is theirs: an interrupt here does not stop it).
+            let joined = if args.force { None } else { bake::running_with_digest(clients, &doc_name, &digest).await? };
+            let result = tokio::select! {
+                r = async {
+                    let id = match &joined {
+                        Some(id) => {
+                            progress.line(&format!("execution {id} is already baking this digest: following it"));
+                            id.clone()
+                        }
+                        None => {
+                            let id = bake::start(clients, &doc_name, &version, params, &token, &record).await?;
+                            progress.line(&format!("automation execution {id} started"));
+                            id
+                        }
+                    };
+                    // What a joined execution makes is not ours to clean up.
+                    let mine = if joined.is_some() { bake::Record::default() } else { record.clone() };
+                    bake::follow(clients, &id, timeout, poll, &progress, &mine).await
+                } => r,
+                _ = &mut interrupt => Err(Error::Interrupted { cleaned: Vec::new() }),
+            };
+            match result {
+                Ok(ami) => {
+                    record.lock().expect("bake record").finished = true;
+                    if args.force {
+                        // A forced rebuild replaces the digest's image rather than losing to it.
+                        for old in bake::supersede(clients, &config.name, &digest, &ami).await? {
+                            progress.line(&format!("{old} had this digest; it is marked superseded by {ami} (not deleted)"));
+                        }
+                        (ami, true)
+                    } else {
+                        (bake::settle_duplicates(clients, &config.name, &digest, &ami, &progress).await?, true)
+                    }
+                }
+                Err(e) => {
+                    let cleanup_waits = crate::stack::Waits { timeout: Duration::from_secs(600), poll };
+                    let cleaned = bake::clean_up(&clients.for_cleanup(), &record, &token, cleanup_waits, &progress).await;
+                    return Err(match e {
+                        Error::Interrupted { .. } => Error::Interrupted { cleaned },
+                        other => {
+                            for c in cleaned {
+                                progress.line(&format!("cleanup: {c}"));
+                            }
+                            other
+                        }
+                    });
+                }
+            }
+        }
+    };
+
+    let parameter = bake::hand_off(clients, config, &ami).await?;
+    progress.line(&format!("{parameter} = {ami}"));
+    let mut copies = BTreeMap::new();
+    let mut regions: Vec<String> = config.bake.regions.iter().chain(args.regions.iter()).cloned().collect();
+    regions.sort();
+    regions.dedup();
+    regions.retain(|r| r != region);
+    for r in &regions {
+        config::check_region(r).map_err(|m| Error::Invalid(format!("--regions: {m}")))?;
+        let copy = copy_to(ctx, &ami, region, r, &digest, &progress).await?;
+        copies.insert(r.clone(), copy);
+    }
+    let manifest = bake::Manifest {
+        name: config.name.clone(),
+        region: region.to_string(),
+        ami: ami.clone(),
+        digest: digest.clone(),
+        base_ami: base.clone(),
+        arch: recipe.arch,
+        chroma_version: config.chroma.version.clone(),
+        image: recipe.image.clone(),
+        time: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
+        cached: !fresh,
+        copies,
+    };
+    let text = serde_json::to_string_pretty(&manifest).expect("manifests serialise") + "\n";
+    super::write_file(std::path::Path::new(&config.bake.manifest), text.as_bytes())?;
+    drop(progress);
+    ui.info(format!("{} {ami} (digest {digest}); manifest {}", if fresh { "baked" } else { "reused" }, config.bake.manifest));
+    Ok(json!({ "ok": true, "ami": ami, "cached": !fresh, "digest": digest, "base_ami": base, "parameter": parameter, "manifest": manifest }))
+}
+
+async fn clients_in(ctx: &Context, region: &str) -> Result<Clients> {
+    let mut there = ctx.clone();
+    there.region = Some(region.to_string());
+    Ok(Clients::from_conf(&aws::load(&aws_settings(&there)).await?))
+}
+
+/// Copies the image into another region (or finds the copy made before), waits until it is
+/// available, and points that region's handoff parameter at it.
+async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, progress: &Progress) -> Result<String> {
+    let clients = clients_in(ctx, to).await?;
+    let copy = match crate::bake::find_cached(&clients, &ctx.config.name, digest).await? {
+        Some(i) => i.image_id().unwrap_or_default().to_string(),
+        None => {
+            let out = clients
+                .ec2
+                .copy_image()
+                .source_image_id(ami)
+                .source_region(from)
+                .name(format!("imgbuild-{}-{}", ctx.config.name, &digest[7..19]))
+                .copy_image_tags(true)
+                .encrypted(true)
+                .send()
+                .await
+                .map_err(|e| aws::err("CopyImage", format!("image {ami} to {to}"), e))?;
+            let copy = out.image_id().unwrap_or_default().to_string();
+            // The digest tag is what finds this copy next time: set the source's tags
+            // explicitly rather than trusting CopyImageTags alone.
+            let source = clients_in(ctx, from).await?;
+            let described = source.ec2.describe_images().image_ids(ami).send().await.map_err(|e| aws::err("DescribeImages", format!("image {ami}"), e))?;
+            let tags: Vec<aws_sdk_ec2::types::Tag> = described.images().iter().flat_map(|i| i.tags()).cloned().collect();
+            if !tags.is_empty() {
+                clients
+                    .ec2
+                    .create_tags()
+                    .resources(&copy)
+                    .set_tags(Some(tags))
+                    .send()
+                    .await
+                    .map_err(|e| aws::err("CreateTags", format!("image {copy} in {to}"), e))?;
+            }
+            copy
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(ctx.config.bake.timeout_secs);
+    loop {
+        let out = clients.ec2.describe_images().image_ids(&copy).send().await.map_err(|e| aws::err("DescribeImages", format!("image {copy} in {to}"), e))?;
+        match out.images().first().and_then(|i| i.state()).map(|s| s.as_str()) {
+            Some("available") => break,
+            Some("failed") | Some("error") | Some("invalid") => return Err(Error::Tool(format!("the copy {copy} in {to} failed"))),
+            _ if std::time::Instant::now() > deadline => {
+                return Err(Error::Timeout {
+                    what: format!("copy {copy} in {to}"),
+                    secs: ctx.config.bake.timeout_secs,
+                    hint: "it goes on in EC2; bake again to finish the handoff".into(),
+                });
+            }
+            s => progress.set(&format!("copy {copy} in {to}: {}", s.unwrap_or("pending"))),
+        }
+        tokio::time::sleep(Duration::from_secs(ctx.config.aws.poll_interval_secs)).await;
+    }
+    let parameter = crate::bake::hand_off(&clients, &ctx.config, &copy).await?;
+    progress.line(&format!("{to}: {copy}, {parameter} set"));
+    Ok(copy)
+}
+
+pub(super) fn bake(args: crate::cli::BakeArgs, ctx: &Context, ui: Ui) -> Result<()> {
+    let doc = block_on(async {
+        let interrupt = interrupt_listener()?;
+        let conf = aws::load(&aws_settings(ctx)).await?;
+        let region = conf.region().map(|r| r.to_string()).unwrap_or_default();
+        let clients = Clients::from_conf(&conf);
+        bake_flow(&clients, &region, &args, ctx, ui, interrupt).await
+    })?;
+    if ui.json() {
+        ui.emit_json(&doc);
+    }
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! `imgbuild images list` and `images prune`: the project's images and their removal.
+
+use serde_json::json;
+
+use super::*;
+use crate::bake::images::{self};
+use crate::config::Context;
+use crate::error::{Error, Result};
+use crate::stack::changeset::{Confirmer, TtyConfirmer};
+use crate::ui::Ui;
+
+pub(super) fn images_cmd(cmd: crate::cli::ImagesCommand, ctx: &Context, ui: Ui) -> Result<()> {
+    use crate::cli::ImagesCommand;
+    let config = ctx.config.clone();
+    let doc = with_clients(ctx, |clients| async move {
+        let rows = images::list(&clients, &config).await?;
+        match cmd {
+            ImagesCommand::List => {
+                if !ui.json() {
+                    if rows.is_empty() {
+                        ui.info(format!("no images of project {} (run `imgbuild bake`)", config.name));
+                    }
+                    for r in &rows {
+                        ui.info(format!(
+                            "{}  {}  {:<9}  Chroma {:<7}  {}{}",
+                            r.ami,
+                            r.created,
+                            r.state,
+                            r.chroma_version.as_deref().unwrap_or("?"),
+                            r.digest.as_deref().map(|d| &d[..d.len().min(19)]).unwrap_or("no digest"),
+                            if r.in_use.is_empty() { String::new() } else { format!("  in use: {}", r.in_use.join(", ")) }
+                        ));
+                    }
+                }
+                Ok(json!({ "ok": true, "images": rows }))
+            }
+            ImagesCommand::Prune(p) => {
+                let doomed: Vec<images::Row> = images::prune_plan(&rows, p.keep).into_iter().cloned().collect();
+                let kept_in_use = rows.iter().skip(p.keep).filter(|r| !r.in_use.is_empty()).count();
+                for r in &doomed {
+                    ui.info(format!("{} {} ({}, snapshots {})", if p.dry_run { "would prune" } else { "prune" }, r.ami, r.created, r.snapshots.join(", ")));
+                }
+                if kept_in_use > 0 {
+                    ui.info(format!("keeping {kept_in_use} older image(s) that are in use"));
+                }
+                if doomed.is_empty() || p.dry_run {
+                    return Ok(json!({ "ok": true, "dry_run": p.dry_run, "pruned": [], "would_prune": doomed }));
+                }
+                if !p.yes && !TtyConfirmer.confirm(&format!("Deregister {} image(s) and delete their snapshots?", doomed.len())).await? {
+                    return Err(Error::Invalid("not confirmed: nothing was pruned".into()));
+                }
+                let mut pruned = Vec::new();
+                for r in &doomed {
+                    let snaps = crate::bake::deregister(&clients, &r.ami).await?;
+                    ui.info(format!("deregistered {} and deleted {}", r.ami, if snaps.is_empty() { "no snapshots".to_string() } else { snaps.join(", ") }));
+                    pruned.push(json!({ "ami": r.ami, "snapshots": snaps }));
+                }
+                Ok(json!({ "ok": true, "pruned": pruned }))
+            }
+        }
+    })?;
+    if ui.json() {
+        ui.emit_json(&doc);
+    }
+    Ok(())
+}

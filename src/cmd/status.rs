@@ -1,0 +1,58 @@
+//! `imgbuild status`: the stack's state, outputs, events and targets, as text or JSON.
+
+use serde_json::json;
+
+use super::*;
+use crate::cli::StatusArgs;
+use crate::config::Context;
+use crate::error::Result;
+use crate::ui::Ui;
+
+pub(super) fn status(args: StatusArgs, ctx: &Context, ui: Ui) -> Result<()> {
+    let name = ctx.config.stack_name().to_string();
+    let st = with_clients(ctx, |clients| async move { crate::stack::ops::status(&clients, &name, args.events).await })?;
+    if ui.json() {
+        ui.emit_json(&json!({ "ok": true, "status": st }));
+        return Ok(());
+    }
+    if !st.exists {
+        ui.info(format!("stack {} is not deployed (run `imgbuild deploy`)", st.stack));
+        return Ok(());
+    }
+    ui.info(format!(
+        "stack {}: {}{} (last change {})",
+        st.stack,
+        st.status.as_deref().unwrap_or("?"),
+        st.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default(),
+        st.updated.as_deref().unwrap_or("?")
+    ));
+    print_outputs(ui, &st.outputs);
+    if !st.targets.is_empty() {
+        ui.info("instances behind the load balancer:");
+        for t in &st.targets {
+            ui.info(format!(
+                "  {}  target {}{}  instance {}  {} {}",
+                t.instance_id,
+                t.health,
+                t.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
+                t.instance_state.as_deref().unwrap_or("?"),
+                t.instance_type.as_deref().unwrap_or(""),
+                t.image_id.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    if !st.events.is_empty() {
+        ui.info("recent events (newest first):");
+        for e in &st.events {
+            ui.info(format!(
+                "  {}  {:<28} {} ({}){}",
+                e.time,
+                e.status,
+                e.logical_id,
+                e.resource_type,
+                e.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+            ));
+        }
+    }
+    Ok(())
+}
