@@ -8,6 +8,7 @@ mod bake_moto;
 mod cli;
 mod corpus;
 mod faults;
+mod fleet;
 mod fuzz;
 mod interrupt;
 mod layers;

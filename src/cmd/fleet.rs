@@ -1,0 +1,675 @@
+//! `imgbuild fleet deploy | status | destroy`: the stack in many accounts and regions through one
+//! CloudFormation StackSet (`stack::fleet`). Deploy renders the user-data once (it reads every
+//! deploy-time value from instance metadata, so one template serves every instance), checks that
+//! each region has the baked image, shares it with other accounts (`bake::share`), shows what each
+//! target gets, asks, and runs one StackSet operation at a time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+
+use base64::Engine;
+use serde::Serialize;
+use serde_json::json;
+
+use super::*;
+use crate::aws::{self, Clients};
+use crate::bake::images::{self, Choice, Source};
+use crate::bake::share;
+use crate::check::userdata as validate;
+use crate::cli::{FleetCommand, FleetDeployArgs, FleetDestroyArgs, FleetStatusArgs, FleetTargetArgs};
+use crate::config::{Amount, Context, PermissionModel, RegionConcurrency, check_account_id, check_region};
+use crate::error::{Error, Result};
+use crate::render::{self, Format, Inputs, Mode};
+use crate::stack::Waits;
+use crate::stack::changeset::{Confirmer, TtyConfirmer};
+use crate::stack::fleet::{self, Action, Calls, Instance, OperationOutcome, Override, Permission, Prefs, Spec, TargetPlan};
+use crate::stack::template::Template;
+use crate::ui::Ui;
+use crate::ui::progress::Progress;
+
+pub(super) fn fleet_cmd(cmd: FleetCommand, ctx: &Context, ui: Ui) -> Result<()> {
+    let doc = block_on(async {
+        let interrupt = interrupt_listener()?;
+        let conf = aws::load(&aws_settings(ctx)).await?;
+        let clients = Clients::from_conf(&conf);
+        match cmd {
+            FleetCommand::Deploy(args) => fleet_deploy_flow(&clients, &args, ctx, ui, &TtyConfirmer, interrupt).await,
+            FleetCommand::Status(args) => fleet_status_flow(&clients, &args, ctx, ui).await,
+            FleetCommand::Destroy(args) => fleet_destroy_flow(&clients, &args, ctx, ui, &TtyConfirmer, interrupt).await,
+        }
+    })?;
+    if ui.json() {
+        ui.emit_json(&doc);
+    }
+    Ok(())
+}
+
+/// The same clients, talking to another region (same credentials and endpoint).
+pub fn clients_in(c: &Clients, region: &str) -> Clients {
+    let r = aws_sdk_cloudformation::config::Region::new(region.to_string());
+    Clients {
+        cfn: aws_sdk_cloudformation::Client::from_conf(c.cfn.config().to_builder().region(r.clone()).build()),
+        ec2: aws_sdk_ec2::Client::from_conf(c.ec2.config().to_builder().region(r.clone()).build()),
+        efs: aws_sdk_efs::Client::from_conf(c.efs.config().to_builder().region(r.clone()).build()),
+        ssm: aws_sdk_ssm::Client::from_conf(c.ssm.config().to_builder().region(r.clone()).build()),
+        elb: aws_sdk_elasticloadbalancingv2::Client::from_conf(c.elb.config().to_builder().region(r.clone()).build()),
+        apigw: aws_sdk_apigateway::Client::from_conf(c.apigw.config().to_builder().region(r).build()),
+    }
+}
+
+/// The fleet's name, targets and preferences: the flags over the config, each checked.
+struct Fleet {
+    name: String,
+    permission: Permission,
+    accounts: Vec<String>,
+    organizational_units: Vec<String>,
+    regions: Vec<String>,
+    prefs: Prefs,
+    waits: Waits,
+    notice: Option<String>,
+}
+
+fn resolve(ctx: &Context, t: &FleetTargetArgs) -> Result<Fleet> {
+    let f = &ctx.config.fleet;
+    let accounts = if t.accounts.is_empty() { f.accounts.clone() } else { t.accounts.clone() };
+    let organizational_units = if t.organizational_units.is_empty() { f.organizational_units.clone() } else { t.organizational_units.clone() };
+    let regions = if t.regions.is_empty() { f.regions.clone() } else { t.regions.clone() };
+    for a in &accounts {
+        check_account_id(a).map_err(|m| Error::Invalid(format!("--accounts: {m}")))?;
+    }
+    for r in &regions {
+        check_region(r).map_err(|m| Error::Invalid(format!("--regions: {m}")))?;
+    }
+    let permission = match f.permission_model {
+        PermissionModel::SelfManaged => {
+            if !organizational_units.is_empty() {
+                return Err(Error::Invalid(
+                    "organizational units need fleet.permission_model: service-managed (a self-managed StackSet targets accounts)".into(),
+                ));
+            }
+            if accounts.is_empty() {
+                return Err(Error::Invalid("no target accounts: set fleet.accounts or pass --accounts".into()));
+            }
+            Permission::SelfManaged { administration_role_arn: f.administration_role_arn.clone(), execution_role_name: f.execution_role_name.clone() }
+        }
+        PermissionModel::ServiceManaged => {
+            if !accounts.is_empty() {
+                return Err(Error::Invalid(
+                    "a service-managed StackSet targets organizational units: set fleet.organizational_units or pass --organizational-units".into(),
+                ));
+            }
+            if organizational_units.is_empty() {
+                return Err(Error::Invalid("no target organizational units: set fleet.organizational_units or pass --organizational-units".into()));
+            }
+            Permission::ServiceManaged
+        }
+    };
+    if regions.is_empty() {
+        return Err(Error::Invalid("no target regions: set fleet.regions or pass --regions".into()));
+    }
+    let max = t.max_concurrent.as_deref().unwrap_or(&f.max_concurrent);
+    let tolerance = t.failure_tolerance.as_deref().unwrap_or(&f.failure_tolerance);
+    let max_concurrent = Amount::parse(max, 1).map_err(|m| Error::Invalid(format!("--max-concurrent: {m}")))?;
+    let failure_tolerance = Amount::parse(tolerance, 0).map_err(|m| Error::Invalid(format!("--failure-tolerance: {m}")))?;
+    // In the default STRICT_FAILURE_TOLERANCE mode CloudFormation runs at most the failure
+    // tolerance + 1 targets at once, whatever MaxConcurrentCount says
+    // (StackSetOperationPreferences, ConcurrencyMode): say so rather than let it surprise.
+    let notice = match (max_concurrent, failure_tolerance) {
+        (Amount::Count(m), Amount::Count(ft)) if m > ft + 1 => Some(format!(
+            "max concurrent {m} with a failure tolerance of {ft}: CloudFormation deploys at most {} target(s) at once per region (strict failure tolerance)",
+            ft + 1
+        )),
+        _ => None,
+    };
+    let parallel = t.parallel_regions || f.region_concurrency == RegionConcurrency::Parallel;
+    Ok(Fleet {
+        name: f.stack_set.clone().unwrap_or_else(|| ctx.config.stack_name().to_string()),
+        permission,
+        accounts,
+        organizational_units,
+        prefs: Prefs { max_concurrent, failure_tolerance, parallel_regions: parallel, region_order: regions.clone() },
+        regions,
+        waits: Waits {
+            timeout: std::time::Duration::from_secs(t.timeout.unwrap_or(ctx.config.aws.stack_timeout_secs)),
+            poll: std::time::Duration::from_secs(ctx.config.aws.poll_interval_secs),
+        },
+        notice,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct RegionImage {
+    region: String,
+    image: String,
+    parameter: String,
+}
+
+/// The baked image of each region, from the parameter `bake --regions` writes there.
+async fn region_images(clients: &Clients, ctx: &Context, regions: &[String]) -> Result<Vec<RegionImage>> {
+    let parameter = images::handoff_parameter(&ctx.config);
+    let mut out = Vec::new();
+    for r in regions {
+        let image = images::get_parameter(&clients_in(clients, r), &parameter).await?.ok_or_else(|| {
+            Error::Invalid(format!(
+                "region {r} has no baked image: {parameter} does not exist there. Run `imgbuild bake --regions {r}` (it copies the image and writes the parameter)"
+            ))
+        })?;
+        out.push(RegionImage { region: r.clone(), image, parameter: parameter.clone() });
+    }
+    Ok(out)
+}
+
+/// The parameter overrides each (account, region) should have; targets with none are absent.
+/// `image_by_region`: set when the fleet spans accounts, where the handoff parameter does not
+/// exist and the shared image id goes in ImageId instead.
+fn desired_overrides(
+    ctx: &Context,
+    declared: &[String],
+    accounts: &[String],
+    regions: &[String],
+    image_by_region: Option<&BTreeMap<String, String>>,
+) -> BTreeMap<(String, String), BTreeMap<String, String>> {
+    let mut out: BTreeMap<(String, String), BTreeMap<String, String>> = BTreeMap::new();
+    for region in regions {
+        for account in accounts {
+            let mut m = BTreeMap::new();
+            if let Some(images) = image_by_region
+                && let Some(ami) = images.get(region)
+                && declared.iter().any(|d| d == "ImageId")
+            {
+                m.insert("ImageId".to_string(), ami.clone());
+            }
+            for o in &ctx.config.fleet.overrides {
+                let hits = o.accounts.contains(account) && (o.regions.is_empty() || o.regions.contains(region));
+                if hits
+                    && let Some(c) = &o.allowed_client_cidr
+                    && declared.iter().any(|d| d == "AllowedClientCidr")
+                {
+                    m.insert("AllowedClientCidr".to_string(), c.clone());
+                }
+            }
+            if !m.is_empty() {
+                out.insert((account.clone(), region.clone()), m);
+            }
+        }
+    }
+    out
+}
+
+/// Overrides grouped into as few UpdateStackInstances calls as possible: per region, the
+/// accounts that want the same values.
+fn override_groups(wanted: &BTreeMap<(String, String), BTreeMap<String, String>>, only: &BTreeSet<(String, String)>) -> Vec<Override> {
+    type Values = Vec<(String, String)>;
+    let mut groups: BTreeMap<(String, Values), Vec<String>> = BTreeMap::new();
+    for ((account, region), params) in wanted {
+        if !only.contains(&(account.clone(), region.clone())) {
+            continue;
+        }
+        let key = (region.clone(), params.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        groups.entry(key).or_default().push(account.clone());
+    }
+    groups.into_iter().map(|((region, params), accounts)| Override { accounts, regions: vec![region], parameters: params.into_iter().collect() }).collect()
+}
+
+async fn follow(clients: &Clients, f: &Fleet, op: String, progress: &Progress, calls: &mut Calls, ui: Ui) -> Result<OperationOutcome> {
+    let outcome = fleet::wait_operation(&clients.cfn, &f.name, &op, f.waits, progress, calls).await?;
+    if let Some(e) = fleet::failure(&f.name, &outcome) {
+        return Err(e);
+    }
+    // Within the tolerance, the operation succeeds with some targets failed: say which.
+    for r in outcome.failed_targets() {
+        ui.warn(format!("{} in {} failed (within the failure tolerance): {}", r.account, r.region, r.reason.as_deref().unwrap_or("no reason given")));
+    }
+    progress.line(&format!("stack set {}: {} {} ({} target(s))", f.name, outcome.action, outcome.status, outcome.results.len()));
+    Ok(outcome)
+}
+
+/// Everything `fleet deploy` does once the clients exist; `interrupt` resolves on Ctrl-C.
+pub async fn fleet_deploy_flow(
+    clients: &Clients,
+    args: &FleetDeployArgs,
+    ctx: &Context,
+    ui: Ui,
+    confirmer: &dyn Confirmer,
+    interrupt: impl Future<Output = ()>,
+) -> Result<serde_json::Value> {
+    let f = resolve(ctx, &args.targets)?;
+    let config = &ctx.config;
+    let progress = Progress::new(ui, &format!("planning stack set {}", f.name));
+    tokio::pin!(interrupt);
+    if let Some(n) = &f.notice {
+        ui.warn(n);
+    }
+
+    // One user-data for every instance: baked mode, no region (read at boot from metadata).
+    let inputs = Inputs::new(config, None, Mode::Baked, Format::CloudConfig, true)?;
+    let rendered = render::render(&inputs)?;
+    let report = validate::validate(&rendered, config, inputs.profile, tools(&args.tools));
+    ui.report("user-data", &report);
+    if !report.ok() {
+        let names: Vec<_> = report.failures().map(|c| c.name.clone()).collect();
+        return Err(Error::Validation(format!("the user-data for this fleet failed: {}", names.join(", "))));
+    }
+    let mut template = Template::load(args.template.as_deref())?;
+    template.set_user_data(&base64::engine::general_purpose::STANDARD.encode(&rendered.output));
+    template.check_policies()?;
+    let declared = template.parameter_names();
+
+    let images = region_images(clients, ctx, &f.regions).await?;
+    let set = fleet::describe_set(&clients.cfn, &f.name).await?;
+    let instances = match &set {
+        Some(_) => fleet::list_instances(&clients.cfn, &f.name).await?,
+        None => Vec::new(),
+    };
+    // The image owner is the account that baked it; any other target account needs it shared.
+    let owner = share::owner(&clients_in(clients, &images[0].region), &images[0].image).await?;
+    let other_accounts: Vec<String> = match f.permission {
+        Permission::SelfManaged { .. } => f.accounts.iter().filter(|a| Some(a.as_str()) != owner.as_deref()).cloned().collect(),
+        Permission::ServiceManaged => {
+            let mut known: Vec<String> = instances.iter().map(|i| i.account.clone()).filter(|a| Some(a.as_str()) != owner.as_deref()).collect();
+            known.sort();
+            known.dedup();
+            known
+        }
+    };
+    let cross_account = !other_accounts.is_empty() || f.permission == Permission::ServiceManaged;
+    if cross_account && config.bake.kms_key_id.is_none() {
+        return Err(Error::Invalid(
+            "the fleet spans accounts, and an image encrypted with the AWS managed aws/ebs key cannot be shared with another account: \
+             set bake.kms_key_id to a customer-managed KMS key (and bake again) before a cross-account fleet deploy"
+                .into(),
+        ));
+    }
+
+    let choice = Choice { ami: String::new(), source: Source::Baked { parameter: images[0].parameter.clone() }, mode: Mode::Baked };
+    let mut parameters = stack_parameters(&template, config, &choice)?;
+    if declared.iter().any(|d| d == "ImageParameter") {
+        parameters.insert("ImageParameter".into(), images[0].parameter.clone());
+    }
+    let image_by_region: BTreeMap<String, String> = images.iter().map(|i| (i.region.clone(), i.image.clone())).collect();
+    let spec = Spec {
+        name: f.name.clone(),
+        template_body: template.body()?,
+        parameters,
+        tags: BTreeMap::from([("imgbuild:project".to_string(), config.name.clone())]),
+        permission: f.permission.clone(),
+        accounts: f.accounts.clone(),
+        organizational_units: f.organizational_units.clone(),
+        regions: f.regions.clone(),
+        overrides: Vec::new(),
+        prefs: f.prefs.clone(),
+    };
+
+    // Overrides: known accounts only (a service-managed fleet's accounts are known once deployed).
+    let override_accounts: Vec<String> = match f.permission {
+        Permission::SelfManaged { .. } => f.accounts.clone(),
+        Permission::ServiceManaged => instances.iter().map(|i| i.account.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
+    };
+    let wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, cross_account.then_some(&image_by_region));
+    let existing: BTreeSet<(String, String)> = instances.iter().map(|i| (i.account.clone(), i.region.clone())).collect();
+    // Only instances that exist and have overrides wanted are asked what they have now.
+    let mut changed_overrides = BTreeSet::new();
+    for ((account, region), want) in &wanted {
+        if existing.contains(&(account.clone(), region.clone())) && fleet::instance_overrides(&clients.cfn, &f.name, account, region).await? != *want {
+            changed_overrides.insert((account.clone(), region.clone()));
+        }
+    }
+    let plan = fleet::plan(&spec, set.as_ref(), &instances, &changed_overrides);
+    for p in &plan {
+        let what = match p.action {
+            Action::Create => "+ create",
+            Action::Update => "~ update",
+            Action::NoChange => "  no change",
+        };
+        progress.line(&format!("{what}  {} in {}", p.target, p.region));
+    }
+    let set_changed = set.as_ref().is_none_or(|s| s.template_body != spec.template_body || s.parameters != spec.parameters);
+    let to_create: Vec<&TargetPlan> = plan.iter().filter(|p| p.action == Action::Create).collect();
+    let doc = |plan: &[TargetPlan], ops: &[OperationOutcome], executed: bool| {
+        json!({
+            "ok": true,
+            "stack_set": f.name,
+            "images": images,
+            "userdata_sha256": rendered.sha256(),
+            "executed": executed,
+            "targets": plan,
+            "operations": ops,
+        })
+    };
+    if plan.iter().all(|p| p.action == Action::NoChange) {
+        ui.info(format!("stack set {}: no changes", f.name));
+        return Ok(doc(&plan, &[], false));
+    }
+    if args.dry_run {
+        ui.info("dry run: nothing changed");
+        return Ok(doc(&plan, &[], false));
+    }
+    if !args.yes {
+        let n = |a: Action| plan.iter().filter(|p| p.action == a).count();
+        let question = format!(
+            "Stack set {}: create {} target(s), update {}, leave {} unchanged. Go ahead?",
+            f.name,
+            n(Action::Create),
+            n(Action::Update),
+            n(Action::NoChange)
+        );
+        progress.pause();
+        let yes = tokio::select! {
+            r = confirmer.confirm(&question) => r?,
+            _ = &mut interrupt => return Err(Error::Interrupted { cleaned: vec!["nothing: no operation was started".into()] }),
+        };
+        progress.resume();
+        if !yes {
+            return Err(Error::Invalid("not confirmed: nothing was changed".into()));
+        }
+    }
+
+    if cross_account {
+        let kms = config.bake.kms_key_id.as_deref().unwrap_or_default();
+        let grantees: Vec<String> = match f.permission {
+            Permission::SelfManaged { .. } => other_accounts.clone(),
+            // Organizations: the image goes to the organizational units themselves.
+            Permission::ServiceManaged => Vec::new(),
+        };
+        for img in &images {
+            progress.set(&format!("sharing {} in {} with the fleet", img.image, img.region));
+            share::share(&clients_in(clients, &img.region), &img.image, kms, &grantees, &f.organizational_units, owner.as_deref()).await?;
+        }
+    }
+
+    let mut calls = Calls::default();
+    let mut ops = Vec::new();
+    let token = run_token();
+    let run = async {
+        let mut n = 0;
+        let mut next_id = || {
+            n += 1;
+            format!("imgbuild-{token}-{n}")
+        };
+        if set.is_none() {
+            progress.set(&format!("creating stack set {}", f.name));
+            fleet::create_set(&clients.cfn, &spec, &token).await?;
+        } else if set_changed && !existing.is_empty() {
+            let op = fleet::update_set(&clients.cfn, &spec, &next_id()).await?;
+            ops.push(follow(clients, &f, op, &progress, &mut calls, ui).await?);
+        }
+        if !to_create.is_empty() {
+            // Self-managed: per set of missing regions, the accounts missing there (usually one
+            // call for every new target). Service-managed: the organizational units.
+            let mut groups: BTreeMap<Vec<String>, Vec<String>> = BTreeMap::new();
+            match f.permission {
+                Permission::SelfManaged { .. } => {
+                    for account in &f.accounts {
+                        let regions: Vec<String> = to_create.iter().filter(|p| &p.target == account).map(|p| p.region.clone()).collect();
+                        if !regions.is_empty() {
+                            groups.entry(regions).or_default().push(account.clone());
+                        }
+                    }
+                }
+                Permission::ServiceManaged => {
+                    let regions: BTreeSet<String> = to_create.iter().map(|p| p.region.clone()).collect();
+                    groups.insert(f.regions.iter().filter(|r| regions.contains(*r)).cloned().collect(), Vec::new());
+                }
+            }
+            for (regions, accounts) in groups {
+                progress.set(&format!("creating {} stack instance(s)", accounts.len().max(1) * regions.len()));
+                let op = fleet::create_instances(&clients.cfn, &spec, &accounts, &regions, &next_id()).await?;
+                ops.push(follow(clients, &f, op, &progress, &mut calls, ui).await?);
+            }
+        }
+        // Overrides for the new instances and for the ones whose overrides differ. A
+        // service-managed fleet's new accounts are known only now.
+        let mut wanted = wanted.clone();
+        let mut apply: BTreeSet<(String, String)> = changed_overrides.clone();
+        if !to_create.is_empty() {
+            let now = fleet::list_instances(&clients.cfn, &f.name).await?;
+            let accounts: Vec<String> = now.iter().map(|i| i.account.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+            wanted = desired_overrides(ctx, &declared, &accounts, &f.regions, cross_account.then_some(&image_by_region));
+            for i in &now {
+                if !existing.contains(&(i.account.clone(), i.region.clone())) {
+                    apply.insert((i.account.clone(), i.region.clone()));
+                }
+            }
+        }
+        for o in override_groups(&wanted, &apply) {
+            progress.set(&format!("setting parameter overrides on {} instance(s) in {}", o.accounts.len(), o.regions.join(",")));
+            let op = fleet::update_instances(&clients.cfn, &spec, &o, &next_id()).await?;
+            ops.push(follow(clients, &f, op, &progress, &mut calls, ui).await?);
+        }
+        Ok::<_, Error>(())
+    };
+    let result = tokio::select! {
+        r = run => r,
+        _ = &mut interrupt => Err(Error::Interrupted { cleaned: vec![format!(
+            "nothing: a started StackSet operation goes on in CloudFormation (follow it with `imgbuild fleet status`)"
+        )] }),
+    };
+    result?;
+    let took = progress.elapsed();
+    drop(progress);
+    ui.info(format!("stack set {}: {} operation(s) in {}s", f.name, ops.len(), took.as_secs()));
+    let mut d = doc(&plan, &ops, true);
+    d["calls"] = json!(calls);
+    Ok(d)
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct InstanceRow {
+    #[serde(flatten)]
+    instance: Instance,
+    /// The image the instance's stack was given: its ImageId override, else the image its
+    /// region's handoff parameter names.
+    image: Option<String>,
+}
+
+pub async fn fleet_status_flow(clients: &Clients, args: &FleetStatusArgs, ctx: &Context, ui: Ui) -> Result<serde_json::Value> {
+    let name = ctx.config.fleet.stack_set.clone().unwrap_or_else(|| ctx.config.stack_name().to_string());
+    let Some(set) = fleet::describe_set(&clients.cfn, &name).await? else {
+        ui.info(format!("stack set {name} does not exist (run `imgbuild fleet deploy`)"));
+        return Ok(json!({ "ok": true, "stack_set": name, "exists": false, "instances": [] }));
+    };
+    let mut drift_op = None;
+    if args.drift {
+        let progress = Progress::new(ui, &format!("detecting drift on stack set {name}"));
+        let prefs = Prefs {
+            max_concurrent: Amount::parse(&ctx.config.fleet.max_concurrent, 1).map_err(Error::Invalid)?,
+            failure_tolerance: Amount::parse(&ctx.config.fleet.failure_tolerance, 0).map_err(Error::Invalid)?,
+            parallel_regions: ctx.config.fleet.region_concurrency == RegionConcurrency::Parallel,
+            region_order: Vec::new(),
+        };
+        let waits = Waits {
+            timeout: std::time::Duration::from_secs(args.timeout.unwrap_or(ctx.config.aws.stack_timeout_secs)),
+            poll: std::time::Duration::from_secs(ctx.config.aws.poll_interval_secs),
+        };
+        let op = fleet::detect_drift(&clients.cfn, &name, &prefs, &format!("imgbuild-drift-{}", run_token())).await?;
+        let mut calls = Calls::default();
+        drift_op = Some(fleet::wait_operation(&clients.cfn, &name, &op, waits, &progress, &mut calls).await?);
+    }
+    let set = if args.drift { fleet::describe_set(&clients.cfn, &name).await?.unwrap_or(set) } else { set };
+    let instances = fleet::list_instances(&clients.cfn, &name).await?;
+    let last = fleet::last_operation(&clients.cfn, &name).await?;
+
+    // One GetParameter per region, not per instance.
+    let image_parameter = set.parameters.get("ImageParameter").cloned().filter(|p| !p.is_empty());
+    let mut by_region: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let set_image = set.parameters.get("ImageId").cloned().filter(|i| !i.is_empty());
+    for i in &instances {
+        if by_region.contains_key(&i.region) {
+            continue;
+        }
+        let image = match (&set_image, &image_parameter) {
+            (Some(id), _) => Some(id.clone()),
+            (None, Some(p)) => images::get_parameter(&clients_in(clients, &i.region), p).await?,
+            (None, None) => None,
+        };
+        by_region.insert(i.region.clone(), image);
+    }
+    let rows: Vec<InstanceRow> = instances.into_iter().map(|i| InstanceRow { image: by_region.get(&i.region).cloned().flatten(), instance: i }).collect();
+
+    ui.info(format!("stack set {name}: {}{}", set.status, set.drift_status.as_deref().map(|d| format!(", drift {d}")).unwrap_or_default()));
+    if let Some((id, action, status, reason)) = &last {
+        ui.info(format!("last operation: {action} {status} ({id}){}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()));
+    }
+    for r in &rows {
+        let i = &r.instance;
+        ui.info(format!(
+            "  {} {:<15} {:<9} {:<10} drift {:<11} image {}{}",
+            i.account,
+            i.region,
+            i.status,
+            i.detailed_status.as_deref().unwrap_or("?"),
+            i.drift_status.as_deref().unwrap_or("UNKNOWN"),
+            r.image.as_deref().unwrap_or("?"),
+            i.reason.as_deref().map(|x| format!(": {x}")).unwrap_or_default()
+        ));
+    }
+    let last_doc = last.map(|(id, action, status, reason)| json!({ "operation_id": id, "action": action, "status": status, "reason": reason }));
+    Ok(json!({
+        "ok": true,
+        "stack_set": name,
+        "exists": true,
+        "status": set.status,
+        "drift_status": set.drift_status,
+        "last_drift_check": set.last_drift_check,
+        "drift_detection": drift_op,
+        "last_operation": last_doc,
+        "instances": rows,
+    }))
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Kept {
+    account: String,
+    region: String,
+    /// The file system id, when its stack was readable from here (this account).
+    file_system: Option<String>,
+}
+
+/// The FileSystemId output of an instance's stack, when this account can read it.
+async fn file_system_of(clients: &Clients, i: &Instance) -> Option<String> {
+    let id = i.stack_id.as_deref()?;
+    let cfn = clients_in(clients, &i.region).cfn;
+    let s = crate::stack::describe(&cfn, id).await.ok()??;
+    crate::stack::outputs_of(&s).get("FileSystemId").cloned()
+}
+
+pub async fn fleet_destroy_flow(
+    clients: &Clients,
+    args: &FleetDestroyArgs,
+    ctx: &Context,
+    ui: Ui,
+    confirmer: &dyn Confirmer,
+    interrupt: impl Future<Output = ()>,
+) -> Result<serde_json::Value> {
+    let f = &ctx.config.fleet;
+    let name = f.stack_set.clone().unwrap_or_else(|| ctx.config.stack_name().to_string());
+    tokio::pin!(interrupt);
+    let Some(set) = fleet::describe_set(&clients.cfn, &name).await? else {
+        ui.info(format!("stack set {name} does not exist: nothing to destroy"));
+        return Ok(json!({ "ok": true, "stack_set": name, "existed": false, "kept": [] }));
+    };
+    let instances = fleet::list_instances(&clients.cfn, &name).await?;
+    let t = &args.targets;
+    let chosen: Vec<&Instance> = instances
+        .iter()
+        .filter(|i| t.accounts.is_empty() || t.accounts.contains(&i.account))
+        .filter(|i| t.regions.is_empty() || t.regions.contains(&i.region))
+        .filter(|i| t.organizational_units.is_empty() || i.organizational_unit.as_ref().is_some_and(|o| t.organizational_units.contains(o)))
+        .collect();
+    let everything = chosen.len() == instances.len() && t.organizational_units.is_empty();
+    if !args.yes {
+        let question = format!(
+            "Delete {} stack instance(s) of stack set {name}{}? (each EFS file system and its data are kept)",
+            chosen.len(),
+            if everything { ", then the stack set" } else { "" }
+        );
+        let yes = tokio::select! {
+            r = confirmer.confirm(&question) => r?,
+            _ = &mut interrupt => return Err(Error::Interrupted { cleaned: vec!["nothing: nothing was deleted".into()] }),
+        };
+        if !yes {
+            return Err(Error::Invalid("not confirmed: nothing was deleted".into()));
+        }
+    }
+    let progress = Progress::new(ui, &format!("destroying stack set {name}"));
+    let own = set.account().map(String::from);
+    let mut kept = Vec::new();
+    for i in &chosen {
+        // Another account's stack is not readable from here; its file system stays all the same.
+        let fs = if own.as_deref() == Some(i.account.as_str()) { file_system_of(clients, i).await } else { None };
+        kept.push(Kept { account: i.account.clone(), region: i.region.clone(), file_system: fs });
+    }
+    let prefs = Prefs {
+        max_concurrent: Amount::parse(t.max_concurrent.as_deref().unwrap_or(&f.max_concurrent), 1)
+            .map_err(|m| Error::Invalid(format!("--max-concurrent: {m}")))?,
+        failure_tolerance: Amount::parse(t.failure_tolerance.as_deref().unwrap_or(&f.failure_tolerance), 0)
+            .map_err(|m| Error::Invalid(format!("--failure-tolerance: {m}")))?,
+        parallel_regions: t.parallel_regions || f.region_concurrency == RegionConcurrency::Parallel,
+        region_order: Vec::new(),
+    };
+    let waits = Waits {
+        timeout: std::time::Duration::from_secs(t.timeout.unwrap_or(ctx.config.aws.stack_timeout_secs)),
+        poll: std::time::Duration::from_secs(ctx.config.aws.poll_interval_secs),
+    };
+    let permission = match f.permission_model {
+        PermissionModel::SelfManaged => Permission::SelfManaged { administration_role_arn: None, execution_role_name: None },
+        PermissionModel::ServiceManaged => Permission::ServiceManaged,
+    };
+    let fl = Fleet {
+        name: name.clone(),
+        permission: permission.clone(),
+        accounts: Vec::new(),
+        organizational_units: Vec::new(),
+        regions: Vec::new(),
+        prefs: prefs.clone(),
+        waits,
+        notice: None,
+    };
+    let mut calls = Calls::default();
+    let mut ops = Vec::new();
+    let token = run_token();
+    let run = async {
+        if !chosen.is_empty() {
+            let accounts: Vec<String> = chosen.iter().map(|i| i.account.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+            let regions: Vec<String> = chosen.iter().map(|i| i.region.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+            let ous: Vec<String> = if t.organizational_units.is_empty() {
+                chosen.iter().filter_map(|i| i.organizational_unit.clone()).collect::<BTreeSet<_>>().into_iter().collect()
+            } else {
+                t.organizational_units.clone()
+            };
+            let op = fleet::delete_instances(
+                &clients.cfn,
+                &name,
+                &permission,
+                &fleet::Targets { accounts, organizational_units: ous, regions },
+                &prefs,
+                &format!("imgbuild-{token}-delete"),
+            )
+            .await?;
+            ops.push(follow(clients, &fl, op, &progress, &mut calls, ui).await?);
+        }
+        if everything {
+            fleet::delete_set(&clients.cfn, &name).await?;
+            progress.line(&format!("stack set {name} deleted"));
+        }
+        Ok::<_, Error>(())
+    };
+    let result = tokio::select! {
+        r = run => r,
+        _ = &mut interrupt => Err(Error::Interrupted { cleaned: vec![format!(
+            "nothing: the deletion goes on in CloudFormation (follow it with `imgbuild fleet status`)"
+        )] }),
+    };
+    result?;
+    drop(progress);
+    for k in &kept {
+        match &k.file_system {
+            Some(fs) => ui.info(format!("kept EFS file system {fs} with the Chroma data in {} {} (the template retains it)", k.account, k.region)),
+            None => ui.info(format!(
+                "kept the EFS file system of {} in {} (the template retains it; its id is in that stack's FileSystemId output, readable from that account)",
+                k.account, k.region
+            )),
+        }
+    }
+    Ok(json!({ "ok": true, "stack_set": name, "existed": true, "deleted_stack_set": everything, "operations": ops, "kept": kept }))
+}
