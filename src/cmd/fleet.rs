@@ -315,14 +315,7 @@ pub async fn fleet_deploy_flow(
         }
     }
     let plan = fleet::plan(&spec, set.as_ref(), &instances, &changed_overrides);
-    for p in &plan {
-        let what = match p.action {
-            Action::Create => "+ create",
-            Action::Update => "~ update",
-            Action::NoChange => "  no change",
-        };
-        progress.line(&format!("{what}  {} in {}", p.target, p.region));
-    }
+    show_plan(&plan, &progress);
     let set_changed = set.as_ref().is_none_or(|s| s.template_body != spec.template_body || s.parameters != spec.parameters);
     let to_create: Vec<&TargetPlan> = plan.iter().filter(|p| p.action == Action::Create).collect();
     let doc = |plan: &[TargetPlan], ops: &[OperationOutcome], executed: bool| {
@@ -451,6 +444,33 @@ pub async fn fleet_deploy_flow(
     let mut d = doc(&plan, &ops, true);
     d["calls"] = json!(calls);
     Ok(d)
+}
+
+/// What each target gets: a line per target, or per region and action past a few targets, so a
+/// fleet of hundreds of accounts reads in a screen (`--output json` keeps every target).
+fn show_plan(plan: &[TargetPlan], progress: &Progress) {
+    const LISTED: usize = 10;
+    let mut groups: Vec<((&str, Action), Vec<&str>)> = Vec::new();
+    for p in plan {
+        match groups.iter_mut().find(|(k, _)| *k == (p.region.as_str(), p.action)) {
+            Some((_, v)) => v.push(&p.target),
+            None => groups.push(((&p.region, p.action), vec![&p.target])),
+        }
+    }
+    for ((region, action), targets) in groups {
+        let what = match action {
+            Action::Create => "+ create",
+            Action::Update => "~ update",
+            Action::NoChange => "  no change",
+        };
+        if targets.len() <= LISTED {
+            for t in targets {
+                progress.line(&format!("{what}  {t} in {region}"));
+            }
+        } else {
+            progress.line(&format!("{what}  {} targets in {region} ({}, ... {})", targets.len(), targets[0], targets[targets.len() - 1]));
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

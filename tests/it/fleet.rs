@@ -192,3 +192,58 @@ fn a_region_without_the_baked_image_is_refused_before_anything_changes() {
     });
     assert!(!exists, "no stack set was created");
 }
+
+/// `validate` refuses a fleet of several accounts without bake.kms_key_id, saying why: an image
+/// encrypted with the AWS managed `aws/ebs` key cannot be shared with another account ("Share an
+/// AMI with specific AWS accounts", Amazon EC2 User Guide). With a key it passes; an unquoted
+/// account id with a leading zero (a YAML number) keeps its 12 digits.
+#[test]
+fn validate_refuses_a_cross_account_fleet_without_a_customer_managed_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = "fleet:\n  accounts: [012345678901, 222222222222]\n  regions: [us-east-1]\n";
+    std::fs::write(dir.path().join("imgbuild.yaml"), fleet).unwrap();
+    let out = imgbuild(dir.path()).args(["validate", "--no-tools"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("`bake.kms_key_id`") && err.contains("aws/ebs") && err.contains("cannot be shared"), "{err}");
+
+    let key = "bake:\n  kms_key_id: arn:aws:kms:us-east-1:111111111111:key/1234abcd-12ab-34cd-56ef-1234567890ab\n";
+    std::fs::write(dir.path().join("imgbuild.yaml"), format!("{fleet}{key}")).unwrap();
+    let out = imgbuild(dir.path()).args(["validate", "--no-tools"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = imgbuild::config::parse(&format!("{fleet}{key}"), "t.yaml").unwrap();
+    assert_eq!(config.fleet.accounts, ["012345678901", "222222222222"]);
+
+    let aws_managed = "bake:\n  kms_key_id: alias/aws/ebs\n";
+    std::fs::write(dir.path().join("imgbuild.yaml"), format!("{fleet}{aws_managed}")).unwrap();
+    let out = imgbuild(dir.path()).args(["validate", "--no-tools"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("aws/ebs cannot be shared"));
+}
+
+/// Bad fleet input is a clear usage error (exit 2) naming the field, never a panic.
+#[test]
+fn bad_fleet_settings_name_their_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml =
+        "fleet:\n  accounts: [\"1234\"]\n  organizational_units: [ou-bad]\n  regions: [us-east-1, us-east-1]\n  max_concurrent: 0\n  failure_tolerance: 120%\n";
+    std::fs::write(dir.path().join("imgbuild.yaml"), yaml).unwrap();
+    let out = imgbuild(dir.path()).args(["validate", "--no-tools"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for field in [
+        "fleet.accounts[0]",
+        "fleet.organizational_units[0]",
+        "fleet.regions[1]",
+        "fleet.max_concurrent",
+        "fleet.failure_tolerance",
+        "fleet.organizational_units`",
+    ] {
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    // No targets: deploy says what to set, before any AWS call.
+    std::fs::write(dir.path().join("imgbuild.yaml"), "fleet:\n  regions: [us-east-1]\n").unwrap();
+    let out = imgbuild(dir.path()).args(["--endpoint-url", "http://127.0.0.1:9", "fleet", "deploy", "--yes"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no target accounts: set fleet.accounts or pass --accounts"));
+}

@@ -9,6 +9,7 @@ mod cli;
 mod corpus;
 mod faults;
 mod fleet;
+mod fleet_mocks;
 mod fuzz;
 mod interrupt;
 mod layers;
