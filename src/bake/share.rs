@@ -7,6 +7,7 @@
 use aws_sdk_ec2::types::{CreateVolumePermission, CreateVolumePermissionModifications, LaunchPermission, LaunchPermissionModifications, SnapshotAttributeName};
 
 use crate::aws::{self, Clients};
+use crate::config::OrgTarget;
 use crate::error::{Error, Result};
 
 /// The account that owns (baked) the image, as EC2 reports it.
@@ -25,19 +26,13 @@ fn same_key(snapshot_key: &str, configured: &str) -> bool {
     id(snapshot_key) == id(configured)
 }
 
-/// Shares `image` (in the clients' region) with `accounts`: launch permission, and
-/// create-volume permission on each of its EBS snapshots. `kms_key`: `bake.kms_key_id`; an
-/// encrypted snapshot under another key (such as aws/ebs) is refused before anything changes.
-pub async fn share(
-    clients: &Clients,
-    image: &str,
-    kms_key: &str,
-    accounts: &[String],
-    _organizational_units: &[String],
-    owner: Option<&str>,
-) -> Result<Vec<String>> {
+/// Shares `image` (in the clients' region) with `accounts` and `orgs`: launch permission, and
+/// for accounts create-volume permission on each of its EBS snapshots (ModifySnapshotAttribute
+/// takes account ids only). `kms_key`: `bake.kms_key_id`; an encrypted snapshot under another
+/// key (such as aws/ebs) is refused before anything changes.
+pub async fn share(clients: &Clients, image: &str, kms_key: &str, accounts: &[String], orgs: &[OrgTarget], owner: Option<&str>) -> Result<Vec<String>> {
     let accounts: Vec<String> = accounts.iter().filter(|a| Some(a.as_str()) != owner).cloned().collect();
-    if accounts.is_empty() {
+    if accounts.is_empty() && orgs.is_empty() {
         return Ok(Vec::new());
     }
     let out = clients.ec2.describe_images().image_ids(image).send().await.map_err(|e| aws::err("DescribeImages", format!("image {image}"), e))?;
@@ -65,6 +60,25 @@ pub async fn share(
                 _ => {}
             }
         }
+    }
+    if !orgs.is_empty() {
+        let mut perms = LaunchPermissionModifications::builder();
+        for o in orgs {
+            let p = if o.organization {
+                LaunchPermission::builder().organization_arn(&o.share_arn)
+            } else {
+                LaunchPermission::builder().organizational_unit_arn(&o.share_arn)
+            };
+            perms = perms.add(p.build());
+        }
+        clients
+            .ec2
+            .modify_image_attribute()
+            .image_id(image)
+            .launch_permission(perms.build())
+            .send()
+            .await
+            .map_err(|e| aws::err("ModifyImageAttribute", format!("image {image}"), e))?;
     }
     for chunk in accounts.chunks(100) {
         let mut perms = LaunchPermissionModifications::builder();

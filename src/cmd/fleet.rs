@@ -17,7 +17,7 @@ use crate::bake::images::{self, Choice, Source};
 use crate::bake::share;
 use crate::check::userdata as validate;
 use crate::cli::{FleetCommand, FleetDeployArgs, FleetDestroyArgs, FleetStatusArgs, FleetTargetArgs};
-use crate::config::{Amount, Context, PermissionModel, RegionConcurrency, check_account_id, check_region};
+use crate::config::{Amount, Context, OrgTarget, PermissionModel, RegionConcurrency, check_account_id, check_region, org_target};
 use crate::error::{Error, Result};
 use crate::render::{self, Format, Inputs, Mode};
 use crate::stack::Waits;
@@ -63,6 +63,8 @@ struct Fleet {
     permission: Permission,
     accounts: Vec<String>,
     organizational_units: Vec<String>,
+    /// The organizational units (or roots) to share the image with.
+    orgs: Vec<OrgTarget>,
     regions: Vec<String>,
     prefs: Prefs,
     waits: Waits,
@@ -104,6 +106,9 @@ fn resolve(ctx: &Context, t: &FleetTargetArgs) -> Result<Fleet> {
             Permission::ServiceManaged
         }
     };
+    let orgs =
+        organizational_units.iter().map(|o| org_target(o).map_err(|m| Error::Invalid(format!("organizational unit: {m}")))).collect::<Result<Vec<_>>>()?;
+    let organizational_units: Vec<String> = orgs.iter().map(|o| o.id.clone()).collect();
     if regions.is_empty() {
         return Err(Error::Invalid("no target regions: set fleet.regions or pass --regions".into()));
     }
@@ -127,6 +132,7 @@ fn resolve(ctx: &Context, t: &FleetTargetArgs) -> Result<Fleet> {
         permission,
         accounts,
         organizational_units,
+        orgs,
         prefs: Prefs { max_concurrent, failure_tolerance, parallel_regions: parallel, region_order: regions.clone() },
         regions,
         waits: Waits {
@@ -361,12 +367,12 @@ pub async fn fleet_deploy_flow(
         let kms = config.bake.kms_key_id.as_deref().unwrap_or_default();
         let grantees: Vec<String> = match f.permission {
             Permission::SelfManaged { .. } => other_accounts.clone(),
-            // Organizations: the image goes to the organizational units themselves.
+            // Organizations: the image goes to the organizational units themselves (f.orgs).
             Permission::ServiceManaged => Vec::new(),
         };
         for img in &images {
             progress.set(&format!("sharing {} in {} with the fleet", img.image, img.region));
-            share::share(&clients_in(clients, &img.region), &img.image, kms, &grantees, &f.organizational_units, owner.as_deref()).await?;
+            share::share(&clients_in(clients, &img.region), &img.image, kms, &grantees, &f.orgs, owner.as_deref()).await?;
         }
     }
 
@@ -382,45 +388,65 @@ pub async fn fleet_deploy_flow(
         if set.is_none() {
             progress.set(&format!("creating stack set {}", f.name));
             fleet::create_set(&clients.cfn, &spec, &token).await?;
-        } else if set_changed && !existing.is_empty() {
+        } else if set_changed {
             let op = fleet::update_set(&clients.cfn, &spec, &next_id()).await?;
             ops.push(follow(clients, &f, op, &progress, &mut calls, ui).await?);
         }
-        if !to_create.is_empty() {
-            // Self-managed: per set of missing regions, the accounts missing there (usually one
-            // call for every new target). Service-managed: the organizational units.
-            let mut groups: BTreeMap<Vec<String>, Vec<String>> = BTreeMap::new();
-            match f.permission {
-                Permission::SelfManaged { .. } => {
-                    for account in &f.accounts {
-                        let regions: Vec<String> = to_create.iter().filter(|p| &p.target == account).map(|p| p.region.clone()).collect();
-                        if !regions.is_empty() {
-                            groups.entry(regions).or_default().push(account.clone());
-                        }
-                    }
-                }
-                Permission::ServiceManaged => {
-                    let regions: BTreeSet<String> = to_create.iter().map(|p| p.region.clone()).collect();
-                    groups.insert(f.regions.iter().filter(|r| regions.contains(*r)).cloned().collect(), Vec::new());
-                }
+        // New instances get their overrides in the create call itself. Per region, the accounts
+        // that want the same values; then regions that want the same for the same accounts go
+        // together (one operation for a fleet without overrides).
+        let region_level = |region: &str| -> BTreeMap<String, String> {
+            match (cross_account, image_by_region.get(region)) {
+                (true, Some(ami)) if declared.iter().any(|d| d == "ImageId") => BTreeMap::from([("ImageId".to_string(), ami.clone())]),
+                _ => BTreeMap::new(),
             }
-            for (regions, accounts) in groups {
-                progress.set(&format!("creating {} stack instance(s)", accounts.len().max(1) * regions.len()));
-                let op = fleet::create_instances(&clients.cfn, &spec, &accounts, &regions, &next_id()).await?;
-                ops.push(follow(clients, &f, op, &progress, &mut calls, ui).await?);
+        };
+        let mut per_region: BTreeMap<(String, Vec<(String, String)>), Vec<String>> = BTreeMap::new();
+        for p in &to_create {
+            let values = match f.permission {
+                Permission::SelfManaged { .. } => wanted.get(&(p.target.clone(), p.region.clone())).cloned().unwrap_or_default(),
+                // The organizational units' accounts are not known yet: what the whole region wants.
+                Permission::ServiceManaged => region_level(&p.region),
+            };
+            let target = match f.permission {
+                Permission::SelfManaged { .. } => p.target.clone(),
+                Permission::ServiceManaged => String::new(),
+            };
+            let entry = per_region.entry((p.region.clone(), values.into_iter().collect())).or_default();
+            if !target.is_empty() {
+                entry.push(target);
             }
         }
-        // Overrides for the new instances and for the ones whose overrides differ. A
-        // service-managed fleet's new accounts are known only now.
+        let mut groups: Vec<(Vec<String>, Vec<(String, String)>, Vec<String>)> = Vec::new();
+        for region in &f.regions {
+            for ((r, values), accounts) in &per_region {
+                if r != region {
+                    continue;
+                }
+                match groups.iter_mut().find(|(a, v, _)| a == accounts && v == values) {
+                    Some((_, _, regions)) => regions.push(region.clone()),
+                    None => groups.push((accounts.clone(), values.clone(), vec![region.clone()])),
+                }
+            }
+        }
+        for (accounts, values, regions) in groups {
+            progress.set(&format!("creating {} stack instance(s) in {}", accounts.len().max(1) * regions.len(), regions.join(",")));
+            let values: BTreeMap<String, String> = values.into_iter().collect();
+            let op = fleet::create_instances(&clients.cfn, &spec, &accounts, &regions, &values, &next_id()).await?;
+            ops.push(follow(clients, &f, op, &progress, &mut calls, ui).await?);
+        }
+        // Overrides that changed on existing instances; and on a service-managed fleet's new
+        // accounts (known only now), those that want more than their region's values.
         let mut wanted = wanted.clone();
         let mut apply: BTreeSet<(String, String)> = changed_overrides.clone();
-        if !to_create.is_empty() {
+        if f.permission == Permission::ServiceManaged && !to_create.is_empty() && !ctx.config.fleet.overrides.is_empty() {
             let now = fleet::list_instances(&clients.cfn, &f.name).await?;
             let accounts: Vec<String> = now.iter().map(|i| i.account.clone()).collect::<BTreeSet<_>>().into_iter().collect();
             wanted = desired_overrides(ctx, &declared, &accounts, &f.regions, cross_account.then_some(&image_by_region));
             for i in &now {
-                if !existing.contains(&(i.account.clone(), i.region.clone())) {
-                    apply.insert((i.account.clone(), i.region.clone()));
+                let key = (i.account.clone(), i.region.clone());
+                if !existing.contains(&key) && wanted.get(&key).cloned().unwrap_or_default() != region_level(&i.region) {
+                    apply.insert(key);
                 }
             }
         }
@@ -590,11 +616,12 @@ pub async fn fleet_destroy_flow(
     };
     let instances = fleet::list_instances(&clients.cfn, &name).await?;
     let t = &args.targets;
+    let ou_ids: Vec<String> = t.organizational_units.iter().map(|o| org_target(o).map(|x| x.id).unwrap_or_else(|_| o.clone())).collect();
     let chosen: Vec<&Instance> = instances
         .iter()
         .filter(|i| t.accounts.is_empty() || t.accounts.contains(&i.account))
         .filter(|i| t.regions.is_empty() || t.regions.contains(&i.region))
-        .filter(|i| t.organizational_units.is_empty() || i.organizational_unit.as_ref().is_some_and(|o| t.organizational_units.contains(o)))
+        .filter(|i| ou_ids.is_empty() || i.organizational_unit.as_ref().is_some_and(|o| ou_ids.contains(o)))
         .collect();
     let everything = chosen.len() == instances.len() && t.organizational_units.is_empty();
     if !args.yes {
@@ -640,6 +667,7 @@ pub async fn fleet_destroy_flow(
         permission: permission.clone(),
         accounts: Vec::new(),
         organizational_units: Vec::new(),
+        orgs: Vec::new(),
         regions: Vec::new(),
         prefs: prefs.clone(),
         waits,
@@ -652,10 +680,10 @@ pub async fn fleet_destroy_flow(
         if !chosen.is_empty() {
             let accounts: Vec<String> = chosen.iter().map(|i| i.account.clone()).collect::<BTreeSet<_>>().into_iter().collect();
             let regions: Vec<String> = chosen.iter().map(|i| i.region.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-            let ous: Vec<String> = if t.organizational_units.is_empty() {
+            let ous: Vec<String> = if ou_ids.is_empty() {
                 chosen.iter().filter_map(|i| i.organizational_unit.clone()).collect::<BTreeSet<_>>().into_iter().collect()
             } else {
-                t.organizational_units.clone()
+                ou_ids.clone()
             };
             let op = fleet::delete_instances(
                 &clients.cfn,

@@ -138,6 +138,47 @@ fn check_ou(id: &str) -> std::result::Result<(), String> {
     if ok { Ok(()) } else { Err(format!("`{id}` is not an organizational unit id (ou-xxxx-xxxxxxxx) or root id (r-xxxx)")) }
 }
 
+/// A service-managed target: the id DeploymentTargets takes, and the ARN the image is shared
+/// with (EC2 shares with organizational units by ARN: LaunchPermission.OrganizationalUnitArn; a
+/// root by its organization's ARN, LaunchPermission.OrganizationArn).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgTarget {
+    pub id: String,
+    pub share_arn: String,
+    /// True for a root (the whole organization).
+    pub organization: bool,
+}
+
+/// Reads `arn:aws:organizations::<management account>:ou/o-<org>/ou-...` (or `:root/o-<org>/r-...`).
+/// A bare id is refused: the image could not be shared with it.
+pub fn org_target(entry: &str) -> std::result::Result<OrgTarget, String> {
+    let hint = "give it as its ARN, arn:aws:organizations::<management account>:ou/o-<organization>/ou-... (or :root/o-.../r-...), \
+                so the image can be shared with it (EC2 shares with organizational units by ARN)";
+    let parts: Vec<&str> = entry.split(':').collect();
+    let ok_prefix = parts.len() == 6 && parts[0] == "arn" && parts[1].starts_with("aws") && parts[2] == "organizations" && parts[3].is_empty();
+    if !ok_prefix {
+        check_ou(entry)?;
+        return Err(format!("`{entry}`: {hint}"));
+    }
+    check_account_id(parts[4]).map_err(|m| format!("`{entry}`: {m}"))?;
+    let path: Vec<&str> = parts[5].split('/').collect();
+    match path.as_slice() {
+        ["ou", org, id] if org.starts_with("o-") && id.starts_with("ou-") => {
+            check_ou(id)?;
+            Ok(OrgTarget { id: id.to_string(), share_arn: entry.to_string(), organization: false })
+        }
+        ["root", org, id] if org.starts_with("o-") && id.starts_with("r-") => {
+            check_ou(id)?;
+            Ok(OrgTarget {
+                id: id.to_string(),
+                share_arn: format!("{}:{}:organizations::{}:organization/{org}", parts[0], parts[1], parts[4]),
+                organization: true,
+            })
+        }
+        _ => Err(format!("`{entry}` is not an organizational unit or root ARN: {hint}")),
+    }
+}
+
 /// The fleet's own checks; `has_kms_key`: whether `bake.kms_key_id` is set.
 pub fn check(f: &FleetConfig, has_kms_key: bool) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -153,7 +194,7 @@ pub fn check(f: &FleetConfig, has_kms_key: bool) -> Vec<(String, String)> {
         }
     }
     for (i, ou) in f.organizational_units.iter().enumerate() {
-        if let Err(m) = check_ou(ou) {
+        if let Err(m) = org_target(ou) {
             bad(format!("fleet.organizational_units[{i}]"), m);
         }
     }
@@ -244,6 +285,11 @@ mod tests {
 
     #[test]
     fn organizational_units() {
+        let ou = org_target("arn:aws:organizations::111111111111:ou/o-abcd1234ef/ou-ab12-cd34ef56").unwrap();
+        assert_eq!((ou.id.as_str(), ou.organization), ("ou-ab12-cd34ef56", false));
+        let root = org_target("arn:aws:organizations::111111111111:root/o-abcd1234ef/r-ab12").unwrap();
+        assert_eq!((root.id.as_str(), root.share_arn.as_str()), ("r-ab12", "arn:aws:organizations::111111111111:organization/o-abcd1234ef"));
+        assert!(org_target("ou-ab12-cd34ef56").unwrap_err().contains("give it as its ARN"));
         assert!(check_ou("ou-ab12-cd34ef56").is_ok());
         assert!(check_ou("r-ab12").is_ok());
         assert!(check_ou("ou-AB12-cd34ef56").is_err());

@@ -7,7 +7,7 @@ mod fleet;
 pub mod lines;
 mod plan;
 
-pub use fleet::{Amount, FleetConfig, FleetOverride, PermissionModel, RegionConcurrency, check_account_id};
+pub use fleet::{Amount, FleetConfig, FleetOverride, OrgTarget, PermissionModel, RegionConcurrency, check_account_id, org_target};
 
 pub use plan::Context;
 

@@ -342,8 +342,16 @@ pub async fn update_set(cfn: &Client, spec: &Spec, operation_id: &str) -> Result
 }
 
 /// Creates instances for `accounts` (all organizational units when service-managed and empty)
-/// in `regions`.
-pub async fn create_instances(cfn: &Client, spec: &Spec, accounts: &[String], regions: &[String], operation_id: &str) -> Result<String> {
+/// in `regions`, with `overrides` from the start (an instance in another account cannot boot
+/// from the handoff parameter, which exists only in the baking account).
+pub async fn create_instances(
+    cfn: &Client,
+    spec: &Spec,
+    accounts: &[String],
+    regions: &[String],
+    overrides: &BTreeMap<String, String>,
+    operation_id: &str,
+) -> Result<String> {
     let (accts, deployment) = targets(spec, accounts);
     let out = cfn
         .create_stack_instances()
@@ -351,6 +359,7 @@ pub async fn create_instances(cfn: &Client, spec: &Spec, accounts: &[String], re
         .set_accounts(accts)
         .set_deployment_targets(deployment)
         .set_regions(Some(regions.to_vec()))
+        .set_parameter_overrides((!overrides.is_empty()).then(|| params(overrides)))
         .operation_preferences(preferences(&spec.prefs))
         .operation_id(operation_id)
         .send()

@@ -99,16 +99,15 @@ fn fleet(dir: &Path, url: &str, args: &[&str]) -> (bool, serde_json::Value, Stri
 /// region's instance running the image handed over in that region (`ImageParameter` names the
 /// handoff parameter; CloudFormation resolves an `AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>`
 /// parameter in the instance's own region, "Specify existing resources at runtime with
-/// CloudFormation-supplied parameter types", CloudFormation User Guide), a per-target override
-/// on one region, and the file systems kept.
+/// CloudFormation-supplied parameter types", CloudFormation User Guide), and the file systems
+/// kept.
 #[test]
 fn deploy_no_change_update_status_and_destroy_in_three_regions() {
     let Some(moto) = services::moto() else { return };
     let url = &moto.url;
     let name = "fleet-e2e";
     let images: Vec<String> = REGIONS.iter().map(|r| bake_into(url, r, name)).collect();
-    let overrides = "  overrides:\n    - accounts: [\"123456789012\"]\n      regions: [eu-west-1]\n      allowed_client_cidr: 10.8.0.0/16\n";
-    let dir = project(name, overrides);
+    let dir = project(name, "");
     let deploy = ["deploy", "--yes", "--no-tools", "--template", FIXTURE];
 
     let (ok, doc, err) = fleet(dir.path(), url, &deploy);
@@ -117,11 +116,12 @@ fn deploy_no_change_update_status_and_destroy_in_three_regions() {
         assert!(err.contains(&format!("+ create  {ACCOUNT} in {r}")), "{err}");
     }
     let ops = doc["operations"].as_array().unwrap();
-    // One operation creates every instance; one more sets the override on eu-west-1 only.
-    assert_eq!(ops.iter().map(|o| o["action"].as_str().unwrap()).collect::<Vec<_>>(), ["CREATE", "UPDATE"], "{doc:#}");
-    assert!(ops.iter().all(|o| o["status"] == "SUCCEEDED"), "{doc:#}");
+    // One operation creates every instance (per-target overrides are tested with scripted answers
+    // in fleet_mocks.rs: moto 5.2.5 gives an instance created with ParameterOverrides only those
+    // parameters, where CloudFormation overrides the StackSet's values).
+    assert_eq!(ops.iter().map(|o| o["action"].as_str().unwrap()).collect::<Vec<_>>(), ["CREATE"], "{doc:#}");
+    assert_eq!(ops[0]["status"], "SUCCEEDED", "{doc:#}");
     assert_eq!(ops[0]["results"].as_array().unwrap().len(), 3);
-    assert_eq!(ops[1]["results"].as_array().unwrap().len(), 1);
     for (r, image) in REGIONS.iter().zip(&images) {
         let outputs = instance_outputs(url, r, name).unwrap_or_else(|| panic!("no instance stack in {r}"));
         assert_eq!(outputs.get("Image"), Some(image), "{r} runs its own region's baked image");

@@ -53,6 +53,7 @@ macro_rules! capturing {
 const SET: &str = "vectordb";
 const OWNER: &str = "111111111111";
 const OU: &str = "ou-ab12-cd34ef56";
+const OU_ARN: &str = "arn:aws:organizations::111111111111:ou/o-abcd1234ef/ou-ab12-cd34ef56";
 const KEY: &str = "arn:aws:kms:us-east-1:111111111111:key/1234abcd-12ab-34cd-56ef-1234567890ab";
 const AMI: &str = "ami-0123456789abcdef0";
 const SNAPSHOT: &str = "snap-0123456789abcdef0";
@@ -244,7 +245,7 @@ fn list_instances(rows: Vec<StackInstanceSummary>) -> Rule {
 #[tokio::test]
 async fn service_managed_operation_beyond_the_tolerance_exits_3_naming_each_failed_target() {
     let yaml = format!(
-        "bake:\n  kms_key_id: {KEY}\nfleet:\n  permission_model: service-managed\n  organizational_units: [{OU}]\n  regions: [us-east-1, eu-west-1]\n  failure_tolerance: 1\n  max_concurrent: 2\n"
+        "bake:\n  kms_key_id: {KEY}\nfleet:\n  permission_model: service-managed\n  organizational_units: [\"{OU_ARN}\"]\n  regions: [us-east-1, eu-west-1]\n  failure_tolerance: 1\n  max_concurrent: 2\n"
     );
     let (_d, ctx) = context(&yaml);
     let sets: Seen<CreateStackSetInput> = Default::default();
@@ -272,10 +273,21 @@ async fn service_managed_operation_beyond_the_tolerance_exits_3_naming_each_fail
         result("555555555555", "us-east-1", "CANCELLED", Some("Cancelled since failure tolerance has exceeded")),
     ]);
     let (images, snapshots) = image(KEY);
-    let clients = clients(&[&no_set(), &create_set(&sets), &create_instances(&creates), &op, &res], &[&images, &snapshots], &[&handoff()]);
+    let launch: Seen<ModifyImageAttributeInput> = Default::default();
+    let modify_image = capturing!(mock!(aws_sdk_ec2::Client::modify_image_attribute), launch).then_output(|| ModifyImageAttributeOutput::builder().build());
+    let clients = clients(&[&no_set(), &create_set(&sets), &create_instances(&creates), &op, &res], &[&images, &snapshots, &modify_image], &[&handoff()]);
 
     let err = imgbuild::cmd::fleet_deploy_flow(&clients, &deploy_args(targets()), &ctx, quiet(), &Never, never()).await.unwrap_err();
     assert_eq!(err.exit_code(), 3, "{err}");
+    // The image goes to the organizational unit by ARN (LaunchPermission.OrganizationalUnitArn,
+    // ModifyImageAttribute, Amazon EC2 API Reference), in each region, before any instance.
+    let shared: Vec<String> = launch
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|m| m.launch_permission().unwrap().add().iter().filter_map(|p| p.organizational_unit_arn().map(String::from)))
+        .collect();
+    assert_eq!(shared, [OU_ARN, OU_ARN]);
     let text = err.to_string();
     assert!(text.contains("222222222222 in us-east-1: ResourceLogicalId:FileSystem"), "{text}");
     assert!(text.contains("333333333333 in us-east-1: Account 333333333333 should have"), "{text}");
@@ -293,6 +305,8 @@ async fn service_managed_operation_beyond_the_tolerance_exits_3_naming_each_fail
     let prefs = create.operation_preferences().unwrap();
     assert_eq!((prefs.failure_tolerance_count(), prefs.max_concurrent_count()), (Some(1), Some(2)));
     assert_eq!(prefs.region_order(), ["us-east-1", "eu-west-1"]);
+    // The member accounts have no handoff parameter: the shared image goes in from the start.
+    assert!(create.parameter_overrides().iter().any(|p| p.parameter_key() == Some("ImageId") && p.parameter_value() == Some(AMI)), "{create:?}");
     // Only the failing operation ran: no override update after it.
     assert_eq!(op.num_calls(), 2);
 }
@@ -305,7 +319,8 @@ async fn service_managed_operation_beyond_the_tolerance_exits_3_naming_each_fail
 #[tokio::test]
 async fn cross_account_fleet_shares_the_image_and_partial_success_is_success() {
     let yaml = format!(
-        "bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [\"{OWNER}\", \"222222222222\", \"333333333333\"]\n  regions: [us-east-1]\n  failure_tolerance: 1\n"
+        "bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [\"{OWNER}\", \"222222222222\", \"333333333333\"]\n  regions: [us-east-1]\n  failure_tolerance: 1\n  \
+         overrides:\n    - accounts: [\"333333333333\"]\n      allowed_client_cidr: 10.8.0.0/16\n"
     );
     let (_d, ctx) = context(&yaml);
     let sets: Seen<CreateStackSetInput> = Default::default();
@@ -340,12 +355,23 @@ async fn cross_account_fleet_shares_the_image_and_partial_success_is_success() {
     let v = volumes.lock().unwrap()[0].clone();
     assert_eq!(v.snapshot_id(), Some(SNAPSHOT));
     assert_eq!(v.create_volume_permission().unwrap().add().iter().filter_map(|p| p.user_id()).collect::<Vec<_>>(), ["222222222222", "333333333333"]);
-    let create = creates.lock().unwrap()[0].clone();
-    assert_eq!(create.accounts(), [OWNER, "222222222222", "333333333333"]);
-    let update = updates.lock().unwrap()[0].clone();
-    assert_eq!(update.regions(), ["us-east-1"]);
-    assert!(update.parameter_overrides().iter().any(|p| p.parameter_key() == Some("ImageId") && p.parameter_value() == Some(AMI)), "{update:?}");
-    assert_eq!(doc["operations"][0]["results"][2]["status"], "FAILED");
+    // The other accounts have no handoff parameter: each instance is created with the region's
+    // shared image as its ImageId, in the create call itself; the account with its own client
+    // network gets that too, in a call of its own (ParameterOverrides apply to every account and
+    // region of a CreateStackInstances call, API Reference).
+    let creates = creates.lock().unwrap().clone();
+    let overrides = |c: &CreateStackInstancesInput| -> Vec<(String, String)> {
+        c.parameter_overrides().iter().map(|p| (p.parameter_key().unwrap().to_string(), p.parameter_value().unwrap().to_string())).collect()
+    };
+    assert_eq!(creates.len(), 2, "{creates:?}");
+    let by_accounts = |a: &[&str]| creates.iter().find(|c| c.accounts() == a).unwrap_or_else(|| panic!("no create for {a:?}: {creates:?}"));
+    assert_eq!(overrides(by_accounts(&[OWNER, "222222222222"])), [("ImageId".to_string(), AMI.to_string())]);
+    assert_eq!(
+        overrides(by_accounts(&["333333333333"])),
+        [("AllowedClientCidr".to_string(), "10.8.0.0/16".to_string()), ("ImageId".to_string(), AMI.to_string())]
+    );
+    assert!(updates.lock().unwrap().is_empty(), "no second operation for the overrides");
+    assert_eq!(doc["operations"][0]["results"][2]["status"], "FAILED", "partial success is reported");
     assert_eq!(doc["executed"], true);
 }
 
@@ -434,8 +460,8 @@ async fn status_with_drift_runs_detection_and_reports_each_instance() {
 }
 
 /// The planning test at scale: 200 accounts x 4 regions, --max-concurrent 20, --failure-tolerance
-/// 5%. CloudFormation runs the rollout; imgbuild makes one CreateStackInstances for all 800
-/// targets, one override operation per region, one DescribeStackSetOperation per poll (never one
+/// 5%. CloudFormation runs the rollout; imgbuild makes one CreateStackInstances for the 200
+/// targets of a region (each region's image is its own ImageId override), one DescribeStackSetOperation per poll (never one
 /// per target) and reads the results 100 a page (ListStackSetOperationResults MaxResults, API
 /// Reference: 1-100). The counts are what BENCHMARKS.md reports.
 #[tokio::test]
@@ -480,7 +506,16 @@ async fn two_hundred_accounts_in_four_regions_stay_bounded() {
     let (images, snapshots) = image(KEY);
     let modify_image = mock!(aws_sdk_ec2::Client::modify_image_attribute).then_output(|| ModifyImageAttributeOutput::builder().build());
     let modify_snapshot = mock!(aws_sdk_ec2::Client::modify_snapshot_attribute).then_output(|| ModifySnapshotAttributeOutput::builder().build());
-    let handoff = handoff();
+    // Each region's own copy of the image, in the order the regions are read.
+    let mut seq = mock!(aws_sdk_ssm::Client::get_parameter).sequence();
+    for i in 0..regions.len() {
+        seq = seq.output(move || {
+            GetParameterOutput::builder()
+                .parameter(aws_sdk_ssm::types::Parameter::builder().name("/imgbuild/vectordb/ami").value(format!("ami-0123456789abcdef{i}")).build())
+                .build()
+        });
+    }
+    let handoff = seq.build();
     let (no_set, create_set, create_instances, update_instances) = (no_set(), create_set(&sets), create_instances(&creates), update_instances(&updates));
     let mut cfn: Vec<&Rule> = vec![&no_set, &create_set, &create_instances, &update_instances, &op];
     cfn.extend(page_rules.iter());
@@ -492,23 +527,21 @@ async fn two_hundred_accounts_in_four_regions_stay_bounded() {
     let took = started.elapsed();
 
     let create = creates.lock().unwrap().clone();
-    assert_eq!(create.len(), 1, "one CreateStackInstances for every target");
-    assert_eq!((create[0].accounts().len(), create[0].regions().len()), (200, 4));
+    assert_eq!(create.len(), 4, "one CreateStackInstances per region (each its own image)");
+    assert!(create.iter().all(|c| c.accounts().len() == 200 && c.regions().len() == 1));
     let prefs = create[0].operation_preferences().unwrap();
     assert_eq!((prefs.max_concurrent_count(), prefs.failure_tolerance_percentage()), (Some(20), Some(5)));
-    let updates = updates.lock().unwrap().clone();
-    assert_eq!(updates.len(), 4, "one override operation per region");
-    assert!(updates.iter().all(|u| u.accounts().len() == 200 && u.regions().len() == 1));
+    assert!(updates.lock().unwrap().is_empty(), "overrides go in with the create");
     let operations = doc["operations"].as_array().unwrap().len();
-    assert_eq!(operations, 5);
-    assert_eq!(doc["calls"]["describe_operation"], 10, "two polls per operation, whatever the targets: {doc:#}");
-    assert_eq!(doc["calls"]["list_results_pages"], 5 * pages, "{doc:#}");
+    assert_eq!(operations, 4);
+    assert_eq!(doc["calls"]["describe_operation"], 8, "two polls per operation, whatever the targets: {doc:#}");
+    assert_eq!(doc["calls"]["list_results_pages"], 4 * pages, "{doc:#}");
     let cfn_calls: usize = cfn.iter().map(|r| r.num_calls()).sum();
     let ec2_calls = images.num_calls() + snapshots.num_calls() + modify_image.num_calls() + modify_snapshot.num_calls();
     let ssm_calls = handoff.num_calls();
-    // 800 targets: 1 DescribeStackSet, 1 CreateStackSet, 1 CreateStackInstances, 4
-    // UpdateStackInstances, 10 DescribeStackSetOperation, 40 result pages, 8 instance pages.
-    assert_eq!(cfn_calls, 1 + 1 + 1 + 4 + 10 + 5 * pages + pages, "cfn calls");
+    // 800 targets: 1 DescribeStackSet, 1 CreateStackSet, 4 CreateStackInstances, 8
+    // DescribeStackSetOperation, 4 x 8 result pages.
+    assert_eq!(cfn_calls, 1 + 1 + 4 + 8 + 4 * pages, "cfn calls");
     // Per region: DescribeImages, DescribeSnapshots, and per 100 accounts one ModifyImageAttribute
     // and one ModifySnapshotAttribute; one more DescribeImages for the owner.
     assert_eq!(ec2_calls, 1 + 4 * (2 + 2 * 2), "ec2 calls");
