@@ -57,6 +57,9 @@ pub fn clients_in(c: &Clients, region: &str) -> Clients {
     }
 }
 
+/// Parameter values, in key order, as a map key.
+type Values = Vec<(String, String)>;
+
 /// The fleet's name, targets and preferences: the flags over the config, each checked.
 struct Fleet {
     name: String,
@@ -205,7 +208,6 @@ fn desired_overrides(
 /// Overrides grouped into as few UpdateStackInstances calls as possible: per region, the
 /// accounts that want the same values.
 fn override_groups(wanted: &BTreeMap<(String, String), BTreeMap<String, String>>, only: &BTreeSet<(String, String)>) -> Vec<Override> {
-    type Values = Vec<(String, String)>;
     let mut groups: BTreeMap<(String, Values), Vec<String>> = BTreeMap::new();
     for ((account, region), params) in wanted {
         if !only.contains(&(account.clone(), region.clone())) {
@@ -401,7 +403,7 @@ pub async fn fleet_deploy_flow(
                 _ => BTreeMap::new(),
             }
         };
-        let mut per_region: BTreeMap<(String, Vec<(String, String)>), Vec<String>> = BTreeMap::new();
+        let mut per_region: BTreeMap<(String, Values), Vec<String>> = BTreeMap::new();
         for p in &to_create {
             let values = match f.permission {
                 Permission::SelfManaged { .. } => wanted.get(&(p.target.clone(), p.region.clone())).cloned().unwrap_or_default(),
@@ -417,7 +419,7 @@ pub async fn fleet_deploy_flow(
                 entry.push(target);
             }
         }
-        let mut groups: Vec<(Vec<String>, Vec<(String, String)>, Vec<String>)> = Vec::new();
+        let mut groups: Vec<(Vec<String>, Values, Vec<String>)> = Vec::new();
         for region in &f.regions {
             for ((r, values), accounts) in &per_region {
                 if r != region {
