@@ -284,9 +284,22 @@ pub async fn fleet_deploy_flow(
     if cross_account && config.bake.kms_key_id.is_none() {
         return Err(Error::Invalid(
             "the fleet spans accounts, and an image encrypted with the AWS managed aws/ebs key cannot be shared with another account: \
-             set bake.kms_key_id to a customer-managed KMS key (and bake again) before a cross-account fleet deploy"
+             set bake.kms_key_id to a customer-managed KMS key whose policy lets the fleet's accounts use it"
                 .into(),
         ));
+    }
+    // Other accounts launch only an image under the fleet's key: this one, or the copy of it an
+    // earlier deploy made; the rest are copied once confirmed.
+    let kms = config.bake.kms_key_id.clone().unwrap_or_default();
+    let mut images = images;
+    let mut needs_copy = Vec::new();
+    if cross_account {
+        for img in images.iter_mut() {
+            match share::under_key(&clients_in(clients, &img.region), &img.image, &kms).await? {
+                share::UnderKey::Ready(id) => img.image = id,
+                share::UnderKey::NeedsCopy => needs_copy.push(img.region.clone()),
+            }
+        }
     }
 
     let choice = Choice { ami: String::new(), source: Source::Baked { parameter: images[0].parameter.clone() }, mode: Mode::Baked };
@@ -294,7 +307,7 @@ pub async fn fleet_deploy_flow(
     if declared.iter().any(|d| d == "ImageParameter") {
         parameters.insert("ImageParameter".into(), images[0].parameter.clone());
     }
-    let image_by_region: BTreeMap<String, String> = images.iter().map(|i| (i.region.clone(), i.image.clone())).collect();
+    let mut image_by_region: BTreeMap<String, String> = images.iter().map(|i| (i.region.clone(), i.image.clone())).collect();
     let spec = Spec {
         name: f.name.clone(),
         template_body: template.body()?,
@@ -313,7 +326,7 @@ pub async fn fleet_deploy_flow(
         Permission::SelfManaged { .. } => f.accounts.clone(),
         Permission::ServiceManaged => instances.iter().map(|i| i.account.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
     };
-    let wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, cross_account.then_some(&image_by_region));
+    let mut wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, cross_account.then_some(&image_by_region));
     let existing: BTreeSet<(String, String)> = instances.iter().map(|i| (i.account.clone(), i.region.clone())).collect();
     // Only instances that exist and have overrides wanted are asked what they have now.
     let mut changed_overrides = BTreeSet::new();
@@ -326,7 +339,7 @@ pub async fn fleet_deploy_flow(
     show_plan(&plan, &progress);
     let set_changed = set.as_ref().is_none_or(|s| s.template_body != spec.template_body || s.parameters != spec.parameters);
     let to_create: Vec<&TargetPlan> = plan.iter().filter(|p| p.action == Action::Create).collect();
-    let doc = |plan: &[TargetPlan], ops: &[OperationOutcome], executed: bool| {
+    let doc = |images: &[RegionImage], plan: &[TargetPlan], ops: &[OperationOutcome], executed: bool| {
         json!({
             "ok": true,
             "stack_set": f.name,
@@ -339,11 +352,11 @@ pub async fn fleet_deploy_flow(
     };
     if plan.iter().all(|p| p.action == Action::NoChange) {
         ui.info(format!("stack set {}: no changes", f.name));
-        return Ok(doc(&plan, &[], false));
+        return Ok(doc(&images, &plan, &[], false));
     }
     if args.dry_run {
         ui.info("dry run: nothing changed");
-        return Ok(doc(&plan, &[], false));
+        return Ok(doc(&images, &plan, &[], false));
     }
     if !args.yes {
         let n = |a: Action| plan.iter().filter(|p| p.action == a).count();
@@ -366,7 +379,21 @@ pub async fn fleet_deploy_flow(
     }
 
     if cross_account {
-        let kms = config.bake.kms_key_id.as_deref().unwrap_or_default();
+        if !needs_copy.is_empty() {
+            let token = run_token();
+            for img in images.iter_mut().filter(|i| needs_copy.contains(&i.region)) {
+                progress.set(&format!("copying {} in {} under the fleet's key", img.image, img.region));
+                let here = clients_in(clients, &img.region);
+                let copy = tokio::select! {
+                    r = share::copy_under_key(&here, &img.image, &img.region, &kms, &token, f.waits, &progress) => r?,
+                    _ = &mut interrupt => return Err(Error::Interrupted { cleaned: vec!["nothing: an image copy under way goes on in EC2 and is found by the next deploy".into()] }),
+                };
+                progress.line(&format!("{} in {}: copied under {kms} as {copy}", img.image, img.region));
+                img.image = copy;
+            }
+            image_by_region = images.iter().map(|i| (i.region.clone(), i.image.clone())).collect();
+            wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, Some(&image_by_region));
+        }
         let grantees: Vec<String> = match f.permission {
             Permission::SelfManaged { .. } => other_accounts.clone(),
             // Organizations: the image goes to the organizational units themselves (f.orgs).
@@ -374,7 +401,7 @@ pub async fn fleet_deploy_flow(
         };
         for img in &images {
             progress.set(&format!("sharing {} in {} with the fleet", img.image, img.region));
-            share::share(&clients_in(clients, &img.region), &img.image, kms, &grantees, &f.orgs, owner.as_deref()).await?;
+            share::share(&clients_in(clients, &img.region), &img.image, &grantees, &f.orgs, owner.as_deref()).await?;
         }
     }
 
@@ -469,7 +496,7 @@ pub async fn fleet_deploy_flow(
     let took = progress.elapsed();
     drop(progress);
     ui.info(format!("stack set {}: {} operation(s) in {}s", f.name, ops.len(), took.as_secs()));
-    let mut d = doc(&plan, &ops, true);
+    let mut d = doc(&images, &plan, &ops, true);
     d["calls"] = json!(calls);
     Ok(d)
 }

@@ -377,17 +377,56 @@ async fn cross_account_fleet_shares_the_image_and_partial_success_is_success() {
 
 /// An image under another key than bake.kms_key_id (such as the AWS managed aws/ebs, which
 /// "cannot be shared", Amazon EC2 User Guide, "Share an AMI with specific AWS accounts") is
-/// refused before any permission changes or any StackSet exists.
+/// copied under the fleet's key (CopyImage with Encrypted and KmsKeyId, "Copy an AMI", Amazon
+/// EC2 User Guide), and the copy, once available, is what is shared and deployed.
 #[tokio::test]
-async fn an_image_under_another_key_is_refused_before_anything_is_shared_or_created() {
+async fn an_image_under_another_key_is_copied_under_the_fleet_key_and_the_copy_deployed() {
+    const COPY: &str = "ami-0fedcba9876543210";
     let yaml = format!("bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [\"{OWNER}\", \"222222222222\"]\n  regions: [us-east-1]\n");
     let (_d, ctx) = context(&yaml);
+    let copies: Seen<aws_sdk_ec2::operation::copy_image::CopyImageInput> = Default::default();
+    let launch: Seen<ModifyImageAttributeInput> = Default::default();
+    let creates: Seen<CreateStackInstancesInput> = Default::default();
+    let sets: Seen<CreateStackSetInput> = Default::default();
     let (images, snapshots) = image("arn:aws:kms:us-east-1:111111111111:key/0e0e0e0e-aaaa-bbbb-cccc-dddddddddddd");
-    // No CreateStackSet, CreateStackInstances or Modify* rule: calling one fails the test.
-    let clients = clients(&[&no_set()], &[&images, &snapshots], &[&handoff()]);
-    let err = imgbuild::cmd::fleet_deploy_flow(&clients, &deploy_args(targets()), &ctx, quiet(), &Never, never()).await.unwrap_err();
-    assert_eq!(err.exit_code(), 2, "{err}");
-    assert!(err.to_string().contains("not bake.kms_key_id") && err.to_string().contains(SNAPSHOT), "{err}");
+    // No copy made before (DescribeImages of our own images by tag finds none); the copy, once
+    // asked for, is available at the first look.
+    let no_copy_yet = mock!(aws_sdk_ec2::Client::describe_images)
+        .match_requests(|r| r.owners().contains(&"self".to_string()))
+        .then_output(|| DescribeImagesOutput::builder().build());
+    let the_copy = mock!(aws_sdk_ec2::Client::describe_images).match_requests(|r| r.image_ids() == [COPY]).then_output(|| {
+        DescribeImagesOutput::builder()
+            .images(
+                Image::builder()
+                    .image_id(COPY)
+                    .owner_id(OWNER)
+                    .state(aws_sdk_ec2::types::ImageState::Available)
+                    .block_device_mappings(BlockDeviceMapping::builder().ebs(EbsBlockDevice::builder().snapshot_id("snap-0fedcba9876543210").build()).build())
+                    .build(),
+            )
+            .build()
+    });
+    let copy = capturing!(mock!(aws_sdk_ec2::Client::copy_image), copies)
+        .then_output(|| aws_sdk_ec2::operation::copy_image::CopyImageOutput::builder().image_id(COPY).build());
+    let modify_image = capturing!(mock!(aws_sdk_ec2::Client::modify_image_attribute), launch).then_output(|| ModifyImageAttributeOutput::builder().build());
+    let modify_snapshot = mock!(aws_sdk_ec2::Client::modify_snapshot_attribute).then_output(|| ModifySnapshotAttributeOutput::builder().build());
+    let op = operation(vec![("CREATE", StackSetOperationStatus::Succeeded, None, 0)]);
+    let res = results(vec![result(OWNER, "us-east-1", "SUCCEEDED", None), result("222222222222", "us-east-1", "SUCCEEDED", None)]);
+    let clients = clients(
+        &[&no_set(), &create_set(&sets), &create_instances(&creates), &op, &res],
+        &[&no_copy_yet, &the_copy, &images, &snapshots, &copy, &modify_image, &modify_snapshot],
+        &[&handoff()],
+    );
+    let doc = imgbuild::cmd::fleet_deploy_flow(&clients, &deploy_args(targets()), &ctx, quiet(), &Never, never()).await.unwrap_or_else(|e| panic!("{e}"));
+
+    let c = copies.lock().unwrap()[0].clone();
+    assert_eq!((c.source_image_id(), c.source_region(), c.encrypted(), c.kms_key_id()), (Some(AMI), Some("us-east-1"), Some(true), Some(KEY)));
+    let tags: Vec<(&str, &str)> = c.tag_specifications().iter().flat_map(|t| t.tags()).map(|t| (t.key().unwrap(), t.value().unwrap())).collect();
+    assert!(tags.contains(&("imgbuild:encrypted-from", AMI)) && tags.contains(&("imgbuild:kms-key", KEY)), "{tags:?}");
+    assert_eq!(launch.lock().unwrap()[0].image_id(), Some(COPY), "the copy is shared, not the original");
+    let create = creates.lock().unwrap()[0].clone();
+    assert!(create.parameter_overrides().iter().any(|p| p.parameter_key() == Some("ImageId") && p.parameter_value() == Some(COPY)), "{create:?}");
+    assert_eq!(doc["images"][0]["image"], COPY);
 }
 
 /// `fleet status --drift` starts DetectStackSetDrift ("returns the OperationId of the StackSet
@@ -542,9 +581,10 @@ async fn two_hundred_accounts_in_four_regions_stay_bounded() {
     // 800 targets: 1 DescribeStackSet, 1 CreateStackSet, 4 CreateStackInstances, 8
     // DescribeStackSetOperation, 4 x 8 result pages.
     assert_eq!(cfn_calls, 1 + 1 + 4 + 8 + 4 * pages, "cfn calls");
-    // Per region: DescribeImages, DescribeSnapshots, and per 100 accounts one ModifyImageAttribute
-    // and one ModifySnapshotAttribute; one more DescribeImages for the owner.
-    assert_eq!(ec2_calls, 1 + 4 * (2 + 2 * 2), "ec2 calls");
+    // Per region: DescribeImages and DescribeSnapshots (is it under the key?), DescribeImages
+    // (its snapshots, to share), and per 100 accounts one ModifyImageAttribute and one
+    // ModifySnapshotAttribute; one more DescribeImages for the owner.
+    assert_eq!(ec2_calls, 1 + 4 * (3 + 2 * 2), "ec2 calls");
     assert_eq!(ssm_calls, 4, "one handoff parameter per region");
     eprintln!(
         "fleet scale: 200 accounts x 4 regions: {operations} operations, cfn {cfn_calls} calls, ec2 {ec2_calls}, ssm {ssm_calls}, \
