@@ -532,8 +532,9 @@ fn show_plan(plan: &[TargetPlan], progress: &Progress) {
 struct InstanceRow {
     #[serde(flatten)]
     instance: Instance,
-    /// The image the instance's stack was given: its ImageId override, else the image its
-    /// region's handoff parameter names.
+    /// The image the instance was given, as deploy gives it: the one its region's handoff
+    /// parameter names; in a fleet that spans accounts, that image's copy under bake.kms_key_id
+    /// (or the image itself when it already was under the key).
     image: Option<String>,
 }
 
@@ -564,22 +565,38 @@ pub async fn fleet_status_flow(clients: &Clients, args: &FleetStatusArgs, ctx: &
     let instances = fleet::list_instances(&clients.cfn, &name).await?;
     let last = fleet::last_operation(&clients.cfn, &name).await?;
 
-    // One GetParameter per region, not per instance.
+    // A few calls per region, never per instance.
     let image_parameter = set.parameters.get("ImageParameter").cloned().filter(|p| !p.is_empty());
-    let mut by_region: BTreeMap<String, Option<String>> = BTreeMap::new();
     let set_image = set.parameters.get("ImageId").cloned().filter(|i| !i.is_empty());
+    let own = set.account().map(String::from);
+    let kms = ctx.config.bake.kms_key_id.clone();
+    // Deploy gives every instance of a fleet that spans accounts the shared image as ImageId.
+    let cross_account = instances.iter().any(|x| Some(x.account.as_str()) != own.as_deref());
+    let mut by_region: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
     for i in &instances {
         if by_region.contains_key(&i.region) {
             continue;
         }
+        let here = clients_in(clients, &i.region);
         let image = match (&set_image, &image_parameter) {
             (Some(id), _) => Some(id.clone()),
-            (None, Some(p)) => images::get_parameter(&clients_in(clients, &i.region), p).await?,
+            (None, Some(p)) => images::get_parameter(&here, p).await?,
             (None, None) => None,
         };
-        by_region.insert(i.region.clone(), image);
+        let shared = match (&image, &kms) {
+            (Some(img), Some(k)) if cross_account => match share::under_key(&here, img, k).await? {
+                share::UnderKey::Ready(id) => Some(id),
+                share::UnderKey::NeedsCopy => None,
+            },
+            _ => None,
+        };
+        by_region.insert(i.region.clone(), (image, shared));
     }
-    let rows: Vec<InstanceRow> = instances.into_iter().map(|i| InstanceRow { image: by_region.get(&i.region).cloned().flatten(), instance: i }).collect();
+    let image_of = |i: &Instance| -> Option<String> {
+        let (image, shared) = by_region.get(&i.region)?;
+        if cross_account { shared.clone() } else { image.clone() }
+    };
+    let rows: Vec<InstanceRow> = instances.iter().map(|i| InstanceRow { image: image_of(i), instance: i.clone() }).collect();
 
     ui.info(format!("stack set {name}: {}{}", set.status, set.drift_status.as_deref().map(|d| format!(", drift {d}")).unwrap_or_default()));
     if let Some((id, action, status, reason)) = &last {

@@ -594,3 +594,41 @@ async fn two_hundred_accounts_in_four_regions_stay_bounded() {
         took.as_secs_f64()
     );
 }
+
+/// In a fleet that spans accounts, `fleet status` shows the image each instance was given: the
+/// region's copy under bake.kms_key_id (found by its tags, as deploy finds it), not the
+/// handoff parameter's image, which other accounts cannot launch.
+#[tokio::test]
+async fn status_of_a_cross_account_fleet_shows_the_shared_copy() {
+    const COPY: &str = "ami-0fedcba9876543210";
+    let (_d, ctx) = context(&format!("bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [\"{OWNER}\", \"222222222222\"]\n  regions: [us-east-1]\n"));
+    let describe = mock!(aws_sdk_cloudformation::Client::describe_stack_set).then_output(|| {
+        DescribeStackSetOutput::builder()
+            .stack_set(
+                StackSet::builder()
+                    .stack_set_name(SET)
+                    .stack_set_arn(format!("arn:aws:cloudformation:us-east-1:{OWNER}:stackset/{SET}:8d0f160b"))
+                    .status(StackSetStatus::Active)
+                    .parameters(
+                        aws_sdk_cloudformation::types::Parameter::builder().parameter_key("ImageParameter").parameter_value("/imgbuild/vectordb/ami").build(),
+                    )
+                    .build(),
+            )
+            .build()
+    });
+    let list = list_instances(vec![
+        instance(OWNER, "us-east-1", None, StackDriftStatus::NotChecked),
+        instance("222222222222", "us-east-1", None, StackDriftStatus::NotChecked),
+    ]);
+    let ops = mock!(aws_sdk_cloudformation::Client::list_stack_set_operations).then_output(|| ListStackSetOperationsOutput::builder().build());
+    let (images, snapshots) = image("arn:aws:kms:us-east-1:111111111111:key/0e0e0e0e-aaaa-bbbb-cccc-dddddddddddd");
+    let copies = mock!(aws_sdk_ec2::Client::describe_images).match_requests(|r| r.owners().contains(&"self".to_string())).then_output(|| {
+        DescribeImagesOutput::builder().images(Image::builder().image_id(COPY).state(aws_sdk_ec2::types::ImageState::Available).build()).build()
+    });
+    let clients = clients(&[&describe, &list, &ops], &[&copies, &images, &snapshots], &[&handoff()]);
+    let doc =
+        imgbuild::cmd::fleet_status_flow(&clients, &FleetStatusArgs { drift: false, timeout: None }, &ctx, quiet()).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(doc["instances"][0]["image"], COPY, "{doc:#}");
+    assert_eq!(doc["instances"][1]["image"], COPY, "{doc:#}");
+    assert!(doc["last_operation"].is_null());
+}
