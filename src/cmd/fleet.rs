@@ -408,6 +408,9 @@ pub async fn fleet_deploy_flow(
     let mut calls = Calls::default();
     let mut ops = Vec::new();
     let token = run_token();
+    // What this run started, for the word on Ctrl-C: nothing here can be undone from the client.
+    let started: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let note = |what: String| started.lock().expect("started lock").push(what);
     let run = async {
         let mut n = 0;
         let mut next_id = || {
@@ -417,8 +420,10 @@ pub async fn fleet_deploy_flow(
         if set.is_none() {
             progress.set(&format!("creating stack set {}", f.name));
             fleet::create_set(&clients.cfn, &spec, &token).await?;
+            note(format!("stack set {} was created (remove it with `imgbuild fleet destroy`)", f.name));
         } else if set_changed {
             let op = fleet::update_set(&clients.cfn, &spec, &next_id()).await?;
+            note(format!("operation {op} (update of every instance)"));
             ops.push(follow(clients, &f, op, &progress, &mut calls, ui).await?);
         }
         // New instances get their overrides in the create call itself. Per region, the accounts
@@ -462,6 +467,7 @@ pub async fn fleet_deploy_flow(
             progress.set(&format!("creating {} stack instance(s) in {}", accounts.len().max(1) * regions.len(), regions.join(",")));
             let values: BTreeMap<String, String> = values.into_iter().collect();
             let op = fleet::create_instances(&clients.cfn, &spec, &accounts, &regions, &values, &next_id()).await?;
+            note(format!("operation {op} (creating instances in {})", regions.join(",")));
             ops.push(follow(clients, &f, op, &progress, &mut calls, ui).await?);
         }
         // Overrides that changed on existing instances; and on a service-managed fleet's new
@@ -482,15 +488,25 @@ pub async fn fleet_deploy_flow(
         for o in override_groups(&wanted, &apply) {
             progress.set(&format!("setting parameter overrides on {} instance(s) in {}", o.accounts.len(), o.regions.join(",")));
             let op = fleet::update_instances(&clients.cfn, &spec, &o, &next_id()).await?;
+            note(format!("operation {op} (overrides in {})", o.regions.join(",")));
             ops.push(follow(clients, &f, op, &progress, &mut calls, ui).await?);
         }
         Ok::<_, Error>(())
     };
     let result = tokio::select! {
         r = run => r,
-        _ = &mut interrupt => Err(Error::Interrupted { cleaned: vec![format!(
-            "nothing: a started StackSet operation goes on in CloudFormation (follow it with `imgbuild fleet status`)"
-        )] }),
+        _ = &mut interrupt => {
+            let started = started.lock().expect("started lock").clone();
+            let cleaned = if started.is_empty() {
+                vec!["nothing: no StackSet operation had started".to_string()]
+            } else {
+                vec![format!(
+                    "nothing: StackSet operations cannot be undone from here and go on in CloudFormation (follow them with `imgbuild fleet status`): {}",
+                    started.join("; ")
+                )]
+            };
+            Err(Error::Interrupted { cleaned })
+        }
     };
     result?;
     let took = progress.elapsed();

@@ -632,3 +632,27 @@ async fn status_of_a_cross_account_fleet_shows_the_shared_copy() {
     assert_eq!(doc["instances"][1]["image"], COPY, "{doc:#}");
     assert!(doc["last_operation"].is_null());
 }
+
+/// Ctrl-C while an operation runs: nothing can be undone from the client (a StackSet operation
+/// goes on in CloudFormation once started; StopStackSetOperation only stops it between
+/// targets), so the exit (130) says exactly what was started and how to follow it.
+#[tokio::test]
+async fn ctrl_c_during_an_operation_says_what_was_started() {
+    let (_d, ctx) = context("fleet:\n  accounts: [\"111111111111\"]\n  regions: [us-east-1]\n");
+    let sets: Seen<CreateStackSetInput> = Default::default();
+    let creates: Seen<CreateStackInstancesInput> = Default::default();
+    let op = operation(vec![("CREATE", StackSetOperationStatus::Running, None, 0)]);
+    let (images, snapshots) = image(KEY);
+    let clients = clients(&[&no_set(), &create_set(&sets), &create_instances(&creates), &op], &[&images, &snapshots], &[&handoff()]);
+    let polled = op.clone();
+    let interrupt = async move {
+        while polled.num_calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let err = imgbuild::cmd::fleet_deploy_flow(&clients, &deploy_args(targets()), &ctx, quiet(), &Never, interrupt).await.unwrap_err();
+    assert_eq!(err.exit_code(), 130, "{err}");
+    let text = err.to_string();
+    let id = creates.lock().unwrap()[0].operation_id().unwrap().to_string();
+    assert!(text.contains("stack set vectordb was created") && text.contains(&format!("operation {id} (creating instances in us-east-1)")), "{text}");
+}
