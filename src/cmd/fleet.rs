@@ -337,6 +337,24 @@ pub async fn fleet_deploy_flow(
     }
     let plan = fleet::plan(&spec, set.as_ref(), &instances, &changed_overrides);
     show_plan(&plan, &progress);
+    // Instances the config no longer names stay as they are (and follow StackSet updates):
+    // removing them is destroy's to do, asked for by name.
+    let left_alone: Vec<&Instance> = instances
+        .iter()
+        .filter(|i| {
+            !f.regions.contains(&i.region)
+                || match f.permission {
+                    Permission::SelfManaged { .. } => !f.accounts.contains(&i.account),
+                    Permission::ServiceManaged => i.organizational_unit.as_ref().is_none_or(|o| !f.organizational_units.contains(o)),
+                }
+        })
+        .collect();
+    for i in &left_alone {
+        ui.warn(format!(
+            "{} in {} is an instance of stack set {} but not among the fleet's targets: left as it is (`imgbuild fleet destroy --accounts {} --regions {}` removes it)",
+            i.account, i.region, f.name, i.account, i.region
+        ));
+    }
     let set_changed = set.as_ref().is_none_or(|s| s.template_body != spec.template_body || s.parameters != spec.parameters);
     let to_create: Vec<&TargetPlan> = plan.iter().filter(|p| p.action == Action::Create).collect();
     let doc = |images: &[RegionImage], plan: &[TargetPlan], ops: &[OperationOutcome], executed: bool| {
@@ -422,7 +440,13 @@ pub async fn fleet_deploy_flow(
             fleet::create_set(&clients.cfn, &spec, &token).await?;
             note(format!("stack set {} was created (remove it with `imgbuild fleet destroy`)", f.name));
         } else if set_changed {
-            let op = fleet::update_set(&clients.cfn, &spec, &next_id()).await?;
+            let mut present: Vec<String> = f.regions.iter().filter(|r| instances.iter().any(|i| &i.region == *r)).cloned().collect();
+            for i in &instances {
+                if !present.contains(&i.region) {
+                    present.push(i.region.clone());
+                }
+            }
+            let op = fleet::update_set(&clients.cfn, &spec, &present, &next_id()).await?;
             note(format!("operation {op} (update of every instance)"));
             ops.push(follow(clients, &f, op, &progress, &mut calls, ui).await?);
         }
@@ -740,7 +764,11 @@ pub async fn fleet_destroy_flow(
     let token = run_token();
     let run = async {
         if !chosen.is_empty() {
-            let accounts: Vec<String> = chosen.iter().map(|i| i.account.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+            let accounts: Vec<String> = match permission {
+                // Organizational units are deleted whole unless accounts were named.
+                Permission::ServiceManaged if t.accounts.is_empty() => Vec::new(),
+                _ => chosen.iter().map(|i| i.account.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
+            };
             let regions: Vec<String> = chosen.iter().map(|i| i.region.clone()).collect::<BTreeSet<_>>().into_iter().collect();
             let ous: Vec<String> = if ou_ids.is_empty() {
                 chosen.iter().filter_map(|i| i.organizational_unit.clone()).collect::<BTreeSet<_>>().into_iter().collect()

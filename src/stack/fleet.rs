@@ -174,6 +174,16 @@ pub fn preferences(p: &Prefs) -> StackSetOperationPreferences {
     b.set_region_order((!p.region_order.is_empty()).then(|| p.region_order.clone())).build()
 }
 
+/// The preferences for an operation on `regions`: the region order keeps the fleet's order but
+/// names only those regions (RegionOrder is "the order of the Regions where you want to perform
+/// the stack operation", StackSetOperationPreferences).
+fn preferences_for(p: &Prefs, regions: &[String]) -> StackSetOperationPreferences {
+    let mut order: Vec<String> = p.region_order.iter().filter(|r| regions.contains(r)).cloned().collect();
+    let rest: Vec<String> = regions.iter().filter(|r| !order.contains(r)).cloned().collect();
+    order.extend(rest);
+    preferences(&Prefs { region_order: order, ..p.clone() })
+}
+
 fn params(map: &BTreeMap<String, String>) -> Vec<Parameter> {
     map.iter().map(|(k, v)| Parameter::builder().parameter_key(k).parameter_value(v).build()).collect()
 }
@@ -324,15 +334,16 @@ pub async fn create_set(cfn: &Client, spec: &Spec, token: &str) -> Result<()> {
     Ok(())
 }
 
-/// Updates the StackSet's template and parameters, and with them every instance.
-pub async fn update_set(cfn: &Client, spec: &Spec, operation_id: &str) -> Result<String> {
+/// Updates the StackSet's template and parameters, and with them every instance (in
+/// `instance_regions`, the regions it has instances in).
+pub async fn update_set(cfn: &Client, spec: &Spec, instance_regions: &[String], operation_id: &str) -> Result<String> {
     let mut req = cfn
         .update_stack_set()
         .stack_set_name(&spec.name)
         .template_body(&spec.template_body)
         .set_parameters(Some(params(&spec.parameters)))
         .capabilities(Capability::CapabilityIam)
-        .operation_preferences(preferences(&spec.prefs))
+        .operation_preferences(preferences_for(&spec.prefs, instance_regions))
         .operation_id(operation_id);
     if let Permission::SelfManaged { administration_role_arn, execution_role_name } = &spec.permission {
         req = req.set_administration_role_arn(administration_role_arn.clone()).set_execution_role_name(execution_role_name.clone());
@@ -360,7 +371,7 @@ pub async fn create_instances(
         .set_deployment_targets(deployment)
         .set_regions(Some(regions.to_vec()))
         .set_parameter_overrides((!overrides.is_empty()).then(|| params(overrides)))
-        .operation_preferences(preferences(&spec.prefs))
+        .operation_preferences(preferences_for(&spec.prefs, regions))
         .operation_id(operation_id)
         .send()
         .await
@@ -372,6 +383,7 @@ pub async fn create_instances(
 pub async fn update_instances(cfn: &Client, spec: &Spec, o: &Override, operation_id: &str) -> Result<String> {
     let (accts, deployment) = targets(spec, &o.accounts);
     let regions = if o.regions.is_empty() { spec.regions.clone() } else { o.regions.clone() };
+    let prefs = preferences_for(&spec.prefs, &regions);
     let out = cfn
         .update_stack_instances()
         .stack_set_name(&spec.name)
@@ -379,7 +391,7 @@ pub async fn update_instances(cfn: &Client, spec: &Spec, o: &Override, operation
         .set_deployment_targets(deployment)
         .set_regions(Some(regions))
         .set_parameter_overrides(Some(params(&o.parameters)))
-        .operation_preferences(preferences(&spec.prefs))
+        .operation_preferences(prefs)
         .operation_id(operation_id)
         .send()
         .await
@@ -418,6 +430,14 @@ pub async fn delete_instances(cfn: &Client, name: &str, permission: &Permission,
         .operation_id(operation_id);
     req = match permission {
         Permission::SelfManaged { .. } => req.set_accounts(Some(accounts.to_vec())),
+        // Some accounts of the organizational units only, when named.
+        Permission::ServiceManaged if !accounts.is_empty() => req.deployment_targets(
+            DeploymentTargets::builder()
+                .set_organizational_unit_ids(Some(organizational_units.to_vec()))
+                .set_accounts(Some(accounts.to_vec()))
+                .account_filter_type(aws_sdk_cloudformation::types::AccountFilterType::Intersection)
+                .build(),
+        ),
         Permission::ServiceManaged => {
             req.deployment_targets(DeploymentTargets::builder().set_organizational_unit_ids(Some(organizational_units.to_vec())).build())
         }

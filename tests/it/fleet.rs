@@ -135,6 +135,15 @@ fn deploy_no_change_update_status_and_destroy_in_three_regions() {
     assert!(doc["targets"].as_array().unwrap().iter().all(|t| t["action"] == "no_change"), "{doc:#}");
     assert!(err.contains("no changes"), "{err}");
 
+    // A region dropped from the targets is left as it is, and said so: removing instances is
+    // destroy's, asked for by name.
+    let fewer = ["deploy", "--yes", "--no-tools", "--template", FIXTURE, "--regions", "us-east-1,us-west-2"];
+    let (ok, doc, err) = fleet(dir.path(), url, &fewer);
+    assert!(ok, "{err}");
+    assert_eq!(doc["executed"], false, "{doc:#}");
+    assert!(err.contains(&format!("{ACCOUNT} in eu-west-1 is an instance of stack set {name} but not among the fleet's targets")), "{err}");
+    assert!(instance_outputs(url, "eu-west-1", name).is_some());
+
     // Another port is an update of the StackSet, and with it of every instance.
     let text = std::fs::read_to_string(dir.path().join("imgbuild.yaml")).unwrap() + "chroma:\n  port: 8080\n";
     std::fs::write(dir.path().join("imgbuild.yaml"), text).unwrap();

@@ -568,6 +568,9 @@ async fn two_hundred_accounts_in_four_regions_stay_bounded() {
     let create = creates.lock().unwrap().clone();
     assert_eq!(create.len(), 4, "one CreateStackInstances per region (each its own image)");
     assert!(create.iter().all(|c| c.accounts().len() == 200 && c.regions().len() == 1));
+    // Each operation's RegionOrder names only its own regions, in the fleet's order.
+    assert!(create.iter().all(|c| c.operation_preferences().unwrap().region_order() == c.regions()), "{create:?}");
+    assert_eq!(create.iter().map(|c| c.regions()[0].as_str()).collect::<Vec<_>>(), regions);
     let prefs = create[0].operation_preferences().unwrap();
     assert_eq!((prefs.max_concurrent_count(), prefs.failure_tolerance_percentage()), (Some(20), Some(5)));
     assert!(updates.lock().unwrap().is_empty(), "overrides go in with the create");
