@@ -406,6 +406,28 @@ fn reboot_retries_the_mount_until_efs_answers_on_the_third_try() {
     assert_eq!(vm.stop(), 0);
 }
 
+/// Fault 5: the mount loop never spins without sleeping, even when mount claims success but
+/// nothing is mounted; it gives up after its tries (systemd starts it again) and Chroma never
+/// starts on the root volume.
+#[test]
+fn a_mount_that_claims_success_without_mounting_is_retried_with_pauses_and_never_served() {
+    let config = Config::default();
+    let efs = efs_dir();
+    let vm = Instance::new(&config, efs.path(), stack_metadata()).baked();
+    std::fs::write(vm.state.join("mount-lies"), "").unwrap();
+    let r = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+    vm.write_files(&r.cloud_config);
+    std::fs::write(vm.path(imgbuild::render::ENV_FILE), "").unwrap();
+    vm.systemd_starts_chroma();
+    assert_eq!(vm.unit_exit(), 1, "a failure systemd retries (Restart=always), not a guard's 3: {}", vm.journal());
+    let calls = vm.calls();
+    assert_eq!(calls.iter().filter(|c| c.starts_with("mount ")).count(), 8, "{calls:#?}");
+    let sleeps: Vec<_> = calls.iter().filter(|c| c.starts_with("sleep ")).map(String::as_str).collect();
+    assert_eq!(sleeps, ["sleep 5", "sleep 10", "sleep 15", "sleep 20", "sleep 25", "sleep 30", "sleep 30", "sleep 30"]);
+    assert!(!calls.iter().any(|c| c.starts_with("docker")), "{calls:#?}");
+    assert!(vm.journal().contains("EFS is not mounted on"), "{}", vm.journal());
+}
+
 /// Fault 1: after an unclean restart nothing but systemd may start Chroma. The compose service
 /// has `restart: "no"` (dockerd restarts `unless-stopped` containers itself at daemon start;
 /// Docker docs "Start containers automatically"), the bind fails on a missing source instead of
