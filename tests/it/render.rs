@@ -265,3 +265,20 @@ fn boot_budget_lists_the_guards_and_the_readiness_signal() {
         assert!(err.lines().any(|l| l.starts_with("boot step ") && l.contains(want)), "{want}: {err}");
     }
 }
+
+/// The metadata and heartbeat addresses are variables so the boot can run under test; on an
+/// instance they must stay instance metadata and this host, or the baked boot could fetch from
+/// anywhere.
+#[test]
+fn the_download_check_holds_the_boot_to_metadata_and_this_host() {
+    let config = Config::default();
+    let profile = imgbuild::chroma::profile(&"1.5.9".parse().unwrap()).unwrap();
+    for (from, to) in [(":-http://169.254.169.254}", ":-http://metadata.example.com}"), (":-http://127.0.0.1:", ":-http://10.0.0.9:")] {
+        let mut r = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+        assert!(r.scripts[0].text.contains(from));
+        r.scripts[0].text = r.scripts[0].text.replace(from, to);
+        let report = validate::validate(&r, &config, profile, Tools::Off);
+        let check = report.checks.iter().find(|c| c.name == "baked boot downloads nothing").unwrap();
+        assert_eq!(check.status, Status::Fail, "{to}: {}", check.detail);
+    }
+}
