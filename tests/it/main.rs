@@ -5,6 +5,7 @@ mod mock_client;
 
 mod bake_mocks;
 mod bake_moto;
+mod boot;
 mod cli;
 mod corpus;
 mod faults;
