@@ -144,8 +144,13 @@ impl Template {
     }
 
     /// The body sent to CloudFormation; refuses what CloudFormation would refuse for size.
+    ///
+    /// JSON, not YAML: CloudFormation reads YAML 1.1, where a plain `off`, `on`, `yes` or `no`
+    /// is a boolean, while serde_yaml writes YAML 1.2 and leaves such strings unquoted (aws-cli
+    /// PR #5257, rain issue #480). In JSON every string is quoted, so the body means to
+    /// CloudFormation exactly what the file means; short-form tags become their long forms.
     pub fn body(&self) -> Result<String> {
-        let body = serde_yaml::to_string(&self.doc).map_err(|e| Error::Invalid(format!("{}: {e}", self.name)))?;
+        let body = serde_json::to_string(&crate::check::guard::long_form(&self.doc)).map_err(|e| Error::Invalid(format!("{}: {e}", self.name)))?;
         if body.len() > BODY_LIMIT {
             return Err(Error::Invalid(format!(
                 "{}: the template is {} bytes with the user-data in it, over CloudFormation's {BODY_LIMIT}-byte limit for an inline template",

@@ -1,0 +1,285 @@
+//! What `imgbuild deploy` sends, judged by what CloudFormation, API Gateway, Auto Scaling and
+//! EC2 do with it (issue 10). Each test names the documented behaviour it encodes. The AWS side
+//! is scripted with aws-smithy-mocks; the requests deploy makes are captured and read back.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_smithy_mocks::{Rule, mock};
+use aws_smithy_types::error::ErrorMetadata;
+use aws_smithy_types::retry::RetryConfig;
+
+use aws_sdk_cloudformation::operation::create_change_set::CreateChangeSetOutput;
+use aws_sdk_cloudformation::operation::describe_change_set::DescribeChangeSetOutput;
+use aws_sdk_cloudformation::operation::describe_stacks::{DescribeStacksError, DescribeStacksOutput};
+use aws_sdk_cloudformation::types::{ChangeSetStatus, StackStatus};
+
+use imgbuild::aws::Clients;
+use imgbuild::cli::{DeployArgs, ToolArgs, WaitArgs};
+use imgbuild::config::Context;
+use imgbuild::stack::changeset::Confirmer;
+
+use crate::support::tool_in_venv;
+
+const STACK: &str = "vectordb";
+const STACK_ID: &str = "arn:aws:cloudformation:us-east-1:123456789012:stack/vectordb/6c1e5a30-0000-11ef-0000-0a1b2c3d4e5f";
+const CS_ID: &str = "arn:aws:cloudformation:us-east-1:123456789012:changeSet/imgbuild-x/9f8e7d6c-0000-11ef-0000-0a1b2c3d4e5f";
+const STOCK_PARAMETER: &str = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
+const STOCK_AMI: &str = "ami-0fedcba9876543210";
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn meta(code: &str, message: &str) -> ErrorMetadata {
+    ErrorMetadata::builder().code(code).message(message).build()
+}
+
+/// What one `deploy_flow` run sent: the CreateChangeSet request's body and parameters.
+#[derive(Default, Clone)]
+struct Sent {
+    body: Arc<Mutex<Option<String>>>,
+    parameters: Arc<Mutex<BTreeMap<String, String>>>,
+}
+
+/// The scripted account deploy talks to.
+struct Account {
+    /// The deployed stack's parameters, or None when the stack does not exist.
+    deployed: Option<BTreeMap<String, String>>,
+    extra_cfn: Vec<Rule>,
+    apigw: Vec<Rule>,
+    efs: Vec<Rule>,
+}
+
+impl Account {
+    fn new() -> Self {
+        Self { deployed: None, extra_cfn: Vec::new(), apigw: vec![account_without_logging_role()], efs: Vec::new() }
+    }
+}
+
+/// GetParameter, shaped like aws-cli `examples/ssm/get-parameter.rst` (Parameter.Name/Value).
+fn parameter(name: &'static str, value: &'static str) -> Rule {
+    mock!(aws_sdk_ssm::Client::get_parameter).match_requests(move |r| r.name() == Some(name)).then_output(move || {
+        aws_sdk_ssm::operation::get_parameter::GetParameterOutput::builder()
+            .parameter(aws_sdk_ssm::types::Parameter::builder().name(name).value(value).build())
+            .build()
+    })
+}
+
+/// A parameter that does not exist: error code ParameterNotFound (SSM API reference, GetParameter errors).
+fn parameter_missing() -> Rule {
+    use aws_sdk_ssm::operation::get_parameter::GetParameterError;
+    mock!(aws_sdk_ssm::Client::get_parameter).match_requests(|r| r.name().is_some_and(|n| n.starts_with("/imgbuild/"))).then_error(|| {
+        GetParameterError::ParameterNotFound(aws_sdk_ssm::types::error::ParameterNotFound::builder().meta(meta("ParameterNotFound", "")).build())
+    })
+}
+
+/// GetAccount of an account that never set an API Gateway CloudWatch role: aws-cli
+/// `examples/apigateway/get-account.rst` shows `cloudwatchRoleArn` only when one is set.
+fn account_without_logging_role() -> Rule {
+    mock!(aws_sdk_apigateway::Client::get_account).then_output(|| {
+        aws_sdk_apigateway::operation::get_account::GetAccountOutput::builder()
+            .throttle_settings(aws_sdk_apigateway::types::ThrottleSettings::builder().burst_limit(5000).rate_limit(10000.0).build())
+            .build()
+    })
+}
+
+fn deployed_stack(parameters: &BTreeMap<String, String>) -> aws_sdk_cloudformation::types::Stack {
+    let mut b = aws_sdk_cloudformation::types::Stack::builder().stack_name(STACK).stack_id(STACK_ID).stack_status(StackStatus::UpdateComplete);
+    for (k, v) in parameters {
+        b = b.parameters(aws_sdk_cloudformation::types::Parameter::builder().parameter_key(k).parameter_value(v).build());
+    }
+    b.build()
+}
+
+fn clients(account: &Account, sent: &Sent) -> Clients {
+    let deployed = account.deployed.clone();
+    // DescribeStacks: the stack, or the ValidationError "Stack with id X does not exist"
+    // (aws-cli examples/cloudformation/describe-stacks.rst; CloudFormation API, DescribeStacks).
+    let describe =
+        mock!(aws_sdk_cloudformation::Client::describe_stacks).match_requests(|r| r.stack_name() == Some(STACK)).then_compute_response(
+            move |_| match &deployed {
+                Some(p) => aws_smithy_mocks::MockResponse::Output(DescribeStacksOutput::builder().stacks(deployed_stack(p)).build()),
+                None => aws_smithy_mocks::MockResponse::Error(DescribeStacksError::generic(meta("ValidationError", "Stack with id vectordb does not exist"))),
+            },
+        );
+    let capture = sent.clone();
+    // CreateChangeSet answers Id and StackId (aws-cli examples/cloudformation/create-change-set.rst).
+    let create = mock!(aws_sdk_cloudformation::Client::create_change_set)
+        .match_requests(move |r| {
+            *capture.body.lock().unwrap() = r.template_body().map(String::from);
+            *capture.parameters.lock().unwrap() = r
+                .parameters()
+                .iter()
+                .map(|p| (p.parameter_key().unwrap_or_default().to_string(), p.parameter_value().unwrap_or_default().to_string()))
+                .collect();
+            true
+        })
+        .then_output(|| CreateChangeSetOutput::builder().id(CS_ID).stack_id(STACK_ID).build());
+    // DescribeChangeSet: CREATE_COMPLETE with no changes listed (aws-cli examples/cloudformation/describe-change-set.rst).
+    let ready = mock!(aws_sdk_cloudformation::Client::describe_change_set)
+        .then_output(|| DescribeChangeSetOutput::builder().change_set_id(CS_ID).stack_id(STACK_ID).status(ChangeSetStatus::CreateComplete).build());
+    let mut cfn = vec![describe, create, ready];
+    cfn.extend(account.extra_cfn.iter().cloned());
+    let ssm = [parameter_missing(), parameter(STOCK_PARAMETER, STOCK_AMI)];
+    let retry = RetryConfig::standard().with_initial_backoff(Duration::from_millis(1));
+    let none: Vec<Rule> = Vec::new();
+    Clients {
+        cfn: mocked!(aws_sdk_cloudformation, cfn, retry.clone()),
+        ec2: mocked!(aws_sdk_ec2, none, retry.clone()),
+        efs: mocked!(aws_sdk_efs, account.efs, retry.clone()),
+        ssm: mocked!(aws_sdk_ssm, ssm, retry.clone()),
+        elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
+        apigw: mocked!(aws_sdk_apigateway, account.apigw, retry),
+    }
+}
+
+struct Never;
+
+impl Confirmer for Never {
+    fn confirm<'a>(&'a self, _: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = imgbuild::Result<bool>> + Send + 'a>> {
+        Box::pin(async { panic!("--no-execute never asks") })
+    }
+}
+
+fn args() -> DeployArgs {
+    DeployArgs {
+        ami: None,
+        mode: None,
+        template: None,
+        yes: false,
+        no_execute: true,
+        wait: WaitArgs { wait: false, timeout: Some(60) },
+        tools: ToolArgs { require_tools: false, no_tools: true },
+    }
+}
+
+fn context(config: &str) -> (tempfile::TempDir, Context) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imgbuild.yaml");
+    std::fs::write(&path, format!("name: {STACK}\nregion: us-east-1\n{config}")).unwrap();
+    let ctx = Context::load(Some(&path), None, None, None).unwrap();
+    (dir, ctx)
+}
+
+/// Runs deploy (`--no-execute`) against `account` with `config`; what it sent, or its error.
+fn deploy_with(account: &Account, config: &str, args: DeployArgs) -> (imgbuild::Result<serde_json::Value>, Sent) {
+    let (_dir, ctx) = context(config);
+    let sent = Sent::default();
+    let clients = clients(account, &sent);
+    let ui = imgbuild::ui::Ui::new(imgbuild::cli::OutputFormat::Text, 0, true);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let out = rt.block_on(imgbuild::cmd::deploy_flow(&clients, &args, &ctx, ui, &Never, std::future::pending()));
+    (out, sent)
+}
+
+fn deploy(account: &Account, config: &str) -> Sent {
+    let (out, sent) = deploy_with(account, config, args());
+    out.unwrap_or_else(|e| panic!("deploy failed: {e}"));
+    sent
+}
+
+fn body_of(sent: &Sent) -> String {
+    sent.body.lock().unwrap().clone().expect("CreateChangeSet was called with a TemplateBody")
+}
+
+/// Reads a template the way CloudFormation does (YAML 1.1, PyYAML), short-form tags as their
+/// long forms, and prints it as JSON with every scalar's YAML 1.1 type next to it.
+const YAML11: &str = r#"
+import json, sys, yaml
+
+class Loader(yaml.SafeLoader):
+    pass
+
+def tagged(loader, suffix, node):
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    if suffix in ("Ref", "Condition"):
+        return {suffix: value}
+    if suffix == "GetAtt" and isinstance(value, str):
+        return {"Fn::GetAtt": value.split(".", 1)}
+    return {"Fn::" + suffix: value}
+
+Loader.add_multi_constructor("!", tagged)
+
+def typed(v):
+    if isinstance(v, dict):
+        return {str(k): typed(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [typed(x) for x in v]
+    return [type(v).__name__, str(v)]
+
+print(json.dumps(typed(yaml.load(open(sys.argv[1]), Loader=Loader))))
+"#;
+
+fn read_as_yaml11(path: &Path) -> Option<serde_json::Value> {
+    let python = tool_in_venv("python")?;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("yaml11.py");
+    std::fs::write(&script, YAML11).unwrap();
+    let out = Command::new(python).arg(&script).arg(path).output().unwrap();
+    assert!(out.status.success(), "PyYAML could not read {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// Every scalar of `file` has the same YAML 1.1 type at the same place in `sent`. Deploy's own
+/// edits are allowed: the user-data slot, and resources it renames (the API deployment).
+fn same_types(file: &serde_json::Value, sent: &serde_json::Value, at: &str, bad: &mut Vec<String>) {
+    use serde_json::Value as J;
+    if at.ends_with("/LaunchTemplateData/UserData") {
+        return;
+    }
+    match (file, sent) {
+        (J::Object(f), J::Object(s)) => {
+            for (k, fv) in f {
+                let sv = s.get(k).or_else(|| {
+                    // A renamed resource keeps its name as a prefix (`Deployment` -> `Deployment1a2b...`).
+                    (at == "/Resources").then(|| s.iter().find(|(sk, _)| sk.starts_with(k.as_str()) && !f.contains_key(sk.as_str())).map(|(_, v)| v)).flatten()
+                });
+                match sv {
+                    Some(sv) => same_types(fv, sv, &format!("{at}/{k}"), bad),
+                    None => bad.push(format!("{at}/{k}: missing from the body sent")),
+                }
+            }
+        }
+        (J::Array(f), J::Array(s)) if f.len() == 2 && f[0].is_string() && s.len() == 2 && s[0].is_string() && !f[1].is_array() => {
+            // A typed scalar: [type, text].
+            if f[0] != s[0] {
+                bad.push(format!("{at}: the file means {} {} but CloudFormation reads {} {}", f[0], f[1], s[0], s[1]));
+            }
+        }
+        (J::Array(f), J::Array(s)) if f.len() == s.len() => {
+            for (i, (fv, sv)) in f.iter().zip(s).enumerate() {
+                same_types(fv, sv, &format!("{at}/{i}"), bad);
+            }
+        }
+        _ => bad.push(format!("{at}: shape differs ({file} vs {sent})")),
+    }
+}
+
+/// Fault 1. CloudFormation reads YAML templates as YAML 1.1, where plain `on`/`off`/`yes`/`no`
+/// are booleans (aws-cli PR #5257 "Always quote YAML boolean strings for cloudformation
+/// package"; aws-cloudformation/rain issue #480). The body deploy sends, read that way, must
+/// mean what infra/stack.yaml means: `EnforceSecurityGroupInboundRulesOnPrivateLinkTraffic`
+/// stays the string "off", not `false`.
+#[test]
+fn the_body_sent_means_to_a_yaml_1_1_reader_what_the_file_means() {
+    let sent = deploy(&Account::new(), "");
+    let dir = tempfile::tempdir().unwrap();
+    let body_path = dir.path().join("sent-body");
+    std::fs::write(&body_path, body_of(&sent)).unwrap();
+    let Some(file) = read_as_yaml11(&repo().join("infra/stack.yaml")) else { return };
+    let body = read_as_yaml11(&body_path).unwrap();
+    let nlb = &body["Resources"]["LoadBalancer"]["Properties"]["EnforceSecurityGroupInboundRulesOnPrivateLinkTraffic"];
+    assert_eq!(nlb, &serde_json::json!(["str", "off"]), "the NLB attribute as CloudFormation reads it");
+    let mut bad = Vec::new();
+    same_types(&file, &body, "", &mut bad);
+    assert!(bad.is_empty(), "the body sent differs from infra/stack.yaml for a YAML 1.1 reader:\n  {}", bad.join("\n  "));
+}
