@@ -78,11 +78,13 @@ pub async fn deploy_flow(
 
     let mut template = Template::load(args.template.as_deref())?;
     template.set_user_data(&base64::engine::general_purpose::STANDARD.encode(&rendered.output));
+    let parameters = stack_parameters(&template, config, &choice)?;
+    template.pin_api_deployments(&parameters);
     template.check_policies()?;
     let plan = changeset::Plan {
         stack: config.stack_name().to_string(),
         template_body: template.body()?,
-        parameters: stack_parameters(&template, config, &choice)?,
+        parameters,
         tags: BTreeMap::from([("imgbuild:project".to_string(), config.name.clone())]),
         confirm: if args.yes {
             Confirm::Yes

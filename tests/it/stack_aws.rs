@@ -283,3 +283,33 @@ fn the_body_sent_means_to_a_yaml_1_1_reader_what_the_file_means() {
     same_types(&file, &body, "", &mut bad);
     assert!(bad.is_empty(), "the body sent differs from infra/stack.yaml for a YAML 1.1 reader:\n  {}", bad.join("\n  "));
 }
+
+/// The API deployment of a body sent: its logical id, and the id the stage points at.
+fn deployment_of(sent: &Sent) -> (String, String) {
+    let body: serde_json::Value = serde_json::from_str(&body_of(sent)).unwrap();
+    let resources = body["Resources"].as_object().unwrap();
+    let ids: Vec<&String> = resources.iter().filter(|(_, r)| r["Type"] == "AWS::ApiGateway::Deployment").map(|(k, _)| k).collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let stage = resources.values().find(|r| r["Type"] == "AWS::ApiGateway::Stage").unwrap();
+    (ids[0].clone(), stage["Properties"]["DeploymentId"]["Ref"].as_str().unwrap().to_string())
+}
+
+/// Fault 2. A change to a method's integration (here its URI, through `chroma.port`) reaches
+/// clients only through a new deployment: "Updates to REST APIs that require redeployment"
+/// (API Gateway developer guide). CloudFormation creates one only for a new logical id, so the
+/// id must follow the API's inputs, and stay put when they do not change ("no changes").
+#[test]
+fn the_api_deployment_id_follows_what_feeds_the_api() {
+    let account = Account::new();
+    let (first, stage) = deployment_of(&deploy(&account, ""));
+    assert_eq!(first, stage, "the stage serves the deployment deploy made");
+    assert_ne!(first, "Deployment", "a fixed id never redeploys");
+    let (again, _) = deployment_of(&deploy(&account, ""));
+    assert_eq!(first, again, "equal inputs, equal deployment");
+    let (ported, stage) = deployment_of(&deploy(&account, "chroma:\n  port: 8080\n"));
+    assert_ne!(first, ported, "a new integration URI needs a new deployment");
+    assert_eq!(ported, stage);
+    // The instance's own settings do not feed the API: no redeployment for them.
+    let (resized, _) = deployment_of(&deploy(&account, "stack:\n  instance_type: t3a.medium\n"));
+    assert_eq!(first, resized);
+}
