@@ -98,6 +98,19 @@ pub async fn deploy_flow(
         token: run_token(),
     };
 
+    for (resource, secs) in template.signal_waits() {
+        progress.line(&format!(
+            "{resource} waits up to {} for the instance to signal that Chroma answers on it; a FAILURE signal, or none in time, rolls the stack back (the boot writes its reason to /var/log/cloud-init-output.log on the instance)",
+            minutes(secs)
+        ));
+    }
+    if plan.waits.timeout.as_secs() < template.signal_waits().iter().map(|(_, s)| *s).max().unwrap_or(0) {
+        progress.line(&format!(
+            "note: deploy stops following the stack after {}; the stack itself goes on waiting for the signal",
+            minutes(plan.waits.timeout.as_secs())
+        ));
+    }
+
     let cleanup = Cleanup::default();
     let result = tokio::select! {
         r = changeset::run(clients, &plan, &progress, &cleanup, confirmer) => r,
@@ -120,6 +133,10 @@ pub async fn deploy_flow(
         "userdata_sha256": rendered.sha256(),
         "deploy": outcome,
     }))
+}
+
+fn minutes(secs: u64) -> String {
+    if secs % 60 == 0 { format!("{} min", secs / 60) } else { format!("{secs}s") }
 }
 
 fn source_text(s: &images::Source) -> String {

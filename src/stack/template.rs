@@ -147,6 +147,20 @@ impl Template {
         ids.len()
     }
 
+    /// The resources CloudFormation holds until they signal (`CreationPolicy.ResourceSignal`),
+    /// with the timeout in seconds (ISO 8601 `PT#H#M#S`, CloudFormation's format; default 12h).
+    pub fn signal_waits(&self) -> Vec<(String, u64)> {
+        let Some(resources) = self.doc.get("Resources").and_then(Value::as_mapping) else { return Vec::new() };
+        resources
+            .iter()
+            .filter_map(|(k, r)| {
+                let signal = r.get("CreationPolicy")?.get("ResourceSignal")?;
+                let secs = signal.get("Timeout").and_then(Value::as_str).map_or(Some(12 * 3600), iso_duration_secs)?;
+                Some((k.as_str()?.to_string(), secs))
+            })
+            .collect()
+    }
+
     /// Gives each API Gateway deployment a logical id derived from everything that feeds the
     /// API: the definitions of the resources it reaches through references (the REST API, its
     /// resources and methods, the VPC link, the NLB behind it, ...), the conditions they use and
@@ -368,4 +382,26 @@ fn rename_refs(v: &mut Value, old: &str, new: &str) {
         Value::Sequence(seq) => seq.iter_mut().for_each(|x| rename_refs(x, old, new)),
         _ => {}
     }
+}
+
+/// `PT1H30M`, `PT20M`, `PT90S` in seconds; None for anything else.
+fn iso_duration_secs(text: &str) -> Option<u64> {
+    let mut rest = text.strip_prefix("PT")?;
+    let mut total = 0u64;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        let n: u64 = rest[..digits].parse().ok()?;
+        let unit = match &rest[digits..digits + 1] {
+            "H" => 3600,
+            "M" => 60,
+            "S" => 1,
+            _ => return None,
+        };
+        total += n * unit;
+        rest = &rest[digits + 1..];
+    }
+    Some(total)
 }

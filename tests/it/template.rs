@@ -164,3 +164,79 @@ fn checkov_finds_nothing_and_every_suppression_is_justified() {
     }
     assert_eq!(skipped.len(), 4, "a new suppression needs a look: {skipped:?}");
 }
+
+fn depends_on(t: &Template, id: &str) -> Vec<String> {
+    match &t.document()["Resources"][id]["DependsOn"] {
+        serde_yaml::Value::String(s) => vec![s.clone()],
+        serde_yaml::Value::Sequence(s) => s.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Fault 3. Without a CreationPolicy, CREATE_COMPLETE only means an instance exists. With
+/// `CreationPolicy.ResourceSignal` on the group and `WaitOnResourceSignals` on its rolling update
+/// the stack waits for the instance's own signal and rolls back on FAILURE or timeout
+/// (CloudFormation user guide: "CreationPolicy attribute", "UpdatePolicy attribute",
+/// AutoScalingRollingUpdate: WaitOnResourceSignals, PauseTime, SuspendProcesses). The boot
+/// finds where to signal in the instance tags of the stack/boot contract, and the role may
+/// signal only this stack (`cloudformation:SignalResource` on `AWS::StackId`).
+#[test]
+fn the_group_waits_for_the_instance_signal_and_may_signal_only_its_stack() {
+    let t = Template::reference();
+    let r = &t.document()["Resources"];
+    let asg = &r["AutoScalingGroup"];
+    assert_eq!(asg["Type"].as_str(), Some("AWS::AutoScaling::AutoScalingGroup"));
+    assert_eq!(asg["CreationPolicy"]["ResourceSignal"]["Count"].as_u64(), Some(1));
+    let update = &asg["UpdatePolicy"]["AutoScalingRollingUpdate"];
+    assert_eq!(update["WaitOnResourceSignals"].as_bool(), Some(true));
+    assert_eq!(update["PauseTime"], asg["CreationPolicy"]["ResourceSignal"]["Timeout"], "one wait for create and update");
+    let suspended: Vec<&str> = update["SuspendProcesses"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    for p in ["HealthCheck", "ReplaceUnhealthy", "AZRebalance", "AlarmNotification", "ScheduledActions"] {
+        assert!(suspended.contains(&p), "{p} not suspended during the rolling update: {suspended:?}");
+    }
+    assert_eq!(t.signal_waits(), [("AutoScalingGroup".to_string(), 20 * 60)]);
+
+    let data = &r["LaunchTemplate"]["Properties"]["LaunchTemplateData"];
+    let instance = data["TagSpecifications"].as_sequence().unwrap().iter().find(|s| s["ResourceType"].as_str() == Some("instance")).unwrap();
+    let tag = |k: &str| instance["Tags"].as_sequence().unwrap().iter().find(|t| t["Key"].as_str() == Some(k)).map(|t| guard::long_form(&t["Value"]));
+    assert_eq!(tag("ImgbuildStackName"), Some(serde_json::json!({ "Ref": "AWS::StackName" })));
+    assert_eq!(tag("ImgbuildSignalResource"), Some(serde_json::json!("AutoScalingGroup")));
+
+    let signal: Vec<_> = t
+        .resources_of_type("AWS::IAM::RolePolicy")
+        .into_iter()
+        .map(|id| guard::long_form(&r[id.as_str()]["Properties"]))
+        .filter(|p| p.to_string().contains("cloudformation:"))
+        .collect();
+    assert_eq!(signal.len(), 1, "{signal:?}");
+    assert_eq!(signal[0]["RoleName"], serde_json::json!({ "Ref": "InstanceRole" }));
+    let statements = signal[0]["PolicyDocument"]["Statement"].as_array().unwrap();
+    assert_eq!(statements.len(), 1);
+    assert_eq!(statements[0]["Action"], "cloudformation:SignalResource");
+    assert_eq!(statements[0]["Resource"], serde_json::json!({ "Ref": "AWS::StackId" }));
+}
+
+/// Fault 6. CloudFormation creates resources in parallel unless a reference or DependsOn
+/// orders them ("DependsOn attribute", CloudFormation user guide). The group must wait for the
+/// private routes and their subnet associations (a full-mode boot downloads over the NAT), the
+/// signal permission and the listener; the VPC link must wait for the listener, or it fails
+/// with "NLB is not in active state" (aws-cloudformation/cloudformation-coverage-roadmap #1951).
+#[test]
+fn the_group_and_the_vpc_link_wait_for_what_they_use() {
+    let t = Template::reference();
+    let asg = depends_on(&t, "AutoScalingGroup");
+    for needed in [
+        "PrivateDefaultRouteA",
+        "PrivateDefaultRouteB",
+        "PrivateSubnetARouteTableAssociation",
+        "PrivateSubnetBRouteTableAssociation",
+        "Listener",
+        "InstanceRoleEfsPolicy",
+        "InstanceRoleSignalPolicy",
+        "MountTargetA",
+        "MountTargetB",
+    ] {
+        assert!(asg.iter().any(|d| d == needed), "AutoScalingGroup must depend on {needed}: {asg:?}");
+    }
+    assert!(depends_on(&t, "VpcLink").iter().any(|d| d == "Listener"), "VpcLink must depend on Listener");
+}
