@@ -49,14 +49,22 @@ struct Sent {
 struct Account {
     /// The deployed stack's parameters, or None when the stack does not exist.
     deployed: Option<BTreeMap<String, String>>,
+    /// The deployed stack's outputs.
+    outputs: BTreeMap<String, String>,
     extra_cfn: Vec<Rule>,
+    ec2: Vec<Rule>,
     apigw: Vec<Rule>,
     efs: Vec<Rule>,
 }
 
 impl Account {
     fn new() -> Self {
-        Self { deployed: None, extra_cfn: Vec::new(), apigw: vec![account_without_logging_role()], efs: Vec::new() }
+        Self { deployed: None, outputs: BTreeMap::new(), extra_cfn: Vec::new(), ec2: Vec::new(), apigw: vec![account_without_logging_role()], efs: Vec::new() }
+    }
+
+    /// An account whose stack exists, deployed with these parameters.
+    fn deployed(parameters: &[(&str, &str)]) -> Self {
+        Self { deployed: Some(parameters.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()), ..Self::new() }
     }
 }
 
@@ -87,22 +95,37 @@ fn account_without_logging_role() -> Rule {
     })
 }
 
-fn deployed_stack(parameters: &BTreeMap<String, String>) -> aws_sdk_cloudformation::types::Stack {
+/// GetAccount of an account whose API Gateway logs with `role` (aws-cli
+/// `examples/apigateway/get-account.rst`).
+fn account_with_logging_role(role: &'static str) -> Rule {
+    mock!(aws_sdk_apigateway::Client::get_account).then_output(move || {
+        aws_sdk_apigateway::operation::get_account::GetAccountOutput::builder()
+            .cloudwatch_role_arn(role)
+            .throttle_settings(aws_sdk_apigateway::types::ThrottleSettings::builder().burst_limit(1000).rate_limit(500.0).build())
+            .build()
+    })
+}
+
+fn deployed_stack(parameters: &BTreeMap<String, String>, outputs: &BTreeMap<String, String>) -> aws_sdk_cloudformation::types::Stack {
     let mut b = aws_sdk_cloudformation::types::Stack::builder().stack_name(STACK).stack_id(STACK_ID).stack_status(StackStatus::UpdateComplete);
     for (k, v) in parameters {
         b = b.parameters(aws_sdk_cloudformation::types::Parameter::builder().parameter_key(k).parameter_value(v).build());
+    }
+    for (k, v) in outputs {
+        b = b.outputs(aws_sdk_cloudformation::types::Output::builder().output_key(k).output_value(v).build());
     }
     b.build()
 }
 
 fn clients(account: &Account, sent: &Sent) -> Clients {
     let deployed = account.deployed.clone();
+    let outputs = account.outputs.clone();
     // DescribeStacks: the stack, or the ValidationError "Stack with id X does not exist"
     // (aws-cli examples/cloudformation/describe-stacks.rst; CloudFormation API, DescribeStacks).
     let describe =
         mock!(aws_sdk_cloudformation::Client::describe_stacks).match_requests(|r| r.stack_name() == Some(STACK)).then_compute_response(
             move |_| match &deployed {
-                Some(p) => aws_smithy_mocks::MockResponse::Output(DescribeStacksOutput::builder().stacks(deployed_stack(p)).build()),
+                Some(p) => aws_smithy_mocks::MockResponse::Output(DescribeStacksOutput::builder().stacks(deployed_stack(p, &outputs)).build()),
                 None => aws_smithy_mocks::MockResponse::Error(DescribeStacksError::generic(meta("ValidationError", "Stack with id vectordb does not exist"))),
             },
         );
@@ -129,7 +152,7 @@ fn clients(account: &Account, sent: &Sent) -> Clients {
     let none: Vec<Rule> = Vec::new();
     Clients {
         cfn: mocked!(aws_sdk_cloudformation, cfn, retry.clone()),
-        ec2: mocked!(aws_sdk_ec2, none, retry.clone()),
+        ec2: mocked!(aws_sdk_ec2, account.ec2, retry.clone()),
         efs: mocked!(aws_sdk_efs, account.efs, retry.clone()),
         ssm: mocked!(aws_sdk_ssm, ssm, retry.clone()),
         elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
@@ -152,6 +175,7 @@ fn args() -> DeployArgs {
         template: None,
         yes: false,
         no_execute: true,
+        update_base: false,
         wait: WaitArgs { wait: false, timeout: Some(60) },
         tools: ToolArgs { require_tools: false, no_tools: true },
     }
@@ -312,4 +336,77 @@ fn the_api_deployment_id_follows_what_feeds_the_api() {
     // The instance's own settings do not feed the API: no redeployment for them.
     let (resized, _) = deployment_of(&deploy(&account, "stack:\n  instance_type: t3a.medium\n"));
     assert_eq!(first, resized);
+}
+
+fn sent_parameter(sent: &Sent, key: &str) -> Option<String> {
+    sent.parameters.lock().unwrap().get(key).cloned()
+}
+
+/// Fault 5. `AWS::ApiGateway::Account` sets the one CloudWatch role of every REST API in the
+/// account and region ("Set up CloudWatch logging for REST APIs in API Gateway": the role is
+/// an account-level setting), so the stack sets it only when GetAccount reports none, or when
+/// the role set is the one this stack created (its output). aws-cli
+/// `examples/apigateway/get-account.rst` is the answer's shape.
+#[test]
+fn the_account_logging_role_is_set_only_when_the_account_has_none() {
+    let sent = deploy(&Account::new(), "");
+    assert_eq!(sent_parameter(&sent, "ApiGatewayCloudWatchRoleArn").as_deref(), Some(""));
+    let body: serde_json::Value = serde_json::from_str(&body_of(&sent)).unwrap();
+    assert_eq!(body["Resources"]["ApiGatewayAccount"]["Condition"], "CreatesApiGatewayAccount");
+    assert_eq!(body["Conditions"]["CreatesApiGatewayAccount"], serde_json::json!({"Fn::Equals": [{"Ref": "ApiGatewayCloudWatchRoleArn"}, ""]}));
+
+    let theirs = "arn:aws:iam::123412341234:role/APIGatewayToCloudWatchLogsRole";
+    let mut account = Account::new();
+    account.apigw = vec![account_with_logging_role(theirs)];
+    let sent = deploy(&account, "");
+    assert_eq!(sent_parameter(&sent, "ApiGatewayCloudWatchRoleArn").as_deref(), Some(theirs), "another API's role is left alone");
+
+    // The role this stack set earlier: the stack keeps owning it.
+    let ours = "arn:aws:iam::123456789012:role/vectordb-ApiGatewayCloudWatchRole-1A2B3C4D5E6F";
+    let mut account = Account::deployed(&[("ImageId", STOCK_AMI)]);
+    account.outputs.insert("ApiGatewayCloudWatchRoleArn".into(), ours.into());
+    account.apigw = vec![account_with_logging_role(ours)];
+    let sent = deploy(&account, "");
+    assert_eq!(sent_parameter(&sent, "ApiGatewayCloudWatchRoleArn").as_deref(), Some(""));
+}
+
+const RUNNING_AMI: &str = "ami-0aaaaaaaaaaaaaaa1";
+
+/// DescribeImages of the AMI the stack runs, a stock one (no imgbuild tags), shaped like
+/// aws-cli `examples/ec2/describe-images.rst`.
+fn running_image(tags: &'static [(&'static str, &'static str)]) -> Rule {
+    mock!(aws_sdk_ec2::Client::describe_images).match_requests(|r| r.image_ids() == [RUNNING_AMI.to_string()]).then_output(move || {
+        let mut image = aws_sdk_ec2::types::Image::builder()
+            .image_id(RUNNING_AMI)
+            .name("al2023-ami-2023.6.20241010.0-kernel-6.1-x86_64")
+            .state(aws_sdk_ec2::types::ImageState::Available);
+        for (k, v) in tags {
+            image = image.tags(aws_sdk_ec2::types::Tag::builder().key(*k).value(*v).build());
+        }
+        aws_sdk_ec2::operation::describe_images::DescribeImagesOutput::builder().images(image.build()).build()
+    })
+}
+
+/// Fault 4. AWS's public AL2023 parameter moves to each new release ("Query for the latest
+/// Amazon Linux AMI IDs using AWS Systems Manager Parameter Store"), and a new ImageId in the
+/// launch template makes the group's rolling update replace the instance
+/// (AutoScalingRollingUpdate, "UpdatePolicy attribute"). An unrelated deploy keeps the image
+/// the stack runs; `--update-base` moves, and says the instance will be replaced.
+#[test]
+fn a_new_al2023_release_does_not_replace_the_instance_until_asked() {
+    let mut account = Account::deployed(&[("ImageId", RUNNING_AMI)]);
+    let image = running_image(&[]);
+    account.ec2 = vec![image.clone()];
+    let sent = deploy(&account, "");
+    assert_eq!(sent_parameter(&sent, "ImageId").as_deref(), Some(RUNNING_AMI), "the running base image is kept");
+    assert_eq!(image.num_calls(), 1, "its existence was checked");
+
+    let (out, sent) = deploy_with(&account, "", DeployArgs { update_base: true, ..args() });
+    out.unwrap();
+    assert_eq!(sent_parameter(&sent, "ImageId").as_deref(), Some(STOCK_AMI), "--update-base moves to the published release");
+
+    // A baked image the stack ran (handoff gone) is not a stock base to keep.
+    let mut account = Account::deployed(&[("ImageId", RUNNING_AMI)]);
+    account.ec2 = vec![running_image(&[("imgbuild:chroma-version", "1.5.9")])];
+    assert_eq!(sent_parameter(&deploy(&account, ""), "ImageId").as_deref(), Some(STOCK_AMI));
 }
