@@ -126,6 +126,8 @@ pub async fn deploy_flow(
         ));
     }
 
+    template.check_instance_tags(&plan.tags)?;
+
     let cleanup = Cleanup::default();
     let result = tokio::select! {
         r = changeset::run(clients, &plan, &progress, &cleanup, confirmer) => r,

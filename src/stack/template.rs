@@ -147,6 +147,60 @@ impl Template {
         ids.len()
     }
 
+    /// With instance metadata tags enabled, EC2 refuses to launch an instance that has a tag key
+    /// with a space or `/`, or one that is `.`, `..` or `_index` ("View tags for your EC2
+    /// instances using instance metadata", EC2 user guide): every launch of the group would
+    /// fail. The keys that reach the instance: the launch templates' instance tags, the group's
+    /// tags propagated at launch, and the stack's tags (CloudFormation puts them on the group,
+    /// which propagates them). Refused here, before anything is created, with the reason.
+    pub fn check_instance_tags(&self, stack_tags: &BTreeMap<String, String>) -> Result<()> {
+        let doc = crate::check::guard::long_form(&self.doc);
+        let Some(resources) = doc.get("Resources").and_then(J::as_object) else { return Ok(()) };
+        let with_imds_tags = resources.iter().any(|(_, r)| {
+            r.get("Type").and_then(J::as_str) == Some("AWS::EC2::LaunchTemplate")
+                && r.pointer("/Properties/LaunchTemplateData/MetadataOptions/InstanceMetadataTags").and_then(J::as_str) == Some("enabled")
+        });
+        if !with_imds_tags {
+            return Ok(());
+        }
+        let mut keys: Vec<(String, String)> = stack_tags.keys().map(|k| (k.clone(), "the stack's tags".to_string())).collect();
+        for (id, r) in resources {
+            let props = r.get("Properties");
+            match r.get("Type").and_then(J::as_str) {
+                Some("AWS::EC2::LaunchTemplate") => {
+                    for spec in props.and_then(|p| p.pointer("/LaunchTemplateData/TagSpecifications")).and_then(J::as_array).into_iter().flatten() {
+                        if spec.get("ResourceType").and_then(J::as_str) == Some("instance") {
+                            for tag in spec.get("Tags").and_then(J::as_array).into_iter().flatten() {
+                                keys.extend(tag.get("Key").and_then(J::as_str).map(|k| (k.to_string(), format!("Resources.{id} instance TagSpecifications"))));
+                            }
+                        }
+                    }
+                }
+                Some("AWS::AutoScaling::AutoScalingGroup") => {
+                    for tag in props.and_then(|p| p.get("Tags")).and_then(J::as_array).into_iter().flatten() {
+                        if matches!(tag.get("PropagateAtLaunch"), Some(J::Bool(true))) || tag.get("PropagateAtLaunch").and_then(J::as_str) == Some("true") {
+                            keys.extend(tag.get("Key").and_then(J::as_str).map(|k| (k.to_string(), format!("Resources.{id}.Properties.Tags"))));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let bad: Vec<String> = keys
+            .iter()
+            .filter(|(k, _)| k.contains(' ') || k.contains('/') || matches!(k.as_str(), "." | ".." | "_index"))
+            .map(|(k, from)| format!("{k:?} (from {from})"))
+            .collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Invalid(format!(
+            "{}: instance metadata tags are enabled, and EC2 refuses to launch an instance with a tag key that contains a space or '/' (or is '.', '..' or '_index'), so every launch would fail: {}; rename the tag",
+            self.name,
+            bad.join(", ")
+        )))
+    }
+
     /// The resources CloudFormation holds until they signal (`CreationPolicy.ResourceSignal`),
     /// with the timeout in seconds (ISO 8601 `PT#H#M#S`, CloudFormation's format; default 12h).
     pub fn signal_waits(&self) -> Vec<(String, u64)> {

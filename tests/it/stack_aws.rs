@@ -410,3 +410,27 @@ fn a_new_al2023_release_does_not_replace_the_instance_until_asked() {
     account.ec2 = vec![running_image(&[("imgbuild:chroma-version", "1.5.9")])];
     assert_eq!(sent_parameter(&deploy(&account, ""), "ImageId").as_deref(), Some(STOCK_AMI));
 }
+
+/// Fault 7. With instance metadata tags on (the boot reads its deploy-time values from them),
+/// "instance tag keys can't contain spaces or /" and every launch with such a key fails
+/// ("View tags for your EC2 instances using instance metadata", EC2 user guide). Deploy refuses
+/// the template before any change set exists, naming the key and where it comes from.
+#[test]
+fn instance_tag_keys_that_break_metadata_tags_are_refused_before_deploying() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("stack.yaml");
+    let text = std::fs::read_to_string(repo().join("infra/stack.yaml")).unwrap();
+    let broken = text.replacen(
+        "              - {Key: Name, Value: !Ref AWS::StackName}\n",
+        "              - {Key: Name, Value: !Ref AWS::StackName}\n              - {Key: team/owner, Value: search}\n",
+        1,
+    );
+    assert_ne!(broken, text);
+    std::fs::write(&template, broken).unwrap();
+    let (out, sent) = deploy_with(&Account::new(), "", DeployArgs { template: Some(template), ..args() });
+    let err = out.unwrap_err().to_string();
+    assert!(err.contains("\"team/owner\"") && err.contains("LaunchTemplate") && err.contains("space or '/'"), "{err}");
+    assert!(sent.body.lock().unwrap().is_none(), "no change set was created");
+    // The reference template and deploy's own stack tag pass.
+    deploy(&Account::new(), "");
+}
