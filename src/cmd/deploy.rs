@@ -40,6 +40,7 @@ pub fn stack_parameters(template: &Template, config: &Config, choice: &Choice) -
         ("ChromaPort", config.chroma.port.to_string()),
         ("HeartbeatPath", profile.heartbeat_path.to_string()),
         ("StorageMode", config.storage.mode.as_str().to_string()),
+        ("FileSystemId", config.efs.file_system_id.clone().unwrap_or_default()),
         ("LogRetentionDays", config.stack.log_retention_days.to_string()),
     ];
     let declared = template.parameter_names();
@@ -60,13 +61,13 @@ pub async fn deploy_flow(
     let progress = Progress::new(ui, "choosing the image");
     tokio::pin!(interrupt);
     // Nothing exists before the change set: Ctrl-C here just stops.
-    let (choice, logging_role) = tokio::select! {
+    let (choice, logging_role, deployed) = tokio::select! {
         r = async {
             let deployed = stack::describe(&clients.cfn, config.stack_name()).await?;
             let choice = images::choose(clients, config, args.ami.as_deref(), args.mode).await?;
             let choice = keep_base_image(clients, choice, deployed.as_ref(), args.update_base, &progress).await?;
             let logging_role = api_gateway_logging_role(clients, deployed.as_ref()).await?;
-            Ok::<_, Error>((choice, logging_role))
+            Ok::<_, Error>((choice, logging_role, deployed))
         } => r?,
         _ = &mut interrupt => return Err(Error::Interrupted { cleaned: Vec::new() }),
     };
@@ -127,6 +128,16 @@ pub async fn deploy_flow(
     }
 
     template.check_instance_tags(&plan.tags)?;
+    if let Some(fs) = &config.efs.file_system_id
+        && plan.parameters.contains_key("FileSystemId")
+    {
+        let ours = deployed.as_ref().map(stack::parameters_of).and_then(|p| p.get("FileSystemId").cloned()).as_deref() == Some(fs.as_str());
+        let efs_tls = config.storage.mode.as_str() == "efs-tls";
+        tokio::select! {
+            r = stack::efs::reattach(clients, fs, &plan.stack, efs_tls, ours, &progress) => { r?; }
+            _ = &mut interrupt => return Err(Error::Interrupted { cleaned: Vec::new() }),
+        }
+    }
 
     let cleanup = Cleanup::default();
     let result = tokio::select! {

@@ -434,3 +434,117 @@ fn instance_tag_keys_that_break_metadata_tags_are_refused_before_deploying() {
     // The reference template and deploy's own stack tag pass.
     deploy(&Account::new(), "");
 }
+
+const RETAINED_FS: &str = "fs-0123456789abcdef0";
+const RETAINED_FS_ARN: &str = "arn:aws:elasticfilesystem:us-east-1:123456789012:file-system/fs-0123456789abcdef0";
+
+/// DescribeFileSystems of the file system a destroyed stack retained: available, encrypted
+/// (EFS API reference, DescribeFileSystems / FileSystemDescription).
+fn retained_file_system() -> Rule {
+    use aws_sdk_efs::types::{FileSystemDescription, FileSystemSize, LifeCycleState, PerformanceMode};
+    mock!(aws_sdk_efs::Client::describe_file_systems).match_requests(|r| r.file_system_id() == Some(RETAINED_FS)).then_output(|| {
+        aws_sdk_efs::operation::describe_file_systems::DescribeFileSystemsOutput::builder()
+            .file_systems(
+                FileSystemDescription::builder()
+                    .owner_id("123456789012")
+                    .creation_token("vectordb-FileSystem-1A2B3C")
+                    .file_system_id(RETAINED_FS)
+                    .file_system_arn(RETAINED_FS_ARN)
+                    .creation_time(aws_smithy_types::DateTime::from_secs(1_700_000_000))
+                    .life_cycle_state(LifeCycleState::Available)
+                    .number_of_mount_targets(0)
+                    .size_in_bytes(FileSystemSize::builder().value(6144).build())
+                    .performance_mode(PerformanceMode::GeneralPurpose)
+                    .encrypted(true)
+                    .tags(aws_sdk_efs::types::Tag::builder().key("Name").value("vectordb").build().unwrap())
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+    })
+}
+
+/// DescribeMountTargets: `targets` as (id, subnet, vpc), shaped like aws-cli
+/// `examples/efs/create-mount-target.rst`.
+fn mount_targets(targets: &'static [(&'static str, &'static str, &'static str)]) -> Rule {
+    mock!(aws_sdk_efs::Client::describe_mount_targets).match_requests(|r| r.file_system_id() == Some(RETAINED_FS)).then_output(move || {
+        let mut out = aws_sdk_efs::operation::describe_mount_targets::DescribeMountTargetsOutput::builder();
+        for (id, subnet, vpc) in targets {
+            out = out.mount_targets(
+                aws_sdk_efs::types::MountTargetDescription::builder()
+                    .mount_target_id(*id)
+                    .file_system_id(RETAINED_FS)
+                    .subnet_id(*subnet)
+                    .vpc_id(*vpc)
+                    .life_cycle_state(aws_sdk_efs::types::LifeCycleState::Available)
+                    .build()
+                    .unwrap(),
+            );
+        }
+        out.build()
+    })
+}
+
+/// PutFileSystemPolicy, capturing the policy sent; answers FileSystemId and Policy (EFS API
+/// reference, PutFileSystemPolicy).
+fn put_policy(into: Arc<Mutex<Option<String>>>) -> Rule {
+    mock!(aws_sdk_efs::Client::put_file_system_policy)
+        .match_requests(move |r| {
+            *into.lock().unwrap() = r.policy().map(String::from);
+            r.file_system_id() == Some(RETAINED_FS)
+        })
+        .then_output(|| aws_sdk_efs::operation::put_file_system_policy::PutFileSystemPolicyOutput::builder().file_system_id(RETAINED_FS).build())
+}
+
+/// Fault 8. `destroy` retains the file system (DeletionPolicy Retain) but its mount targets go
+/// with the stack's VPC, and its policy names a role that no longer exists. With
+/// `efs.file_system_id` the stack must create no file system, put its mount targets on the
+/// given one (EFS: mount targets of one file system live in one VPC, one per zone, "Managing
+/// mount targets"), and the policy must admit the new instance role, so the instance mounts
+/// the same file system and Chroma finds its data. The boot learns the id from the
+/// ImgbuildFileSystemId tag, which must name the given file system.
+#[test]
+fn a_retained_file_system_is_reattached_with_its_policy_for_the_new_role() {
+    let policy = Arc::new(Mutex::new(None));
+    let put = put_policy(policy.clone());
+    let mut account = Account::new();
+    account.efs = vec![retained_file_system(), mount_targets(&[]), put.clone()];
+    let sent = deploy(&account, &format!("efs:\n  file_system_id: {RETAINED_FS}\n"));
+
+    assert_eq!(sent_parameter(&sent, "FileSystemId").as_deref(), Some(RETAINED_FS));
+    let body: serde_json::Value = serde_json::from_str(&body_of(&sent)).unwrap();
+    let r = &body["Resources"];
+    assert_eq!(r["FileSystem"]["Condition"], "CreatesFileSystem", "no new file system when one is given");
+    let given = serde_json::json!({"Fn::If": ["CreatesFileSystem", {"Ref": "FileSystem"}, {"Ref": "FileSystemId"}]});
+    assert_eq!(r["MountTargetA"]["Properties"]["FileSystemId"], given);
+    assert_eq!(r["MountTargetB"]["Properties"]["FileSystemId"], given);
+    let tags = r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["TagSpecifications"][0]["Tags"].as_array().unwrap();
+    assert_eq!(tags.iter().find(|t| t["Key"] == "ImgbuildFileSystemId").unwrap()["Value"], given, "the boot mounts the given file system");
+    assert_eq!(r["InstanceRole"]["Properties"]["Path"], serde_json::json!({"Fn::Sub": "/imgbuild/${AWS::StackName}/"}));
+    assert_eq!(body["Outputs"]["FileSystemId"]["Value"], given, "a later destroy names the same file system");
+
+    assert_eq!(put.num_calls(), 1);
+    let policy: serde_json::Value = serde_json::from_str(policy.lock().unwrap().as_deref().unwrap()).unwrap();
+    let allow = &policy["Statement"][0];
+    assert_eq!(allow["Effect"], "Allow");
+    assert_eq!(allow["Resource"], RETAINED_FS_ARN);
+    assert_eq!(allow["Condition"]["ArnLike"]["aws:PrincipalArn"], "arn:aws:iam::123456789012:role/imgbuild/vectordb/*");
+    assert_eq!(allow["Condition"]["Bool"]["elasticfilesystem:AccessedViaMountTarget"], "true");
+    assert_eq!(policy["Statement"][1]["Effect"], "Deny", "TLS stays required");
+    assert_eq!(policy["Statement"][1]["Condition"]["Bool"]["aws:SecureTransport"], "false");
+}
+
+/// Fault 8, the refusal: a file system that still has mount targets (another stack's VPC) cannot
+/// take this stack's, so deploy stops before touching its policy or creating a change set.
+#[test]
+fn a_file_system_still_mounted_elsewhere_is_refused_untouched() {
+    let policy = Arc::new(Mutex::new(None));
+    let put = put_policy(policy.clone());
+    let mut account = Account::new();
+    account.efs = vec![retained_file_system(), mount_targets(&[("fsmt-0aaaabbbbcccc1111", "subnet-0abc1234def567890", "vpc-0a1b2c3d4e5f60718")]), put.clone()];
+    let (out, sent) = deploy_with(&account, &format!("efs:\n  file_system_id: {RETAINED_FS}\n"), args());
+    let err = out.unwrap_err().to_string();
+    assert!(err.contains("efs.file_system_id") && err.contains("fsmt-0aaaabbbbcccc1111") && err.contains("vpc-0a1b2c3d4e5f60718"), "{err}");
+    assert_eq!(put.num_calls(), 0);
+    assert!(sent.body.lock().unwrap().is_none());
+}

@@ -60,7 +60,7 @@ fn template_tags_the_instance_the_way_the_boot_script_reads_it() {
     let specs = data["TagSpecifications"].as_sequence().unwrap();
     let instance = specs.iter().find(|s| s["ResourceType"].as_str() == Some("instance")).unwrap();
     let tag = instance["Tags"].as_sequence().unwrap().iter().find(|t| t["Key"].as_str() == Some(EFS_TAG)).expect("the EFS id tag");
-    assert_eq!(guard::long_form(&tag["Value"]), serde_json::json!({ "Ref": "FileSystem" }));
+    assert_eq!(guard::long_form(&tag["Value"]), serde_json::json!({ "Fn::If": ["CreatesFileSystem", { "Ref": "FileSystem" }, { "Ref": "FileSystemId" }] }));
     let boot = render_with(&Config::default(), None, Mode::Baked, Format::CloudConfig, false);
     assert!(boot.scripts[0].text.contains(&format!("tags/instance/{EFS_TAG}")));
 }
