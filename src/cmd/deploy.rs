@@ -63,8 +63,8 @@ pub async fn deploy_flow(
     // Nothing exists before the change set: Ctrl-C here just stops.
     let (choice, logging_role, deployed) = tokio::select! {
         r = async {
-            let deployed = stack::describe(&clients.cfn, config.stack_name()).await?;
             let choice = images::choose(clients, config, args.ami.as_deref(), args.mode).await?;
+            let deployed = stack::describe(&clients.cfn, config.stack_name()).await?;
             let choice = keep_base_image(clients, choice, deployed.as_ref(), args.update_base, &progress).await?;
             let logging_role = api_gateway_logging_role(clients, deployed.as_ref()).await?;
             Ok::<_, Error>((choice, logging_role, deployed))

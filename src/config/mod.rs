@@ -497,7 +497,11 @@ impl Config {
             bad("chroma.digest", format!("`{d}` is not an image digest (expected sha256: followed by 64 lowercase hex digits)"));
         }
         if self.chroma.port == 0 {
-            bad("chroma.port", "port 0 is not a port Chroma can listen on (use 1-65535; the default is 8000)".into());
+            bad("chroma.port", "port 0 is not a port Chroma can listen on (use 1024-65535; the default is 8000)".into());
+        } else if self.chroma.port < 1024 {
+            // The stack's ChromaPort parameter takes 1024-65535: below, the host's own services
+            // (sshd on 22, ...) live, and CloudFormation would refuse the deploy.
+            bad("chroma.port", format!("port {} is a privileged port the stack refuses (ChromaPort takes 1024-65535; the default is 8000)", self.chroma.port));
         }
         for key in self.chroma.env.keys() {
             let field = format!("chroma.env.{key}");
@@ -539,6 +543,10 @@ impl Config {
         if let Some(c) = &self.stack.allowed_client_cidr {
             match parse_cidr(c) {
                 Ok((_, 0)) => bad("stack.allowed_client_cidr", "0.0.0.0/0 would open the API endpoint to every address; name the clients' network".into()),
+                // The stack's AllowedClientCidr parameter refuses /1 to /7 too.
+                Ok((_, prefix)) if prefix < 8 => {
+                    bad("stack.allowed_client_cidr", format!("/{prefix} spans a large share of all addresses and the stack refuses it (use /8 to /32)"))
+                }
                 Ok(_) => {}
                 Err(m) => bad("stack.allowed_client_cidr", m),
             }

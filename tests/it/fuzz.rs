@@ -681,7 +681,7 @@ fn valid_config() -> impl Strategy<Value = Config> {
     (
         (
             chroma_version(),
-            1u16..=65535,
+            1024u16..=65535,
             any::<bool>(),
             prop::option::of("[0-9a-f]{64}"),
             prop::option::of(prop_oneof!["[0-9a-f]{8}", "[0-9a-f]{17}"]),

@@ -548,3 +548,42 @@ fn a_file_system_still_mounted_elsewhere_is_refused_untouched() {
     assert_eq!(put.num_calls(), 0);
     assert!(sent.body.lock().unwrap().is_none());
 }
+
+/// Whether `pattern` (a CloudFormation AllowedPattern: the whole value must match) accepts each
+/// value, decided by Python's `re`, close to the Java regex CloudFormation uses.
+fn pattern_accepts(pattern: &str, values: &[&str]) -> Option<Vec<bool>> {
+    let python = tool_in_venv("python")?;
+    let script = "import json, re, sys\np, vs = json.loads(sys.argv[1])\nprint(json.dumps([re.fullmatch(p, v) is not None for v in vs]))";
+    let out = Command::new(python).args(["-c", script, &serde_json::json!([pattern, values]).to_string()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// Fault 10, the config side. CloudFormation refuses a parameter value outside MinValue/MaxValue
+/// or AllowedPattern ("Parameters", CloudFormation user guide) only once the change set is
+/// requested; `validate` must refuse the same `chroma.port` and `stack.allowed_client_cidr`
+/// values, naming the field, and accept every value the template accepts.
+#[test]
+fn the_config_accepts_exactly_the_ports_and_cidrs_the_template_accepts() {
+    let t = imgbuild::stack::template::Template::reference();
+    let port = &t.document()["Parameters"]["ChromaPort"];
+    let (min, max) = (port["MinValue"].as_u64().unwrap(), port["MaxValue"].as_u64().unwrap());
+    for p in [1u64, 22, 80, 443, 1023, 1024, 8000, 8080, 65535] {
+        let config = imgbuild::config::parse(&format!("chroma:\n  port: {p}\n"), "imgbuild.yaml");
+        let template_ok = (min..=max).contains(&p);
+        assert_eq!(config.is_ok(), template_ok, "port {p}: config {:?}, template {template_ok}", config.as_ref().err().map(|e| e.to_string()));
+        if let Err(e) = config {
+            assert!(e.to_string().contains("chroma.port"), "{e}");
+        }
+    }
+    let pattern = t.document()["Parameters"]["AllowedClientCidr"]["AllowedPattern"].as_str().unwrap().to_string();
+    let cidrs = ["10.0.0.0/7", "8.0.0.0/6", "128.0.0.0/1", "10.0.0.0/8", "10.20.0.0/16", "192.168.1.0/24", "192.168.1.7/32"];
+    let Some(verdicts) = pattern_accepts(&pattern, &cidrs) else { return };
+    for (cidr, template_ok) in cidrs.iter().zip(verdicts) {
+        let config = imgbuild::config::parse(&format!("stack:\n  allowed_client_cidr: {cidr}\n"), "imgbuild.yaml");
+        assert_eq!(config.is_ok(), template_ok, "{cidr}: config {:?}, template {template_ok}", config.as_ref().err().map(|e| e.to_string()));
+        if let Err(e) = config {
+            assert!(e.to_string().contains("stack.allowed_client_cidr"), "{e}");
+        }
+    }
+}
