@@ -240,3 +240,37 @@ fn the_group_and_the_vpc_link_wait_for_what_they_use() {
     }
     assert!(depends_on(&t, "VpcLink").iter().any(|d| d == "Listener"), "VpcLink must depend on Listener");
 }
+
+/// Fault 10. A shared group gives every member everything any member needs: a future member
+/// of a group shared by the NLB and the instance would get NFS to EFS and Chroma's port. So the
+/// NLB and the instance have their own groups ("Security groups for your Network Load
+/// Balancer": targets admit the load balancer's group), and the instance admits Chroma's port
+/// from the NLB's group only. The execute-api endpoint carries calls to this account's APIs
+/// only ("Control access to VPC endpoints using endpoint policies", AWS PrivateLink guide;
+/// API Gateway: "Use VPC endpoint policies for private APIs").
+#[test]
+fn the_nlb_and_the_instance_have_their_own_groups_and_the_endpoint_a_policy() {
+    let t = Template::reference();
+    let doc = guard::long_form(t.document());
+    let r = &doc["Resources"];
+    let refs = |v: &serde_json::Value| -> Vec<String> { v.as_array().unwrap().iter().map(|g| g["Ref"].as_str().unwrap().to_string()).collect() };
+    let nlb = refs(&r["LoadBalancer"]["Properties"]["SecurityGroups"]);
+    let instance = refs(&r["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["SecurityGroupIds"]);
+    assert!(nlb.iter().all(|g| !instance.contains(g)), "NLB {nlb:?} and instance {instance:?} share a group");
+    for (id, res) in r.as_object().unwrap() {
+        if res["Type"] == "AWS::EC2::SecurityGroupIngress" {
+            let p = &res["Properties"];
+            assert_ne!(p["SourceSecurityGroupId"], p["GroupId"], "{id}: a group that admits its own members is a shared group");
+            if instance.iter().any(|g| p["GroupId"]["Ref"] == g.as_str()) {
+                assert!(nlb.iter().any(|g| p["SourceSecurityGroupId"]["Ref"] == g.as_str()), "{id}: the instance admits only the NLB: {p}");
+            }
+        }
+    }
+    let policy = &r["ApiVpcEndpoint"]["Properties"]["PolicyDocument"];
+    let statements = policy["Statement"].as_array().expect("the execute-api endpoint has a policy");
+    for s in statements {
+        assert_eq!(s["Effect"], "Allow");
+        let resource = s["Resource"]["Fn::Sub"].as_str().unwrap_or_default();
+        assert!(resource.starts_with("arn:${AWS::Partition}:execute-api:${AWS::Region}:${AWS::AccountId}:"), "scoped to this account: {s}");
+    }
+}
