@@ -82,7 +82,7 @@ fn every_policy_passes_on_the_stack_as_deploy_sends_it() {
         let body = t.body().unwrap();
         assert!(body.len() < template::BODY_LIMIT, "{} bytes", body.len());
         let outcomes = t.check_policies().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(outcomes.len(), 15, "{outcomes:?}");
+        assert_eq!(outcomes.len(), 20, "{outcomes:?}");
         assert!(outcomes.iter().all(|o| o.verdict == Verdict::Pass), "{outcomes:?}");
     }
 }
@@ -272,5 +272,42 @@ fn the_nlb_and_the_instance_have_their_own_groups_and_the_endpoint_a_policy() {
         assert_eq!(s["Effect"], "Allow");
         let resource = s["Resource"]["Fn::Sub"].as_str().unwrap_or_default();
         assert!(resource.starts_with("arn:${AWS::Partition}:execute-api:${AWS::Region}:${AWS::AccountId}:"), "scoped to this account: {s}");
+    }
+}
+
+/// Faults 3, 5, 6, 10 cannot come back unnoticed: undoing each fix in the reference stack
+/// breaks exactly the guard policy that encodes it, with a readable finding.
+#[test]
+fn the_policies_catch_each_issue_10_regression_in_the_reference_stack() {
+    let text = std::fs::read_to_string(repo().join("infra/stack.yaml")).unwrap();
+    let cases = [
+        ("asg_waits_for_signal", "        WaitOnResourceSignals: true\n", ""),
+        ("asg_waits_for_signal", "    CreationPolicy:\n      ResourceSignal:\n        Count: 1\n        Timeout: PT20M\n", ""),
+        ("create_order", "      - PrivateDefaultRouteB\n", ""),
+        ("create_order", "      - PrivateSubnetBRouteTableAssociation\n      - Listener\n", "      - PrivateSubnetBRouteTableAssociation\n"),
+        ("create_order", "    DependsOn: Listener\n    Properties:\n      Name", "    Properties:\n      Name"),
+        ("apigw_account_conditional", "    Type: AWS::ApiGateway::Account\n    Condition: CreatesApiGatewayAccount\n", "    Type: AWS::ApiGateway::Account\n"),
+        (
+            "execute_api_endpoint_policy",
+            "      PolicyDocument:\n        Version: \"2012-10-17\"\n        Statement:\n          - Sid: ThisAccountsApisOnly\n",
+            "      Tags: []\n      X:\n        Version: \"2012-10-17\"\n        Statement:\n          - Sid: ThisAccountsApisOnly\n",
+        ),
+        (
+            "nlb_instance_separate_groups",
+            "SecurityGroupIds: [!Ref ServiceSecurityGroup]",
+            "SecurityGroupIds: [!Ref ServiceSecurityGroup, !Ref LoadBalancerSecurityGroup]",
+        ),
+        (
+            "nlb_instance_separate_groups",
+            "      SourceSecurityGroupId: !Ref LoadBalancerSecurityGroup\n",
+            "      SourceSecurityGroupId: !Ref ServiceSecurityGroup\n",
+        ),
+    ];
+    for (rule, from, to) in cases {
+        assert_eq!(text.matches(from).count(), 1, "{rule}: {from:?} must occur once in infra/stack.yaml");
+        let t = Template::parse(&text.replacen(from, to, 1), "regressed.yaml").unwrap();
+        let outcomes = guard::evaluate(&t.name, t.document()).unwrap_or_else(|e| panic!("{rule}: {e}"));
+        let failing: Vec<&str> = outcomes.iter().filter(|o| o.verdict == Verdict::Fail).map(|o| o.rule.as_str()).collect();
+        assert!(failing.contains(&rule), "{rule} must catch {from:?} -> {to:?}: failing {failing:?}");
     }
 }
