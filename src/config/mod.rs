@@ -90,6 +90,8 @@ pub struct StackConfig {
     /// A CIDR allowed to reach the API endpoint besides the client security group. Unset: none.
     pub allowed_client_cidr: Option<String>,
     pub log_retention_days: u32,
+    /// How long API Gateway waits for Chroma (ms); 29000 is the REST API default and limit.
+    pub integration_timeout_ms: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,6 +215,7 @@ impl Default for StackConfig {
             nat_gateways: NatGateways::One,
             allowed_client_cidr: None,
             log_retention_days: 30,
+            integration_timeout_ms: 29_000,
         }
     }
 }
@@ -550,6 +553,12 @@ impl Config {
                 Ok(_) => {}
                 Err(m) => bad("stack.allowed_client_cidr", m),
             }
+        }
+        if self.stack.integration_timeout_ms < 50 {
+            bad(
+                "stack.integration_timeout_ms",
+                format!("{} ms is below API Gateway's 50 ms minimum (the default is 29000)", self.stack.integration_timeout_ms),
+            );
         }
         // The retention periods CloudWatch Logs accepts.
         const RETENTION: &[u32] = &[1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653];

@@ -141,6 +141,7 @@ const TOKENS: &[&str] = &[
     "nat_gateways",
     "allowed_client_cidr",
     "log_retention_days",
+    "integration_timeout_ms",
     "bake",
     "base_ami",
     "subnet_id",

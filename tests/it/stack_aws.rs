@@ -587,3 +587,61 @@ fn the_config_accepts_exactly_the_ports_and_cidrs_the_template_accepts() {
         }
     }
 }
+
+/// Fault 11, smoke. TestInvokeMethod's `http_method` is the verb of the simulated request (API
+/// Gateway API reference, TestInvokeMethod); on the `{proxy+}` resource whose only method is
+/// `ANY`, a GET is answered by the ANY method and passed on by the HTTP_PROXY integration, as a
+/// client's GET is (the stack's reference article test-invokes `--http-method GET` on such a
+/// resource). Sending "ANY" would pass a verb no client sends to Chroma.
+#[test]
+fn smoke_test_invokes_with_the_verb_a_client_sends() {
+    let verbs = Arc::new(Mutex::new(Vec::new()));
+    let seen = verbs.clone();
+    // GetResources: items with id and path (aws-cli examples/apigateway/get-resources.rst).
+    let resources = mock!(aws_sdk_apigateway::Client::get_resources).then_output(|| {
+        aws_sdk_apigateway::operation::get_resources::GetResourcesOutput::builder()
+            .items(aws_sdk_apigateway::types::Resource::builder().id("root1").path("/").build())
+            .items(aws_sdk_apigateway::types::Resource::builder().id("prx1").parent_id("root1").path_part("{proxy+}").path("/{proxy+}").build())
+            .build()
+    });
+    // TestInvokeMethod: status, body, latency (aws-cli examples/apigateway/test-invoke-method.rst).
+    let invoke = mock!(aws_sdk_apigateway::Client::test_invoke_method)
+        .match_requests(move |r| {
+            seen.lock().unwrap().push(r.http_method().unwrap_or_default().to_string());
+            true
+        })
+        .then_output(|| aws_sdk_apigateway::operation::test_invoke_method::TestInvokeMethodOutput::builder().status(200).body("{}").latency(9).build());
+    let retry = RetryConfig::standard().with_initial_backoff(Duration::from_millis(1));
+    let none: Vec<Rule> = Vec::new();
+    let apigw = [resources, invoke];
+    let clients = Clients {
+        cfn: mocked!(aws_sdk_cloudformation, none, retry.clone()),
+        ec2: mocked!(aws_sdk_ec2, none, retry.clone()),
+        efs: mocked!(aws_sdk_efs, none, retry.clone()),
+        ssm: mocked!(aws_sdk_ssm, none, retry.clone()),
+        elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
+        apigw: mocked!(aws_sdk_apigateway, apigw, retry),
+    };
+    let profile = imgbuild::chroma::profile(&imgbuild::chroma::parse_version("1.5.9").unwrap()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let report = rt.block_on(imgbuild::smoke::through_api_gateway(&clients, "abc123", profile)).unwrap();
+    assert!(report.ok());
+    assert_eq!(*verbs.lock().unwrap(), ["GET", "GET"]);
+    assert!(report.target.contains("not the endpoint, resource policy or deployed stage"), "{}", report.target);
+}
+
+/// Fault 11, limits. A REST API integration times out after 29 s by default ("Amazon API Gateway
+/// quotas": integration timeout 50 ms - 29 s, raisable for Regional and private REST APIs);
+/// `stack.integration_timeout_ms` reaches the method's integration, and a change to it is an
+/// API change that needs a new deployment.
+#[test]
+fn the_integration_timeout_is_the_config_s_and_redeploys_the_api() {
+    let sent = deploy(&Account::new(), "");
+    assert_eq!(sent_parameter(&sent, "IntegrationTimeoutMs").as_deref(), Some("29000"));
+    let body: serde_json::Value = serde_json::from_str(&body_of(&sent)).unwrap();
+    let method = body["Resources"].as_object().unwrap().values().find(|r| r["Type"] == "AWS::ApiGateway::Method").unwrap();
+    assert_eq!(method["Properties"]["Integration"]["TimeoutInMillis"], serde_json::json!({"Ref": "IntegrationTimeoutMs"}));
+    let longer = deploy(&Account::new(), "stack:\n  integration_timeout_ms: 60000\n");
+    assert_eq!(sent_parameter(&longer, "IntegrationTimeoutMs").as_deref(), Some("60000"));
+    assert_ne!(deployment_of(&sent).0, deployment_of(&longer).0);
+}
