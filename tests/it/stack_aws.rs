@@ -645,3 +645,83 @@ fn the_integration_timeout_is_the_config_s_and_redeploys_the_api() {
     assert_eq!(sent_parameter(&longer, "IntegrationTimeoutMs").as_deref(), Some("60000"));
     assert_ne!(deployment_of(&sent).0, deployment_of(&longer).0);
 }
+
+/// Fault 8 on moto, end to end: deploy a stack with a retained file system, destroy it (the
+/// file system stays, and destroy says how to reattach it), then deploy the real template with
+/// `efs.file_system_id`: deploy puts the file system's policy for the new stack's role path and
+/// CloudFormation gets a change set that uses the given file system. The boot then mounts that
+/// file system where the first boot mounted it, so Chroma opens the same data directory. moto
+/// cannot execute the real template (its CloudFormation makes the NLB an application LB), so the
+/// last deploy stops at the computed change set.
+#[test]
+fn destroy_then_deploy_with_the_retained_file_system_reaches_the_same_data() {
+    use imgbuild::render::{Format, Mode};
+    let Some(moto) = crate::services::moto() else { return };
+    let url = &moto.url;
+    let dir = tempfile::tempdir().unwrap();
+    let write_config = |extra: &str| {
+        std::fs::write(dir.path().join("imgbuild.yaml"), format!("name: reattach\nregion: us-east-1\naws:\n  poll_interval_secs: 1\n{extra}")).unwrap()
+    };
+    let run = |args: &[&str]| crate::support::imgbuild(dir.path()).args(["--endpoint-url", url]).args(args).output().unwrap();
+    let fixture = repo().join("tests/fixtures/moto-efs-stack.yaml");
+
+    // The stack of an earlier deploy, with its file system. Created directly: moto fills no
+    // outputs for a stack made through a change set, and destroy reads FileSystemId from them.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let conf = rt.block_on(
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(url)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_efs::config::Credentials::new("testing", "testing", None, None, "tests"))
+            .load(),
+    );
+    let cfn = aws_sdk_cloudformation::Client::new(&conf);
+    let efs = aws_sdk_efs::Client::new(&conf);
+    rt.block_on(cfn.create_stack().stack_name("reattach").template_body(std::fs::read_to_string(&fixture).unwrap()).send()).unwrap();
+    let created = rt.block_on(cfn.describe_stacks().stack_name("reattach").send()).unwrap();
+    let fs = created.stacks()[0]
+        .outputs()
+        .iter()
+        .find(|o| o.output_key() == Some("FileSystemId"))
+        .and_then(|o| o.output_value())
+        .expect("the stack's file system")
+        .to_string();
+
+    write_config("");
+    let out = run(&["destroy", "--yes"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("set efs.file_system_id: {fs} to reattach it")), "{err}");
+
+    let kept = rt.block_on(efs.describe_file_systems().file_system_id(&fs).send()).unwrap();
+    assert_eq!(kept.file_systems().len(), 1, "destroy kept the file system");
+
+    write_config(&format!("efs:\n  file_system_id: {fs}\n"));
+    let out = run(&["--output", "json", "deploy", "--no-execute", "--no-tools"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("reattaching EFS file system {fs}")), "{err}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let policy = rt.block_on(efs.describe_file_system_policy().file_system_id(&fs).send()).unwrap();
+    let policy: serde_json::Value = serde_json::from_str(policy.policy().unwrap()).unwrap();
+    assert_eq!(policy["Statement"][0]["Condition"]["ArnLike"]["aws:PrincipalArn"], "arn:aws:iam::123456789012:role/imgbuild/reattach/*", "{policy}");
+    let cs = doc["deploy"]["change_set"].as_str().unwrap().to_string();
+    let set = rt.block_on(cfn.describe_change_set().change_set_name(&cs).send()).unwrap();
+    let given: Vec<_> = set.parameters().iter().filter(|p| p.parameter_key() == Some("FileSystemId")).filter_map(|p| p.parameter_value()).collect();
+    assert_eq!(given, [fs.as_str()], "the stack is told to use the retained file system");
+
+    // The same data: the reattached boot mounts the retained file system where the first boot
+    // mounted the stack's one, and Chroma gets the same data directory.
+    let first = crate::support::render_with(&imgbuild::config::Config::default(), None, Mode::Full, Format::CloudConfig, false);
+    let again = crate::support::render_with(&crate::support::parse(&format!("efs:\n  file_system_id: {fs}\n")), None, Mode::Full, Format::CloudConfig, false);
+    let text = |r: &imgbuild::render::Rendered| String::from_utf8(r.raw.clone()).unwrap();
+    assert!(text(&again).contains(&format!("file_system_id=\"{fs}\"")), "the boot mounts {fs}");
+    let mounts = |t: &str| t.lines().filter(|l| l.contains("/mnt/chroma")).map(String::from).collect::<Vec<_>>();
+    assert!(mounts(&text(&first)).iter().any(|l| l.trim() == "source: /mnt/chroma/data"), "{:?}", mounts(&text(&first)));
+    assert_eq!(mounts(&text(&first)), mounts(&text(&again)), "same mount point and data directory");
+
+    rt.block_on(async {
+        cfn.delete_change_set().change_set_name(&cs).send().await.unwrap();
+        cfn.delete_stack().stack_name("reattach").send().await.unwrap();
+    });
+}
