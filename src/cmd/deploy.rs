@@ -227,7 +227,7 @@ async fn api_gateway_logging_role(clients: &Clients, deployed: Option<&aws_sdk_c
 }
 
 fn minutes(secs: u64) -> String {
-    if secs % 60 == 0 { format!("{} min", secs / 60) } else { format!("{secs}s") }
+    if secs.is_multiple_of(60) { format!("{} min", secs / 60) } else { format!("{secs}s") }
 }
 
 fn source_text(s: &images::Source) -> String {

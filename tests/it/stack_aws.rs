@@ -701,6 +701,9 @@ fn destroy_then_deploy_with_the_retained_file_system_reaches_the_same_data() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains(&format!("reattaching EFS file system {fs}")), "{err}");
+    // Fault 3, the deploy output: how long the stack waits for the signal, and what a failure means.
+    assert!(err.contains("AutoScalingGroup waits up to 20 min for the instance to signal that Chroma answers on it"), "{err}");
+    assert!(err.contains("a FAILURE signal, or none in time, rolls the stack back"), "{err}");
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let policy = rt.block_on(efs.describe_file_system_policy().file_system_id(&fs).send()).unwrap();
     let policy: serde_json::Value = serde_json::from_str(policy.policy().unwrap()).unwrap();
