@@ -18,6 +18,7 @@ mod render;
 mod secrets;
 mod services;
 mod smoke;
+mod stack_aws;
 mod support;
 mod template;
 mod validators;
