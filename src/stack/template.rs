@@ -126,6 +126,19 @@ impl Template {
         match ud {
             Value::Tagged(t) if t.tag == "!Base64" => t.value.as_str().map(String::from),
             Value::Mapping(m) => m.get("Fn::Base64").and_then(Value::as_str).map(String::from),
+            // Already encoded, as EC2 takes it: base64, of gzip when it starts with gzip's magic.
+            Value::String(b64) => {
+                use base64::Engine;
+                let bytes = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+                let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
+                    let mut out = Vec::new();
+                    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut out).ok()?;
+                    out
+                } else {
+                    bytes
+                };
+                String::from_utf8(bytes).ok()
+            }
             _ => None,
         }
     }
