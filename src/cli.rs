@@ -239,6 +239,10 @@ pub struct DeployArgs {
     /// Create the change set and show the diff, but leave it for review.
     #[arg(long)]
     pub no_execute: bool,
+    /// With stock AL2023: move to the AMI AWS publishes now instead of the one the stack runs
+    /// (which replaces the instance).
+    #[arg(long)]
+    pub update_base: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
     #[command(flatten)]

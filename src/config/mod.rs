@@ -99,6 +99,8 @@ pub struct StackConfig {
     /// A CIDR allowed to reach the API endpoint besides the client security group. Unset: none.
     pub allowed_client_cidr: Option<String>,
     pub log_retention_days: u32,
+    /// How long API Gateway waits for Chroma (ms); 29000 is the REST API default and limit.
+    pub integration_timeout_ms: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +225,7 @@ impl Default for StackConfig {
             nat_gateways: NatGateways::One,
             allowed_client_cidr: None,
             log_retention_days: 30,
+            integration_timeout_ms: 29_000,
         }
     }
 }
@@ -509,7 +512,11 @@ impl Config {
             bad("chroma.digest", format!("`{d}` is not an image digest (expected sha256: followed by 64 lowercase hex digits)"));
         }
         if self.chroma.port == 0 {
-            bad("chroma.port", "port 0 is not a port Chroma can listen on (use 1-65535; the default is 8000)".into());
+            bad("chroma.port", "port 0 is not a port Chroma can listen on (use 1024-65535; the default is 8000)".into());
+        } else if self.chroma.port < 1024 {
+            // The stack's ChromaPort parameter takes 1024-65535: below, the host's own services
+            // (sshd on 22, ...) live, and CloudFormation would refuse the deploy.
+            bad("chroma.port", format!("port {} is a privileged port the stack refuses (ChromaPort takes 1024-65535; the default is 8000)", self.chroma.port));
         }
         for key in self.chroma.env.keys() {
             let field = format!("chroma.env.{key}");
@@ -551,9 +558,19 @@ impl Config {
         if let Some(c) = &self.stack.allowed_client_cidr {
             match parse_cidr(c) {
                 Ok((_, 0)) => bad("stack.allowed_client_cidr", "0.0.0.0/0 would open the API endpoint to every address; name the clients' network".into()),
+                // The stack's AllowedClientCidr parameter refuses /1 to /7 too.
+                Ok((_, prefix)) if prefix < 8 => {
+                    bad("stack.allowed_client_cidr", format!("/{prefix} spans a large share of all addresses and the stack refuses it (use /8 to /32)"))
+                }
                 Ok(_) => {}
                 Err(m) => bad("stack.allowed_client_cidr", m),
             }
+        }
+        if self.stack.integration_timeout_ms < 50 {
+            bad(
+                "stack.integration_timeout_ms",
+                format!("{} ms is below API Gateway's 50 ms minimum (the default is 29000)", self.stack.integration_timeout_ms),
+            );
         }
         // The retention periods CloudWatch Logs accepts.
         const RETENTION: &[u32] = &[1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653];

@@ -141,6 +141,7 @@ const TOKENS: &[&str] = &[
     "nat_gateways",
     "allowed_client_cidr",
     "log_retention_days",
+    "integration_timeout_ms",
     "bake",
     "base_ami",
     "subnet_id",
@@ -681,7 +682,7 @@ fn valid_config() -> impl Strategy<Value = Config> {
     (
         (
             chroma_version(),
-            1u16..=65535,
+            1024u16..=65535,
             any::<bool>(),
             prop::option::of("[0-9a-f]{64}"),
             prop::option::of(prop_oneof!["[0-9a-f]{8}", "[0-9a-f]{17}"]),

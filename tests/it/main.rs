@@ -5,6 +5,7 @@ mod mock_client;
 
 mod bake_mocks;
 mod bake_moto;
+mod boot;
 mod cli;
 mod corpus;
 mod faults;
@@ -19,6 +20,7 @@ mod render;
 mod secrets;
 mod services;
 mod smoke;
+mod stack_aws;
 mod support;
 mod template;
 mod validators;
