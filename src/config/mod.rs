@@ -3,8 +3,11 @@
 //! and the validated [`Context`] commands work from (`plan`). Imports only `error` and the Chroma
 //! table: never render, AWS, or the command line.
 
+mod fleet;
 pub mod lines;
 mod plan;
+
+pub use fleet::{Amount, FleetConfig, FleetOverride, OrgTarget, PermissionModel, RegionConcurrency, check_account_id, org_target};
 
 pub use plan::Context;
 
@@ -37,6 +40,7 @@ pub struct Config {
     pub stack: StackConfig,
     pub bake: BakeConfig,
     pub aws: AwsConfig,
+    pub fleet: FleetConfig,
 }
 
 /// `imgbuild bake`: the base image, where the build instance runs, and where the result goes.
@@ -60,6 +64,10 @@ pub struct BakeConfig {
     pub regions: Vec<String>,
     /// The manifest bake writes (and reads the recorded base image from).
     pub manifest: String,
+    /// A customer-managed KMS key (id, ARN or alias/...) for the image's snapshots. An image
+    /// encrypted with the AWS managed `aws/ebs` key cannot be shared with another account, so a
+    /// fleet that spans accounts needs one.
+    pub kms_key_id: Option<String>,
 }
 
 impl Default for BakeConfig {
@@ -74,6 +82,7 @@ impl Default for BakeConfig {
             timeout_secs: 5400,
             regions: Vec::new(),
             manifest: "imgbuild.bake.json".into(),
+            kms_key_id: None,
         }
     }
 }
@@ -202,6 +211,7 @@ impl Default for Config {
             stack: StackConfig::default(),
             bake: BakeConfig::default(),
             aws: AwsConfig::default(),
+            fleet: FleetConfig::default(),
         }
     }
 }
@@ -294,6 +304,8 @@ fn enum_names(field: &str) -> Option<&'static str> {
         "storage.mode" => "efs-tls or docker-nfs",
         "stack.nat_gateways" => "one or per-az",
         "aws.retry_mode" => "standard or adaptive",
+        "fleet.permission_model" => "self-managed or service-managed",
+        "fleet.region_concurrency" => "sequential or parallel",
         _ => return None,
     })
 }
@@ -625,6 +637,12 @@ impl Config {
         if !(1..=300).contains(&self.aws.poll_interval_secs) {
             bad("aws.poll_interval_secs", format!("{}s: use 1 to 300", self.aws.poll_interval_secs));
         }
+        if let Some(k) = &self.bake.kms_key_id
+            && let Err(m) = check_kms_key(k)
+        {
+            bad("bake.kms_key_id", m);
+        }
+        out.extend(fleet::check(&self.fleet, self.bake.kms_key_id.is_some()));
         out
     }
 }
@@ -698,6 +716,21 @@ pub fn check_file_system_id(id: &str) -> std::result::Result<(), String> {
     match id.strip_prefix("fs-") {
         Some(hex) if (8..=40).contains(&hex.len()) && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => Ok(()),
         _ => Err(format!("`{id}` is not an EFS file system id (expected fs- followed by lowercase hex, such as fs-0123456789abcdef0)")),
+    }
+}
+
+/// A KMS key as EC2 takes it: a key id (UUID), a key ARN, an alias name or an alias ARN.
+fn check_kms_key(k: &str) -> std::result::Result<(), String> {
+    let uuid = |s: &str| s.len() == 36 && s.split('-').map(str::len).eq([8, 4, 4, 4, 12]) && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    let key_arn = k.starts_with("arn:aws") && k.contains(":kms:") && k.rsplit_once(":key/").is_some_and(|(_, id)| uuid(id) || id.starts_with("mrk-"));
+    let alias_arn = k.starts_with("arn:aws") && k.contains(":kms:") && k.contains(":alias/");
+    if k == "alias/aws/ebs" || k.ends_with(":alias/aws/ebs") {
+        return Err("the AWS managed key aws/ebs cannot be shared with other accounts; name a customer-managed key".into());
+    }
+    if uuid(k) || k.starts_with("mrk-") || key_arn || alias_arn || k.strip_prefix("alias/").is_some_and(|a| !a.is_empty()) {
+        Ok(())
+    } else {
+        Err(format!("`{k}` is not a KMS key (a key id, a key ARN, alias/<name> or an alias ARN)"))
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod changeset;
 pub mod efs;
+pub mod fleet;
 pub mod ops;
 pub mod template;
 

@@ -9,6 +9,8 @@ mod boot;
 mod cli;
 mod corpus;
 mod faults;
+mod fleet;
+mod fleet_mocks;
 mod fuzz;
 mod interrupt;
 mod layers;
