@@ -487,6 +487,20 @@ pub async fn start(clients: &Clients, document: &str, version: &str, parameters:
     Ok(id)
 }
 
+/// What GetAutomationExecution reports for an output of a step that has not succeeded (aws-cli
+/// `examples/ssm/get-automation-execution.rst`): a sentence, not an id.
+pub const NO_OUTPUT_YET: &str = "No output available yet because the step is not successfully executed";
+
+/// The image the execution made, if it made one: only a `createImage` step that succeeded has
+/// an image id, and whatever the outputs say must read as an AMI id before anything is done
+/// with it (until then the output is the placeholder sentence, which cleanup once sent to
+/// DescribeImages and DeregisterImage).
+pub fn image_made(exec: &aws_sdk_ssm::types::AutomationExecution) -> Option<String> {
+    let from_step = exec.step_executions().iter().filter(|s| s.step_name() == Some("createImage")).find_map(|s| s.outputs().and_then(|o| o.get("ImageId")));
+    let from_outputs = exec.outputs().and_then(|o| o.get("createImage.ImageId"));
+    from_step.into_iter().chain(from_outputs).flatten().find(|id| crate::config::check_ami_id(id).is_ok()).cloned()
+}
+
 /// Follows the execution step by step until it ends, within `timeout`. Returns the image id.
 pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Duration, progress: &Progress, record: &Record) -> Result<String> {
     let deadline = Instant::now() + timeout;
@@ -508,8 +522,8 @@ pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Durati
                 shown.insert(s.name.clone(), s.status.clone());
             }
         }
-        if let Some(image) = exec.outputs().and_then(|o| o.get("createImage.ImageId")).and_then(|v| v.first()) {
-            record.lock().expect("bake record").image = Some(image.clone());
+        if let Some(image) = image_made(exec) {
+            record.lock().expect("bake record").image = Some(image);
         }
         let status = exec.automation_execution_status().cloned();
         match status {

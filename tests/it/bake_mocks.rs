@@ -135,16 +135,30 @@ fn step(name: &str, status: &str, failure: Option<&str>) -> StepExecution {
     b.build()
 }
 
-/// One GetAutomationExecution answer for EXEC.
+/// One GetAutomationExecution answer for EXEC, shaped as the service answers (aws-cli
+/// `examples/ssm/get-automation-execution.rst`): the document's outputs are always there, and
+/// until createImage succeeds `createImage.ImageId` holds the placeholder sentence, not an id.
+/// A createImage step that succeeded carries the id in its own outputs too.
 fn execution(status: &str, steps: Vec<StepExecution>, image: Option<&str>) -> GetAutomationExecutionOutput {
-    let mut b = AutomationExecution::builder()
+    let steps = steps
+        .into_iter()
+        .map(|s| match (s.step_name(), s.step_status(), image) {
+            (Some("createImage"), Some(AutomationExecutionStatus::Success), Some(ami)) => StepExecution::builder()
+                .step_name("createImage")
+                .step_status(AutomationExecutionStatus::Success)
+                .set_execution_start_time(s.execution_start_time().cloned())
+                .set_execution_end_time(s.execution_end_time().cloned())
+                .outputs("ImageId", vec![ami.to_string()])
+                .build(),
+            _ => s,
+        })
+        .collect();
+    let b = AutomationExecution::builder()
         .automation_execution_id(EXEC)
         .document_name(DOC_NAME)
         .automation_execution_status(AutomationExecutionStatus::from(status))
-        .set_step_executions(Some(steps));
-    if let Some(ami) = image {
-        b = b.outputs("createImage.ImageId", vec![ami.to_string()]);
-    }
+        .set_step_executions(Some(steps))
+        .outputs("createImage.ImageId", vec![image.unwrap_or(bake::NO_OUTPUT_YET).to_string()]);
     GetAutomationExecutionOutput::builder().automation_execution(b.build()).build()
 }
 
@@ -162,19 +176,30 @@ fn get_execution(answers: Vec<GetAutomationExecutionOutput>) -> Rule {
     seq.repeatedly().build()
 }
 
-/// A realistic FailureMessage for a failure of each step of the document.
+/// A FailureMessage for a failure of each step, in the service's own wording: "Step
+/// <name> failed maximum allowed times. ..." (aws-cli `examples/ssm/get-automation-execution.rst`),
+/// "Step fails when it is verifying the command has completed. Command ... returns unexpected
+/// invocation result: {Status=[Failed], ResponseCode=[1], ...}" (an aws-cli
+/// `examples/imagebuilder/` output: an image whose SSM execution failed at a runCommand step), "Step fails when it is
+/// Poll action status for completion. ..." (aws-solutions/automated-security-response,
+/// `check_ssm_execution` tests) and "Step fails when it is executing/canceling action. <error>"
+/// (AWS Service Catalog troubleshooting, SSM automation failures).
 fn failure_of(step: &str) -> String {
+    let run_command = |id: &str| {
+        format!(
+            "Step fails when it is verifying the command has completed. Command {id} returns unexpected invocation result: \n{{Status=[Failed], ResponseCode=[1], Output=[\n----------ERROR-------\nfailed to run commands: exit status 1], CommandId=[{id}]}}. Please refer to Automation Service Troubleshooting Guide for more diagnosis details."
+        )
+    };
     match step {
-        "launchInstance" => "Step fails when it is executing. Fail reason: An error occurred (InvalidParameterValue) when calling the RunInstances operation: Value (imgbuild-bake-vectordb) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name".into(),
-        "waitForInstance" => "Step timed out while step is verifying the instance state is running.".into(),
-        "waitForSsmAgent" => "Step timed out while step is verifying the PingStatus of the instance is Online.".into(),
-        "runBakeScript" => "Step fails when it is Poll action status for completion. Command 4f3e2d1c failed: exit status 1 (dnf: Cannot download repomd.xml).".into(),
-        "verify" => "Step fails when it is Poll action status for completion. Command 9a8b7c6d failed: docker image inspect: No such image: ghcr.io/chroma-core/chroma:1.0.0".into(),
-        "stopInstance" => "Step fails when it is changing the instance state to stopped: UnauthorizedOperation".into(),
-        "createImage" => "Step fails when it is executing. Fail reason: An error occurred (InvalidAMIName.Duplicate) when calling the CreateImage operation: AMI name imgbuild-vectordb is already in use by AMI ami-0aaaaaaaaaaaaaaaa".into(),
-        "waitForImage" => "Step timed out while step is verifying the image state is available (it is failed).".into(),
-        "terminateInstance" => "Step fails when it is changing the instance state to terminated: UnauthorizedOperation".into(),
-        other => format!("{other} failed"),
+        "launchInstance" => "Step launchInstance failed maximum allowed times. Value (imgbuild-bake-vectordb) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name (Service: AmazonEC2; Status Code: 400; Error Code: InvalidParameterValue; Request ID: 6a002f94-ba37-43fd-99e6-39517715fce5)".into(),
+        "waitForInstance" => "Step timed out while step is verifying the instance state is running. Please refer to Automation Service Troubleshooting Guide for more diagnosis details.".into(),
+        "waitForSsmAgent" => "Step timed out while step is verifying the PingStatus of the instance is Online. Please refer to Automation Service Troubleshooting Guide for more diagnosis details.".into(),
+        "runBakeScript" => run_command("4f3e2d1c-5b6a-4798-8a9b-0c1d2e3f4a5b"),
+        "verify" => run_command("9a8b7c6d-5e4f-4a3b-2c1d-0e9f8a7b6c5d"),
+        "stopInstance" | "terminateInstance" => format!("Step {step} failed maximum allowed times. You are not authorized to perform this operation. Encoded authorization failure message: --truncated-- (Service: AmazonEC2; Status Code: 403; Error Code: UnauthorizedOperation; Request ID: 6a002f94-ba37-43fd-99e6-39517715fce5)"),
+        "createImage" => "Step fails when it is executing action. An error occurred (InvalidAMIName.Duplicate) when calling the CreateImage operation: AMI name imgbuild-vectordb is already in use by AMI ami-0aaaaaaaaaaaaaaaa. Please refer to Automation Service Troubleshooting Guide for more diagnosis details.".into(),
+        "waitForImage" => "Step timed out while step is verifying the image state is available. Please refer to Automation Service Troubleshooting Guide for more diagnosis details.".into(),
+        other => format!("Step {other} failed maximum allowed times."),
     }
 }
 
@@ -894,6 +919,57 @@ async fn bake_that_times_out_stops_the_execution_it_says_it_stopped() {
     assert_eq!(b.terminate.num_calls(), 1);
     assert_eq!(b.put_parameter.num_calls(), 0);
     assert!(no_manifest(&cfg));
+}
+
+/// A bake that fails at the bake script, answered as SSM answers: the document output
+/// `createImage.ImageId` is the sentence "No output available yet because the step is not
+/// successfully executed" (aws-cli `examples/ssm/get-automation-execution.rst`). That is not an
+/// image: the cleanup must not look it up or deregister it (it once sent it to DescribeImages and
+/// reported "could not remove the unfinished image No output available yet ...").
+#[tokio::test]
+async fn bake_that_fails_before_create_image_takes_no_placeholder_for_an_image() {
+    let before = ["launchInstance", "waitForInstance", "waitForSsmAgent"];
+    let mut running = done(&before);
+    running.push(step("runBakeScript", "InProgress", None));
+    let mut failed = done(&before);
+    failed.push(step("runBakeScript", "Failed", Some(&failure_of("runBakeScript"))));
+    failed.push(step("terminateInstance", "Success", None));
+    let mut b = Bake::new(None, vec![execution("InProgress", running, None), execution("Failed", failed, None)]);
+    b.stop = stop_already_over();
+    b.describe_instances = mock!(aws_sdk_ec2::Client::describe_instances).then_output(|| instances(InstanceStateName::Terminated));
+    // Any DescribeImages by id or DeregisterImage: the placeholder would land here.
+    b.describe_image =
+        mock!(aws_sdk_ec2::Client::describe_images).match_requests(|r| !r.image_ids().is_empty()).then_output(|| DescribeImagesOutput::builder().build());
+    b.deregister = mock!(aws_sdk_ec2::Client::deregister_image).then_output(|| DeregisterImageOutput::builder().build());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+
+    let err = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap_err();
+
+    match &err {
+        Error::BakeFailed { status, detail, .. } => {
+            assert_eq!(status, "Failed");
+            assert_eq!(detail, &format!("step runBakeScript Failed: {}", failure_of("runBakeScript")));
+        }
+        other => panic!("expected BakeFailed, got {other:?}"),
+    }
+    assert_eq!(b.describe_image.num_calls(), 0, "the placeholder is not an image to look up");
+    assert_eq!(b.deregister.num_calls(), 0, "nor one to deregister");
+    assert!(no_manifest(&cfg));
+}
+
+#[tokio::test]
+async fn follow_never_records_the_placeholder_as_the_image() {
+    // Cancelled at createImage: the step records and the outputs as SSM hands them back.
+    let before = ["launchInstance", "waitForInstance", "waitForSsmAgent", "runBakeScript", "verify", "stopInstance"];
+    let mut steps = done(&before);
+    steps.push(step("createImage", "Cancelled", None));
+    let get = get_execution(vec![execution("Cancelled", steps, None)]);
+    let c = clients(&[], &[&get]);
+    let rec = record();
+    let err = bake::follow(&c, EXEC, Duration::from_secs(5), Duration::from_millis(1), &quiet(), &rec).await.unwrap_err();
+    assert!(matches!(err, Error::BakeFailed { .. }), "{err:?}");
+    assert_eq!(made(&rec).image, None);
 }
 
 #[tokio::test]
