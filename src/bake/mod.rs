@@ -501,6 +501,17 @@ pub fn image_made(exec: &aws_sdk_ssm::types::AutomationExecution) -> Option<Stri
     from_step.into_iter().chain(from_outputs).flatten().find(|id| crate::config::check_ami_id(id).is_ok()).cloned()
 }
 
+/// Slack over the runbook's own success budget: the wait before the first step runs, and polling.
+pub const TIMEOUT_SLACK_SECS: u64 = 600;
+
+/// How long bake follows an execution unless told otherwise: the document's own success budget
+/// (every step's timeoutSeconds times its attempts) and some slack. A shorter bound would cancel
+/// a bake the runbook still allows to succeed.
+pub fn default_timeout(document: &str) -> Result<Duration> {
+    let budget = crate::check::automation::success_budget(document).map_err(|m| Error::Invalid(format!("{DOCUMENT_TEMPLATE_NAME}: {m}")))?;
+    Ok(Duration::from_secs(budget + TIMEOUT_SLACK_SECS))
+}
+
 /// Follows the execution step by step until it ends, within `timeout`. Returns the image id.
 pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Duration, progress: &Progress, record: &Record) -> Result<String> {
     let deadline = Instant::now() + timeout;
@@ -565,8 +576,47 @@ pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Durati
     }
 }
 
+/// Statuses after which an execution changes nothing more (AutomationExecution,
+/// AutomationExecutionStatus in the SSM API reference).
+fn is_final(status: &AutomationExecutionStatus) -> bool {
+    use AutomationExecutionStatus as S;
+    matches!(status, S::Success | S::Failed | S::Timedout | S::Cancelled | S::CompletedWithSuccess | S::CompletedWithFailure | S::Exited | S::Rejected)
+}
+
+/// Waits (bounded) until a stopped execution is over, then reads the image it made. Until then
+/// a cancelled createImage may still register an image, and the outputs are not final.
+async fn settle(clients: &Clients, id: &str, waits: crate::stack::Waits, progress: &Progress) -> Result<Option<String>> {
+    let deadline = Instant::now() + waits.timeout;
+    loop {
+        let out = clients
+            .ssm
+            .get_automation_execution()
+            .automation_execution_id(id)
+            .send()
+            .await
+            .map_err(|e| aws::err("GetAutomationExecution", format!("execution {id}"), e))?;
+        let exec = out.automation_execution().ok_or_else(|| Error::Tool(format!("execution {id} has no details")))?;
+        let status = exec.automation_execution_status().cloned();
+        if status.as_ref().is_some_and(is_final) {
+            return Ok(image_made(exec));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                what: format!("automation execution {id} to stop"),
+                secs: waits.timeout.as_secs(),
+                hint: "its cancel path runs at most two minutes; look at it in the Systems Manager console".into(),
+            });
+        }
+        progress.set(&format!("waiting for execution {id} to stop ({})", status.map(|s| s.as_str().to_string()).unwrap_or_default()));
+        tokio::time::sleep(waits.poll).await;
+    }
+}
+
 /// After a failure, timeout or Ctrl-C: stop the execution (its cancel path terminates the build
-/// instance), make sure the instance is gone, and remove a half-made image. Says what it did.
+/// instance) and wait until it is over, make sure the instance is gone, and remove every image
+/// and snapshot this bake made: the one the execution names, and any carrying the bake's token
+/// (an image registered while nobody was looking still would become available and keep its
+/// digest tag, and the next bake would reuse an image the user saw fail). Says what it did.
 pub async fn clean_up(clients: &Clients, record: &Record, token: &str, waits: crate::stack::Waits, progress: &Progress) -> Vec<String> {
     let made = std::mem::take(&mut *record.lock().expect("bake record"));
     let mut done = Vec::new();
@@ -588,17 +638,72 @@ pub async fn clean_up(clients: &Clients, record: &Record, token: &str, waits: cr
             Err(e) => done.push(format!("could not stop execution {id}: {}", aws::err("StopAutomationExecution", id.clone(), e))),
         }
     }
+    let mut images: Vec<String> = made.image.iter().cloned().collect();
+    if let Some(id) = &execution {
+        match settle(clients, id, waits, progress).await {
+            Ok(found) => images.extend(found),
+            Err(e) => done.push(format!("could not see execution {id} end: {e}")),
+        }
+    }
     match terminate_build_instances(clients, token, waits, progress).await {
         Ok(lines) => done.extend(lines),
         Err(e) => done.push(format!("could not confirm the build instance is gone: {e}")),
     }
-    if let Some(image) = &made.image {
+    match images_with_token(clients, token).await {
+        Ok(found) => images.extend(found),
+        Err(e) => done.push(format!("could not look for images tagged {TAG_BAKE_TOKEN}={token}: {e}")),
+    }
+    images.sort();
+    images.dedup();
+    let mut deleted = Vec::new();
+    for image in &images {
         match deregister(clients, image).await {
-            Ok(snaps) => done.push(format!("deregistered the unfinished image {image} and deleted its snapshots {}", snaps.join(", "))),
+            Ok(snaps) => {
+                done.push(format!("deregistered the unfinished image {image} and deleted its snapshots {}", snaps.join(", ")));
+                deleted.extend(snaps);
+            }
             Err(e) => done.push(format!("could not remove the unfinished image {image}: {e}")),
         }
     }
+    // A snapshot whose image never registered, or was deregistered without it, still costs.
+    match snapshots_with_token(clients, token).await {
+        Ok(snaps) => {
+            for s in snaps.into_iter().filter(|s| !deleted.contains(s)) {
+                match clients.ec2.delete_snapshot().snapshot_id(&s).send().await {
+                    Ok(_) => done.push(format!("deleted the unfinished snapshot {s}")),
+                    Err(e) => done.push(format!("could not delete the unfinished snapshot {s}: {}", aws::err("DeleteSnapshot", s.clone(), e))),
+                }
+            }
+        }
+        Err(e) => done.push(format!("could not look for snapshots tagged {TAG_BAKE_TOKEN}={token}: {e}")),
+    }
     done
+}
+
+/// Our images carrying this bake's token, in any state.
+async fn images_with_token(clients: &Clients, token: &str) -> Result<Vec<String>> {
+    let out = clients
+        .ec2
+        .describe_images()
+        .owners("self")
+        .filters(Filter::builder().name(format!("tag:{TAG_BAKE_TOKEN}")).values(token).build())
+        .send()
+        .await
+        .map_err(|e| aws::err("DescribeImages", format!("images tagged {TAG_BAKE_TOKEN}={token}"), e))?;
+    Ok(out.images().iter().filter_map(|i| i.image_id().map(String::from)).collect())
+}
+
+/// Our snapshots carrying this bake's token.
+async fn snapshots_with_token(clients: &Clients, token: &str) -> Result<Vec<String>> {
+    let out = clients
+        .ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(Filter::builder().name(format!("tag:{TAG_BAKE_TOKEN}")).values(token).build())
+        .send()
+        .await
+        .map_err(|e| aws::err("DescribeSnapshots", format!("snapshots tagged {TAG_BAKE_TOKEN}={token}"), e))?;
+    Ok(out.snapshots().iter().filter_map(|s| s.snapshot_id().map(String::from)).collect())
 }
 
 /// Finds the build instances this bake launched (by its token tag) and sees them terminated.

@@ -182,7 +182,15 @@ pub async fn bake_flow(
                 ("ComposeVersion".to_string(), config.compose.version.clone()),
             ]);
             let record = bake::Record::default();
-            let timeout = Duration::from_secs(args.timeout.unwrap_or(config.bake.timeout_secs));
+            let budget = bake::default_timeout(&document)?;
+            let timeout = args.timeout.or(config.bake.timeout_secs).map(Duration::from_secs).unwrap_or(budget);
+            if timeout < budget {
+                progress.line(&format!(
+                    "timeout {}s is shorter than the runbook's own budget ({}s): a slow but valid bake will be cancelled",
+                    timeout.as_secs(),
+                    budget.as_secs()
+                ));
+            }
             let poll = Duration::from_secs(config.aws.poll_interval_secs);
             // Someone already baking this digest: follow that execution instead of a second one
             // (it is theirs: an interrupt here does not stop it).
@@ -274,6 +282,9 @@ async fn clients_in(ctx: &Context, region: &str) -> Result<Clients> {
     Ok(Clients::from_conf(&aws::load(&aws_settings(&there)).await?))
 }
 
+/// How long a copy to another region may take unless bake.timeout_secs says otherwise.
+const COPY_TIMEOUT_SECS: u64 = 5400;
+
 /// Copies the image into another region (or finds the copy made before), waits until it is
 /// available, and points that region's handoff parameter at it.
 async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, progress: &Progress) -> Result<String> {
@@ -311,7 +322,8 @@ async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, p
             copy
         }
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(ctx.config.bake.timeout_secs);
+    let copy_secs = ctx.config.bake.timeout_secs.unwrap_or(COPY_TIMEOUT_SECS);
+    let deadline = std::time::Instant::now() + Duration::from_secs(copy_secs);
     loop {
         let out = clients.ec2.describe_images().image_ids(&copy).send().await.map_err(|e| aws::err("DescribeImages", format!("image {copy} in {to}"), e))?;
         match out.images().first().and_then(|i| i.state()).map(|s| s.as_str()) {
@@ -320,7 +332,7 @@ async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, p
             _ if std::time::Instant::now() > deadline => {
                 return Err(Error::Timeout {
                     what: format!("copy {copy} in {to}"),
-                    secs: ctx.config.bake.timeout_secs,
+                    secs: copy_secs,
                     hint: "it goes on in EC2; bake again to finish the handoff".into(),
                 });
             }

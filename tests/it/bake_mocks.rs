@@ -10,6 +10,7 @@
 //! rules' matchers so the tests can look at what was sent.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,8 +22,11 @@ use aws_sdk_ec2::operation::delete_snapshot::DeleteSnapshotOutput;
 use aws_sdk_ec2::operation::deregister_image::DeregisterImageOutput;
 use aws_sdk_ec2::operation::describe_images::{DescribeImagesInput, DescribeImagesOutput};
 use aws_sdk_ec2::operation::describe_instances::{DescribeInstancesInput, DescribeInstancesOutput};
+use aws_sdk_ec2::operation::describe_snapshots::{DescribeSnapshotsInput, DescribeSnapshotsOutput};
 use aws_sdk_ec2::operation::terminate_instances::{TerminateInstancesInput, TerminateInstancesOutput};
-use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice, Image, ImageState, Instance, InstanceState, InstanceStateName, Reservation};
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Image, ImageState, Instance, InstanceState, InstanceStateName, Reservation, Snapshot, SnapshotState,
+};
 
 use aws_sdk_ssm::operation::create_document::{CreateDocumentInput, CreateDocumentOutput};
 use aws_sdk_ssm::operation::describe_automation_executions::DescribeAutomationExecutionsOutput;
@@ -301,6 +305,10 @@ struct Bake {
     start: Rule,
     starts: Seen<StartAutomationExecutionInput>,
     get_execution: Rule,
+    /// GetAutomationExecution once StopAutomationExecution has been accepted: the execution
+    /// has run its cancel path and is Cancelled.
+    cancelled: Rule,
+    stopped: Arc<AtomicBool>,
     stop: Rule,
     put_parameter: Rule,
     puts: Seen<PutParameterInput>,
@@ -319,6 +327,11 @@ struct Bake {
     untag: Rule,
     mark: Rule,
     delete_snapshot: Rule,
+    /// The cleanup's lookups by the bake token: images (any state) and snapshots.
+    token_images: Rule,
+    token_image_lookups: Seen<DescribeImagesInput>,
+    token_snapshots: Rule,
+    token_snapshot_lookups: Seen<DescribeSnapshotsInput>,
 }
 
 /// Captures every request `$rule` (a `mock!` builder) matches into `$seen`.
@@ -338,7 +351,7 @@ fn find_cached(lookups: &Seen<DescribeImagesInput>, first: Vec<Image>, then: Vec
     let s = lookups.clone();
     mock!(aws_sdk_ec2::Client::describe_images)
         .match_requests(move |r| {
-            let mine = r.owners() == ["self"];
+            let mine = r.owners() == ["self"] && r.filters().iter().any(|f| f.name() == Some("tag:imgbuild:digest"));
             if mine {
                 s.lock().unwrap().push(r.clone());
             }
@@ -390,6 +403,9 @@ impl Bake {
         let cache_lookups = seen();
         let instance_lookups = seen();
         let terminated = seen();
+        let token_image_lookups = seen();
+        let token_snapshot_lookups = seen();
+        let stopped = Arc::new(AtomicBool::new(false));
         let first: Vec<Image> = cached.iter().cloned().collect();
         let then = match cached {
             Some(c) => vec![c],
@@ -416,9 +432,20 @@ impl Bake {
                 .then_output(|| StartAutomationExecutionOutput::builder().automation_execution_id(EXEC).build()),
             starts,
             get_execution: get_execution(answers),
-            stop: mock!(aws_sdk_ssm::Client::stop_automation_execution)
-                .match_requests(|r| r.automation_execution_id() == Some(EXEC) && r.r#type() == Some(&StopType::Cancel))
-                .then_output(|| StopAutomationExecutionOutput::builder().build()),
+            cancelled: cancelled_after_stop(&stopped, None),
+            stop: {
+                let flag = stopped.clone();
+                mock!(aws_sdk_ssm::Client::stop_automation_execution)
+                    .match_requests(move |r| {
+                        let ok = r.automation_execution_id() == Some(EXEC) && r.r#type() == Some(&StopType::Cancel);
+                        if ok {
+                            flag.store(true, Ordering::SeqCst);
+                        }
+                        ok
+                    })
+                    .then_output(|| StopAutomationExecutionOutput::builder().build())
+            },
+            stopped,
             put_parameter: capturing!(mock!(aws_sdk_ssm::Client::put_parameter), puts).then_output(|| PutParameterOutput::builder().version(1).build()),
             puts,
             extra_ssm: Vec::new(),
@@ -448,6 +475,10 @@ impl Bake {
             mark: mock!(aws_sdk_ec2::Client::create_tags)
                 .match_requests(|r| r.tags().iter().any(|t| t.key() == Some("imgbuild:superseded-by") && t.value() == Some(AMI)))
                 .then_output(|| aws_sdk_ec2::operation::create_tags::CreateTagsOutput::builder().build()),
+            token_images: token_images(&token_image_lookups, Vec::new()),
+            token_image_lookups,
+            token_snapshots: token_snapshots(&token_snapshot_lookups, Vec::new()),
+            token_snapshot_lookups,
         }
     }
 
@@ -460,6 +491,7 @@ impl Bake {
             &self.update_default,
             &self.running,
             &self.start,
+            &self.cancelled,
             &self.get_execution,
             &self.stop,
             &self.put_parameter,
@@ -475,6 +507,8 @@ impl Bake {
                 &self.delete_snapshot,
                 &self.untag,
                 &self.mark,
+                &self.token_images,
+                &self.token_snapshots,
             ],
             &ssm,
         )
@@ -494,6 +528,49 @@ impl Bake {
             + self.deregister.num_calls()
             + self.delete_snapshot.num_calls()
     }
+}
+
+/// What GetAutomationExecution answers once a stop was accepted: Cancelled, the cancel path
+/// (cancelTerminate) run, and the image output as it stands (`image`, else the placeholder).
+fn cancelled_after_stop(stopped: &Arc<AtomicBool>, image: Option<&'static str>) -> Rule {
+    let flag = stopped.clone();
+    mock!(aws_sdk_ssm::Client::get_automation_execution)
+        .match_requests(move |r| r.automation_execution_id() == Some(EXEC) && flag.load(Ordering::SeqCst))
+        .then_output(move || {
+            let mut steps = done(&["launchInstance", "waitForInstance"]);
+            steps.push(step("waitForSsmAgent", "Cancelled", None));
+            steps.push(step("cancelTerminate", "Success", None));
+            execution("Cancelled", steps, image)
+        })
+}
+
+/// The cleanup's DescribeImages by the bake token (our images, any state): answers `found`.
+fn token_images(lookups: &Seen<DescribeImagesInput>, found: Vec<Image>) -> Rule {
+    let s = lookups.clone();
+    mock!(aws_sdk_ec2::Client::describe_images)
+        .match_requests(move |r| {
+            let mine = r.filters().iter().any(|f| f.name() == Some("tag:imgbuild:bake-token"));
+            if mine {
+                s.lock().unwrap().push(r.clone());
+            }
+            mine
+        })
+        .then_output(move || DescribeImagesOutput::builder().set_images(Some(found.clone())).build())
+}
+
+/// The cleanup's DescribeSnapshots by the bake token: answers `found` (snapshot ids).
+fn token_snapshots(lookups: &Seen<DescribeSnapshotsInput>, found: Vec<&'static str>) -> Rule {
+    let s = lookups.clone();
+    mock!(aws_sdk_ec2::Client::describe_snapshots)
+        .match_requests(move |r| {
+            s.lock().unwrap().push(r.clone());
+            true
+        })
+        .then_output(move || {
+            DescribeSnapshotsOutput::builder()
+                .set_snapshots(Some(found.iter().map(|id| Snapshot::builder().snapshot_id(*id).state(SnapshotState::Completed).build()).collect()))
+                .build()
+        })
 }
 
 /// The execution is already over: StopAutomationExecution says so.
@@ -565,15 +642,192 @@ fn the_document_has_the_steps_the_tests_and_the_code_rely_on() {
         [
             "launchInstance",
             "waitForInstance",
+            "assertInstanceRunning",
             "waitForSsmAgent",
             bake::SCRIPT_STEP,
             "verify",
             "stopInstance",
             "createImage",
             "waitForImage",
-            "terminateInstance"
+            "assertImageAvailable",
+            "terminateInstance",
+            "cancelTerminate"
         ]
     );
+}
+
+fn shipped_steps() -> Vec<serde_yaml::Value> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(bake::DOCUMENT_TEMPLATE).expect("images/bake.yaml parses");
+    doc["mainSteps"].as_sequence().expect("mainSteps").clone()
+}
+
+fn step_named<'a>(steps: &'a [serde_yaml::Value], name: &str) -> &'a serde_yaml::Value {
+    steps.iter().find(|s| s["name"].as_str() == Some(name)).unwrap_or_else(|| panic!("no step {name}"))
+}
+
+/// AWS runs the onCancel path "for a maximum of two minutes", ignoring the target step's own
+/// timeoutSeconds and maxAttempts (Automation actions reference, "Properties shared by all
+/// actions", onCancel). aws:changeInstanceState waits for the state it sets, so the cancel path
+/// must only call TerminateInstances; the success and failure paths keep the waiting terminate.
+#[test]
+fn cancel_goes_to_a_terminate_that_does_not_wait_and_failure_to_one_that_does() {
+    let steps = shipped_steps();
+    let mut cancel_targets = std::collections::BTreeSet::new();
+    for s in &steps[1..] {
+        let name = s["name"].as_str().unwrap();
+        let on_cancel = s["onCancel"].as_str().unwrap_or_else(|| panic!("{name} has no onCancel"));
+        if name != "cancelTerminate" {
+            cancel_targets.insert(on_cancel.to_string());
+        }
+        if let Some(target) = s["onFailure"].as_str().and_then(|f| f.strip_prefix("step:")) {
+            let t = step_named(&steps, target);
+            assert_eq!((t["action"].as_str(), t["inputs"]["DesiredState"].as_str()), (Some("aws:changeInstanceState"), Some("terminated")), "{name}");
+        }
+    }
+    assert_eq!(cancel_targets.into_iter().collect::<Vec<_>>(), ["step:cancelTerminate"], "every step after the launch cancels to one terminate");
+    let t = step_named(&steps, "cancelTerminate");
+    assert_eq!(
+        (t["action"].as_str(), t["inputs"]["Service"].as_str(), t["inputs"]["Api"].as_str()),
+        (Some("aws:executeAwsApi"), Some("ec2"), Some("TerminateInstances"))
+    );
+    assert_eq!(t["isEnd"].as_bool(), Some(true));
+    assert!(steps.iter().all(|s| s["nextStep"].as_str() != Some("cancelTerminate")), "only a cancel leads to cancelTerminate");
+    assert_eq!(imgbuild::check::automation::check(bake::DOCUMENT_TEMPLATE), Vec::new(), "and the checker's onCancel rules accept it");
+}
+
+/// "Handling timeouts in runbooks": wait for the good or the bad state, then assert the good one,
+/// so an image that goes `failed` or an instance that dies at launch ends the bake at once
+/// instead of at the wait's timeout (an hour for the image).
+#[test]
+fn every_wait_stops_at_a_bad_state_too_and_the_next_step_asserts_the_good_one() {
+    let steps = shipped_steps();
+    let waits: Vec<&serde_yaml::Value> = steps.iter().filter(|s| s["action"].as_str() == Some("aws:waitForAwsResourceProperty")).collect();
+    let bad_states = [("DescribeInstances", "terminated"), ("DescribeImages", "failed")];
+    for (api, bad) in bad_states {
+        let w = waits.iter().find(|w| w["inputs"]["Api"].as_str() == Some(api)).unwrap_or_else(|| panic!("a wait on {api}"));
+        let name = w["name"].as_str().unwrap();
+        let desired: Vec<&str> = w["inputs"]["DesiredValues"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
+        assert!(desired.contains(&bad), "{name} waits for {desired:?}: it must stop at {bad}");
+        let next = step_named(&steps, w["nextStep"].as_str().unwrap());
+        assert_eq!(next["action"].as_str(), Some("aws:assertAwsResourceProperty"), "{name} is followed by an assertion");
+        assert_eq!(next["inputs"]["Api"], w["inputs"]["Api"]);
+        assert_eq!(next["inputs"]["PropertySelector"], w["inputs"]["PropertySelector"]);
+        let good: Vec<&str> = next["inputs"]["DesiredValues"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
+        assert_eq!(good.len(), 1, "{good:?}");
+        assert_ne!(good[0], bad);
+        assert!(desired.contains(&good[0]));
+    }
+}
+
+/// The budgets must not contradict each other: bake's own default bound covers the runbook's
+/// success path (each step's timeoutSeconds times maxAttempts, as the service bounds it), a
+/// Run Command step outlasts its command's executionTimeout, and waits are not retried
+/// (`maxAttempts` retries at once and only doubles the time to failure).
+#[test]
+fn the_default_timeout_covers_the_runbooks_budget_and_every_bound_outlasts_what_it_bounds() {
+    let steps = shipped_steps();
+    let secs = |v: &serde_yaml::Value| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
+    // The success path, walked here independently of the code under test.
+    let mut at = 0;
+    let mut success = 0;
+    loop {
+        let s = &steps[at];
+        success += secs(&s["timeoutSeconds"]).unwrap() * secs(&s["maxAttempts"]).unwrap_or(1);
+        if s["isEnd"].as_bool() == Some(true) {
+            break;
+        }
+        at = steps.iter().position(|x| x["name"] == s["nextStep"]).unwrap();
+    }
+    let cfg = Config::default();
+    let document = bake::document("echo baked\n").unwrap();
+    let default = bake::default_timeout(&document).unwrap();
+    assert!(default.as_secs() > success, "bake's default bound {default:?} must cover the runbook's success budget {success}s");
+    assert_eq!(cfg.bake.timeout_secs, None, "no fixed default that could undercut the runbook");
+    for s in &steps {
+        let name = s["name"].as_str().unwrap();
+        if s["action"].as_str() == Some("aws:runCommand") {
+            let command = secs(&s["inputs"]["Parameters"]["executionTimeout"]).unwrap();
+            assert!(secs(&s["timeoutSeconds"]).unwrap() > command, "{name}: the step must outlast its command ({command}s)");
+        }
+        if matches!(s["action"].as_str(), Some("aws:waitForAwsResourceProperty" | "aws:changeInstanceState")) && name != "terminateInstance" {
+            assert_eq!(secs(&s["maxAttempts"]), Some(1), "{name}: a retried wait doubles the time to failure");
+        }
+    }
+}
+
+/// An image or snapshot whose id bake never saw is still this bake's: both carry its token.
+#[test]
+fn the_image_and_its_snapshot_carry_the_bake_token() {
+    let steps = shipped_steps();
+    let create = step_named(&steps, "createImage");
+    for spec in create["inputs"]["TagSpecifications"].as_sequence().unwrap() {
+        let tags = spec["Tags"].as_sequence().unwrap();
+        assert!(
+            tags.iter().any(|t| t["Key"].as_str() == Some("imgbuild:bake-token") && t["Value"].as_str() == Some("{{ BakeToken }}")),
+            "{:?} has no bake token tag",
+            spec["ResourceType"]
+        );
+    }
+}
+
+#[tokio::test]
+async fn clean_up_removes_what_carries_the_bake_token_though_it_never_saw_an_id() {
+    // Interrupted between two polls: CreateImage ran, but no answer naming the image arrived.
+    // The image (any state) and an orphan snapshot carry the token; the cleanup finds both.
+    const ORPHAN: &str = "snap-0ffffffffffffffff";
+    let mut b = Bake::new(None, vec![execution("InProgress", vec![], None)]);
+    b.token_images = token_images(&b.token_image_lookups, vec![image(AMI, "sha256:half-made")]);
+    b.token_snapshots = token_snapshots(&b.token_snapshot_lookups, vec![SNAP, ORPHAN]);
+    let deleted = seen();
+    b.delete_snapshot = capturing!(mock!(aws_sdk_ec2::Client::delete_snapshot), deleted).then_output(|| DeleteSnapshotOutput::builder().build());
+    let c = b.clients();
+    let rec = record();
+    *rec.lock().unwrap() = Made { execution: Some(EXEC.into()), start_sent: true, ..Made::default() };
+
+    let lines = bake::clean_up(&c, &rec, "tok-3", imgbuild::stack::Waits { timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }, &quiet()).await;
+
+    let lookup = &all(&b.token_image_lookups)[0];
+    assert_eq!(lookup.owners(), ["self"]);
+    assert_eq!(lookup.filters().len(), 1, "any state: a pending image is removed too: {:?}", lookup.filters());
+    assert_eq!(lookup.filters()[0].values(), ["tok-3"]);
+    assert_eq!(all(&b.token_snapshot_lookups)[0].filters()[0].values(), ["tok-3"]);
+    assert_eq!(b.deregister.num_calls(), 1);
+    let deleted: Vec<String> =
+        all(&deleted).iter().filter_map(|d: &aws_sdk_ec2::operation::delete_snapshot::DeleteSnapshotInput| d.snapshot_id().map(String::from)).collect();
+    assert_eq!(deleted, [SNAP, ORPHAN], "the image's snapshot once, then the orphan");
+    assert!(lines.iter().any(|l| l.contains(&format!("deregistered the unfinished image {AMI}"))), "{lines:?}");
+    assert!(lines.iter().any(|l| l == &format!("deleted the unfinished snapshot {ORPHAN}")), "{lines:?}");
+}
+
+#[tokio::test]
+async fn clean_up_waits_for_the_stopped_execution_to_end_before_reading_its_image() {
+    // Stopped during createImage: Cancelling first (no image yet), then Cancelled with the
+    // step's image. Reading the outputs right after the stop would miss it.
+    let mut b = Bake::new(None, vec![execution("InProgress", vec![], None)]);
+    let pre = ["launchInstance", "waitForInstance", "assertInstanceRunning", "waitForSsmAgent", "runBakeScript", "verify", "stopInstance"];
+    let mut cancelling = done(&pre);
+    cancelling.push(step("createImage", "InProgress", None));
+    let mut cancelled = done(&pre);
+    cancelled.push(step("createImage", "Success", None));
+    cancelled.push(step("waitForImage", "Cancelled", None));
+    cancelled.push(step("cancelTerminate", "Success", None));
+    let flag = b.stopped.clone();
+    let mut seq = mock!(aws_sdk_ssm::Client::get_automation_execution)
+        .match_requests(move |r| r.automation_execution_id() == Some(EXEC) && flag.load(Ordering::SeqCst))
+        .sequence();
+    for a in [execution("Cancelling", cancelling.clone(), None), execution("Cancelling", cancelling, None), execution("Cancelled", cancelled, Some(AMI))] {
+        seq = seq.output(move || a.clone());
+    }
+    b.cancelled = seq.repeatedly().build();
+    let c = b.clients();
+    let rec = record();
+    *rec.lock().unwrap() = Made { execution: Some(EXEC.into()), start_sent: true, ..Made::default() };
+
+    let lines = bake::clean_up(&c, &rec, "tok-4", imgbuild::stack::Waits { timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }, &quiet()).await;
+
+    assert_eq!(b.cancelled.num_calls(), 3, "polled until Cancelled");
+    assert_eq!(b.deregister.num_calls(), 1, "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with(&format!("deregistered the unfinished image {AMI}"))), "{lines:?}");
 }
 
 #[tokio::test]
@@ -878,7 +1132,11 @@ async fn bake_interrupted_after_start_stops_the_execution_and_terminates_the_bui
 async fn bake_interrupted_after_the_execution_ended_stops_nothing_and_terminates_nothing() {
     let mut steps = done(&["launchInstance", "waitForInstance"]);
     steps.push(step("waitForSsmAgent", "InProgress", None));
-    let mut b = Bake::new(None, vec![execution("InProgress", steps, None)]);
+    let mut over = done(&["launchInstance", "waitForInstance"]);
+    over.push(step("waitForSsmAgent", "Failed", Some(&failure_of("waitForSsmAgent"))));
+    over.push(step("terminateInstance", "Success", None));
+    // Seen InProgress, then over by the time the cleanup asks (StopAutomationExecution says so).
+    let mut b = Bake::new(None, vec![execution("InProgress", steps, None), execution("Failed", over, None)]);
     b.stop = stop_already_over();
     b.describe_instances = mock!(aws_sdk_ec2::Client::describe_instances).then_output(|| instances(InstanceStateName::Terminated));
     let dir = tempfile::tempdir().unwrap();
@@ -998,7 +1256,7 @@ async fn bake_that_fails_after_create_image_deregisters_the_image_and_deletes_it
         other => panic!("expected BakeFailed, got {other:?}"),
     }
     assert_eq!(err.exit_code(), 1);
-    assert_eq!(b.get_execution.num_calls(), 2);
+    assert_eq!(b.get_execution.num_calls(), 3, "two while following, one in the cleanup to see it is over");
     assert_eq!(b.stop.num_calls(), 1);
     assert_eq!(b.terminate.num_calls(), 0);
     assert_eq!(b.describe_image.num_calls(), 1, "the half-made image is looked up for its snapshots");
