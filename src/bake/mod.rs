@@ -538,16 +538,13 @@ pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Durati
         }
         let status = exec.automation_execution_status().cloned();
         match status {
-            Some(AutomationExecutionStatus::Success) => {
+            Some(AutomationExecutionStatus::Success | AutomationExecutionStatus::CompletedWithSuccess) => {
                 let image = record.lock().expect("bake record").image.clone();
                 return image.ok_or_else(|| Error::Tool(format!("execution {id} succeeded without a createImage.ImageId output")));
             }
-            Some(
-                s @ (AutomationExecutionStatus::Failed
-                | AutomationExecutionStatus::Timedout
-                | AutomationExecutionStatus::Cancelled
-                | AutomationExecutionStatus::CompletedWithFailure),
-            ) => {
+            // Every other final status (Exited and Rejected too) ends the bake: following an
+            // execution that changes no more would only spin until the timeout.
+            Some(s) if is_final(&s) => {
                 let failed: Vec<String> = steps
                     .iter()
                     .filter(|st| matches!(st.status.as_str(), "Failed" | "TimedOut" | "Cancelled"))

@@ -914,6 +914,25 @@ async fn follow_reports_a_cancelled_or_partly_failed_execution_as_a_failed_bake(
     }
 }
 
+/// Exited and Rejected are final statuses too (AutomationExecution.AutomationExecutionStatus in
+/// the SSM API reference); CompletedWithSuccess is a success. None of them may leave bake
+/// following an execution that changes no more until its timeout.
+#[tokio::test]
+async fn follow_ends_at_every_final_status() {
+    for (status, ok) in [("Exited", false), ("Rejected", false), ("CompletedWithSuccess", true)] {
+        let steps = if ok { done(&["launchInstance", "createImage"]) } else { done(&["launchInstance"]) };
+        let get = get_execution(vec![execution(status, steps, ok.then_some(AMI))]);
+        let c = clients(&[], &[&get]);
+        let r = bake::follow(&c, EXEC, Duration::from_secs(5), Duration::from_millis(1), &quiet(), &record()).await;
+        match (r, ok) {
+            (Ok(ami), true) => assert_eq!(ami, AMI),
+            (Err(Error::BakeFailed { status: s, .. }), false) => assert_eq!(s, status),
+            (other, _) => panic!("{status}: {other:?}"),
+        }
+        assert_eq!(get.num_calls(), 1, "{status}: one look is enough");
+    }
+}
+
 #[tokio::test]
 async fn follow_falls_back_to_the_executions_own_failure_message() {
     // A failure before any step ran (a parameter the document rejects) names no step.

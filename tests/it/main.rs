@@ -17,6 +17,7 @@ mod render;
 mod secrets;
 mod services;
 mod smoke;
+mod ssm_sim;
 mod support;
 mod template;
 mod validators;
