@@ -109,7 +109,8 @@ pub struct BakeArgs {
     /// More regions to copy the image to (comma-separated), besides bake.regions.
     #[arg(long, value_delimiter = ',', value_name = "REGION,...")]
     pub regions: Vec<String>,
-    /// Longest the automation may run, in seconds [default: bake.timeout_secs].
+    /// Longest the automation may run, in seconds [default: bake.timeout_secs, else the runbook's
+    /// own success budget].
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
     #[command(flatten)]

@@ -738,6 +738,7 @@ fn the_default_timeout_covers_the_runbooks_budget_and_every_bound_outlasts_what_
         }
         at = steps.iter().position(|x| x["name"] == s["nextStep"]).unwrap();
     }
+    assert_eq!(success, 12_000, "images/README.md gives this bound in its time budget table: update both together");
     let cfg = Config::default();
     let document = bake::document("echo baked\n").unwrap();
     let default = bake::default_timeout(&document).unwrap();
