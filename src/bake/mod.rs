@@ -89,10 +89,7 @@ pub fn bake_script(config: &Config, profile: &'static Profile) -> Result<(String
         chroma_version: &config.chroma.version,
         image: &compose::image_reference(config),
         compose_version: &config.compose.version,
-        storage_package: match config.storage.mode {
-            StorageMode::EfsTls => "amazon-efs-utils",
-            StorageMode::DockerNfs => "nfs-utils",
-        },
+        storage_package: storage_package(config),
         script_dir: SCRIPT_DIR,
         compose_path: COMPOSE_PATH,
         unit_path: UNIT_PATH,
@@ -109,6 +106,14 @@ pub fn bake_script(config: &Config, profile: &'static Profile) -> Result<(String
         }
     }
     Ok((ensure_newline(script), compose_yaml))
+}
+
+/// The package the storage mode needs on the image (the runbook's verify checks it by name).
+pub fn storage_package(config: &Config) -> &'static str {
+    match config.storage.mode {
+        StorageMode::EfsTls => "amazon-efs-utils",
+        StorageMode::DockerNfs => "nfs-utils",
+    }
 }
 
 fn ensure_newline(mut s: String) -> String {

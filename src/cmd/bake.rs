@@ -180,6 +180,7 @@ pub async fn bake_flow(
                 ("ChromaVersion".to_string(), config.chroma.version.clone()),
                 ("ChromaImage".to_string(), crate::render::compose::image_reference(config)),
                 ("ComposeVersion".to_string(), config.compose.version.clone()),
+                ("StoragePackage".to_string(), bake::storage_package(config).to_string()),
             ]);
             let record = bake::Record::default();
             let budget = bake::default_timeout(&document)?;

@@ -756,6 +756,37 @@ fn the_default_timeout_covers_the_runbooks_budget_and_every_bound_outlasts_what_
     }
 }
 
+/// Image hygiene. The SSM agent starts before cloud-init ends and can hold the RPM lock
+/// (amazon-linux-2023 #397): the script waits for cloud-init before installing. The image keeps
+/// no machine id (AL2023's cloud-init has no `clean --machine-id`; systemd makes a new one when
+/// the file is empty) and no dnf cache. verify requires the storage mode's own package (efs-tls
+/// mounts with the `efs` helper of amazon-efs-utils; nfs-utils alone is no proof) and an enabled
+/// chroma.service.
+#[tokio::test]
+async fn the_bake_script_waits_for_cloud_init_and_leaves_no_machine_id_and_verify_checks_the_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    let (script, _) = bake::bake_script(&cfg, imgbuild::chroma::profile(&imgbuild::chroma::parse_version(&cfg.chroma.version).unwrap()).unwrap()).unwrap();
+    let at = |needle: &str| script.find(needle).unwrap_or_else(|| panic!("the bake script has no {needle:?}:\n{script}"));
+    assert!(at("cloud-init status --wait") < at("10-install.sh"), "cloud-init is waited for before the install");
+    assert!(at("dnf clean all") > at("10-install.sh"));
+    assert!(at("truncate -s 0 /etc/machine-id") > at("cloud-init clean"));
+
+    let steps = shipped_steps();
+    let verify: Vec<&str> = step_named(&steps, "verify")["inputs"]["Parameters"]["commands"].as_sequence().unwrap().iter().filter_map(|c| c.as_str()).collect();
+    assert!(verify.contains(&"rpm -q '{{ StoragePackage }}'"), "{verify:?}");
+    assert!(!verify.iter().any(|c| c.contains("||") && c.contains("rpm")), "no either-package check: {verify:?}");
+    assert!(verify.contains(&"systemctl is-enabled chroma.service"), "{verify:?}");
+    assert!(verify.contains(&"test ! -s /etc/machine-id"), "{verify:?}");
+
+    for (mode, package) in [(imgbuild::config::StorageMode::EfsTls, "amazon-efs-utils"), (imgbuild::config::StorageMode::DockerNfs, "nfs-utils")] {
+        cfg.storage.mode = mode;
+        let b = Bake::new(None, successful_execution());
+        bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap();
+        assert_eq!(param(&b.start_request(), "StoragePackage"), package);
+    }
+}
+
 /// An image or snapshot whose id bake never saw is still this bake's: both carry its token.
 #[test]
 fn the_image_and_its_snapshot_carry_the_bake_token() {
