@@ -151,6 +151,28 @@ pub fn document(script: &str) -> Result<String> {
     Ok(serde_yaml::to_string(&doc).expect("YAML values serialise"))
 }
 
+/// The image's name: project, digest prefix and a time stamp, checked against EC2's rules for
+/// AMI names (CreateImage `Name`: 3-128 characters of letters, digits, spaces and `()[]./'@_-`)
+/// before anything is made: the runbook's allowedPattern would refuse it only after the
+/// prerequisites stack and the document exist.
+pub fn image_name(config: &Config, digest: &str, stamp: &str) -> Result<String> {
+    let short = digest.strip_prefix("sha256:").unwrap_or(digest);
+    let name = format!("imgbuild-{}-{}-{stamp}", config.name, &short[..short.len().min(12)]);
+    let allowed = |c: char| c.is_ascii_alphanumeric() || " ()[]./'@_-".contains(c);
+    if name.len() > 128 {
+        let room = 128 - (name.len() - config.name.len());
+        return Err(Error::Invalid(format!(
+            "name: `{}` makes the image name {} characters long, and EC2 allows 128 for an AMI name; use a name of at most {room} characters",
+            config.name,
+            name.len()
+        )));
+    }
+    if name.len() < 3 || !name.chars().all(allowed) {
+        return Err(Error::Invalid(format!("name: the image name `{name}` is not a valid AMI name (3-128 of letters, digits, spaces and ()[]./'@_-)")));
+    }
+    Ok(name)
+}
+
 pub fn document_name(config: &Config) -> String {
     format!("imgbuild-{}-bake", config.name)
 }

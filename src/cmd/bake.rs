@@ -135,6 +135,8 @@ pub async fn bake_flow(
         }
     ));
     let doc_name = bake::document_name(config);
+    // Checked before anything is made (and in --dry-run), not when the execution starts.
+    let image_name = if cached.is_none() { Some(bake::image_name(config, &digest, run_token().split('-').next().unwrap_or("0"))?) } else { None };
 
     if args.dry_run {
         drop(progress);
@@ -173,7 +175,7 @@ pub async fn bake_flow(
                 ("SubnetId".to_string(), pre.subnet_id.clone()),
                 ("SecurityGroupId".to_string(), pre.security_group_id.clone()),
                 ("InstanceProfileName".to_string(), pre.instance_profile.clone()),
-                ("ImageName".to_string(), format!("imgbuild-{}-{}-{}", config.name, &digest[7..19], run_token().split('-').next().unwrap_or("0"))),
+                ("ImageName".to_string(), image_name.clone().unwrap_or_default()),
                 ("Digest".to_string(), digest.clone()),
                 ("BakeToken".to_string(), token.clone()),
                 ("ProjectName".to_string(), config.name.clone()),

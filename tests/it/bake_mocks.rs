@@ -787,6 +787,31 @@ async fn the_bake_script_waits_for_cloud_init_and_leaves_no_machine_id_and_verif
     }
 }
 
+/// EC2 allows 128 characters for an AMI name (CreateImage, `Name`). A long project name once
+/// made a name the runbook's allowedPattern refused only at StartAutomationExecution, after the
+/// prerequisites stack and the document existed. Now nothing is made.
+#[tokio::test]
+async fn a_name_that_makes_the_image_name_too_long_fails_before_anything_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.name = format!("v{}", "x".repeat(99));
+    assert!(imgbuild::config::check_name(&cfg.name).is_ok(), "a name the config accepts");
+    let b = Bake::new(None, successful_execution());
+
+    let err = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap_err();
+
+    match &err {
+        Error::Invalid(m) => assert!(m.starts_with("name: ") && m.contains("128") && m.contains("at most 95 characters"), "{m}"),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    assert_eq!(err.exit_code(), 2);
+    assert_eq!(b.create_document.num_calls() + b.update_document.num_calls() + b.start.num_calls(), 0, "nothing made");
+    // The longest name that fits bakes, with a name EC2 takes.
+    cfg.name = format!("v{}", "x".repeat(94));
+    let long = imgbuild::bake::image_name(&cfg, &format!("sha256:{}", "a".repeat(64)), "1700000000").unwrap();
+    assert_eq!(long.len(), 128);
+}
+
 /// An image or snapshot whose id bake never saw is still this bake's: both carry its token.
 #[test]
 fn the_image_and_its_snapshot_carry_the_bake_token() {
