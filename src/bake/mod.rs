@@ -372,6 +372,56 @@ pub struct Prereqs {
     pub automation_role_arn: String,
 }
 
+/// Waits (bounded) until EC2 accepts the build instance's instance profile. A just-created
+/// profile takes a while to reach EC2 ("Invalid IAM Instance Profile name"), and the runbook's
+/// launch retries come at once, so they cannot ride that out. A RunInstances dry run with the
+/// launch's own profile, subnet and image answers DryRunOperation once it would launch. Any
+/// other answer (the caller may not run instances, say) is left for the runbook to report.
+pub async fn wait_for_instance_profile(
+    clients: &Clients,
+    pre: &Prereqs,
+    base: &str,
+    instance_type: &str,
+    waits: crate::stack::Waits,
+    progress: &Progress,
+) -> Result<()> {
+    let deadline = Instant::now() + waits.timeout;
+    loop {
+        let err = match clients
+            .ec2
+            .run_instances()
+            .dry_run(true)
+            .image_id(base)
+            .instance_type(aws_sdk_ec2::types::InstanceType::from(instance_type))
+            .min_count(1)
+            .max_count(1)
+            .subnet_id(&pre.subnet_id)
+            .security_group_ids(&pre.security_group_id)
+            .iam_instance_profile(aws_sdk_ec2::types::IamInstanceProfileSpecification::builder().name(&pre.instance_profile).build())
+            .send()
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        match err.as_service_error().and_then(code) {
+            Some("DryRunOperation") => return Ok(()),
+            Some("InvalidParameterValue") if Instant::now() < deadline => {
+                progress.set(&format!("waiting for EC2 to see instance profile {}", pre.instance_profile));
+                tokio::time::sleep(waits.poll).await;
+            }
+            Some("InvalidParameterValue") => {
+                return Err(Error::Timeout {
+                    what: format!("EC2 to accept instance profile {} for the build instance", pre.instance_profile),
+                    secs: waits.timeout.as_secs(),
+                    hint: aws::err("RunInstances (dry run)", pre.instance_profile.clone(), err).to_string(),
+                });
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
 /// What this bake has made so far, recorded the moment each exists.
 #[derive(Debug, Default, Clone)]
 pub struct Made {

@@ -165,6 +165,9 @@ pub async fn bake_flow(
         Some(image) => (image.image_id().unwrap_or_default().to_string(), false),
         None => {
             let pre = prereqs(clients, ctx, &progress).await?;
+            let profile_waits =
+                crate::stack::Waits { timeout: Duration::from_secs(PROFILE_WAIT_SECS), poll: Duration::from_secs(config.aws.poll_interval_secs) };
+            bake::wait_for_instance_profile(clients, &pre, &base, config.bake_instance_type(), profile_waits, &progress).await?;
             let (change, version) = bake::ensure_document(clients, &doc_name, &document, &config.name).await?;
             progress.line(&format!("document {doc_name}: {change:?} (version {version})"));
             let token = uuid_token();
@@ -284,6 +287,10 @@ async fn clients_in(ctx: &Context, region: &str) -> Result<Clients> {
     there.region = Some(region.to_string());
     Ok(Clients::from_conf(&aws::load(&aws_settings(&there)).await?))
 }
+
+/// How long EC2 may take to see a new instance profile (IAM is eventually consistent; minutes
+/// at worst in practice).
+const PROFILE_WAIT_SECS: u64 = 300;
 
 /// How long a copy to another region may take unless bake.timeout_secs says otherwise.
 const COPY_TIMEOUT_SECS: u64 = 5400;

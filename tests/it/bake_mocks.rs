@@ -23,6 +23,7 @@ use aws_sdk_ec2::operation::deregister_image::DeregisterImageOutput;
 use aws_sdk_ec2::operation::describe_images::{DescribeImagesInput, DescribeImagesOutput};
 use aws_sdk_ec2::operation::describe_instances::{DescribeInstancesInput, DescribeInstancesOutput};
 use aws_sdk_ec2::operation::describe_snapshots::{DescribeSnapshotsInput, DescribeSnapshotsOutput};
+use aws_sdk_ec2::operation::run_instances::{RunInstancesError, RunInstancesInput};
 use aws_sdk_ec2::operation::terminate_instances::{TerminateInstancesInput, TerminateInstancesOutput};
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Image, ImageState, Instance, InstanceState, InstanceStateName, Reservation, Snapshot, SnapshotState,
@@ -327,6 +328,9 @@ struct Bake {
     untag: Rule,
     mark: Rule,
     delete_snapshot: Rule,
+    /// The RunInstances dry run that waits for the instance profile.
+    dry_run: Rule,
+    dry_runs: Seen<RunInstancesInput>,
     /// The cleanup's lookups by the bake token: images (any state) and snapshots.
     token_images: Rule,
     token_image_lookups: Seen<DescribeImagesInput>,
@@ -404,6 +408,7 @@ impl Bake {
         let instance_lookups = seen();
         let terminated = seen();
         let token_image_lookups = seen();
+        let dry_runs = seen();
         let token_snapshot_lookups = seen();
         let stopped = Arc::new(AtomicBool::new(false));
         let first: Vec<Image> = cached.iter().cloned().collect();
@@ -475,6 +480,8 @@ impl Bake {
             mark: mock!(aws_sdk_ec2::Client::create_tags)
                 .match_requests(|r| r.tags().iter().any(|t| t.key() == Some("imgbuild:superseded-by") && t.value() == Some(AMI)))
                 .then_output(|| aws_sdk_ec2::operation::create_tags::CreateTagsOutput::builder().build()),
+            dry_run: capturing!(mock!(aws_sdk_ec2::Client::run_instances), dry_runs).then_error(dry_run_would_succeed),
+            dry_runs,
             token_images: token_images(&token_image_lookups, Vec::new()),
             token_image_lookups,
             token_snapshots: token_snapshots(&token_snapshot_lookups, Vec::new()),
@@ -509,6 +516,7 @@ impl Bake {
                 &self.mark,
                 &self.token_images,
                 &self.token_snapshots,
+                &self.dry_run,
             ],
             &ssm,
         )
@@ -571,6 +579,21 @@ fn token_snapshots(lookups: &Seen<DescribeSnapshotsInput>, found: Vec<&'static s
                 .set_snapshots(Some(found.iter().map(|id| Snapshot::builder().snapshot_id(*id).state(SnapshotState::Completed).build()).collect()))
                 .build()
         })
+}
+
+/// EC2's answer to a dry run that would have succeeded: an error with the code DryRunOperation
+/// (EC2 API reference, "Error codes": DryRunOperation).
+fn dry_run_would_succeed() -> RunInstancesError {
+    RunInstancesError::generic(meta("DryRunOperation", "Request would have succeeded, but DryRun flag is set."))
+}
+
+/// EC2's answer while a new instance profile has not reached it yet (the FailureMessage of a
+/// launch in aws-cli `examples/ssm/get-automation-execution.rst` has the same shape).
+fn profile_not_yet_visible() -> RunInstancesError {
+    RunInstancesError::generic(meta(
+        "InvalidParameterValue",
+        "Value (imgbuild-bake-vectordb) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name",
+    ))
 }
 
 /// The execution is already over: StopAutomationExecution says so.
@@ -810,6 +833,34 @@ async fn a_name_that_makes_the_image_name_too_long_fails_before_anything_is_made
     cfg.name = format!("v{}", "x".repeat(94));
     let long = imgbuild::bake::image_name(&cfg, &format!("sha256:{}", "a".repeat(64)), "1700000000").unwrap();
     assert_eq!(long.len(), 128);
+}
+
+/// A just-created instance profile takes a while to reach EC2, and the runbook's launch retries
+/// come at once (`maxAttempts` has no back-off, Automation actions reference). bake waits until
+/// a RunInstances dry run with the launch's own profile says it would succeed before starting.
+#[tokio::test]
+async fn bake_waits_until_ec2_accepts_the_instance_profile_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let mut b = Bake::new(None, successful_execution());
+    b.dry_run = capturing!(mock!(aws_sdk_ec2::Client::run_instances), b.dry_runs)
+        .sequence()
+        .error(profile_not_yet_visible)
+        .error(profile_not_yet_visible)
+        .error(dry_run_would_succeed)
+        .build();
+
+    bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap();
+
+    let runs = all(&b.dry_runs);
+    assert_eq!(runs.len(), 3, "asked until EC2 accepts the profile");
+    for r in &runs {
+        assert_eq!(r.dry_run(), Some(true), "never a real launch");
+        assert_eq!(r.iam_instance_profile().and_then(|p| p.name()), Some("imgbuild-bake-vectordb"));
+        assert_eq!(r.subnet_id(), Some("subnet-0123456789abcdef0"));
+        assert_eq!(r.image_id(), Some(BASE));
+    }
+    assert_eq!(b.start.num_calls(), 1);
 }
 
 /// An image or snapshot whose id bake never saw is still this bake's: both carry its token.
