@@ -422,6 +422,33 @@ pub async fn wait_for_instance_profile(
     }
 }
 
+/// An availability zone of the region where `instance_type` is offered (the first by name, so
+/// the prerequisites stack stays put from one bake to the next). Not every type is offered in
+/// every zone, and a launch in one that lacks it fails with Unsupported.
+pub async fn zone_offering(clients: &Clients, instance_type: &str) -> Result<String> {
+    use aws_sdk_ec2::types::LocationType;
+    let mut zones = Vec::new();
+    let mut token = None;
+    loop {
+        let out = clients
+            .ec2
+            .describe_instance_type_offerings()
+            .location_type(LocationType::AvailabilityZone)
+            .filters(Filter::builder().name("instance-type").values(instance_type).build())
+            .set_next_token(token)
+            .send()
+            .await
+            .map_err(|e| aws::err("DescribeInstanceTypeOfferings", format!("instance type {instance_type}"), e))?;
+        zones.extend(out.instance_type_offerings().iter().filter_map(|o| o.location().map(String::from)));
+        token = out.next_token().map(String::from);
+        if token.is_none() {
+            break;
+        }
+    }
+    zones.sort();
+    zones.into_iter().next().ok_or_else(|| Error::Invalid(format!("bake.instance_type: {instance_type} is offered in no availability zone of this region")))
+}
+
 /// What this bake has made so far, recorded the moment each exists.
 #[derive(Debug, Default, Clone)]
 pub struct Made {

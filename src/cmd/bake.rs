@@ -37,7 +37,10 @@ async fn prereqs(clients: &Clients, ctx: &Context, progress: &Progress) -> Resul
     let plan = changeset::Plan {
         stack: name.clone(),
         template_body: template.body()?,
-        parameters: BTreeMap::from([("ProjectName".to_string(), ctx.config.name.clone())]),
+        parameters: BTreeMap::from([
+            ("ProjectName".to_string(), ctx.config.name.clone()),
+            ("AvailabilityZone".to_string(), crate::bake::zone_offering(clients, ctx.config.bake_instance_type()).await?),
+        ]),
         tags: BTreeMap::from([("imgbuild:project".to_string(), ctx.config.name.clone())]),
         confirm: Confirm::Yes,
         wait_if_busy: true,

@@ -863,6 +863,40 @@ async fn bake_waits_until_ec2_accepts_the_instance_profile_before_it_starts() {
     assert_eq!(b.start.num_calls(), 1);
 }
 
+/// Not every instance type is offered in every zone (DescribeInstanceTypeOfferings with
+/// LocationType availability-zone; aws-cli `examples/ec2/describe-instance-type-offerings.rst`):
+/// the bake subnet goes where the build type is offered, whatever zone comes first in the region.
+#[tokio::test]
+async fn the_bake_subnet_goes_to_a_zone_that_offers_the_build_instance_type() {
+    use aws_sdk_ec2::operation::describe_instance_type_offerings::DescribeInstanceTypeOfferingsOutput;
+    use aws_sdk_ec2::types::{InstanceTypeOffering, LocationType};
+    let offer =
+        |zone: &str| InstanceTypeOffering::builder().instance_type("t3a.small".into()).location_type(LocationType::AvailabilityZone).location(zone).build();
+    let (a, b) = (offer("us-east-1f"), offer("us-east-1b"));
+    let pages = mock!(aws_sdk_ec2::Client::describe_instance_type_offerings)
+        .match_requests(|r| {
+            r.location_type() == Some(&LocationType::AvailabilityZone)
+                && r.filters().iter().any(|f| f.name() == Some("instance-type") && f.values() == ["t3a.small"])
+        })
+        .sequence()
+        .output(move || DescribeInstanceTypeOfferingsOutput::builder().instance_type_offerings(a.clone()).next_token("page-2").build())
+        .output(move || DescribeInstanceTypeOfferingsOutput::builder().instance_type_offerings(b.clone()).build())
+        .build();
+    let c = clients(&[&pages], &[]);
+    assert_eq!(bake::zone_offering(&c, "t3a.small").await.unwrap(), "us-east-1b", "the first offering zone by name, over every page");
+
+    let none = mock!(aws_sdk_ec2::Client::describe_instance_type_offerings).then_output(|| DescribeInstanceTypeOfferingsOutput::builder().build());
+    let c = clients(&[&none], &[]);
+    match bake::zone_offering(&c, "t3a.small").await.unwrap_err() {
+        Error::Invalid(m) => assert!(m.starts_with("bake.instance_type: t3a.small is offered in no availability zone"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The template puts the subnet in the zone given.
+    let template: serde_yaml::Value = serde_yaml::from_str(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/bake-prereqs.yaml"))).unwrap();
+    let zone = serde_yaml::to_string(&template["Resources"]["PublicSubnet"]["Properties"]["AvailabilityZone"]).unwrap();
+    assert!(zone.contains("ZoneGiven") && zone.contains("AvailabilityZone"), "{zone}");
+}
+
 /// An image or snapshot whose id bake never saw is still this bake's: both carry its token.
 #[test]
 fn the_image_and_its_snapshot_carry_the_bake_token() {
