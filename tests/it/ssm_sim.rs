@@ -162,7 +162,7 @@ fn sim_success_then_a_forced_rebake_leave_exactly_the_images_handed_over() {
     let ami = out["ami"].as_str().unwrap().to_string();
     let l = left(&sim.moto, "simok");
     assert_eq!(l.live, Vec::<String>::new(), "the build instance is terminated");
-    assert_eq!(l.images, [ami.clone()]);
+    assert_eq!(l.images, std::slice::from_ref(&ami));
     assert_eq!(l.stray_snapshots, Vec::<String>::new());
 
     let again = wait(sim.bake(dir.path(), &["--force"]));
