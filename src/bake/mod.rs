@@ -173,6 +173,12 @@ pub fn image_name(config: &Config, digest: &str, stamp: &str) -> Result<String> 
     Ok(name)
 }
 
+/// The CloudWatch Logs group the runbook's Run Command steps write to (the prerequisites stack
+/// makes it under this name).
+pub fn log_group(config: &Config) -> String {
+    format!("/imgbuild/{}/bake", config.name)
+}
+
 pub fn document_name(config: &Config) -> String {
     format!("imgbuild-{}-bake", config.name)
 }
@@ -605,6 +611,31 @@ pub fn image_made(exec: &aws_sdk_ssm::types::AutomationExecution) -> Option<Stri
     from_step.into_iter().chain(from_outputs).flatten().find(|id| crate::config::check_ami_id(id).is_ok()).cloned()
 }
 
+/// Where the whole output of a failed Run Command step is: the step's FailureMessage holds only a
+/// part of it, and Run Command itself keeps the first 48,000 characters.
+fn command_log(exec: &aws_sdk_ssm::types::AutomationExecution) -> Option<String> {
+    let failed = exec.step_executions().iter().find(|s| {
+        s.action() == Some("aws:runCommand")
+            && s.step_status() != Some(&AutomationExecutionStatus::Success)
+            && s.step_status().is_some_and(|st| st.as_str() != "InProgress" && st.as_str() != "Pending")
+    })?;
+    let group = exec.parameters().and_then(|p| p.get("LogGroupName")).and_then(|v| v.first())?;
+    let instance = exec
+        .step_executions()
+        .iter()
+        .find(|s| s.step_name() == Some("launchInstance"))
+        .and_then(|s| s.outputs())
+        .and_then(|o| o.get("InstanceId"))
+        .and_then(|v| v.first())
+        .map(String::as_str)
+        .unwrap_or("<instance-id>");
+    let command = failed.outputs().and_then(|o| o.get("CommandId")).and_then(|v| v.first()).map(String::as_str).unwrap_or("<command-id>");
+    Some(format!(
+        "The whole output of step {} is in CloudWatch Logs group {group}, streams {command}/{instance}/aws-runShellScript/stdout and stderr",
+        failed.step_name().unwrap_or_default()
+    ))
+}
+
 /// Slack over the runbook's own success budget: the wait before the first step runs, and polling.
 pub const TIMEOUT_SLACK_SECS: u64 = 600;
 
@@ -655,11 +686,12 @@ pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Durati
                     .map(|st| format!("step {} {}: {}", st.name, st.status, st.failure.as_deref().unwrap_or("no message")))
                     .collect();
                 let reason = exec.failure_message().unwrap_or_default();
-                return Err(Error::BakeFailed {
-                    execution: id.to_string(),
-                    status: s.as_str().to_string(),
-                    detail: if failed.is_empty() { reason.to_string() } else { failed.join("; ") },
-                });
+                let mut detail = if failed.is_empty() { reason.to_string() } else { failed.join("; ") };
+                if let Some(log) = command_log(exec) {
+                    detail.push_str(if detail.ends_with('.') { " " } else { ". " });
+                    detail.push_str(&log);
+                }
+                return Err(Error::BakeFailed { execution: id.to_string(), status: s.as_str().to_string(), detail });
             }
             other => {
                 let current = steps.iter().rev().find(|s| s.status == "InProgress").map(|s| s.name.as_str()).unwrap_or("starting");

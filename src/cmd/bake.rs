@@ -189,6 +189,7 @@ pub async fn bake_flow(
                 ("ChromaImage".to_string(), crate::render::compose::image_reference(config)),
                 ("ComposeVersion".to_string(), config.compose.version.clone()),
                 ("StoragePackage".to_string(), bake::storage_package(config).to_string()),
+                ("LogGroupName".to_string(), bake::log_group(config)),
             ]);
             let record = bake::Record::default();
             let budget = bake::default_timeout(&document)?;

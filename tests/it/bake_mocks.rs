@@ -127,8 +127,34 @@ fn step_names() -> Vec<String> {
     doc["mainSteps"].as_sequence().expect("mainSteps").iter().map(|s| s["name"].as_str().expect("every step is named").to_string()).collect()
 }
 
+/// The action of a step of the shipped document (step records carry it, as in aws-cli
+/// `examples/ssm/get-automation-execution.rst`).
+fn action_of(name: &str) -> Option<String> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(bake::DOCUMENT_TEMPLATE).ok()?;
+    doc["mainSteps"].as_sequence()?.iter().find(|s| s["name"].as_str() == Some(name)).and_then(|s| s["action"].as_str()).map(String::from)
+}
+
+/// What bake adds to a failed Run Command step's detail (after `message`): where its whole
+/// output is.
+fn log_hint(step: &str, message: &str) -> String {
+    if action_of(step).as_deref() == Some("aws:runCommand") {
+        let sep = if message.ends_with('.') { " " } else { ". " };
+        format!(
+            "{sep}The whole output of step {step} is in CloudWatch Logs group /imgbuild/vectordb/bake, streams <command-id>/{INSTANCE}/aws-runShellScript/stdout and stderr"
+        )
+    } else {
+        String::new()
+    }
+}
+
 fn step(name: &str, status: &str, failure: Option<&str>) -> StepExecution {
-    let b = StepExecution::builder().step_name(name).step_status(AutomationExecutionStatus::from(status)).set_failure_message(failure.map(String::from));
+    let b = StepExecution::builder()
+        .step_name(name)
+        .set_action(action_of(name))
+        .step_status(AutomationExecutionStatus::from(status))
+        .set_failure_message(failure.map(String::from));
+    // A launch that succeeded has its output.
+    let b = if name == "launchInstance" && status == "Success" { b.outputs("InstanceId", vec![INSTANCE.to_string()]) } else { b };
     // Finished steps carry their times (the progress line shows how long they took).
     let b = if matches!(status, "Success" | "Failed" | "TimedOut" | "Cancelled") {
         b.execution_start_time(aws_smithy_types::DateTime::from_secs(1_700_000_000)).execution_end_time(aws_smithy_types::DateTime::from_secs(1_700_000_042))
@@ -150,6 +176,7 @@ fn execution(status: &str, steps: Vec<StepExecution>, image: Option<&str>) -> Ge
         .map(|s| match (s.step_name(), s.step_status(), image) {
             (Some("createImage"), Some(AutomationExecutionStatus::Success), Some(ami)) => StepExecution::builder()
                 .step_name("createImage")
+                .action("aws:executeAwsApi")
                 .step_status(AutomationExecutionStatus::Success)
                 .set_execution_start_time(s.execution_start_time().cloned())
                 .set_execution_end_time(s.execution_end_time().cloned())
@@ -163,6 +190,7 @@ fn execution(status: &str, steps: Vec<StepExecution>, image: Option<&str>) -> Ge
         .document_name(DOC_NAME)
         .automation_execution_status(AutomationExecutionStatus::from(status))
         .set_step_executions(Some(steps))
+        .parameters("LogGroupName", vec!["/imgbuild/vectordb/bake".to_string()])
         .outputs("createImage.ImageId", vec![image.unwrap_or(bake::NO_OUTPUT_YET).to_string()]);
     GetAutomationExecutionOutput::builder().automation_execution(b.build()).build()
 }
@@ -897,6 +925,44 @@ async fn the_bake_subnet_goes_to_a_zone_that_offers_the_build_instance_type() {
     assert!(zone.contains("ZoneGiven") && zone.contains("AvailabilityZone"), "{zone}");
 }
 
+/// Run Command keeps only the first 48,000 characters of a command's output unless it goes to
+/// CloudWatch Logs or S3 (SendCommand, CloudWatchOutputConfig): both Run Command steps send
+/// their whole output to the bake's log group, which the prerequisites stack makes and lets the
+/// build instance write to, and bake says where it is when such a step fails.
+#[tokio::test]
+async fn run_command_output_goes_to_cloudwatch_logs_and_bake_says_where() {
+    let steps = shipped_steps();
+    for s in steps.iter().filter(|s| s["action"].as_str() == Some("aws:runCommand")) {
+        let cw = &s["inputs"]["CloudWatchOutputConfig"];
+        assert_eq!(
+            (cw["CloudWatchLogGroupName"].as_str(), cw["CloudWatchOutputEnabled"].as_bool()),
+            (Some("{{ LogGroupName }}"), Some(true)),
+            "{:?}",
+            s["name"]
+        );
+    }
+    let prereqs: serde_yaml::Value = serde_yaml::from_str(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/bake-prereqs.yaml"))).unwrap();
+    assert_eq!(prereqs["Resources"]["BakeLogGroup"]["Type"].as_str(), Some("AWS::Logs::LogGroup"));
+    let role = serde_yaml::to_string(&prereqs["Resources"]["BuildInstanceRole"]).unwrap();
+    assert!(role.contains("logs:PutLogEvents") && role.contains("BakeLogGroup.Arn"), "the instance may write to the group: {role}");
+    assert!(prereqs["Outputs"]["LogGroupName"].is_mapping());
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let b = Bake::new(None, successful_execution());
+    bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap();
+    assert_eq!(param(&b.start_request(), "LogGroupName"), "/imgbuild/vectordb/bake");
+
+    // A failed runBakeScript: the error names the group and the streams.
+    let mut failed = done(&["launchInstance", "waitForInstance", "assertInstanceRunning", "waitForSsmAgent"]);
+    failed.push(step("runBakeScript", "Failed", Some(&failure_of("runBakeScript"))));
+    let get = get_execution(vec![execution("Failed", failed, None)]);
+    let c = clients(&[], &[&get]);
+    let err = bake::follow(&c, EXEC, Duration::from_secs(5), Duration::from_millis(1), &quiet(), &record()).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&format!("CloudWatch Logs group /imgbuild/vectordb/bake, streams <command-id>/{INSTANCE}/aws-runShellScript/stdout")), "{text}");
+}
+
 /// An image or snapshot whose id bake never saw is still this bake's: both carry its token.
 #[test]
 fn the_image_and_its_snapshot_carry_the_bake_token() {
@@ -1001,7 +1067,7 @@ async fn follow_names_the_failed_step_and_its_message_for_a_failure_at_every_ste
                 assert_eq!(execution, EXEC, "{name}");
                 assert_eq!(status, "Failed", "{name}");
                 // Only the failed step is named, not the terminateInstance that cleaned up.
-                assert_eq!(detail, &format!("step {name} Failed: {message}"), "{name}");
+                assert_eq!(detail, &format!("step {name} Failed: {message}{}", log_hint(name, &message)), "{name}");
             }
             other => panic!("{name}: expected BakeFailed, got {other:?}"),
         }
@@ -1028,7 +1094,7 @@ async fn follow_reports_a_timed_out_execution_as_a_failed_bake() {
     match &err {
         Error::BakeFailed { status, detail, .. } => {
             assert_eq!(status, "TimedOut");
-            assert_eq!(detail, &format!("step runBakeScript TimedOut: {msg}"));
+            assert_eq!(detail, &format!("step runBakeScript TimedOut: {msg}{}", log_hint("runBakeScript", msg)));
         }
         other => panic!("expected BakeFailed, got {other:?}"),
     }
@@ -1368,7 +1434,10 @@ async fn bake_that_fails_before_create_image_takes_no_placeholder_for_an_image()
     match &err {
         Error::BakeFailed { status, detail, .. } => {
             assert_eq!(status, "Failed");
-            assert_eq!(detail, &format!("step runBakeScript Failed: {}", failure_of("runBakeScript")));
+            assert_eq!(
+                detail,
+                &format!("step runBakeScript Failed: {}{}", failure_of("runBakeScript"), log_hint("runBakeScript", &failure_of("runBakeScript")))
+            );
         }
         other => panic!("expected BakeFailed, got {other:?}"),
     }
