@@ -465,6 +465,9 @@ pub struct Made {
     pub document: Option<String>,
     pub image: Option<String>,
     pub finished: bool,
+    /// `--keep-on-failure` after a failed step: the runbook stopped the build instance for
+    /// debugging; the cleanup leaves it and says how to remove it.
+    pub keep_instance: bool,
 }
 
 pub type Record = Arc<Mutex<Made>>;
@@ -778,9 +781,21 @@ pub async fn clean_up(clients: &Clients, record: &Record, token: &str, waits: cr
             Err(e) => done.push(format!("could not see execution {id} end: {e}")),
         }
     }
-    match terminate_build_instances(clients, token, waits, progress).await {
-        Ok(lines) => done.extend(lines),
-        Err(e) => done.push(format!("could not confirm the build instance is gone: {e}")),
+    if made.keep_instance {
+        match kept_instances(clients, token).await {
+            Ok(ids) if !ids.is_empty() => done.push(format!(
+                "kept build instance {} (stopped) for debugging; when done, remove it with: aws ec2 terminate-instances --instance-ids {}",
+                ids.join(", "),
+                ids.join(" ")
+            )),
+            Ok(_) => {}
+            Err(e) => done.push(format!("could not look for the kept build instance: {e}")),
+        }
+    } else {
+        match terminate_build_instances(clients, token, waits, progress).await {
+            Ok(lines) => done.extend(lines),
+            Err(e) => done.push(format!("could not confirm the build instance is gone: {e}")),
+        }
     }
     match images_with_token(clients, token).await {
         Ok(found) => images.extend(found),
@@ -811,6 +826,24 @@ pub async fn clean_up(clients: &Clients, record: &Record, token: &str, waits: cr
         Err(e) => done.push(format!("could not look for snapshots tagged {TAG_BAKE_TOKEN}={token}: {e}")),
     }
     done
+}
+
+/// This bake's build instances that are not terminated.
+async fn kept_instances(clients: &Clients, token: &str) -> Result<Vec<String>> {
+    let out = clients
+        .ec2
+        .describe_instances()
+        .filters(Filter::builder().name(format!("tag:{TAG_BAKE_TOKEN}")).values(token).build())
+        .send()
+        .await
+        .map_err(|e| aws::err("DescribeInstances", format!("instances tagged {TAG_BAKE_TOKEN}={token}"), e))?;
+    Ok(out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter(|i| !matches!(i.state().and_then(|s| s.name()).map(|n| n.as_str()), Some("terminated" | "shutting-down")))
+        .filter_map(|i| i.instance_id().map(String::from))
+        .collect())
 }
 
 /// Our images carrying this bake's token, in any state.

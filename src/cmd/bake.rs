@@ -190,6 +190,7 @@ pub async fn bake_flow(
                 ("ComposeVersion".to_string(), config.compose.version.clone()),
                 ("StoragePackage".to_string(), bake::storage_package(config).to_string()),
                 ("LogGroupName".to_string(), bake::log_group(config)),
+                ("KeepOnFailure".to_string(), args.keep_on_failure.to_string()),
             ]);
             let record = bake::Record::default();
             let budget = bake::default_timeout(&document)?;
@@ -238,6 +239,11 @@ pub async fn bake_flow(
                     }
                 }
                 Err(e) => {
+                    // Only a failed step keeps the instance: after a timeout or Ctrl-C the
+                    // execution is cancelled, and the cancel path terminates it.
+                    if args.keep_on_failure && matches!(e, Error::BakeFailed { .. }) && joined.is_none() {
+                        record.lock().expect("bake record").keep_instance = true;
+                    }
                     let cleanup_waits = crate::stack::Waits { timeout: Duration::from_secs(600), poll };
                     let cleaned = bake::clean_up(&clients.for_cleanup(), &record, &token, cleanup_waits, &progress).await;
                     return Err(match e {

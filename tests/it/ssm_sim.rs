@@ -146,9 +146,19 @@ fn left(moto: &str, project: &str) -> Left {
     })
 }
 
+/// The steps of the success path, in order (following nextStep until isEnd).
 fn main_path_steps() -> Vec<String> {
     let doc: serde_yaml::Value = serde_yaml::from_str(imgbuild::bake::DOCUMENT_TEMPLATE).unwrap();
-    doc["mainSteps"].as_sequence().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).filter(|n| n != "cancelTerminate").collect()
+    let steps = doc["mainSteps"].as_sequence().unwrap();
+    let mut path = Vec::new();
+    let mut at = &steps[0];
+    loop {
+        path.push(at["name"].as_str().unwrap().to_string());
+        if at["isEnd"].as_bool() == Some(true) {
+            return path;
+        }
+        at = steps.iter().find(|s| s["name"] == at["nextStep"]).unwrap();
+    }
 }
 
 #[test]
@@ -257,4 +267,43 @@ fn sim_the_cancel_path_finishes_inside_its_two_minutes_when_termination_is_slow(
     assert_eq!(path.len(), 1, "{path:?}");
     assert_eq!(path[0].1, "Success", "the cancel path's terminate ran to its end inside the cap: {path:?}");
     assert_eq!(left(&sim.moto, "simslow").live, Vec::<String>::new());
+}
+
+/// `--keep-on-failure`: a failed step stops the build instance instead of terminating it, bake
+/// prints its id and the command that removes it, and still removes any image the bake made.
+#[test]
+fn sim_keep_on_failure_leaves_the_instance_stopped_and_says_how_to_remove_it() {
+    let Some(sim) = sim() else { return };
+    let dir = sim.project("simkeep", "");
+    sim.control(json!({ "fail_at": "verify" }));
+    let out = wait(sim.bake(dir.path(), &["--keep-on-failure"]));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let l = left(&sim.moto, "simkeep");
+    assert_eq!(l.live.len(), 1, "the instance is kept: {}", out.stderr);
+    let id = &l.live[0];
+    assert!(out.stderr.contains(&format!("aws ec2 terminate-instances --instance-ids {id}")), "{}", out.stderr);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let state = rt.block_on(async {
+        let conf = aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(&sim.moto)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "tests"))
+            .load()
+            .await;
+        let ec2 = aws_sdk_ec2::Client::new(&conf);
+        let d = ec2.describe_instances().instance_ids(id).send().await.unwrap();
+        let state = d.reservations()[0].instances()[0].state().and_then(|s| s.name()).map(|n| n.as_str().to_string());
+        // The printed command, as the user would run it afterwards.
+        ec2.terminate_instances().instance_ids(id).send().await.unwrap();
+        state
+    });
+    assert_eq!(state.as_deref(), Some("stopped"), "stopped, not running: it costs only its disk");
+    assert_eq!(l.images, Vec::<String>::new());
+    assert_eq!(left(&sim.moto, "simkeep").live, Vec::<String>::new());
+
+    // Without the flag the same failure terminates it.
+    let dir = sim.project("simnokeep", "");
+    let out = wait(sim.bake(dir.path(), &[]));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(left(&sim.moto, "simnokeep").live, Vec::<String>::new());
 }

@@ -11,8 +11,9 @@ happen in moto. What it answers follows the service's documented shapes:
   not successfully executed" (aws-cli examples/ssm/get-automation-execution.rst);
 - FailureMessage texts use the service's wording ("Step fails when it is ...", "... failed
   maximum allowed times");
-- onFailure (Abort | Continue | step:NAME), onCancel (Abort | step:NAME), isEnd, nextStep and
-  isCritical as the Automation actions reference describes them; the cancel path runs for at
+- onFailure (Abort | Continue | step:NAME), onCancel (Abort | step:NAME), isEnd, nextStep,
+  isCritical and aws:branch (StringEquals choices, Default) as the Automation actions reference
+  describes them; the cancel path runs for at
   most two minutes, ignoring the target steps' own timeoutSeconds and maxAttempts;
 - parameters are checked against allowedPattern at start (InvalidAutomationExecutionParameters);
 - StopAutomationExecution on a finished execution is InvalidAutomationStatusUpdateException.
@@ -268,6 +269,13 @@ def run_step(ex, st, deadline, cancellable):
             return {}
         wait_until(ex, deadline, lambda: (read(ex, inputs["Service"], inputs["Api"], args, inputs["PropertySelector"]) in desired) or None, cancellable)
         return {}
+    if action == "aws:branch":
+        for choice in inputs.get("Choices", []):
+            if "StringEquals" in choice and str(choice.get("Variable")) == str(choice["StringEquals"]):
+                return {"__next": choice["NextStep"]}
+        if "Default" in inputs:
+            return {"__next": inputs["Default"]}
+        return {}
     if action == "aws:runCommand":
         if fail:
             cid = "4f3e2d1c-5b6a-4798-8a9b-0c1d2e3f4a5b"
@@ -356,9 +364,11 @@ def play(ex):
             attempts = int(st.get("maxAttempts", 1))
             timeout = float(st.get("timeoutSeconds", 3600))
             outcome = None
+            branch = None  # where an aws:branch step sends the execution
             for _attempt in range(attempts):
                 try:
                     outs = run_step(ex, st, sim_now() + timeout, cancellable=True)
+                    branch = outs.pop("__next", None)
                     for k, v in outs.items():
                         ex.outputs[f"{name}.{k}"] = v
                     finish(rec, "Success", outputs=outs)
@@ -385,6 +395,9 @@ def play(ex):
                 if on_failure.startswith("step:"):
                     i = find(steps, on_failure[5:])
                     continue
+            if outcome is None and branch:
+                i = find(steps, branch)
+                continue
             if st.get("isEnd"):
                 break
             i = find(steps, st["nextStep"]) if st.get("nextStep") else i + 1
