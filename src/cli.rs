@@ -112,7 +112,12 @@ pub struct BakeArgs {
     /// More regions to copy the image to (comma-separated), besides bake.regions.
     #[arg(long, value_delimiter = ',', value_name = "REGION,...")]
     pub regions: Vec<String>,
-    /// Longest the automation may run, in seconds [default: bake.timeout_secs].
+    /// When a step fails, stop the build instance instead of terminating it, and print its id and
+    /// the command that removes it, to look at what went wrong (a cancel still terminates it).
+    #[arg(long)]
+    pub keep_on_failure: bool,
+    /// Longest the automation may run, in seconds [default: bake.timeout_secs, else the runbook's
+    /// own success budget].
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
     #[command(flatten)]

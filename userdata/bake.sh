@@ -6,6 +6,11 @@ set -euo pipefail
 
 log() { echo "imgbuild-bake: $*" >&2; }
 
+# The SSM agent starts before cloud-init ends, so Run Command can reach this instance while its
+# own first boot still runs (and holds dnf's RPM lock, amazon-linux-2023 #397): let it finish.
+# A first boot that reported errors is the stock image's business, not a reason to stop.
+cloud-init status --wait >/dev/null || log "cloud-init reported errors on the build instance's first boot (continuing)"
+
 install -d -m 0755 {{ script_dir }} /etc/imgbuild
 
 # 1. docker, docker compose {{ compose_version }} (sha256-checked), {{ storage_package }}, the image.
@@ -23,6 +28,11 @@ systemctl daemon-reload
 # {{ env_file }} (the unit's ConditionPathExists).
 systemctl enable chroma.service
 
-# 3. Nothing of this instance's first boot carries over into the image.
+# 3. Nothing of this instance's first boot carries over into the image: cloud-init's state, dnf's
+# cache, and the machine id (empty, systemd makes a new one at each instance's first boot;
+# AL2023's cloud-init has no `clean --machine-id`).
+dnf clean all >/dev/null
+rm -rf /var/cache/dnf
 cloud-init clean --logs
+truncate -s 0 /etc/machine-id
 log "baked Chroma {{ chroma_version }} ({{ image }}) with docker compose {{ compose_version }}"

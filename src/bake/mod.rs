@@ -90,10 +90,7 @@ pub fn bake_script(config: &Config, profile: &'static Profile) -> Result<(String
         chroma_version: &config.chroma.version,
         image: &compose::image_reference(config),
         compose_version: &config.compose.version,
-        storage_package: match config.storage.mode {
-            StorageMode::EfsTls => "amazon-efs-utils",
-            StorageMode::DockerNfs => "nfs-utils",
-        },
+        storage_package: storage_package(config),
         script_dir: SCRIPT_DIR,
         compose_path: COMPOSE_PATH,
         unit_path: UNIT_PATH,
@@ -110,6 +107,14 @@ pub fn bake_script(config: &Config, profile: &'static Profile) -> Result<(String
         }
     }
     Ok((ensure_newline(script), compose_yaml))
+}
+
+/// The package the storage mode needs on the image (the runbook's verify checks it by name).
+pub fn storage_package(config: &Config) -> &'static str {
+    match config.storage.mode {
+        StorageMode::EfsTls => "amazon-efs-utils",
+        StorageMode::DockerNfs => "nfs-utils",
+    }
 }
 
 fn ensure_newline(mut s: String) -> String {
@@ -145,6 +150,34 @@ pub fn document(script: &str) -> Result<String> {
     }
     *slot = serde_yaml::Value::Sequence(commands);
     Ok(serde_yaml::to_string(&doc).expect("YAML values serialise"))
+}
+
+/// The image's name: project, digest prefix and a time stamp, checked against EC2's rules for
+/// AMI names (CreateImage `Name`: 3-128 characters of letters, digits, spaces and `()[]./'@_-`)
+/// before anything is made: the runbook's allowedPattern would refuse it only after the
+/// prerequisites stack and the document exist.
+pub fn image_name(config: &Config, digest: &str, stamp: &str) -> Result<String> {
+    let short = digest.strip_prefix("sha256:").unwrap_or(digest);
+    let name = format!("imgbuild-{}-{}-{stamp}", config.name, &short[..short.len().min(12)]);
+    let allowed = |c: char| c.is_ascii_alphanumeric() || " ()[]./'@_-".contains(c);
+    if name.len() > 128 {
+        let room = 128 - (name.len() - config.name.len());
+        return Err(Error::Invalid(format!(
+            "name: `{}` makes the image name {} characters long, and EC2 allows 128 for an AMI name; use a name of at most {room} characters",
+            config.name,
+            name.len()
+        )));
+    }
+    if name.len() < 3 || !name.chars().all(allowed) {
+        return Err(Error::Invalid(format!("name: the image name `{name}` is not a valid AMI name (3-128 of letters, digits, spaces and ()[]./'@_-)")));
+    }
+    Ok(name)
+}
+
+/// The CloudWatch Logs group the runbook's Run Command steps write to (the prerequisites stack
+/// makes it under this name).
+pub fn log_group(config: &Config) -> String {
+    format!("/imgbuild/{}/bake", config.name)
 }
 
 pub fn document_name(config: &Config) -> String {
@@ -346,6 +379,83 @@ pub struct Prereqs {
     pub automation_role_arn: String,
 }
 
+/// Waits (bounded) until EC2 accepts the build instance's instance profile. A just-created
+/// profile takes a while to reach EC2 ("Invalid IAM Instance Profile name"), and the runbook's
+/// launch retries come at once, so they cannot ride that out. A RunInstances dry run with the
+/// launch's own profile, subnet and image answers DryRunOperation once it would launch. Any
+/// other answer (the caller may not run instances, say) is left for the runbook to report.
+pub async fn wait_for_instance_profile(
+    clients: &Clients,
+    pre: &Prereqs,
+    base: &str,
+    instance_type: &str,
+    waits: crate::stack::Waits,
+    progress: &Progress,
+) -> Result<()> {
+    let deadline = Instant::now() + waits.timeout;
+    loop {
+        let err = match clients
+            .ec2
+            .run_instances()
+            .dry_run(true)
+            .image_id(base)
+            .instance_type(aws_sdk_ec2::types::InstanceType::from(instance_type))
+            .min_count(1)
+            .max_count(1)
+            .subnet_id(&pre.subnet_id)
+            .security_group_ids(&pre.security_group_id)
+            .iam_instance_profile(aws_sdk_ec2::types::IamInstanceProfileSpecification::builder().name(&pre.instance_profile).build())
+            .send()
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        match err.as_service_error().and_then(code) {
+            Some("DryRunOperation") => return Ok(()),
+            Some("InvalidParameterValue") if Instant::now() < deadline => {
+                progress.set(&format!("waiting for EC2 to see instance profile {}", pre.instance_profile));
+                tokio::time::sleep(waits.poll).await;
+            }
+            Some("InvalidParameterValue") => {
+                return Err(Error::Timeout {
+                    what: format!("EC2 to accept instance profile {} for the build instance", pre.instance_profile),
+                    secs: waits.timeout.as_secs(),
+                    hint: aws::err("RunInstances (dry run)", pre.instance_profile.clone(), err).to_string(),
+                });
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// An availability zone of the region where `instance_type` is offered (the first by name, so
+/// the prerequisites stack stays put from one bake to the next). Not every type is offered in
+/// every zone, and a launch in one that lacks it fails with Unsupported.
+pub async fn zone_offering(clients: &Clients, instance_type: &str) -> Result<String> {
+    use aws_sdk_ec2::types::LocationType;
+    let mut zones = Vec::new();
+    let mut token = None;
+    loop {
+        let out = clients
+            .ec2
+            .describe_instance_type_offerings()
+            .location_type(LocationType::AvailabilityZone)
+            .filters(Filter::builder().name("instance-type").values(instance_type).build())
+            .set_next_token(token)
+            .send()
+            .await
+            .map_err(|e| aws::err("DescribeInstanceTypeOfferings", format!("instance type {instance_type}"), e))?;
+        zones.extend(out.instance_type_offerings().iter().filter_map(|o| o.location().map(String::from)));
+        token = out.next_token().map(String::from);
+        if token.is_none() {
+            break;
+        }
+    }
+    zones.sort();
+    zones.into_iter().next().ok_or_else(|| Error::Invalid(format!("bake.instance_type: {instance_type} is offered in no availability zone of this region")))
+}
+
 /// What this bake has made so far, recorded the moment each exists.
 #[derive(Debug, Default, Clone)]
 pub struct Made {
@@ -356,6 +466,9 @@ pub struct Made {
     pub document: Option<String>,
     pub image: Option<String>,
     pub finished: bool,
+    /// `--keep-on-failure` after a failed step: the runbook stopped the build instance for
+    /// debugging; the cleanup leaves it and says how to remove it.
+    pub keep_instance: bool,
 }
 
 pub type Record = Arc<Mutex<Made>>;
@@ -488,6 +601,56 @@ pub async fn start(clients: &Clients, document: &str, version: &str, parameters:
     Ok(id)
 }
 
+/// What GetAutomationExecution reports for an output of a step that has not succeeded (aws-cli
+/// `examples/ssm/get-automation-execution.rst`): a sentence, not an id.
+pub const NO_OUTPUT_YET: &str = "No output available yet because the step is not successfully executed";
+
+/// The image the execution made, if it made one: only a `createImage` step that succeeded has
+/// an image id, and whatever the outputs say must read as an AMI id before anything is done
+/// with it (until then the output is the placeholder sentence, which cleanup once sent to
+/// DescribeImages and DeregisterImage).
+pub fn image_made(exec: &aws_sdk_ssm::types::AutomationExecution) -> Option<String> {
+    let from_step = exec.step_executions().iter().filter(|s| s.step_name() == Some("createImage")).find_map(|s| s.outputs().and_then(|o| o.get("ImageId")));
+    let from_outputs = exec.outputs().and_then(|o| o.get("createImage.ImageId"));
+    from_step.into_iter().chain(from_outputs).flatten().find(|id| crate::config::check_ami_id(id).is_ok()).cloned()
+}
+
+/// Where the whole output of a failed Run Command step is: the step's FailureMessage holds only a
+/// part of it, and Run Command itself keeps the first 48,000 characters.
+fn command_log(exec: &aws_sdk_ssm::types::AutomationExecution) -> Option<String> {
+    let failed = exec.step_executions().iter().find(|s| {
+        s.action() == Some("aws:runCommand")
+            && s.step_status() != Some(&AutomationExecutionStatus::Success)
+            && s.step_status().is_some_and(|st| st.as_str() != "InProgress" && st.as_str() != "Pending")
+    })?;
+    let group = exec.parameters().and_then(|p| p.get("LogGroupName")).and_then(|v| v.first())?;
+    let instance = exec
+        .step_executions()
+        .iter()
+        .find(|s| s.step_name() == Some("launchInstance"))
+        .and_then(|s| s.outputs())
+        .and_then(|o| o.get("InstanceId"))
+        .and_then(|v| v.first())
+        .map(String::as_str)
+        .unwrap_or("<instance-id>");
+    let command = failed.outputs().and_then(|o| o.get("CommandId")).and_then(|v| v.first()).map(String::as_str).unwrap_or("<command-id>");
+    Some(format!(
+        "The whole output of step {} is in CloudWatch Logs group {group}, streams {command}/{instance}/aws-runShellScript/stdout and stderr",
+        failed.step_name().unwrap_or_default()
+    ))
+}
+
+/// Slack over the runbook's own success budget: the wait before the first step runs, and polling.
+pub const TIMEOUT_SLACK_SECS: u64 = 600;
+
+/// How long bake follows an execution unless told otherwise: the document's own success budget
+/// (every step's timeoutSeconds times its attempts) and some slack. A shorter bound would cancel
+/// a bake the runbook still allows to succeed.
+pub fn default_timeout(document: &str) -> Result<Duration> {
+    let budget = crate::check::automation::success_budget(document).map_err(|m| Error::Invalid(format!("{DOCUMENT_TEMPLATE_NAME}: {m}")))?;
+    Ok(Duration::from_secs(budget + TIMEOUT_SLACK_SECS))
+}
+
 /// Follows the execution step by step until it ends, within `timeout`. Returns the image id.
 pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Duration, progress: &Progress, record: &Record) -> Result<String> {
     let deadline = Instant::now() + timeout;
@@ -509,32 +672,30 @@ pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Durati
                 shown.insert(s.name.clone(), s.status.clone());
             }
         }
-        if let Some(image) = exec.outputs().and_then(|o| o.get("createImage.ImageId")).and_then(|v| v.first()) {
-            record.lock().expect("bake record").image = Some(image.clone());
+        if let Some(image) = image_made(exec) {
+            record.lock().expect("bake record").image = Some(image);
         }
         let status = exec.automation_execution_status().cloned();
         match status {
-            Some(AutomationExecutionStatus::Success) => {
+            Some(AutomationExecutionStatus::Success | AutomationExecutionStatus::CompletedWithSuccess) => {
                 let image = record.lock().expect("bake record").image.clone();
                 return image.ok_or_else(|| Error::Tool(format!("execution {id} succeeded without a createImage.ImageId output")));
             }
-            Some(
-                s @ (AutomationExecutionStatus::Failed
-                | AutomationExecutionStatus::Timedout
-                | AutomationExecutionStatus::Cancelled
-                | AutomationExecutionStatus::CompletedWithFailure),
-            ) => {
+            // Every other final status (Exited and Rejected too) ends the bake: following an
+            // execution that changes no more would only spin until the timeout.
+            Some(s) if is_final(&s) => {
                 let failed: Vec<String> = steps
                     .iter()
                     .filter(|st| matches!(st.status.as_str(), "Failed" | "TimedOut" | "Cancelled"))
                     .map(|st| format!("step {} {}: {}", st.name, st.status, st.failure.as_deref().unwrap_or("no message")))
                     .collect();
                 let reason = exec.failure_message().unwrap_or_default();
-                return Err(Error::BakeFailed {
-                    execution: id.to_string(),
-                    status: s.as_str().to_string(),
-                    detail: if failed.is_empty() { reason.to_string() } else { failed.join("; ") },
-                });
+                let mut detail = if failed.is_empty() { reason.to_string() } else { failed.join("; ") };
+                if let Some(log) = command_log(exec) {
+                    detail.push_str(if detail.ends_with('.') { " " } else { ". " });
+                    detail.push_str(&log);
+                }
+                return Err(Error::BakeFailed { execution: id.to_string(), status: s.as_str().to_string(), detail });
             }
             other => {
                 let current = steps.iter().rev().find(|s| s.status == "InProgress").map(|s| s.name.as_str()).unwrap_or("starting");
@@ -552,8 +713,47 @@ pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Durati
     }
 }
 
+/// Statuses after which an execution changes nothing more (AutomationExecution,
+/// AutomationExecutionStatus in the SSM API reference).
+fn is_final(status: &AutomationExecutionStatus) -> bool {
+    use AutomationExecutionStatus as S;
+    matches!(status, S::Success | S::Failed | S::Timedout | S::Cancelled | S::CompletedWithSuccess | S::CompletedWithFailure | S::Exited | S::Rejected)
+}
+
+/// Waits (bounded) until a stopped execution is over, then reads the image it made. Until then
+/// a cancelled createImage may still register an image, and the outputs are not final.
+async fn settle(clients: &Clients, id: &str, waits: crate::stack::Waits, progress: &Progress) -> Result<Option<String>> {
+    let deadline = Instant::now() + waits.timeout;
+    loop {
+        let out = clients
+            .ssm
+            .get_automation_execution()
+            .automation_execution_id(id)
+            .send()
+            .await
+            .map_err(|e| aws::err("GetAutomationExecution", format!("execution {id}"), e))?;
+        let exec = out.automation_execution().ok_or_else(|| Error::Tool(format!("execution {id} has no details")))?;
+        let status = exec.automation_execution_status().cloned();
+        if status.as_ref().is_some_and(is_final) {
+            return Ok(image_made(exec));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                what: format!("automation execution {id} to stop"),
+                secs: waits.timeout.as_secs(),
+                hint: "its cancel path runs at most two minutes; look at it in the Systems Manager console".into(),
+            });
+        }
+        progress.set(&format!("waiting for execution {id} to stop ({})", status.map(|s| s.as_str().to_string()).unwrap_or_default()));
+        tokio::time::sleep(waits.poll).await;
+    }
+}
+
 /// After a failure, timeout or Ctrl-C: stop the execution (its cancel path terminates the build
-/// instance), make sure the instance is gone, and remove a half-made image. Says what it did.
+/// instance) and wait until it is over, make sure the instance is gone, and remove every image
+/// and snapshot this bake made: the one the execution names, and any carrying the bake's token
+/// (an image registered while nobody was looking still would become available and keep its
+/// digest tag, and the next bake would reuse an image the user saw fail). Says what it did.
 pub async fn clean_up(clients: &Clients, record: &Record, token: &str, waits: crate::stack::Waits, progress: &Progress) -> Vec<String> {
     let made = std::mem::take(&mut *record.lock().expect("bake record"));
     let mut done = Vec::new();
@@ -575,17 +775,102 @@ pub async fn clean_up(clients: &Clients, record: &Record, token: &str, waits: cr
             Err(e) => done.push(format!("could not stop execution {id}: {}", aws::err("StopAutomationExecution", id.clone(), e))),
         }
     }
-    match terminate_build_instances(clients, token, waits, progress).await {
-        Ok(lines) => done.extend(lines),
-        Err(e) => done.push(format!("could not confirm the build instance is gone: {e}")),
+    let mut images: Vec<String> = made.image.iter().cloned().collect();
+    if let Some(id) = &execution {
+        match settle(clients, id, waits, progress).await {
+            Ok(found) => images.extend(found),
+            Err(e) => done.push(format!("could not see execution {id} end: {e}")),
+        }
     }
-    if let Some(image) = &made.image {
+    if made.keep_instance {
+        match kept_instances(clients, token).await {
+            Ok(ids) if !ids.is_empty() => done.push(format!(
+                "kept build instance {} (stopped) for debugging; when done, remove it with: aws ec2 terminate-instances --instance-ids {}",
+                ids.join(", "),
+                ids.join(" ")
+            )),
+            Ok(_) => {}
+            Err(e) => done.push(format!("could not look for the kept build instance: {e}")),
+        }
+    } else {
+        match terminate_build_instances(clients, token, waits, progress).await {
+            Ok(lines) => done.extend(lines),
+            Err(e) => done.push(format!("could not confirm the build instance is gone: {e}")),
+        }
+    }
+    match images_with_token(clients, token).await {
+        Ok(found) => images.extend(found),
+        Err(e) => done.push(format!("could not look for images tagged {TAG_BAKE_TOKEN}={token}: {e}")),
+    }
+    images.sort();
+    images.dedup();
+    let mut deleted = Vec::new();
+    for image in &images {
         match deregister(clients, image).await {
-            Ok(snaps) => done.push(format!("deregistered the unfinished image {image} and deleted its snapshots {}", snaps.join(", "))),
+            Ok(snaps) => {
+                done.push(format!("deregistered the unfinished image {image} and deleted its snapshots {}", snaps.join(", ")));
+                deleted.extend(snaps);
+            }
             Err(e) => done.push(format!("could not remove the unfinished image {image}: {e}")),
         }
     }
+    // A snapshot whose image never registered, or was deregistered without it, still costs.
+    match snapshots_with_token(clients, token).await {
+        Ok(snaps) => {
+            for s in snaps.into_iter().filter(|s| !deleted.contains(s)) {
+                match clients.ec2.delete_snapshot().snapshot_id(&s).send().await {
+                    Ok(_) => done.push(format!("deleted the unfinished snapshot {s}")),
+                    Err(e) => done.push(format!("could not delete the unfinished snapshot {s}: {}", aws::err("DeleteSnapshot", s.clone(), e))),
+                }
+            }
+        }
+        Err(e) => done.push(format!("could not look for snapshots tagged {TAG_BAKE_TOKEN}={token}: {e}")),
+    }
     done
+}
+
+/// This bake's build instances that are not terminated.
+async fn kept_instances(clients: &Clients, token: &str) -> Result<Vec<String>> {
+    let out = clients
+        .ec2
+        .describe_instances()
+        .filters(Filter::builder().name(format!("tag:{TAG_BAKE_TOKEN}")).values(token).build())
+        .send()
+        .await
+        .map_err(|e| aws::err("DescribeInstances", format!("instances tagged {TAG_BAKE_TOKEN}={token}"), e))?;
+    Ok(out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter(|i| !matches!(i.state().and_then(|s| s.name()).map(|n| n.as_str()), Some("terminated" | "shutting-down")))
+        .filter_map(|i| i.instance_id().map(String::from))
+        .collect())
+}
+
+/// Our images carrying this bake's token, in any state.
+async fn images_with_token(clients: &Clients, token: &str) -> Result<Vec<String>> {
+    let out = clients
+        .ec2
+        .describe_images()
+        .owners("self")
+        .filters(Filter::builder().name(format!("tag:{TAG_BAKE_TOKEN}")).values(token).build())
+        .send()
+        .await
+        .map_err(|e| aws::err("DescribeImages", format!("images tagged {TAG_BAKE_TOKEN}={token}"), e))?;
+    Ok(out.images().iter().filter_map(|i| i.image_id().map(String::from)).collect())
+}
+
+/// Our snapshots carrying this bake's token.
+async fn snapshots_with_token(clients: &Clients, token: &str) -> Result<Vec<String>> {
+    let out = clients
+        .ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(Filter::builder().name(format!("tag:{TAG_BAKE_TOKEN}")).values(token).build())
+        .send()
+        .await
+        .map_err(|e| aws::err("DescribeSnapshots", format!("snapshots tagged {TAG_BAKE_TOKEN}={token}"), e))?;
+    Ok(out.snapshots().iter().filter_map(|s| s.snapshot_id().map(String::from)).collect())
 }
 
 /// Finds the build instances this bake launched (by its token tag) and sees them terminated.

@@ -44,7 +44,52 @@ fn builtin_outputs(action: &str) -> &'static [&'static str] {
     }
 }
 
-const GLOBALS: &[&str] = &["ACCOUNT_ID", "AWS_PARTITION", "AWS_REGION", "REGION", "DATE", "DATE_TIME", "EXECUTION_ID"];
+/// The system variables ("Automation system variables": `global:` ones and the one
+/// `automation:` variable). Anything else SSM leaves unresolved or rejects.
+const GLOBALS: &[&str] = &["ACCOUNT_ID", "AWS_PARTITION", "REGION", "DATE", "DATE_TIME"];
+const AUTOMATION_VARIABLES: &[&str] = &["EXECUTION_ID"];
+
+/// Actions that cannot be the target of an onCancel (Automation actions reference, "Properties
+/// shared by all actions", onCancel).
+const NOT_CANCEL_TARGETS: &[&str] =
+    &["aws:approve", "aws:copyImage", "aws:createImage", "aws:createStack", "aws:createTags", "aws:pause", "aws:runInstances", "aws:sleep"];
+
+/// A step's `timeoutSeconds` as a number (SSM accepts it quoted or not).
+fn seconds(v: Option<&Value>) -> Option<u64> {
+    match v? {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// The longest an execution of the document may take on its success path, as the service bounds
+/// it: every step from the first, following nextStep (or the next step in order) until isEnd,
+/// each at most `timeoutSeconds` times `maxAttempts`. A step without timeoutSeconds has no bound,
+/// so neither has the path.
+pub fn success_budget(text: &str) -> std::result::Result<u64, String> {
+    let doc: Value = serde_yaml::from_str(text).map_err(|e| format!("not valid YAML: {e}"))?;
+    let steps = doc.get("mainSteps").and_then(Value::as_sequence).ok_or("no mainSteps")?;
+    let index = |name: &str| steps.iter().position(|s| s.get("name").and_then(Value::as_str) == Some(name));
+    let mut at = 0;
+    let mut total: u64 = 0;
+    for _ in 0..steps.len() {
+        let step = &steps[at];
+        let name = step.get("name").and_then(Value::as_str).unwrap_or("?");
+        let timeout = seconds(step.get("timeoutSeconds")).ok_or_else(|| format!("step {name} has no timeoutSeconds"))?;
+        let attempts = seconds(step.get("maxAttempts")).unwrap_or(1).max(1);
+        total = total.saturating_add(timeout.saturating_mul(attempts));
+        if step.get("isEnd").and_then(Value::as_bool) == Some(true) {
+            return Ok(total);
+        }
+        at = match step.get("nextStep").and_then(Value::as_str) {
+            Some(next) => index(next).ok_or_else(|| format!("step {name}: nextStep {next} does not exist"))?,
+            None if at + 1 < steps.len() => at + 1,
+            None => return Ok(total),
+        };
+    }
+    Err("the success path loops".into())
+}
 
 /// One problem, located by step (or document section), field path and line.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -110,7 +155,10 @@ pub fn check(text: &str) -> Vec<Finding> {
         if let Some(g) = r.strip_prefix("global:") {
             return (!GLOBALS.contains(&g)).then(|| format!("`{{{{ {r} }}}}` is not a global variable ({})", GLOBALS.join(", ")));
         }
-        if r == "automation:EXECUTION_ID" || r.starts_with("ssm:") || r.starts_with("ssm-secure:") {
+        if let Some(a) = r.strip_prefix("automation:") {
+            return (!AUTOMATION_VARIABLES.contains(&a)).then(|| format!("`{{{{ {r} }}}}` is not an automation variable (automation:EXECUTION_ID)"));
+        }
+        if r.starts_with("ssm:") || r.starts_with("ssm-secure:") {
             return None;
         }
         match r.split_once('.') {
@@ -132,6 +180,9 @@ pub fn check(text: &str) -> Vec<Finding> {
             bad("assumeRole", "assumeRole".into(), m);
         }
     }
+    let action_of = |name: &str| {
+        steps.iter().find(|s| s.get("name").and_then(Value::as_str) == Some(name)).and_then(|s| s.get("action")).and_then(Value::as_str).unwrap_or_default()
+    };
     let mut seen = BTreeSet::new();
     for (i, step) in steps.iter().enumerate() {
         let name = &names[i];
@@ -168,11 +219,29 @@ pub fn check(text: &str) -> Vec<Finding> {
             if let Some(v) = step.get(key).and_then(Value::as_str) {
                 match v.strip_prefix("step:") {
                     Some(target) if !all.contains(target) => bad(&at, f(key), format!("{key} goes to step {target}, which does not exist")),
+                    Some(target) if key == "onCancel" && NOT_CANCEL_TARGETS.contains(&action_of(target)) => {
+                        bad(&at, f(key), format!("onCancel goes to step {target}, but a {} step cannot run on the cancel path", action_of(target)))
+                    }
                     Some(_) => {}
-                    None if v == "Abort" || v == "Continue" => {}
+                    None if v == "Abort" => {}
+                    None if v == "Continue" && key == "onFailure" => {}
+                    None if key == "onCancel" => bad(&at, f(key), format!("onCancel `{v}` is not Abort or step:<name>")),
                     None => bad(&at, f(key), format!("{key} `{v}` is not Abort, Continue or step:<name>")),
                 }
             }
+        }
+        // The step's own bound must outlast the command's, or the step gives up on a command
+        // that may still succeed.
+        if action == "aws:runCommand"
+            && let (Some(step_secs), Some(command_secs)) =
+                (seconds(step.get("timeoutSeconds")), seconds(inputs.get("Parameters").and_then(|p| p.get("executionTimeout"))))
+            && step_secs <= command_secs
+        {
+            bad(
+                &at,
+                f("timeoutSeconds"),
+                format!("timeoutSeconds {step_secs} is not larger than the command's executionTimeout {command_secs}: the step would time out first"),
+            );
         }
         if let Some(next) = step.get("nextStep").and_then(Value::as_str)
             && !all.contains(next)
@@ -219,10 +288,10 @@ parameters:
   Ami: {type: String}
 mainSteps:
   - name: launch
-    action: aws:executeAwsApi
+    action: aws:runInstances
     onFailure: Abort
-    inputs: {Service: ec2, Api: RunInstances, ImageId: '{{ Ami }}', MinCount: 1, MaxCount: 1}
-    outputs: [{Name: InstanceId, Selector: '$.Instances[0].InstanceId', Type: String}]
+    inputs: {ImageId: '{{ Ami }}'}
+    outputs: [{Name: InstanceId, Selector: '$.InstanceIds[0]', Type: String}]
   - name: image
     action: aws:createImage
     onFailure: step:stop
@@ -268,7 +337,15 @@ outputs: [image.ImageId]
                 "step launch: `{{ image.ImageId }}` names step image, which has not run yet at this point",
             ),
             (("onFailure: step:stop", "onFailure: step:halt"), "step image: onFailure goes to step halt, which does not exist"),
-            (("onCancel: step:stop", "onCancel: Retry"), "step image: onCancel `Retry` is not Abort, Continue or step:<name>"),
+            (("onCancel: step:stop", "onCancel: Retry"), "step image: onCancel `Retry` is not Abort or step:<name>"),
+            // onCancel has no Continue, and some actions cannot run on the cancel path
+            // (Automation actions reference, "Properties shared by all actions", onCancel).
+            (("onCancel: step:stop", "onCancel: Continue"), "step image: onCancel `Continue` is not Abort or step:<name>"),
+            (("onCancel: step:stop", "onCancel: step:launch"), "step image: onCancel goes to step launch, but a aws:runInstances step cannot run"),
+            // Only the documented variables ("Automation system variables").
+            (("{{ global:DATE_TIME }}", "{{ global:EXECUTION_ID }}"), "step image: `{{ global:EXECUTION_ID }}` is not a global variable"),
+            (("{{ global:DATE_TIME }}", "{{ global:AWS_REGION }}"), "step image: `{{ global:AWS_REGION }}` is not a global variable"),
+            (("{{ global:DATE_TIME }}", "{{ automation:EXECUTIONID }}"), "step image: `{{ automation:EXECUTIONID }}` is not an automation variable"),
             (("ImageName: 'x-{{ global:DATE_TIME }}'", "Name: x"), "step image: aws:createImage needs the input ImageName"),
             (("{{ global:DATE_TIME }}", "{{ global:NOW }}"), "step image: `{{ global:NOW }}` is not a global variable"),
             (("outputs: [image.ImageId]", "outputs: [image.AmiId]"), "outputs: document output `image.AmiId` is not an output of any step"),
@@ -281,5 +358,36 @@ outputs: [image.ImageId]
             let got = findings(edit);
             assert!(got.iter().any(|g| g.starts_with(expected)), "{edit:?}: expected {expected:?} in {got:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    const DOC: &str = r#"
+schemaVersion: '0.3'
+mainSteps:
+  - {name: a, action: aws:sleep, timeoutSeconds: 100, maxAttempts: 3, nextStep: c, inputs: {}}
+  - {name: b, action: aws:sleep, timeoutSeconds: 7000, inputs: {}}
+  - {name: c, action: aws:runCommand, timeoutSeconds: '50', inputs: {DocumentName: X, InstanceIds: [i], Parameters: {executionTimeout: '40'}}}
+  - {name: d, action: aws:sleep, timeoutSeconds: 5, isEnd: true, inputs: {}}
+  - {name: e, action: aws:sleep, timeoutSeconds: 9999, isEnd: true, inputs: {}}
+"#;
+
+    #[test]
+    fn the_success_budget_follows_next_step_and_counts_every_attempt() {
+        // a (3 x 100) -> c (50, skipping b) -> d (5, isEnd); e is off the path.
+        assert_eq!(success_budget(DOC), Ok(355));
+        let loops = DOC.replace("isEnd: true, inputs: {}}\n  - {name: e", "nextStep: a, inputs: {}}\n  - {name: e");
+        assert!(success_budget(&loops).is_err());
+        assert!(success_budget(&DOC.replace("timeoutSeconds: 5,", "")).unwrap_err().contains("step d has no timeoutSeconds"));
+    }
+
+    #[test]
+    fn a_run_command_step_must_outlast_its_command() {
+        assert!(check(DOC).iter().all(|f| !f.message.contains("executionTimeout")), "{:?}", check(DOC));
+        let f = check(&DOC.replace("executionTimeout: '40'", "executionTimeout: '50'"));
+        assert!(f.iter().any(|f| f.at == "step c" && f.message.contains("not larger than the command's executionTimeout 50")), "{f:?}");
     }
 }

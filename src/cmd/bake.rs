@@ -37,7 +37,10 @@ async fn prereqs(clients: &Clients, ctx: &Context, progress: &Progress) -> Resul
     let plan = changeset::Plan {
         stack: name.clone(),
         template_body: template.body()?,
-        parameters: BTreeMap::from([("ProjectName".to_string(), ctx.config.name.clone())]),
+        parameters: BTreeMap::from([
+            ("ProjectName".to_string(), ctx.config.name.clone()),
+            ("AvailabilityZone".to_string(), crate::bake::zone_offering(clients, ctx.config.bake_instance_type()).await?),
+        ]),
         tags: BTreeMap::from([("imgbuild:project".to_string(), ctx.config.name.clone())]),
         confirm: Confirm::Yes,
         wait_if_busy: true,
@@ -135,6 +138,8 @@ pub async fn bake_flow(
         }
     ));
     let doc_name = bake::document_name(config);
+    // Checked before anything is made (and in --dry-run), not when the execution starts.
+    let image_name = if cached.is_none() { Some(bake::image_name(config, &digest, run_token().split('-').next().unwrap_or("0"))?) } else { None };
 
     if args.dry_run {
         drop(progress);
@@ -163,6 +168,9 @@ pub async fn bake_flow(
         Some(image) => (image.image_id().unwrap_or_default().to_string(), false),
         None => {
             let pre = prereqs(clients, ctx, &progress).await?;
+            let profile_waits =
+                crate::stack::Waits { timeout: Duration::from_secs(PROFILE_WAIT_SECS), poll: Duration::from_secs(config.aws.poll_interval_secs) };
+            bake::wait_for_instance_profile(clients, &pre, &base, config.bake_instance_type(), profile_waits, &progress).await?;
             let (change, version) = bake::ensure_document(clients, &doc_name, &document, &config.name).await?;
             progress.line(&format!("document {doc_name}: {change:?} (version {version})"));
             let token = uuid_token();
@@ -173,16 +181,27 @@ pub async fn bake_flow(
                 ("SubnetId".to_string(), pre.subnet_id.clone()),
                 ("SecurityGroupId".to_string(), pre.security_group_id.clone()),
                 ("InstanceProfileName".to_string(), pre.instance_profile.clone()),
-                ("ImageName".to_string(), format!("imgbuild-{}-{}-{}", config.name, &digest[7..19], run_token().split('-').next().unwrap_or("0"))),
+                ("ImageName".to_string(), image_name.clone().unwrap_or_default()),
                 ("Digest".to_string(), digest.clone()),
                 ("BakeToken".to_string(), token.clone()),
                 ("ProjectName".to_string(), config.name.clone()),
                 ("ChromaVersion".to_string(), config.chroma.version.clone()),
                 ("ChromaImage".to_string(), crate::render::compose::image_reference(config)),
                 ("ComposeVersion".to_string(), config.compose.version.clone()),
+                ("StoragePackage".to_string(), bake::storage_package(config).to_string()),
+                ("LogGroupName".to_string(), bake::log_group(config)),
+                ("KeepOnFailure".to_string(), args.keep_on_failure.to_string()),
             ]);
             let record = bake::Record::default();
-            let timeout = Duration::from_secs(args.timeout.unwrap_or(config.bake.timeout_secs));
+            let budget = bake::default_timeout(&document)?;
+            let timeout = args.timeout.or(config.bake.timeout_secs).map(Duration::from_secs).unwrap_or(budget);
+            if timeout < budget {
+                progress.line(&format!(
+                    "timeout {}s is shorter than the runbook's own budget ({}s): a slow but valid bake will be cancelled",
+                    timeout.as_secs(),
+                    budget.as_secs()
+                ));
+            }
             let poll = Duration::from_secs(config.aws.poll_interval_secs);
             // Someone already baking this digest: follow that execution instead of a second one
             // (it is theirs: an interrupt here does not stop it).
@@ -220,6 +239,11 @@ pub async fn bake_flow(
                     }
                 }
                 Err(e) => {
+                    // Only a failed step keeps the instance: after a timeout or Ctrl-C the
+                    // execution is cancelled, and the cancel path terminates it.
+                    if args.keep_on_failure && matches!(e, Error::BakeFailed { .. }) && joined.is_none() {
+                        record.lock().expect("bake record").keep_instance = true;
+                    }
                     let cleanup_waits = crate::stack::Waits { timeout: Duration::from_secs(600), poll };
                     let cleaned = bake::clean_up(&clients.for_cleanup(), &record, &token, cleanup_waits, &progress).await;
                     return Err(match e {
@@ -274,6 +298,13 @@ async fn clients_in(ctx: &Context, region: &str) -> Result<Clients> {
     Ok(Clients::from_conf(&aws::load(&aws_settings(&there)).await?))
 }
 
+/// How long EC2 may take to see a new instance profile (IAM is eventually consistent; minutes
+/// at worst in practice).
+const PROFILE_WAIT_SECS: u64 = 300;
+
+/// How long a copy to another region may take unless bake.timeout_secs says otherwise.
+const COPY_TIMEOUT_SECS: u64 = 5400;
+
 /// Copies the image into another region (or finds the copy made before), waits until it is
 /// available, and points that region's handoff parameter at it.
 async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, progress: &Progress) -> Result<String> {
@@ -311,7 +342,8 @@ async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, p
             copy
         }
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(ctx.config.bake.timeout_secs);
+    let copy_secs = ctx.config.bake.timeout_secs.unwrap_or(COPY_TIMEOUT_SECS);
+    let deadline = std::time::Instant::now() + Duration::from_secs(copy_secs);
     loop {
         let out = clients.ec2.describe_images().image_ids(&copy).send().await.map_err(|e| aws::err("DescribeImages", format!("image {copy} in {to}"), e))?;
         match out.images().first().and_then(|i| i.state()).map(|s| s.as_str()) {
@@ -320,7 +352,7 @@ async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, p
             _ if std::time::Instant::now() > deadline => {
                 return Err(Error::Timeout {
                     what: format!("copy {copy} in {to}"),
-                    secs: ctx.config.bake.timeout_secs,
+                    secs: copy_secs,
                     hint: "it goes on in EC2; bake again to finish the handoff".into(),
                 });
             }

@@ -58,8 +58,9 @@ pub struct BakeConfig {
     pub security_group_id: Option<String>,
     pub instance_profile: Option<String>,
     pub automation_role_arn: Option<String>,
-    /// Longest the automation may run, in seconds.
-    pub timeout_secs: u64,
+    /// Longest bake follows the automation, in seconds; unset: the runbook's own success budget
+    /// and some slack (a shorter bound cancels a bake the runbook still allows to finish).
+    pub timeout_secs: Option<u64>,
     /// More regions to copy the image to (the handoff parameter is written there too).
     pub regions: Vec<String>,
     /// The manifest bake writes (and reads the recorded base image from).
@@ -79,7 +80,7 @@ impl Default for BakeConfig {
             security_group_id: None,
             instance_profile: None,
             automation_role_arn: None,
-            timeout_secs: 5400,
+            timeout_secs: None,
             regions: Vec::new(),
             manifest: "imgbuild.bake.json".into(),
             kms_key_id: None,
@@ -614,8 +615,10 @@ impl Config {
                 bad(field, format!("`{v}` is not {what}"));
             }
         }
-        if self.bake.timeout_secs < 600 {
-            bad("bake.timeout_secs", format!("{}s is too short for a bake (at least 600)", self.bake.timeout_secs));
+        if let Some(t) = self.bake.timeout_secs
+            && t < 600
+        {
+            bad("bake.timeout_secs", format!("{t}s is too short for a bake (at least 600)"));
         }
         for (i, r) in self.bake.regions.iter().enumerate() {
             if let Err(m) = check_region(r) {

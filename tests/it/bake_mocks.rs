@@ -10,6 +10,7 @@
 //! rules' matchers so the tests can look at what was sent.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,8 +22,12 @@ use aws_sdk_ec2::operation::delete_snapshot::DeleteSnapshotOutput;
 use aws_sdk_ec2::operation::deregister_image::DeregisterImageOutput;
 use aws_sdk_ec2::operation::describe_images::{DescribeImagesInput, DescribeImagesOutput};
 use aws_sdk_ec2::operation::describe_instances::{DescribeInstancesInput, DescribeInstancesOutput};
+use aws_sdk_ec2::operation::describe_snapshots::{DescribeSnapshotsInput, DescribeSnapshotsOutput};
+use aws_sdk_ec2::operation::run_instances::{RunInstancesError, RunInstancesInput};
 use aws_sdk_ec2::operation::terminate_instances::{TerminateInstancesInput, TerminateInstancesOutput};
-use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice, Image, ImageState, Instance, InstanceState, InstanceStateName, Reservation};
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Image, ImageState, Instance, InstanceState, InstanceStateName, Reservation, Snapshot, SnapshotState,
+};
 
 use aws_sdk_ssm::operation::create_document::{CreateDocumentInput, CreateDocumentOutput};
 use aws_sdk_ssm::operation::describe_automation_executions::DescribeAutomationExecutionsOutput;
@@ -122,8 +127,34 @@ fn step_names() -> Vec<String> {
     doc["mainSteps"].as_sequence().expect("mainSteps").iter().map(|s| s["name"].as_str().expect("every step is named").to_string()).collect()
 }
 
+/// The action of a step of the shipped document (step records carry it, as in aws-cli
+/// `examples/ssm/get-automation-execution.rst`).
+fn action_of(name: &str) -> Option<String> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(bake::DOCUMENT_TEMPLATE).ok()?;
+    doc["mainSteps"].as_sequence()?.iter().find(|s| s["name"].as_str() == Some(name)).and_then(|s| s["action"].as_str()).map(String::from)
+}
+
+/// What bake adds to a failed Run Command step's detail (after `message`): where its whole
+/// output is.
+fn log_hint(step: &str, message: &str) -> String {
+    if action_of(step).as_deref() == Some("aws:runCommand") {
+        let sep = if message.ends_with('.') { " " } else { ". " };
+        format!(
+            "{sep}The whole output of step {step} is in CloudWatch Logs group /imgbuild/vectordb/bake, streams <command-id>/{INSTANCE}/aws-runShellScript/stdout and stderr"
+        )
+    } else {
+        String::new()
+    }
+}
+
 fn step(name: &str, status: &str, failure: Option<&str>) -> StepExecution {
-    let b = StepExecution::builder().step_name(name).step_status(AutomationExecutionStatus::from(status)).set_failure_message(failure.map(String::from));
+    let b = StepExecution::builder()
+        .step_name(name)
+        .set_action(action_of(name))
+        .step_status(AutomationExecutionStatus::from(status))
+        .set_failure_message(failure.map(String::from));
+    // A launch that succeeded has its output.
+    let b = if name == "launchInstance" && status == "Success" { b.outputs("InstanceId", vec![INSTANCE.to_string()]) } else { b };
     // Finished steps carry their times (the progress line shows how long they took).
     let b = if matches!(status, "Success" | "Failed" | "TimedOut" | "Cancelled") {
         b.execution_start_time(aws_smithy_types::DateTime::from_secs(1_700_000_000)).execution_end_time(aws_smithy_types::DateTime::from_secs(1_700_000_042))
@@ -135,16 +166,32 @@ fn step(name: &str, status: &str, failure: Option<&str>) -> StepExecution {
     b.build()
 }
 
-/// One GetAutomationExecution answer for EXEC.
+/// One GetAutomationExecution answer for EXEC, shaped as the service answers (aws-cli
+/// `examples/ssm/get-automation-execution.rst`): the document's outputs are always there, and
+/// until createImage succeeds `createImage.ImageId` holds the placeholder sentence, not an id.
+/// A createImage step that succeeded carries the id in its own outputs too.
 fn execution(status: &str, steps: Vec<StepExecution>, image: Option<&str>) -> GetAutomationExecutionOutput {
-    let mut b = AutomationExecution::builder()
+    let steps = steps
+        .into_iter()
+        .map(|s| match (s.step_name(), s.step_status(), image) {
+            (Some("createImage"), Some(AutomationExecutionStatus::Success), Some(ami)) => StepExecution::builder()
+                .step_name("createImage")
+                .action("aws:executeAwsApi")
+                .step_status(AutomationExecutionStatus::Success)
+                .set_execution_start_time(s.execution_start_time().cloned())
+                .set_execution_end_time(s.execution_end_time().cloned())
+                .outputs("ImageId", vec![ami.to_string()])
+                .build(),
+            _ => s,
+        })
+        .collect();
+    let b = AutomationExecution::builder()
         .automation_execution_id(EXEC)
         .document_name(DOC_NAME)
         .automation_execution_status(AutomationExecutionStatus::from(status))
-        .set_step_executions(Some(steps));
-    if let Some(ami) = image {
-        b = b.outputs("createImage.ImageId", vec![ami.to_string()]);
-    }
+        .set_step_executions(Some(steps))
+        .parameters("LogGroupName", vec!["/imgbuild/vectordb/bake".to_string()])
+        .outputs("createImage.ImageId", vec![image.unwrap_or(bake::NO_OUTPUT_YET).to_string()]);
     GetAutomationExecutionOutput::builder().automation_execution(b.build()).build()
 }
 
@@ -162,19 +209,30 @@ fn get_execution(answers: Vec<GetAutomationExecutionOutput>) -> Rule {
     seq.repeatedly().build()
 }
 
-/// A realistic FailureMessage for a failure of each step of the document.
+/// A FailureMessage for a failure of each step, in the service's own wording: "Step
+/// <name> failed maximum allowed times. ..." (aws-cli `examples/ssm/get-automation-execution.rst`),
+/// "Step fails when it is verifying the command has completed. Command ... returns unexpected
+/// invocation result: {Status=[Failed], ResponseCode=[1], ...}" (an aws-cli
+/// `examples/imagebuilder/` output: an image whose SSM execution failed at a runCommand step), "Step fails when it is
+/// Poll action status for completion. ..." (aws-solutions/automated-security-response,
+/// `check_ssm_execution` tests) and "Step fails when it is executing/canceling action. <error>"
+/// (AWS Service Catalog troubleshooting, SSM automation failures).
 fn failure_of(step: &str) -> String {
+    let run_command = |id: &str| {
+        format!(
+            "Step fails when it is verifying the command has completed. Command {id} returns unexpected invocation result: \n{{Status=[Failed], ResponseCode=[1], Output=[\n----------ERROR-------\nfailed to run commands: exit status 1], CommandId=[{id}]}}. Please refer to Automation Service Troubleshooting Guide for more diagnosis details."
+        )
+    };
     match step {
-        "launchInstance" => "Step fails when it is executing. Fail reason: An error occurred (InvalidParameterValue) when calling the RunInstances operation: Value (imgbuild-bake-vectordb) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name".into(),
-        "waitForInstance" => "Step timed out while step is verifying the instance state is running.".into(),
-        "waitForSsmAgent" => "Step timed out while step is verifying the PingStatus of the instance is Online.".into(),
-        "runBakeScript" => "Step fails when it is Poll action status for completion. Command 4f3e2d1c failed: exit status 1 (dnf: Cannot download repomd.xml).".into(),
-        "verify" => "Step fails when it is Poll action status for completion. Command 9a8b7c6d failed: docker image inspect: No such image: ghcr.io/chroma-core/chroma:1.0.0".into(),
-        "stopInstance" => "Step fails when it is changing the instance state to stopped: UnauthorizedOperation".into(),
-        "createImage" => "Step fails when it is executing. Fail reason: An error occurred (InvalidAMIName.Duplicate) when calling the CreateImage operation: AMI name imgbuild-vectordb is already in use by AMI ami-0aaaaaaaaaaaaaaaa".into(),
-        "waitForImage" => "Step timed out while step is verifying the image state is available (it is failed).".into(),
-        "terminateInstance" => "Step fails when it is changing the instance state to terminated: UnauthorizedOperation".into(),
-        other => format!("{other} failed"),
+        "launchInstance" => "Step launchInstance failed maximum allowed times. Value (imgbuild-bake-vectordb) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name (Service: AmazonEC2; Status Code: 400; Error Code: InvalidParameterValue; Request ID: 6a002f94-ba37-43fd-99e6-39517715fce5)".into(),
+        "waitForInstance" => "Step timed out while step is verifying the instance state is running. Please refer to Automation Service Troubleshooting Guide for more diagnosis details.".into(),
+        "waitForSsmAgent" => "Step timed out while step is verifying the PingStatus of the instance is Online. Please refer to Automation Service Troubleshooting Guide for more diagnosis details.".into(),
+        "runBakeScript" => run_command("4f3e2d1c-5b6a-4798-8a9b-0c1d2e3f4a5b"),
+        "verify" => run_command("9a8b7c6d-5e4f-4a3b-2c1d-0e9f8a7b6c5d"),
+        "stopInstance" | "terminateInstance" => format!("Step {step} failed maximum allowed times. You are not authorized to perform this operation. Encoded authorization failure message: --truncated-- (Service: AmazonEC2; Status Code: 403; Error Code: UnauthorizedOperation; Request ID: 6a002f94-ba37-43fd-99e6-39517715fce5)"),
+        "createImage" => "Step fails when it is executing action. An error occurred (InvalidAMIName.Duplicate) when calling the CreateImage operation: AMI name imgbuild-vectordb is already in use by AMI ami-0aaaaaaaaaaaaaaaa. Please refer to Automation Service Troubleshooting Guide for more diagnosis details.".into(),
+        "waitForImage" => "Step timed out while step is verifying the image state is available. Please refer to Automation Service Troubleshooting Guide for more diagnosis details.".into(),
+        other => format!("Step {other} failed maximum allowed times."),
     }
 }
 
@@ -230,6 +288,7 @@ fn args(force: bool, timeout_secs: u64) -> BakeArgs {
         update_base: false,
         dry_run: false,
         regions: vec![],
+        keep_on_failure: false,
         timeout: Some(timeout_secs),
         tools: ToolArgs { require_tools: false, no_tools: true },
     }
@@ -276,6 +335,10 @@ struct Bake {
     start: Rule,
     starts: Seen<StartAutomationExecutionInput>,
     get_execution: Rule,
+    /// GetAutomationExecution once StopAutomationExecution has been accepted: the execution
+    /// has run its cancel path and is Cancelled.
+    cancelled: Rule,
+    stopped: Arc<AtomicBool>,
     stop: Rule,
     put_parameter: Rule,
     puts: Seen<PutParameterInput>,
@@ -294,6 +357,14 @@ struct Bake {
     untag: Rule,
     mark: Rule,
     delete_snapshot: Rule,
+    /// The RunInstances dry run that waits for the instance profile.
+    dry_run: Rule,
+    dry_runs: Seen<RunInstancesInput>,
+    /// The cleanup's lookups by the bake token: images (any state) and snapshots.
+    token_images: Rule,
+    token_image_lookups: Seen<DescribeImagesInput>,
+    token_snapshots: Rule,
+    token_snapshot_lookups: Seen<DescribeSnapshotsInput>,
 }
 
 /// Captures every request `$rule` (a `mock!` builder) matches into `$seen`.
@@ -313,7 +384,7 @@ fn find_cached(lookups: &Seen<DescribeImagesInput>, first: Vec<Image>, then: Vec
     let s = lookups.clone();
     mock!(aws_sdk_ec2::Client::describe_images)
         .match_requests(move |r| {
-            let mine = r.owners() == ["self"];
+            let mine = r.owners() == ["self"] && r.filters().iter().any(|f| f.name() == Some("tag:imgbuild:digest"));
             if mine {
                 s.lock().unwrap().push(r.clone());
             }
@@ -365,6 +436,10 @@ impl Bake {
         let cache_lookups = seen();
         let instance_lookups = seen();
         let terminated = seen();
+        let token_image_lookups = seen();
+        let dry_runs = seen();
+        let token_snapshot_lookups = seen();
+        let stopped = Arc::new(AtomicBool::new(false));
         let first: Vec<Image> = cached.iter().cloned().collect();
         let then = match cached {
             Some(c) => vec![c],
@@ -391,9 +466,20 @@ impl Bake {
                 .then_output(|| StartAutomationExecutionOutput::builder().automation_execution_id(EXEC).build()),
             starts,
             get_execution: get_execution(answers),
-            stop: mock!(aws_sdk_ssm::Client::stop_automation_execution)
-                .match_requests(|r| r.automation_execution_id() == Some(EXEC) && r.r#type() == Some(&StopType::Cancel))
-                .then_output(|| StopAutomationExecutionOutput::builder().build()),
+            cancelled: cancelled_after_stop(&stopped, None),
+            stop: {
+                let flag = stopped.clone();
+                mock!(aws_sdk_ssm::Client::stop_automation_execution)
+                    .match_requests(move |r| {
+                        let ok = r.automation_execution_id() == Some(EXEC) && r.r#type() == Some(&StopType::Cancel);
+                        if ok {
+                            flag.store(true, Ordering::SeqCst);
+                        }
+                        ok
+                    })
+                    .then_output(|| StopAutomationExecutionOutput::builder().build())
+            },
+            stopped,
             put_parameter: capturing!(mock!(aws_sdk_ssm::Client::put_parameter), puts).then_output(|| PutParameterOutput::builder().version(1).build()),
             puts,
             extra_ssm: Vec::new(),
@@ -423,6 +509,12 @@ impl Bake {
             mark: mock!(aws_sdk_ec2::Client::create_tags)
                 .match_requests(|r| r.tags().iter().any(|t| t.key() == Some("imgbuild:superseded-by") && t.value() == Some(AMI)))
                 .then_output(|| aws_sdk_ec2::operation::create_tags::CreateTagsOutput::builder().build()),
+            dry_run: capturing!(mock!(aws_sdk_ec2::Client::run_instances), dry_runs).then_error(dry_run_would_succeed),
+            dry_runs,
+            token_images: token_images(&token_image_lookups, Vec::new()),
+            token_image_lookups,
+            token_snapshots: token_snapshots(&token_snapshot_lookups, Vec::new()),
+            token_snapshot_lookups,
         }
     }
 
@@ -435,6 +527,7 @@ impl Bake {
             &self.update_default,
             &self.running,
             &self.start,
+            &self.cancelled,
             &self.get_execution,
             &self.stop,
             &self.put_parameter,
@@ -450,6 +543,9 @@ impl Bake {
                 &self.delete_snapshot,
                 &self.untag,
                 &self.mark,
+                &self.token_images,
+                &self.token_snapshots,
+                &self.dry_run,
             ],
             &ssm,
         )
@@ -469,6 +565,64 @@ impl Bake {
             + self.deregister.num_calls()
             + self.delete_snapshot.num_calls()
     }
+}
+
+/// What GetAutomationExecution answers once a stop was accepted: Cancelled, the cancel path
+/// (cancelTerminate) run, and the image output as it stands (`image`, else the placeholder).
+fn cancelled_after_stop(stopped: &Arc<AtomicBool>, image: Option<&'static str>) -> Rule {
+    let flag = stopped.clone();
+    mock!(aws_sdk_ssm::Client::get_automation_execution)
+        .match_requests(move |r| r.automation_execution_id() == Some(EXEC) && flag.load(Ordering::SeqCst))
+        .then_output(move || {
+            let mut steps = done(&["launchInstance", "waitForInstance"]);
+            steps.push(step("waitForSsmAgent", "Cancelled", None));
+            steps.push(step("cancelTerminate", "Success", None));
+            execution("Cancelled", steps, image)
+        })
+}
+
+/// The cleanup's DescribeImages by the bake token (our images, any state): answers `found`.
+fn token_images(lookups: &Seen<DescribeImagesInput>, found: Vec<Image>) -> Rule {
+    let s = lookups.clone();
+    mock!(aws_sdk_ec2::Client::describe_images)
+        .match_requests(move |r| {
+            let mine = r.filters().iter().any(|f| f.name() == Some("tag:imgbuild:bake-token"));
+            if mine {
+                s.lock().unwrap().push(r.clone());
+            }
+            mine
+        })
+        .then_output(move || DescribeImagesOutput::builder().set_images(Some(found.clone())).build())
+}
+
+/// The cleanup's DescribeSnapshots by the bake token: answers `found` (snapshot ids).
+fn token_snapshots(lookups: &Seen<DescribeSnapshotsInput>, found: Vec<&'static str>) -> Rule {
+    let s = lookups.clone();
+    mock!(aws_sdk_ec2::Client::describe_snapshots)
+        .match_requests(move |r| {
+            s.lock().unwrap().push(r.clone());
+            true
+        })
+        .then_output(move || {
+            DescribeSnapshotsOutput::builder()
+                .set_snapshots(Some(found.iter().map(|id| Snapshot::builder().snapshot_id(*id).state(SnapshotState::Completed).build()).collect()))
+                .build()
+        })
+}
+
+/// EC2's answer to a dry run that would have succeeded: an error with the code DryRunOperation
+/// (EC2 API reference, "Error codes": DryRunOperation).
+fn dry_run_would_succeed() -> RunInstancesError {
+    RunInstancesError::generic(meta("DryRunOperation", "Request would have succeeded, but DryRun flag is set."))
+}
+
+/// EC2's answer while a new instance profile has not reached it yet (the FailureMessage of a
+/// launch in aws-cli `examples/ssm/get-automation-execution.rst` has the same shape).
+fn profile_not_yet_visible() -> RunInstancesError {
+    RunInstancesError::generic(meta(
+        "InvalidParameterValue",
+        "Value (imgbuild-bake-vectordb) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name",
+    ))
 }
 
 /// The execution is already over: StopAutomationExecution says so.
@@ -540,15 +694,354 @@ fn the_document_has_the_steps_the_tests_and_the_code_rely_on() {
         [
             "launchInstance",
             "waitForInstance",
+            "assertInstanceRunning",
             "waitForSsmAgent",
             bake::SCRIPT_STEP,
             "verify",
             "stopInstance",
             "createImage",
             "waitForImage",
-            "terminateInstance"
+            "assertImageAvailable",
+            "terminateInstance",
+            "onFailure",
+            "keepInstance",
+            "cancelTerminate"
         ]
     );
+}
+
+fn shipped_steps() -> Vec<serde_yaml::Value> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(bake::DOCUMENT_TEMPLATE).expect("images/bake.yaml parses");
+    doc["mainSteps"].as_sequence().expect("mainSteps").clone()
+}
+
+fn step_named<'a>(steps: &'a [serde_yaml::Value], name: &str) -> &'a serde_yaml::Value {
+    steps.iter().find(|s| s["name"].as_str() == Some(name)).unwrap_or_else(|| panic!("no step {name}"))
+}
+
+/// AWS runs the onCancel path "for a maximum of two minutes", ignoring the target step's own
+/// timeoutSeconds and maxAttempts (Automation actions reference, "Properties shared by all
+/// actions", onCancel). aws:changeInstanceState waits for the state it sets, so the cancel path
+/// must only call TerminateInstances; the success and failure paths keep the waiting terminate.
+#[test]
+fn cancel_goes_to_a_terminate_that_does_not_wait_and_failure_to_one_that_does() {
+    let steps = shipped_steps();
+    let mut cancel_targets = std::collections::BTreeSet::new();
+    for s in &steps[1..] {
+        let name = s["name"].as_str().unwrap();
+        let on_cancel = s["onCancel"].as_str().unwrap_or_else(|| panic!("{name} has no onCancel"));
+        if name != "cancelTerminate" {
+            cancel_targets.insert(on_cancel.to_string());
+        }
+        if let Some(target) = s["onFailure"].as_str().and_then(|f| f.strip_prefix("step:")) {
+            // The failure path: the branch that keeps the instance only when asked, else the
+            // waiting terminate.
+            let t = step_named(&steps, target);
+            let t = if t["action"].as_str() == Some("aws:branch") { step_named(&steps, t["inputs"]["Default"].as_str().unwrap()) } else { t };
+            assert_eq!((t["action"].as_str(), t["inputs"]["DesiredState"].as_str()), (Some("aws:changeInstanceState"), Some("terminated")), "{name}");
+        }
+    }
+    assert_eq!(cancel_targets.into_iter().collect::<Vec<_>>(), ["step:cancelTerminate"], "every step after the launch cancels to one terminate");
+    let t = step_named(&steps, "cancelTerminate");
+    assert_eq!(
+        (t["action"].as_str(), t["inputs"]["Service"].as_str(), t["inputs"]["Api"].as_str()),
+        (Some("aws:executeAwsApi"), Some("ec2"), Some("TerminateInstances"))
+    );
+    assert_eq!(t["isEnd"].as_bool(), Some(true));
+    assert!(steps.iter().all(|s| s["nextStep"].as_str() != Some("cancelTerminate")), "only a cancel leads to cancelTerminate");
+    assert_eq!(imgbuild::check::automation::check(bake::DOCUMENT_TEMPLATE), Vec::new(), "and the checker's onCancel rules accept it");
+}
+
+/// "Handling timeouts in runbooks": wait for the good or the bad state, then assert the good one,
+/// so an image that goes `failed` or an instance that dies at launch ends the bake at once
+/// instead of at the wait's timeout (an hour for the image).
+#[test]
+fn every_wait_stops_at_a_bad_state_too_and_the_next_step_asserts_the_good_one() {
+    let steps = shipped_steps();
+    let waits: Vec<&serde_yaml::Value> = steps.iter().filter(|s| s["action"].as_str() == Some("aws:waitForAwsResourceProperty")).collect();
+    let bad_states = [("DescribeInstances", "terminated"), ("DescribeImages", "failed")];
+    for (api, bad) in bad_states {
+        let w = waits.iter().find(|w| w["inputs"]["Api"].as_str() == Some(api)).unwrap_or_else(|| panic!("a wait on {api}"));
+        let name = w["name"].as_str().unwrap();
+        let desired: Vec<&str> = w["inputs"]["DesiredValues"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
+        assert!(desired.contains(&bad), "{name} waits for {desired:?}: it must stop at {bad}");
+        let next = step_named(&steps, w["nextStep"].as_str().unwrap());
+        assert_eq!(next["action"].as_str(), Some("aws:assertAwsResourceProperty"), "{name} is followed by an assertion");
+        assert_eq!(next["inputs"]["Api"], w["inputs"]["Api"]);
+        assert_eq!(next["inputs"]["PropertySelector"], w["inputs"]["PropertySelector"]);
+        let good: Vec<&str> = next["inputs"]["DesiredValues"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
+        assert_eq!(good.len(), 1, "{good:?}");
+        assert_ne!(good[0], bad);
+        assert!(desired.contains(&good[0]));
+    }
+}
+
+/// The budgets must not contradict each other: bake's own default bound covers the runbook's
+/// success path (each step's timeoutSeconds times maxAttempts, as the service bounds it), a
+/// Run Command step outlasts its command's executionTimeout, and waits are not retried
+/// (`maxAttempts` retries at once and only doubles the time to failure).
+#[test]
+fn the_default_timeout_covers_the_runbooks_budget_and_every_bound_outlasts_what_it_bounds() {
+    let steps = shipped_steps();
+    let secs = |v: &serde_yaml::Value| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
+    // The success path, walked here independently of the code under test.
+    let mut at = 0;
+    let mut success = 0;
+    loop {
+        let s = &steps[at];
+        success += secs(&s["timeoutSeconds"]).unwrap() * secs(&s["maxAttempts"]).unwrap_or(1);
+        if s["isEnd"].as_bool() == Some(true) {
+            break;
+        }
+        at = steps.iter().position(|x| x["name"] == s["nextStep"]).unwrap();
+    }
+    assert_eq!(success, 12_000, "images/README.md gives this bound in its time budget table: update both together");
+    let cfg = Config::default();
+    let document = bake::document("echo baked\n").unwrap();
+    let default = bake::default_timeout(&document).unwrap();
+    assert!(default.as_secs() > success, "bake's default bound {default:?} must cover the runbook's success budget {success}s");
+    assert_eq!(cfg.bake.timeout_secs, None, "no fixed default that could undercut the runbook");
+    for s in &steps {
+        let name = s["name"].as_str().unwrap();
+        if s["action"].as_str() == Some("aws:runCommand") {
+            let command = secs(&s["inputs"]["Parameters"]["executionTimeout"]).unwrap();
+            assert!(secs(&s["timeoutSeconds"]).unwrap() > command, "{name}: the step must outlast its command ({command}s)");
+        }
+        if matches!(s["action"].as_str(), Some("aws:waitForAwsResourceProperty" | "aws:changeInstanceState")) && name != "terminateInstance" {
+            assert_eq!(secs(&s["maxAttempts"]), Some(1), "{name}: a retried wait doubles the time to failure");
+        }
+    }
+}
+
+/// Image hygiene. The SSM agent starts before cloud-init ends and can hold the RPM lock
+/// (amazon-linux-2023 #397): the script waits for cloud-init before installing. The image keeps
+/// no machine id (AL2023's cloud-init has no `clean --machine-id`; systemd makes a new one when
+/// the file is empty) and no dnf cache. verify requires the storage mode's own package (efs-tls
+/// mounts with the `efs` helper of amazon-efs-utils; nfs-utils alone is no proof) and an enabled
+/// chroma.service.
+#[tokio::test]
+async fn the_bake_script_waits_for_cloud_init_and_leaves_no_machine_id_and_verify_checks_the_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    let (script, _) = bake::bake_script(&cfg, imgbuild::chroma::profile(&imgbuild::chroma::parse_version(&cfg.chroma.version).unwrap()).unwrap()).unwrap();
+    let at = |needle: &str| script.find(needle).unwrap_or_else(|| panic!("the bake script has no {needle:?}:\n{script}"));
+    assert!(at("cloud-init status --wait") < at("10-install.sh"), "cloud-init is waited for before the install");
+    assert!(at("dnf clean all") > at("10-install.sh"));
+    assert!(at("truncate -s 0 /etc/machine-id") > at("cloud-init clean"));
+
+    let steps = shipped_steps();
+    let verify: Vec<&str> = step_named(&steps, "verify")["inputs"]["Parameters"]["commands"].as_sequence().unwrap().iter().filter_map(|c| c.as_str()).collect();
+    assert!(verify.contains(&"rpm -q '{{ StoragePackage }}'"), "{verify:?}");
+    assert!(!verify.iter().any(|c| c.contains("||") && c.contains("rpm")), "no either-package check: {verify:?}");
+    assert!(verify.contains(&"systemctl is-enabled chroma.service"), "{verify:?}");
+    assert!(verify.contains(&"test ! -s /etc/machine-id"), "{verify:?}");
+
+    for (mode, package) in [(imgbuild::config::StorageMode::EfsTls, "amazon-efs-utils"), (imgbuild::config::StorageMode::DockerNfs, "nfs-utils")] {
+        cfg.storage.mode = mode;
+        let b = Bake::new(None, successful_execution());
+        bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap();
+        assert_eq!(param(&b.start_request(), "StoragePackage"), package);
+    }
+}
+
+/// EC2 allows 128 characters for an AMI name (CreateImage, `Name`). A long project name once
+/// made a name the runbook's allowedPattern refused only at StartAutomationExecution, after the
+/// prerequisites stack and the document existed. Now nothing is made.
+#[tokio::test]
+async fn a_name_that_makes_the_image_name_too_long_fails_before_anything_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.name = format!("v{}", "x".repeat(99));
+    assert!(imgbuild::config::check_name(&cfg.name).is_ok(), "a name the config accepts");
+    let b = Bake::new(None, successful_execution());
+
+    let err = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap_err();
+
+    match &err {
+        Error::Invalid(m) => assert!(m.starts_with("name: ") && m.contains("128") && m.contains("at most 95 characters"), "{m}"),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    assert_eq!(err.exit_code(), 2);
+    assert_eq!(b.create_document.num_calls() + b.update_document.num_calls() + b.start.num_calls(), 0, "nothing made");
+    // The longest name that fits bakes, with a name EC2 takes.
+    cfg.name = format!("v{}", "x".repeat(94));
+    let long = imgbuild::bake::image_name(&cfg, &format!("sha256:{}", "a".repeat(64)), "1700000000").unwrap();
+    assert_eq!(long.len(), 128);
+}
+
+/// A just-created instance profile takes a while to reach EC2, and the runbook's launch retries
+/// come at once (`maxAttempts` has no back-off, Automation actions reference). bake waits until
+/// a RunInstances dry run with the launch's own profile says it would succeed before starting.
+#[tokio::test]
+async fn bake_waits_until_ec2_accepts_the_instance_profile_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let mut b = Bake::new(None, successful_execution());
+    b.dry_run = capturing!(mock!(aws_sdk_ec2::Client::run_instances), b.dry_runs)
+        .sequence()
+        .error(profile_not_yet_visible)
+        .error(profile_not_yet_visible)
+        .error(dry_run_would_succeed)
+        .build();
+
+    bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap();
+
+    let runs = all(&b.dry_runs);
+    assert_eq!(runs.len(), 3, "asked until EC2 accepts the profile");
+    for r in &runs {
+        assert_eq!(r.dry_run(), Some(true), "never a real launch");
+        assert_eq!(r.iam_instance_profile().and_then(|p| p.name()), Some("imgbuild-bake-vectordb"));
+        assert_eq!(r.subnet_id(), Some("subnet-0123456789abcdef0"));
+        assert_eq!(r.image_id(), Some(BASE));
+    }
+    assert_eq!(b.start.num_calls(), 1);
+}
+
+/// Not every instance type is offered in every zone (DescribeInstanceTypeOfferings with
+/// LocationType availability-zone; aws-cli `examples/ec2/describe-instance-type-offerings.rst`):
+/// the bake subnet goes where the build type is offered, whatever zone comes first in the region.
+#[tokio::test]
+async fn the_bake_subnet_goes_to_a_zone_that_offers_the_build_instance_type() {
+    use aws_sdk_ec2::operation::describe_instance_type_offerings::DescribeInstanceTypeOfferingsOutput;
+    use aws_sdk_ec2::types::{InstanceTypeOffering, LocationType};
+    let offer =
+        |zone: &str| InstanceTypeOffering::builder().instance_type("t3a.small".into()).location_type(LocationType::AvailabilityZone).location(zone).build();
+    let (a, b) = (offer("us-east-1f"), offer("us-east-1b"));
+    let pages = mock!(aws_sdk_ec2::Client::describe_instance_type_offerings)
+        .match_requests(|r| {
+            r.location_type() == Some(&LocationType::AvailabilityZone)
+                && r.filters().iter().any(|f| f.name() == Some("instance-type") && f.values() == ["t3a.small"])
+        })
+        .sequence()
+        .output(move || DescribeInstanceTypeOfferingsOutput::builder().instance_type_offerings(a.clone()).next_token("page-2").build())
+        .output(move || DescribeInstanceTypeOfferingsOutput::builder().instance_type_offerings(b.clone()).build())
+        .build();
+    let c = clients(&[&pages], &[]);
+    assert_eq!(bake::zone_offering(&c, "t3a.small").await.unwrap(), "us-east-1b", "the first offering zone by name, over every page");
+
+    let none = mock!(aws_sdk_ec2::Client::describe_instance_type_offerings).then_output(|| DescribeInstanceTypeOfferingsOutput::builder().build());
+    let c = clients(&[&none], &[]);
+    match bake::zone_offering(&c, "t3a.small").await.unwrap_err() {
+        Error::Invalid(m) => assert!(m.starts_with("bake.instance_type: t3a.small is offered in no availability zone"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The template puts the subnet in the zone given.
+    let template: serde_yaml::Value = serde_yaml::from_str(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/bake-prereqs.yaml"))).unwrap();
+    let zone = serde_yaml::to_string(&template["Resources"]["PublicSubnet"]["Properties"]["AvailabilityZone"]).unwrap();
+    assert!(zone.contains("ZoneGiven") && zone.contains("AvailabilityZone"), "{zone}");
+}
+
+/// Run Command keeps only the first 48,000 characters of a command's output unless it goes to
+/// CloudWatch Logs or S3 (SendCommand, CloudWatchOutputConfig): both Run Command steps send
+/// their whole output to the bake's log group, which the prerequisites stack makes and lets the
+/// build instance write to, and bake says where it is when such a step fails.
+#[tokio::test]
+async fn run_command_output_goes_to_cloudwatch_logs_and_bake_says_where() {
+    let steps = shipped_steps();
+    for s in steps.iter().filter(|s| s["action"].as_str() == Some("aws:runCommand")) {
+        let cw = &s["inputs"]["CloudWatchOutputConfig"];
+        assert_eq!(
+            (cw["CloudWatchLogGroupName"].as_str(), cw["CloudWatchOutputEnabled"].as_bool()),
+            (Some("{{ LogGroupName }}"), Some(true)),
+            "{:?}",
+            s["name"]
+        );
+    }
+    let prereqs: serde_yaml::Value = serde_yaml::from_str(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/bake-prereqs.yaml"))).unwrap();
+    assert_eq!(prereqs["Resources"]["BakeLogGroup"]["Type"].as_str(), Some("AWS::Logs::LogGroup"));
+    let role = serde_yaml::to_string(&prereqs["Resources"]["BuildInstanceRole"]).unwrap();
+    assert!(role.contains("logs:PutLogEvents") && role.contains("BakeLogGroup.Arn"), "the instance may write to the group: {role}");
+    assert!(prereqs["Outputs"]["LogGroupName"].is_mapping());
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let b = Bake::new(None, successful_execution());
+    bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap();
+    assert_eq!(param(&b.start_request(), "LogGroupName"), "/imgbuild/vectordb/bake");
+
+    // A failed runBakeScript: the error names the group and the streams.
+    let mut failed = done(&["launchInstance", "waitForInstance", "assertInstanceRunning", "waitForSsmAgent"]);
+    failed.push(step("runBakeScript", "Failed", Some(&failure_of("runBakeScript"))));
+    let get = get_execution(vec![execution("Failed", failed, None)]);
+    let c = clients(&[], &[&get]);
+    let err = bake::follow(&c, EXEC, Duration::from_secs(5), Duration::from_millis(1), &quiet(), &record()).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&format!("CloudWatch Logs group /imgbuild/vectordb/bake, streams <command-id>/{INSTANCE}/aws-runShellScript/stdout")), "{text}");
+}
+
+/// An image or snapshot whose id bake never saw is still this bake's: both carry its token.
+#[test]
+fn the_image_and_its_snapshot_carry_the_bake_token() {
+    let steps = shipped_steps();
+    let create = step_named(&steps, "createImage");
+    for spec in create["inputs"]["TagSpecifications"].as_sequence().unwrap() {
+        let tags = spec["Tags"].as_sequence().unwrap();
+        assert!(
+            tags.iter().any(|t| t["Key"].as_str() == Some("imgbuild:bake-token") && t["Value"].as_str() == Some("{{ BakeToken }}")),
+            "{:?} has no bake token tag",
+            spec["ResourceType"]
+        );
+    }
+}
+
+#[tokio::test]
+async fn clean_up_removes_what_carries_the_bake_token_though_it_never_saw_an_id() {
+    // Interrupted between two polls: CreateImage ran, but no answer naming the image arrived.
+    // The image (any state) and an orphan snapshot carry the token; the cleanup finds both.
+    const ORPHAN: &str = "snap-0ffffffffffffffff";
+    let mut b = Bake::new(None, vec![execution("InProgress", vec![], None)]);
+    b.token_images = token_images(&b.token_image_lookups, vec![image(AMI, "sha256:half-made")]);
+    b.token_snapshots = token_snapshots(&b.token_snapshot_lookups, vec![SNAP, ORPHAN]);
+    let deleted = seen();
+    b.delete_snapshot = capturing!(mock!(aws_sdk_ec2::Client::delete_snapshot), deleted).then_output(|| DeleteSnapshotOutput::builder().build());
+    let c = b.clients();
+    let rec = record();
+    *rec.lock().unwrap() = Made { execution: Some(EXEC.into()), start_sent: true, ..Made::default() };
+
+    let lines = bake::clean_up(&c, &rec, "tok-3", imgbuild::stack::Waits { timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }, &quiet()).await;
+
+    let lookup = &all(&b.token_image_lookups)[0];
+    assert_eq!(lookup.owners(), ["self"]);
+    assert_eq!(lookup.filters().len(), 1, "any state: a pending image is removed too: {:?}", lookup.filters());
+    assert_eq!(lookup.filters()[0].values(), ["tok-3"]);
+    assert_eq!(all(&b.token_snapshot_lookups)[0].filters()[0].values(), ["tok-3"]);
+    assert_eq!(b.deregister.num_calls(), 1);
+    let deleted: Vec<String> =
+        all(&deleted).iter().filter_map(|d: &aws_sdk_ec2::operation::delete_snapshot::DeleteSnapshotInput| d.snapshot_id().map(String::from)).collect();
+    assert_eq!(deleted, [SNAP, ORPHAN], "the image's snapshot once, then the orphan");
+    assert!(lines.iter().any(|l| l.contains(&format!("deregistered the unfinished image {AMI}"))), "{lines:?}");
+    assert!(lines.iter().any(|l| l == &format!("deleted the unfinished snapshot {ORPHAN}")), "{lines:?}");
+}
+
+#[tokio::test]
+async fn clean_up_waits_for_the_stopped_execution_to_end_before_reading_its_image() {
+    // Stopped during createImage: Cancelling first (no image yet), then Cancelled with the
+    // step's image. Reading the outputs right after the stop would miss it.
+    let mut b = Bake::new(None, vec![execution("InProgress", vec![], None)]);
+    let pre = ["launchInstance", "waitForInstance", "assertInstanceRunning", "waitForSsmAgent", "runBakeScript", "verify", "stopInstance"];
+    let mut cancelling = done(&pre);
+    cancelling.push(step("createImage", "InProgress", None));
+    let mut cancelled = done(&pre);
+    cancelled.push(step("createImage", "Success", None));
+    cancelled.push(step("waitForImage", "Cancelled", None));
+    cancelled.push(step("cancelTerminate", "Success", None));
+    let flag = b.stopped.clone();
+    let mut seq = mock!(aws_sdk_ssm::Client::get_automation_execution)
+        .match_requests(move |r| r.automation_execution_id() == Some(EXEC) && flag.load(Ordering::SeqCst))
+        .sequence();
+    for a in [execution("Cancelling", cancelling.clone(), None), execution("Cancelling", cancelling, None), execution("Cancelled", cancelled, Some(AMI))] {
+        seq = seq.output(move || a.clone());
+    }
+    b.cancelled = seq.repeatedly().build();
+    let c = b.clients();
+    let rec = record();
+    *rec.lock().unwrap() = Made { execution: Some(EXEC.into()), start_sent: true, ..Made::default() };
+
+    let lines = bake::clean_up(&c, &rec, "tok-4", imgbuild::stack::Waits { timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }, &quiet()).await;
+
+    assert_eq!(b.cancelled.num_calls(), 3, "polled until Cancelled");
+    assert_eq!(b.deregister.num_calls(), 1, "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with(&format!("deregistered the unfinished image {AMI}"))), "{lines:?}");
 }
 
 #[tokio::test]
@@ -580,7 +1073,7 @@ async fn follow_names_the_failed_step_and_its_message_for_a_failure_at_every_ste
                 assert_eq!(execution, EXEC, "{name}");
                 assert_eq!(status, "Failed", "{name}");
                 // Only the failed step is named, not the terminateInstance that cleaned up.
-                assert_eq!(detail, &format!("step {name} Failed: {message}"), "{name}");
+                assert_eq!(detail, &format!("step {name} Failed: {message}{}", log_hint(name, &message)), "{name}");
             }
             other => panic!("{name}: expected BakeFailed, got {other:?}"),
         }
@@ -607,7 +1100,7 @@ async fn follow_reports_a_timed_out_execution_as_a_failed_bake() {
     match &err {
         Error::BakeFailed { status, detail, .. } => {
             assert_eq!(status, "TimedOut");
-            assert_eq!(detail, &format!("step runBakeScript TimedOut: {msg}"));
+            assert_eq!(detail, &format!("step runBakeScript TimedOut: {msg}{}", log_hint("runBakeScript", msg)));
         }
         other => panic!("expected BakeFailed, got {other:?}"),
     }
@@ -632,6 +1125,25 @@ async fn follow_reports_a_cancelled_or_partly_failed_execution_as_a_failed_bake(
             }
             other => panic!("{status}: expected BakeFailed, got {other:?}"),
         }
+    }
+}
+
+/// Exited and Rejected are final statuses too (AutomationExecution.AutomationExecutionStatus in
+/// the SSM API reference); CompletedWithSuccess is a success. None of them may leave bake
+/// following an execution that changes no more until its timeout.
+#[tokio::test]
+async fn follow_ends_at_every_final_status() {
+    for (status, ok) in [("Exited", false), ("Rejected", false), ("CompletedWithSuccess", true)] {
+        let steps = if ok { done(&["launchInstance", "createImage"]) } else { done(&["launchInstance"]) };
+        let get = get_execution(vec![execution(status, steps, ok.then_some(AMI))]);
+        let c = clients(&[], &[&get]);
+        let r = bake::follow(&c, EXEC, Duration::from_secs(5), Duration::from_millis(1), &quiet(), &record()).await;
+        match (r, ok) {
+            (Ok(ami), true) => assert_eq!(ami, AMI),
+            (Err(Error::BakeFailed { status: s, .. }), false) => assert_eq!(s, status),
+            (other, _) => panic!("{status}: {other:?}"),
+        }
+        assert_eq!(get.num_calls(), 1, "{status}: one look is enough");
     }
 }
 
@@ -853,7 +1365,11 @@ async fn bake_interrupted_after_start_stops_the_execution_and_terminates_the_bui
 async fn bake_interrupted_after_the_execution_ended_stops_nothing_and_terminates_nothing() {
     let mut steps = done(&["launchInstance", "waitForInstance"]);
     steps.push(step("waitForSsmAgent", "InProgress", None));
-    let mut b = Bake::new(None, vec![execution("InProgress", steps, None)]);
+    let mut over = done(&["launchInstance", "waitForInstance"]);
+    over.push(step("waitForSsmAgent", "Failed", Some(&failure_of("waitForSsmAgent"))));
+    over.push(step("terminateInstance", "Success", None));
+    // Seen InProgress, then over by the time the cleanup asks (StopAutomationExecution says so).
+    let mut b = Bake::new(None, vec![execution("InProgress", steps, None), execution("Failed", over, None)]);
     b.stop = stop_already_over();
     b.describe_instances = mock!(aws_sdk_ec2::Client::describe_instances).then_output(|| instances(InstanceStateName::Terminated));
     let dir = tempfile::tempdir().unwrap();
@@ -896,6 +1412,60 @@ async fn bake_that_times_out_stops_the_execution_it_says_it_stopped() {
     assert!(no_manifest(&cfg));
 }
 
+/// A bake that fails at the bake script, answered as SSM answers: the document output
+/// `createImage.ImageId` is the sentence "No output available yet because the step is not
+/// successfully executed" (aws-cli `examples/ssm/get-automation-execution.rst`). That is not an
+/// image: the cleanup must not look it up or deregister it (it once sent it to DescribeImages and
+/// reported "could not remove the unfinished image No output available yet ...").
+#[tokio::test]
+async fn bake_that_fails_before_create_image_takes_no_placeholder_for_an_image() {
+    let before = ["launchInstance", "waitForInstance", "waitForSsmAgent"];
+    let mut running = done(&before);
+    running.push(step("runBakeScript", "InProgress", None));
+    let mut failed = done(&before);
+    failed.push(step("runBakeScript", "Failed", Some(&failure_of("runBakeScript"))));
+    failed.push(step("terminateInstance", "Success", None));
+    let mut b = Bake::new(None, vec![execution("InProgress", running, None), execution("Failed", failed, None)]);
+    b.stop = stop_already_over();
+    b.describe_instances = mock!(aws_sdk_ec2::Client::describe_instances).then_output(|| instances(InstanceStateName::Terminated));
+    // Any DescribeImages by id or DeregisterImage: the placeholder would land here.
+    b.describe_image =
+        mock!(aws_sdk_ec2::Client::describe_images).match_requests(|r| !r.image_ids().is_empty()).then_output(|| DescribeImagesOutput::builder().build());
+    b.deregister = mock!(aws_sdk_ec2::Client::deregister_image).then_output(|| DeregisterImageOutput::builder().build());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+
+    let err = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap_err();
+
+    match &err {
+        Error::BakeFailed { status, detail, .. } => {
+            assert_eq!(status, "Failed");
+            assert_eq!(
+                detail,
+                &format!("step runBakeScript Failed: {}{}", failure_of("runBakeScript"), log_hint("runBakeScript", &failure_of("runBakeScript")))
+            );
+        }
+        other => panic!("expected BakeFailed, got {other:?}"),
+    }
+    assert_eq!(b.describe_image.num_calls(), 0, "the placeholder is not an image to look up");
+    assert_eq!(b.deregister.num_calls(), 0, "nor one to deregister");
+    assert!(no_manifest(&cfg));
+}
+
+#[tokio::test]
+async fn follow_never_records_the_placeholder_as_the_image() {
+    // Cancelled at createImage: the step records and the outputs as SSM hands them back.
+    let before = ["launchInstance", "waitForInstance", "waitForSsmAgent", "runBakeScript", "verify", "stopInstance"];
+    let mut steps = done(&before);
+    steps.push(step("createImage", "Cancelled", None));
+    let get = get_execution(vec![execution("Cancelled", steps, None)]);
+    let c = clients(&[], &[&get]);
+    let rec = record();
+    let err = bake::follow(&c, EXEC, Duration::from_secs(5), Duration::from_millis(1), &quiet(), &rec).await.unwrap_err();
+    assert!(matches!(err, Error::BakeFailed { .. }), "{err:?}");
+    assert_eq!(made(&rec).image, None);
+}
+
 #[tokio::test]
 async fn bake_that_fails_after_create_image_deregisters_the_image_and_deletes_its_snapshot() {
     let before = ["launchInstance", "waitForInstance", "waitForSsmAgent", "runBakeScript", "verify", "stopInstance", "createImage"];
@@ -922,7 +1492,7 @@ async fn bake_that_fails_after_create_image_deregisters_the_image_and_deletes_it
         other => panic!("expected BakeFailed, got {other:?}"),
     }
     assert_eq!(err.exit_code(), 1);
-    assert_eq!(b.get_execution.num_calls(), 2);
+    assert_eq!(b.get_execution.num_calls(), 3, "two while following, one in the cleanup to see it is over");
     assert_eq!(b.stop.num_calls(), 1);
     assert_eq!(b.terminate.num_calls(), 0);
     assert_eq!(b.describe_image.num_calls(), 1, "the half-made image is looked up for its snapshots");

@@ -20,6 +20,7 @@ mod render;
 mod secrets;
 mod services;
 mod smoke;
+mod ssm_sim;
 mod stack_aws;
 mod support;
 mod template;
