@@ -6,6 +6,7 @@
 //! - 2: usage error or invalid input (flags, config, templates, rendered output that fails validation)
 //! - 3: the stack operation failed and CloudFormation rolled it back
 //! - 130: interrupted (Ctrl-C); what was cleaned up is said
+//! - 141: stdout or stderr was a closed pipe (`| head -1`); nothing more is said
 
 use std::fmt;
 use std::path::PathBuf;
@@ -140,6 +141,11 @@ impl Error {
             Error::Timeout { .. } => "timeout",
             Error::Interrupted { .. } => "interrupted",
         }
+    }
+
+    /// A write to stdout found the pipe closed (`imgbuild man | head -1`).
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
     }
 
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -171,8 +171,13 @@ pub fn run(ctx: &Context, ui: Ui) -> Result<()> {
         Ok(checks(&conf, &clients, ctx, &sts).await)
     })?;
     let failed = findings.iter().filter(|f| f.verdict == Verdict::Fail).count();
+    let result = if failed == 0 { Ok(()) } else { Err(Error::Tool(format!("doctor found {failed} problem(s) that stop a deploy; each says what to do"))) };
     if ui.json() {
-        ui.emit_json(&json!({ "ok": failed == 0, "checks": findings }));
+        let mut doc = json!({ "ok": failed == 0, "checks": findings });
+        if let Err(e) = &result {
+            doc["error"] = crate::ui::error_json(e);
+        }
+        ui.emit_json(&doc);
     } else {
         for f in &findings {
             let mark = match f.verdict {
@@ -186,5 +191,5 @@ pub fn run(ctx: &Context, ui: Ui) -> Result<()> {
             }
         }
     }
-    if failed == 0 { Ok(()) } else { Err(Error::Tool(format!("doctor found {failed} problem(s) that stop a deploy; each says what to do"))) }
+    result
 }

@@ -39,8 +39,10 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
         Command::Init(args) => init::init(args, &cli.global, ui),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "imgbuild", &mut std::io::stdout());
-            Ok(())
+            // clap_complete panics when its writer fails; a closed stdout must not.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "imgbuild", &mut script);
+            std::io::stdout().lock().write_all(&script).map_err(|e| Error::io("writing", "stdout", e))
         }
         Command::Man => {
             clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout()).map_err(|e| Error::io("writing", "stdout", e))

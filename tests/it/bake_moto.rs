@@ -96,7 +96,15 @@ fn a_cache_hit_reuses_the_image_hands_it_over_and_deploy_boots_it() {
     let still = json_of(&cmd(dir.path(), url).args(["--output", "json", "bake", "--dry-run", "--no-tools"]).output().unwrap());
     assert!(still["cached"].is_null(), "{still}");
 
-    let ami = make_image(url, &[("imgbuild:digest", &digest), ("imgbuild:project", "cached"), ("imgbuild:chroma-version", "1.5.9")]);
+    let ami = make_image(
+        url,
+        &[
+            ("imgbuild:digest", &digest),
+            ("imgbuild:project", "cached"),
+            ("imgbuild:chroma-version", "1.5.9"),
+            ("imgbuild:chroma-image", "ghcr.io/chroma-core/chroma:1.5.9"),
+        ],
+    );
     let done = json_of(&cmd(dir.path(), url).args(["--output", "json", "bake", "--no-tools"]).output().unwrap());
     assert_eq!(done["ami"], ami.as_str());
     assert_eq!(done["cached"], true);

@@ -6,6 +6,7 @@ mod mock_client;
 mod bake_mocks;
 mod bake_moto;
 mod cli;
+mod contracts;
 mod corpus;
 mod faults;
 mod fuzz;

@@ -843,13 +843,21 @@ async fn remove_created_after_execution_touches_nothing() {
 // ---------------------------------------------------------------------------------------------
 // ops::destroy and ops::status
 
+/// DescribeFileSystems finding no file system tagged as the stack's (destroy looks for retained
+/// ones by tag; tests/it/contracts.rs has the ones it finds).
+fn no_file_systems() -> Rule {
+    mock!(aws_sdk_efs::Client::describe_file_systems)
+        .then_output(|| aws_sdk_efs::operation::describe_file_systems::DescribeFileSystemsOutput::builder().build())
+}
+
 #[tokio::test]
 async fn destroy_keeps_the_file_system_without_delete_data() {
     let ds = describe_stacks(&[Is("UPDATE_COMPLETE", outputs()), Is("DELETE_IN_PROGRESS", vec![]), Missing]);
     let events = events_of_deleted_stack();
     let del = delete_stack();
-    // No EFS rules: any EFS call fails the test.
-    let clients = Aws::default().cfn(&[&ds, &events, &del]).clients();
+    let listed = no_file_systems();
+    // No other EFS rules: deleting a file system fails the test.
+    let clients = Aws::default().cfn(&[&ds, &events, &del]).efs(&[&listed]).clients();
 
     let d = imgbuild::stack::ops::destroy(&clients, STACK, false, false, fast(), &quiet()).await.unwrap();
 
@@ -881,7 +889,8 @@ async fn destroy_with_delete_data_waits_out_file_system_in_use() {
         })
         .output(|| DeleteFileSystemOutput::builder().build())
         .build();
-    let clients = Aws::default().cfn(&[&ds, &events, &del]).efs(&[&del_fs]).clients();
+    let listed = no_file_systems();
+    let clients = Aws::default().cfn(&[&ds, &events, &del]).efs(&[&listed, &del_fs]).clients();
 
     let d = imgbuild::stack::ops::destroy(&clients, STACK, true, false, fast(), &quiet()).await.unwrap();
 
@@ -895,7 +904,8 @@ async fn destroy_with_delete_data_waits_out_file_system_in_use() {
 async fn destroy_of_a_missing_stack_deletes_nothing() {
     let ds = describe_stacks(&[Missing]);
     let del = delete_stack();
-    let clients = Aws::default().cfn(&[&ds, &del]).clients();
+    let listed = no_file_systems();
+    let clients = Aws::default().cfn(&[&ds, &del]).efs(&[&listed]).clients();
 
     let d = imgbuild::stack::ops::destroy(&clients, STACK, true, false, fast(), &quiet()).await.unwrap();
 
@@ -1068,7 +1078,9 @@ fn image_tagged(version: &'static str) -> Rule {
             .images(
                 aws_sdk_ec2::types::Image::builder()
                     .image_id(AMI)
+                    .architecture(aws_sdk_ec2::types::ArchitectureValues::X8664)
                     .tags(aws_sdk_ec2::types::Tag::builder().key("imgbuild:chroma-version").value(version).build())
+                    .tags(aws_sdk_ec2::types::Tag::builder().key("imgbuild:chroma-image").value(format!("ghcr.io/chroma-core/chroma:{version}")).build())
                     .build(),
             )
             .build()

@@ -1,0 +1,445 @@
+//! Issue 16: what imgbuild promises holds against what AWS really answers, and the output
+//! contract (one JSON document, quiet end on a closed pipe). Scripted answers take their shape
+//! from AWS's documentation or the aws-cli examples, cited at each fixture.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use aws_smithy_mocks::{Rule, mock};
+use aws_smithy_types::error::ErrorMetadata;
+use aws_smithy_types::retry::RetryConfig;
+
+use imgbuild::Error;
+use imgbuild::aws::Clients;
+use imgbuild::config::Config;
+use imgbuild::render::Mode;
+use imgbuild::stack::Waits;
+use imgbuild::ui::progress::Progress;
+
+use crate::support::{hermetic, imgbuild};
+
+// ---------------------------------------------------------------------------------------------
+// Scripted clients
+
+#[derive(Default)]
+struct Aws {
+    cfn: Vec<Rule>,
+    ec2: Vec<Rule>,
+    efs: Vec<Rule>,
+    ssm: Vec<Rule>,
+}
+
+impl Aws {
+    fn cfn(mut self, rules: &[&Rule]) -> Self {
+        self.cfn = rules.iter().map(|r| (*r).clone()).collect();
+        self
+    }
+    fn ec2(mut self, rules: &[&Rule]) -> Self {
+        self.ec2 = rules.iter().map(|r| (*r).clone()).collect();
+        self
+    }
+    fn efs(mut self, rules: &[&Rule]) -> Self {
+        self.efs = rules.iter().map(|r| (*r).clone()).collect();
+        self
+    }
+    fn ssm(mut self, rules: &[&Rule]) -> Self {
+        self.ssm = rules.iter().map(|r| (*r).clone()).collect();
+        self
+    }
+    fn clients(self) -> Clients {
+        let retry = RetryConfig::standard().with_initial_backoff(Duration::from_millis(1));
+        let none: Vec<Rule> = Vec::new();
+        Clients {
+            cfn: mocked!(aws_sdk_cloudformation, self.cfn, retry.clone()),
+            ec2: mocked!(aws_sdk_ec2, self.ec2, retry.clone()),
+            efs: mocked!(aws_sdk_efs, self.efs, retry.clone()),
+            ssm: mocked!(aws_sdk_ssm, self.ssm, retry.clone()),
+            elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
+            apigw: mocked!(aws_sdk_apigateway, none, retry),
+        }
+    }
+}
+
+fn quiet() -> Progress {
+    Progress::new(imgbuild::ui::Ui::new(imgbuild::cli::OutputFormat::Text, 0, true), "contracts")
+}
+
+fn fast() -> Waits {
+    Waits { timeout: Duration::from_secs(5), poll: Duration::from_millis(1) }
+}
+
+fn meta(code: &str, message: &str) -> ErrorMetadata {
+    ErrorMetadata::builder().code(code).message(message).build()
+}
+
+const STACK: &str = "vectordb";
+const STACK_ID: &str = "arn:aws:cloudformation:us-east-1:123456789012:stack/vectordb/6c1e5a30-0000-11ef-0000-0a1b2c3d4e5f";
+const LT: &str = "lt-068f72b72934aff71";
+const BOOTED: &str = "ami-0aaaaaaaaaaaaaaa1";
+const NEWER: &str = "ami-0bbbbbbbbbbbbbbb2";
+const FS_RETAINED: &str = "fs-0aaaaaaaaaaaaaaa1";
+const FS_OTHER: &str = "fs-0ccccccccccccccc3";
+
+/// DescribeStacks answering `status`, no outputs, the project tag imgbuild puts on the stack,
+/// with `CreationTime` as every real answer has (aws-cli `examples/cloudformation/describe-stacks.rst`).
+fn stack(status: &'static str, params: &'static [(&'static str, &'static str)]) -> aws_sdk_cloudformation::types::Stack {
+    let mut b = aws_sdk_cloudformation::types::Stack::builder()
+        .stack_name(STACK)
+        .stack_id(STACK_ID)
+        .creation_time(aws_smithy_types::DateTime::from_secs(1_700_000_000))
+        .stack_status(aws_sdk_cloudformation::types::StackStatus::from(status))
+        .tags(aws_sdk_cloudformation::types::Tag::builder().key("imgbuild:project").value(STACK).build());
+    for (k, v) in params {
+        b = b.parameters(aws_sdk_cloudformation::types::Parameter::builder().parameter_key(*k).parameter_value(*v).build());
+    }
+    b.build()
+}
+
+/// DescribeStacks answering each step in turn (None: the stack does not exist, which
+/// CloudFormation answers with the code ValidationError), the last one from then on.
+fn describe_stacks(steps: Vec<Option<aws_sdk_cloudformation::types::Stack>>) -> Rule {
+    use aws_sdk_cloudformation::operation::describe_stacks::{DescribeStacksError, DescribeStacksOutput};
+    let mut seq = mock!(aws_sdk_cloudformation::Client::describe_stacks).match_requests(|r| r.stack_name() == Some(STACK)).sequence();
+    for step in steps {
+        seq = match step {
+            None => seq.error(|| DescribeStacksError::generic(meta("ValidationError", "Stack with id vectordb does not exist"))),
+            Some(s) => seq.output(move || DescribeStacksOutput::builder().stacks(s.clone()).build()),
+        };
+    }
+    seq.repeatedly().build()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault 1: prune must not delete the image the stack boots
+
+/// The stack's resources as ListStackResources gives them (aws-cli
+/// `examples/cloudformation/list-stack-resources.rst`: `StackResourceSummaries` with
+/// `ResourceType`, `LogicalResourceId`, `PhysicalResourceId`); a launch template's physical id is
+/// its `lt-` id.
+fn stack_resources() -> Rule {
+    use aws_sdk_cloudformation::types::{ResourceStatus, StackResourceSummary};
+    mock!(aws_sdk_cloudformation::Client::list_stack_resources).match_requests(|r| r.stack_name() == Some(STACK)).then_output(|| {
+        let row = |logical: &str, kind: &str, physical: &str| {
+            StackResourceSummary::builder()
+                .logical_resource_id(logical)
+                .resource_type(kind)
+                .physical_resource_id(physical)
+                .resource_status(ResourceStatus::CreateComplete)
+                .last_updated_timestamp(aws_smithy_types::DateTime::from_secs(1_700_000_000))
+                .build()
+        };
+        aws_sdk_cloudformation::operation::list_stack_resources::ListStackResourcesOutput::builder()
+            .stack_resource_summaries(row("FileSystem", "AWS::EFS::FileSystem", FS_RETAINED))
+            .stack_resource_summaries(row("LaunchTemplate", "AWS::EC2::LaunchTemplate", LT))
+            .build()
+    })
+}
+
+#[tokio::test]
+async fn prune_keeps_the_image_in_the_stacks_untagged_launch_template() {
+    use aws_sdk_ec2::types::{Image, ImageState, LaunchTemplateVersion, ResponseLaunchTemplateData, Tag};
+    // Two baked images of the project (aws-cli `examples/ec2/describe-images.rst`), the older one
+    // booted by the stack.
+    let images = mock!(aws_sdk_ec2::Client::describe_images).match_requests(|r| r.owners() == ["self".to_string()]).then_output(|| {
+        let image = |id: &str, created: &str| {
+            Image::builder()
+                .image_id(id)
+                .name(format!("imgbuild-vectordb-{id}"))
+                .creation_date(created)
+                .state(ImageState::Available)
+                .tags(Tag::builder().key("imgbuild:project").value(STACK).build())
+                .build()
+        };
+        aws_sdk_ec2::operation::describe_images::DescribeImagesOutput::builder()
+            .images(image(BOOTED, "2026-11-01T10:00:00.000Z"))
+            .images(image(NEWER, "2026-11-20T10:00:00.000Z"))
+            .build()
+    });
+    // CloudFormation does not copy stack tags onto AWS::EC2::LaunchTemplate
+    // (cloudformation-coverage-roadmap #184, #2227): a stack deployed from a template without
+    // TagSpecifications on it has an untagged launch template, so the tag filter finds nothing.
+    let tagged = mock!(aws_sdk_ec2::Client::describe_launch_templates)
+        .then_output(|| aws_sdk_ec2::operation::describe_launch_templates::DescribeLaunchTemplatesOutput::builder().build());
+    // aws-cli `examples/ec2/describe-launch-template-versions.rst`.
+    let versions = mock!(aws_sdk_ec2::Client::describe_launch_template_versions).match_requests(|r| r.launch_template_id() == Some(LT)).then_output(|| {
+        aws_sdk_ec2::operation::describe_launch_template_versions::DescribeLaunchTemplateVersionsOutput::builder()
+            .launch_template_versions(
+                LaunchTemplateVersion::builder()
+                    .launch_template_id(LT)
+                    .version_number(1)
+                    .default_version(true)
+                    .launch_template_data(ResponseLaunchTemplateData::builder().image_id(BOOTED).instance_type("t3a.small".into()).build())
+                    .build(),
+            )
+            .build()
+    });
+    let instances =
+        mock!(aws_sdk_ec2::Client::describe_instances).then_output(|| aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput::builder().build());
+    let handoff = mock!(aws_sdk_ssm::Client::get_parameter).then_error(|| {
+        aws_sdk_ssm::operation::get_parameter::GetParameterError::ParameterNotFound(
+            aws_sdk_ssm::types::error::ParameterNotFound::builder().meta(meta("ParameterNotFound", "")).build(),
+        )
+    });
+    // The stack booted from the public parameter path: its ImageId parameter is empty, only the
+    // launch template knows the image.
+    let ds = describe_stacks(vec![Some(stack("UPDATE_COMPLETE", &[("ImageId", "")]))]);
+    let resources = stack_resources();
+    let clients = Aws::default().ec2(&[&images, &tagged, &versions, &instances]).ssm(&[&handoff]).cfn(&[&ds, &resources]).clients();
+
+    let rows = imgbuild::bake::images::list(&clients, &Config::default()).await.unwrap();
+    let doomed: Vec<&str> = imgbuild::bake::images::prune_plan(&rows, 0).iter().map(|r| r.ami.as_str()).collect();
+
+    assert_eq!(doomed, vec![NEWER], "the booted image is in use: {rows:?}");
+    let booted = rows.iter().find(|r| r.ami == BOOTED).unwrap();
+    assert_eq!(booted.in_use, vec![format!("launch template {LT}")]);
+    assert_eq!(resources.num_calls(), 1);
+}
+
+/// The launch template the real template creates carries the project tag itself
+/// (`AWS::EC2::LaunchTemplate` `TagSpecifications`, `ResourceType: launch-template`), since the
+/// stack's tags never reach it (coverage roadmap #184, #2227).
+#[test]
+fn the_real_template_tags_its_launch_template_with_the_project() {
+    let t = imgbuild::stack::template::Template::load(None).unwrap();
+    let lt = &t.document()["Resources"]["LaunchTemplate"];
+    assert_eq!(lt["Type"].as_str(), Some("AWS::EC2::LaunchTemplate"));
+    let specs = lt["Properties"]["TagSpecifications"].as_sequence().expect("TagSpecifications on the launch template itself");
+    let spec = specs.iter().find(|s| s["ResourceType"].as_str() == Some("launch-template")).expect("a launch-template tag specification");
+    let tags = spec["Tags"].as_sequence().unwrap();
+    let project = tags.iter().find(|t| t["Key"].as_str() == Some("imgbuild:project")).expect("imgbuild:project tag");
+    // The stack's name: the project's unless stack.name overrides it, and images::in_use looks
+    // for both.
+    match &project["Value"] {
+        serde_yaml::Value::Tagged(t) => assert!(t.tag == "!Ref" && t.value.as_str() == Some("AWS::StackName"), "{t:?}"),
+        other => panic!("expected !Ref AWS::StackName, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault 2: deploy --ami checks the image against the config and the mode
+
+const FLAG_AMI: &str = "ami-0123456789abcdef0";
+
+/// DescribeImages for FLAG_AMI: `Architecture` is on every image (aws-cli
+/// `examples/ec2/describe-images.rst`), tags only on what someone tagged: a stock AL2023 image has
+/// none of imgbuild's.
+fn image(arch: &'static str, tags: &'static [(&'static str, &'static str)]) -> Rule {
+    mock!(aws_sdk_ec2::Client::describe_images).match_requests(|r| r.image_ids() == [FLAG_AMI.to_string()]).then_output(move || {
+        let mut b = aws_sdk_ec2::types::Image::builder().image_id(FLAG_AMI).architecture(arch.into()).state(aws_sdk_ec2::types::ImageState::Available);
+        for (k, v) in tags {
+            b = b.tags(aws_sdk_ec2::types::Tag::builder().key(*k).value(*v).build());
+        }
+        aws_sdk_ec2::operation::describe_images::DescribeImagesOutput::builder().images(b.build()).build()
+    })
+}
+
+const BAKED_TAGS: &[(&str, &str)] =
+    &[("imgbuild:project", "vectordb"), ("imgbuild:chroma-version", "1.5.9"), ("imgbuild:chroma-image", "ghcr.io/chroma-core/chroma:1.5.9")];
+
+async fn choose(config: &Config, rule: &Rule, mode: Option<Mode>) -> imgbuild::Result<imgbuild::bake::images::Choice> {
+    let clients = Aws::default().ec2(&[rule]).clients();
+    imgbuild::bake::images::choose(&clients, config, Some(FLAG_AMI), mode).await
+}
+
+fn invalid(r: imgbuild::Result<imgbuild::bake::images::Choice>) -> String {
+    match r {
+        Err(Error::Invalid(m)) => m,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn ami_flag_refuses_a_stock_image_in_baked_mode_and_takes_it_with_mode_full() {
+    let stock = image("x86_64", &[]);
+    let m = invalid(choose(&Config::default(), &stock, None).await);
+    assert!(m.contains(FLAG_AMI) && m.contains("imgbuild:chroma-version") && m.contains("--mode full"), "{m}");
+
+    let c = choose(&Config::default(), &stock, Some(Mode::Full)).await.unwrap();
+    assert_eq!((c.ami.as_str(), c.mode), (FLAG_AMI, Mode::Full));
+}
+
+#[tokio::test]
+async fn ami_flag_refuses_an_image_of_the_other_architecture_in_any_mode() {
+    let mut config = Config::default();
+    config.stack.instance_type = "t4g.small".into();
+    let x86 = image("x86_64", BAKED_TAGS);
+    for mode in [None, Some(Mode::Full)] {
+        let m = invalid(choose(&config, &x86, mode).await);
+        assert!(m.contains("x86_64") && m.contains("arm64") && m.contains("t4g.small"), "{m}");
+    }
+}
+
+#[tokio::test]
+async fn ami_flag_refuses_an_image_baked_with_another_chroma_image() {
+    let mut config = Config::default();
+    config.chroma.image = "registry.example.com/mirror/chroma".into();
+    let baked = image("x86_64", BAKED_TAGS);
+    let m = invalid(choose(&config, &baked, None).await);
+    assert!(m.contains("ghcr.io/chroma-core/chroma:1.5.9") && m.contains("registry.example.com/mirror/chroma:1.5.9"), "{m}");
+
+    let c = choose(&Config::default(), &baked, None).await.unwrap();
+    assert_eq!(c.mode, Mode::Baked, "the image the config describes is taken");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault 3: destroy finds every file system the stack retained
+
+/// DescribeFileSystems (EFS API reference, DescribeFileSystems; `FileSystemDescription` with
+/// `Tags` and `LifeCycleState`; the call takes no tag filter). CloudFormation tags what it
+/// creates with `aws:cloudformation:stack-name` and the stack's own tags.
+fn file_systems() -> Rule {
+    use aws_sdk_efs::types::{FileSystemDescription, FileSystemSize, LifeCycleState, PerformanceMode, Tag};
+    mock!(aws_sdk_efs::Client::describe_file_systems).then_output(|| {
+        let fs = |id: &str, tags: &[(&str, &str)]| {
+            let mut b = FileSystemDescription::builder()
+                .owner_id("123456789012")
+                .creation_token(format!("vectordb-FileSystem-{id}"))
+                .file_system_id(id)
+                .creation_time(aws_smithy_types::DateTime::from_secs(1_700_000_000))
+                .life_cycle_state(LifeCycleState::Available)
+                .number_of_mount_targets(0)
+                .size_in_bytes(FileSystemSize::builder().value(6144).build())
+                .performance_mode(PerformanceMode::GeneralPurpose);
+            for (k, v) in tags {
+                b = b.tags(Tag::builder().key(*k).value(*v).build().unwrap());
+            }
+            b.build().unwrap()
+        };
+        aws_sdk_efs::operation::describe_file_systems::DescribeFileSystemsOutput::builder()
+            .file_systems(fs(
+                FS_RETAINED,
+                &[("Name", STACK), ("aws:cloudformation:stack-name", STACK), ("aws:cloudformation:logical-id", "FileSystem"), ("imgbuild:project", STACK)],
+            ))
+            .file_systems(fs(FS_OTHER, &[("Name", "someone-else"), ("aws:cloudformation:stack-name", "someone-else")]))
+            .build()
+    })
+}
+
+fn deleted_stack_events() -> Rule {
+    mock!(aws_sdk_cloudformation::Client::describe_stack_events).then_error(|| {
+        aws_sdk_cloudformation::operation::describe_stack_events::DescribeStackEventsError::generic(meta("ValidationError", "Stack [vectordb] does not exist"))
+    })
+}
+
+#[tokio::test]
+async fn destroy_with_delete_data_deletes_the_file_system_a_rolled_back_create_retained() {
+    // A create that rolled back: ROLLBACK_COMPLETE, no outputs, but DeletionPolicy: Retain kept
+    // the file system.
+    let ds = describe_stacks(vec![Some(stack("ROLLBACK_COMPLETE", &[])), None]);
+    let events = deleted_stack_events();
+    let del = mock!(aws_sdk_cloudformation::Client::delete_stack)
+        .then_output(|| aws_sdk_cloudformation::operation::delete_stack::DeleteStackOutput::builder().build());
+    let listed = file_systems();
+    let del_fs = mock!(aws_sdk_efs::Client::delete_file_system)
+        .match_requests(|r| r.file_system_id() == Some(FS_RETAINED))
+        .then_output(|| aws_sdk_efs::operation::delete_file_system::DeleteFileSystemOutput::builder().build());
+    let clients = Aws::default().cfn(&[&ds, &events, &del]).efs(&[&listed, &del_fs]).clients();
+
+    let d = imgbuild::stack::ops::destroy(&clients, STACK, true, false, fast(), &quiet()).await.unwrap();
+
+    assert!(d.existed && d.data_deleted, "{d:?}");
+    assert_eq!(del_fs.num_calls(), 1, "the retained file system, and only ours");
+    assert_eq!(del.num_calls(), 1);
+}
+
+#[tokio::test]
+async fn destroy_reports_every_retained_file_system_even_without_a_stack() {
+    // The stack itself is gone (deleted after its failed create, or by hand); what it retained is not.
+    let ds = describe_stacks(vec![None]);
+    let listed = file_systems();
+    let clients = Aws::default().cfn(&[&ds]).efs(&[&listed]).clients();
+
+    let d = imgbuild::stack::ops::destroy(&clients, STACK, false, false, fast(), &quiet()).await.unwrap();
+
+    assert!(!d.existed && !d.data_deleted);
+    assert_eq!(d.file_systems, vec![FS_RETAINED.to_string()]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault 4: one JSON document on failure
+
+/// Parses stdout as a stream of JSON documents.
+fn documents(stdout: &[u8]) -> Vec<serde_json::Value> {
+    serde_json::Deserializer::from_slice(stdout).into_iter::<serde_json::Value>().collect::<Result<_, _>>().expect("stdout is JSON")
+}
+
+fn one_failed_document(out: &std::process::Output, code: i32) -> serde_json::Value {
+    let docs = documents(&out.stdout);
+    assert_eq!(docs.len(), 1, "exactly one document: {docs:#?}");
+    assert_eq!(out.status.code(), Some(code), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc = docs.into_iter().next().unwrap();
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["error"]["exit_code"], code);
+    doc
+}
+
+#[test]
+fn validate_doctor_and_smoke_print_one_json_document_when_they_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let bad = format!("{root}/tests/fixtures/guard/efs_encrypted-violation.yaml");
+    let out = imgbuild(dir.path()).args(["--output", "json", "validate", "--no-tools", "--template", &bad]).output().unwrap();
+    let doc = one_failed_document(&out, 2);
+    assert_eq!(doc["error"]["kind"], "validation");
+    assert!(doc["template"]["policies"].is_array(), "the report is the document");
+
+    let out = imgbuild(dir.path())
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .args(["--output", "json", "--config", "/dev/null", "doctor"])
+        .output()
+        .unwrap();
+    let doc = one_failed_document(&out, 1);
+    assert!(doc["checks"].is_array());
+
+    // Port 9 on loopback (discard) answers nothing here: the connection is refused at once.
+    let out = imgbuild(dir.path()).args(["--output", "json", "smoke", "--url", "http://127.0.0.1:9", "--timeout", "5"]).output().unwrap();
+    let doc = one_failed_document(&out, 1);
+    assert_eq!(doc["error"]["kind"], "smoke_failed");
+    assert!(doc["smoke"]["steps"].is_array());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault 5: a closed pipe ends the command quietly
+
+/// Runs imgbuild with stdout and/or stderr a pipe whose reading end is already closed, the way
+/// `| head -1` leaves it once head has its line.
+fn with_closed(args: &[&str], close_stdout: bool, close_stderr: bool) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_imgbuild"));
+    hermetic(cmd.current_dir(dir.path()).args(args));
+    cmd.stdin(Stdio::null());
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    if close_stdout {
+        drop(stdout);
+    } else {
+        std::thread::spawn(move || std::io::copy(&mut { stdout }, &mut std::io::sink()));
+    }
+    let mut said = String::new();
+    if close_stderr {
+        drop(stderr);
+    } else {
+        std::io::Read::read_to_string(&mut stderr, &mut said).unwrap();
+    }
+    (child.wait().unwrap().code(), said)
+}
+
+#[test]
+fn a_closed_stdout_or_stderr_ends_with_141_and_no_panic() {
+    // `imgbuild man | head -1`: the man page meets a closed stdout.
+    let (code, said) = with_closed(&["man"], true, false);
+    assert_eq!(code, Some(141), "{said}");
+    assert_eq!(said, "", "quietly");
+    let (code, said) = with_closed(&["completions", "bash"], true, false);
+    assert_eq!((code, said.as_str()), (Some(141), ""));
+    // `imgbuild validate 2>&1 | head -1`: the report meets a closed stderr (Rust's eprintln!
+    // panics there, exit 101).
+    let (code, _) = with_closed(&["validate", "--no-tools"], true, true);
+    assert_eq!(code, Some(141));
+    // JSON on a closed stdout, failing command: still no second attempt, no panic.
+    let (code, _) = with_closed(&["--output", "json", "render-userdata", "--no-tools"], true, true);
+    assert_eq!(code, Some(141));
+}
