@@ -17,13 +17,14 @@ pub(super) fn destroy(args: DestroyArgs, ctx: &Context, ui: Ui) -> Result<()> {
     let done = with_clients(ctx, |clients| async move {
         let interrupt = interrupt_listener()?;
         if !args.yes {
+            super::need_terminal("pass --yes to delete without asking")?;
             let question = if args.delete_data {
-                format!("Delete stack {name} AND its EFS file system with every collection on it? This cannot be undone.")
+                format!("Delete stack {name} AND its EFS file systems with every collection on them? This cannot be undone.")
             } else {
-                format!("Delete stack {name}? (its EFS file system and data are kept)")
+                format!("Delete stack {name}? (its EFS file systems and data are kept)")
             };
             if !TtyConfirmer.confirm(&question).await? {
-                return Err(Error::Invalid("not confirmed: nothing was deleted".into()));
+                return Err(Error::Declined("declined: nothing was deleted".into()));
             }
         }
         let progress = Progress::new(ui, &format!("destroying {name}"));

@@ -36,6 +36,24 @@ fn problem(check: &'static str, verdict: Verdict, detail: impl Into<String>, fix
     Finding { check, verdict, detail: detail.into(), fix: Some(fix.into()) }
 }
 
+/// What went wrong loading credentials, in the user's terms: the SDK's own wording ("the
+/// credential provider was not enabled") names its internals, not what is missing.
+fn credentials_problem(e: &aws_credential_types::provider::error::CredentialsError) -> String {
+    use aws_credential_types::provider::error::CredentialsError;
+    match e {
+        CredentialsError::CredentialsNotLoaded(_) => {
+            "no AWS credentials found: none in the environment (AWS_ACCESS_KEY_ID), the shared files (~/.aws/credentials, ~/.aws/config), \
+             an SSO session, or a container or instance role"
+                .into()
+        }
+        CredentialsError::ProviderTimedOut(_) => "loading AWS credentials timed out (an SSO, container or instance-role endpoint did not answer)".into(),
+        CredentialsError::InvalidConfiguration(_) => {
+            format!("the AWS profile's credential settings are invalid: {}", aws_smithy_types::error::display::DisplayErrorContext(e))
+        }
+        _ => format!("could not load AWS credentials: {}", aws_smithy_types::error::display::DisplayErrorContext(e)),
+    }
+}
+
 /// The checks, in order. Later checks need earlier ones (no credentials: no account).
 pub async fn checks(conf: &aws_config::SdkConfig, clients: &Clients, ctx: &Context, sts: &aws_sdk_sts::Client) -> Vec<Finding> {
     let mut out = Vec::new();
@@ -56,7 +74,12 @@ pub async fn checks(conf: &aws_config::SdkConfig, clients: &Clients, ctx: &Conte
             // The key id is public; the secret never leaves the provider.
             Ok(c) => out.push(ok("credentials", format!("found (access key {}...)", &c.access_key_id()[..c.access_key_id().len().min(4)]))),
             Err(e) => {
-                out.push(problem("credentials", Verdict::Fail, e.to_string(), "run `aws configure`, `aws sso login --profile <name>`, or set AWS_PROFILE"));
+                out.push(problem(
+                    "credentials",
+                    Verdict::Fail,
+                    credentials_problem(&e),
+                    "run `aws configure`, `aws sso login --profile <name>`, or set AWS_PROFILE",
+                ));
                 return out;
             }
         },

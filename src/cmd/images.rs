@@ -46,8 +46,11 @@ pub(super) fn images_cmd(cmd: crate::cli::ImagesCommand, ctx: &Context, ui: Ui) 
                 if doomed.is_empty() || p.dry_run {
                     return Ok(json!({ "ok": true, "dry_run": p.dry_run, "pruned": [], "would_prune": doomed }));
                 }
-                if !p.yes && !TtyConfirmer.confirm(&format!("Deregister {} image(s) and delete their snapshots?", doomed.len())).await? {
-                    return Err(Error::Invalid("not confirmed: nothing was pruned".into()));
+                if !p.yes {
+                    super::need_terminal("pass --yes to prune without asking, or --dry-run to see what would go")?;
+                    if !TtyConfirmer.confirm(&format!("Deregister {} image(s) and delete their snapshots?", doomed.len())).await? {
+                        return Err(Error::Declined("declined: nothing was pruned".into()));
+                    }
                 }
                 let mut pruned = Vec::new();
                 for r in &doomed {

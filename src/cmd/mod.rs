@@ -112,6 +112,13 @@ pub fn interrupt_listener() -> Result<impl Future<Output = ()> + Send + 'static>
     }
 }
 
+/// Refuses to prompt without a terminal (CI, pipes) with the way forward this command has; the
+/// shared prompt's own refusal speaks of deploy's flags.
+fn need_terminal(way_forward: &str) -> Result<()> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() { Ok(()) } else { Err(Error::Invalid(format!("refusing to prompt: standard input is not a terminal; {way_forward}"))) }
+}
+
 /// Runs `f` to completion on a fresh runtime. The runtime is shut down without waiting for
 /// blocking tasks: after Ctrl-C at a prompt, the thread reading the terminal never returns, and
 /// waiting for it would hang the exit.

@@ -324,6 +324,12 @@ pub fn load(explicit: Option<&Path>) -> Result<(Config, Source)> {
         }
     };
     let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+        // clap fills --config from IMGBUILD_CONFIG too; name what the user actually set.
+        std::io::ErrorKind::NotFound if std::env::var_os("IMGBUILD_CONFIG").is_some_and(|v| Path::new(&v) == path) => Error::Invalid(format!(
+            "config file {} (named by the environment variable IMGBUILD_CONFIG) does not exist \
+             (run `imgbuild init` to write it, or unset IMGBUILD_CONFIG to use ./imgbuild.yaml or the defaults)",
+            path.display()
+        )),
         std::io::ErrorKind::NotFound => Error::Invalid(format!(
             "config file {} does not exist (run `imgbuild init` to write a starter, or drop --config to use the defaults)",
             path.display()
@@ -507,14 +513,40 @@ impl Config {
         }
         if let Err(m) = check_mount_point(&self.storage.mount_point) {
             bad("storage.mount_point", m);
+        } else if self.storage.mode == StorageMode::DockerNfs && self.storage.mount_point != StorageConfig::default().mount_point {
+            // docker-nfs mounts EFS inside Docker's volume driver; the host mounts nothing.
+            bad(
+                "storage.mount_point",
+                format!(
+                    "`{}` would be ignored: storage.mode docker-nfs mounts EFS through Docker's volume driver, not on the host; drop storage.mount_point or use storage.mode efs-tls",
+                    self.storage.mount_point
+                ),
+            );
         }
         if let Some(id) = &self.efs.file_system_id
             && let Err(m) = check_file_system_id(id)
         {
             bad("efs.file_system_id", m);
         }
-        if let Err(e) = semver::Version::parse(&self.compose.version) {
-            bad("compose.version", format!("`{}` is not a compose release (expected MAJOR.MINOR.PATCH): {e}", self.compose.version));
+        let compose_default = ComposeConfig::default();
+        if semver::Version::parse(&self.compose.version).is_err() {
+            bad(
+                "compose.version",
+                format!("`{}` is not a compose release (expected MAJOR.MINOR.PATCH such as {})", self.compose.version, compose_default.version),
+            );
+        } else if self.compose.version != compose_default.version
+            && (self.compose.sha256.x86_64 == compose_default.sha256.x86_64 || self.compose.sha256.aarch64 == compose_default.sha256.aarch64)
+        {
+            // The boot checks the download against these: stale ones fail every instance at
+            // boot, an hour after a deploy that passed.
+            bad(
+                "compose.sha256",
+                format!(
+                    "still holds the checksums of compose {} but compose.version is {}: set compose.sha256.x86_64 and compose.sha256.aarch64 \
+                     to the sha256 of docker-compose-linux-x86_64 and docker-compose-linux-aarch64 published with release {}",
+                    compose_default.version, self.compose.version, self.compose.version
+                ),
+            );
         }
         for (arch, sum) in [("x86_64", &self.compose.sha256.x86_64), ("aarch64", &self.compose.sha256.aarch64)] {
             if !is_hex(sum, 64) {
@@ -531,6 +563,9 @@ impl Config {
         }
         match parse_cidr(&self.stack.vpc_cidr) {
             Ok((_, prefix)) if (16..=20).contains(&prefix) => {}
+            Ok((_, prefix)) if prefix < 16 => {
+                bad("stack.vpc_cidr", format!("/{prefix} is larger than a VPC may be (AWS allows /16 to /28; the stack needs /16 to /20)"))
+            }
             Ok((_, prefix)) => {
                 bad("stack.vpc_cidr", format!("/{prefix} leaves too little room for the four subnets the stack carves (use a prefix from /16 to /20)"))
             }

@@ -443,3 +443,97 @@ fn a_closed_stdout_or_stderr_ends_with_141_and_no_panic() {
     let (code, _) = with_closed(&["--output", "json", "render-userdata", "--no-tools"], true, true);
     assert_eq!(code, Some(141));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Faults 6 and 7: messages that send the user the right way
+
+#[test]
+fn a_missing_file_named_by_imgbuild_config_is_blamed_on_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = imgbuild(dir.path()).env("IMGBUILD_CONFIG", "nowhere.yaml").args(["validate", "--no-tools"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nowhere.yaml") && err.contains("IMGBUILD_CONFIG"), "{err}");
+    assert!(!err.contains("drop --config"), "{err}");
+    // Given as a flag, the flag is named.
+    let out = imgbuild(dir.path()).args(["--config", "nowhere.yaml", "validate", "--no-tools"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("drop --config"));
+}
+
+#[test]
+fn destroy_without_a_terminal_names_its_own_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = imgbuild(dir.path()).args(["--endpoint-url", "http://127.0.0.1:9", "destroy"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--yes") && !err.contains("--no-execute"), "destroy has no --no-execute: {err}");
+}
+
+#[test]
+fn doctor_without_credentials_says_what_is_missing_in_plain_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = imgbuild(dir.path())
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("HOME", dir.path())
+        .env("AWS_CONFIG_FILE", dir.path().join("no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("no-credentials"))
+        .args(["--output", "json", "--config", "/dev/null", "--endpoint-url", "http://127.0.0.1:9", "doctor"])
+        .output()
+        .unwrap();
+    let doc = one_failed_document(&out, 1);
+    let creds = doc["checks"].as_array().unwrap().iter().find(|c| c["check"] == "credentials").expect("a credentials check").clone();
+    assert_eq!(creds["verdict"], "fail");
+    let detail = creds["detail"].as_str().unwrap();
+    assert!(detail.contains("no AWS credentials found"), "{detail}");
+    assert!(!detail.contains("not enabled"), "SDK wording: {detail}");
+    assert!(creds["fix"].as_str().unwrap().contains("aws configure"));
+}
+
+/// Answering "n" at destroy's prompt is a decision, not a usage error: exit 4, nothing deleted.
+/// `script` gives the binary a pseudo-terminal; the answer is typed once the prompt is seen.
+#[test]
+fn destroy_declined_at_the_prompt_exits_4() {
+    let Some(script) = crate::support::tool("script") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run.sh");
+    // A closed loopback port: were anything sent to AWS, it could not leave the machine.
+    std::fs::write(&run, format!("exec '{}' --endpoint-url http://127.0.0.1:9 destroy\n", env!("CARGO_BIN_EXE_imgbuild"))).unwrap();
+    let mut child = hermetic(&mut std::process::Command::new(script))
+        .args(["-qefc", &format!("bash '{}'", run.display()), "/dev/null"])
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut seen = String::new();
+        let mut buf = [0u8; 1024];
+        let mut stdout = stdout;
+        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            let _ = tx.send(seen.clone());
+        }
+        seen
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())).expect("the prompt within 60 s");
+        if seen.contains("[y/N]") {
+            break;
+        }
+    }
+    std::io::Write::write_all(&mut stdin, b"n\n").unwrap();
+    let status = child.wait().unwrap();
+    drop(stdin);
+    let seen = reader.join().unwrap();
+    assert_eq!(status.code(), Some(4), "{seen}");
+    assert!(seen.contains("declined: nothing was deleted"), "{seen}");
+}
