@@ -31,7 +31,7 @@ pub(super) fn destroy(args: DestroyArgs, ctx: &Context, ui: Ui) -> Result<()> {
         tokio::select! {
             r = crate::stack::ops::destroy(&clients, &name, args.delete_data, args.wait.wait, waits, &progress) => r,
             _ = interrupt => Err(Error::Interrupted { cleaned: vec![format!(
-                "nothing: the deletion of {name} goes on in CloudFormation (follow it with `imgbuild status`)"
+                "nothing: the deletion of {name} goes on in CloudFormation (check on it with `imgbuild status`)"
             )] }),
         }
     })?;

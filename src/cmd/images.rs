@@ -43,8 +43,10 @@ pub(super) fn images_cmd(cmd: crate::cli::ImagesCommand, ctx: &Context, ui: Ui) 
                 if kept_in_use > 0 {
                     ui.info(format!("keeping {kept_in_use} older image(s) that are in use"));
                 }
+                // One shape for every case (README, "Machine-readable output"): what went, what
+                // would go, and how many in-use images were kept.
                 if doomed.is_empty() || p.dry_run {
-                    return Ok(json!({ "ok": true, "dry_run": p.dry_run, "pruned": [], "would_prune": doomed }));
+                    return Ok(json!({ "ok": true, "dry_run": p.dry_run, "pruned": [], "would_prune": doomed, "kept_in_use": kept_in_use }));
                 }
                 if !p.yes {
                     super::need_terminal("pass --yes to prune without asking, or --dry-run to see what would go")?;
@@ -58,7 +60,7 @@ pub(super) fn images_cmd(cmd: crate::cli::ImagesCommand, ctx: &Context, ui: Ui) 
                     ui.info(format!("deregistered {} and deleted {}", r.ami, if snaps.is_empty() { "no snapshots".to_string() } else { snaps.join(", ") }));
                     pruned.push(json!({ "ami": r.ami, "snapshots": snaps }));
                 }
-                Ok(json!({ "ok": true, "pruned": pruned }))
+                Ok(json!({ "ok": true, "dry_run": false, "pruned": pruned, "would_prune": [], "kept_in_use": kept_in_use }))
             }
         }
     })?;

@@ -175,7 +175,7 @@ async fn clean_after(clients: &Clients, cleanup: &Cleanup, progress: &Progress, 
     match (err, cleaned) {
         (Error::Interrupted { .. }, Ok(mut cleaned)) => {
             if executed {
-                cleaned.push("nothing to remove: the change set was already executing, and the stack operation goes on in CloudFormation (follow it with `imgbuild status`)".into());
+                cleaned.push("nothing to remove: the change set was already executing, and the stack operation goes on in CloudFormation (check on it with `imgbuild status`)".into());
             }
             Error::Interrupted { cleaned }
         }
@@ -220,7 +220,19 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io("writing", path, e))?;
+    // What imgbuild writes (a config, user-data, the bake manifest) holds no secret, so a new
+    // file gets the mode any program's would (0666 less the umask), and a replaced one keeps its
+    // own; tempfile's default, 0600, would make every file private whatever the user asked for.
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io("writing", path, e))?;
+    if let Ok(existing) = std::fs::metadata(path) {
+        tmp.as_file().set_permissions(existing.permissions()).map_err(|e| Error::io("writing", path, e))?;
+    }
     tmp.write_all(bytes).map_err(|e| Error::io("writing", path, e))?;
     tmp.persist(path).map_err(|e| Error::io("writing", path, e.error))?;
     Ok(())

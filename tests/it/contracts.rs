@@ -537,3 +537,26 @@ fn destroy_declined_at_the_prompt_exits_4() {
     assert_eq!(status.code(), Some(4), "{seen}");
     assert!(seen.contains("declined: nothing was deleted"), "{seen}");
 }
+
+/// Files imgbuild writes hold no secret: a new one follows the umask like any program's (it was
+/// 0600 whatever the umask), a replaced one keeps its mode.
+#[cfg(unix)]
+#[test]
+fn written_files_follow_the_umask_and_keep_an_existing_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_imgbuild");
+    let run = |umask: &str, out: &str| {
+        let status = hermetic(&mut std::process::Command::new("sh"))
+            .current_dir(dir.path())
+            .args(["-c", &format!("umask {umask} && exec '{bin}' -q render-userdata --no-tools --out {out}")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::metadata(dir.path().join(out)).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(run("022", "open.yaml"), 0o644);
+    assert_eq!(run("077", "private.yaml"), 0o600);
+    std::fs::set_permissions(dir.path().join("open.yaml"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(run("022", "open.yaml"), 0o640, "a replaced file keeps its mode");
+}
