@@ -560,3 +560,125 @@ fn written_files_follow_the_umask_and_keep_an_existing_mode() {
     std::fs::set_permissions(dir.path().join("open.yaml"), std::fs::Permissions::from_mode(0o640)).unwrap();
     assert_eq!(run("022", "open.yaml"), 0o640, "a replaced file keeps its mode");
 }
+
+// ---------------------------------------------------------------------------------------------
+// What deploy sends: the CreateChangeSet request itself, with the real template
+
+const CS: &str = "arn:aws:cloudformation:us-east-1:123456789012:changeSet/imgbuild-1/9f8e7d6c-0000-11ef-0000-0a1b2c3d4e5f";
+const STOCK: &str = "ami-0fedcba9876543210";
+
+/// Deploys (with --no-execute) a config that moves every parameter off its default, captures
+/// the CreateChangeSet request, and returns it with the config.
+async fn captured_create_change_set() -> (aws_sdk_cloudformation::operation::create_change_set::CreateChangeSetInput, Config) {
+    use aws_sdk_cloudformation::types::{ChangeAction, ChangeSetStatus, ExecutionStatus, ResourceChange};
+    let config = crate::support::parse(
+        "name: vectordb\nchroma:\n  version: 0.4.13\n  port: 8080\nstorage:\n  mode: docker-nfs\nstack:\n  instance_type: m7i.large\n  nat_gateways: per-az\n  vpc_cidr: 10.20.0.0/16\n  allowed_client_cidr: 192.168.10.0/24\n  log_retention_days: 90\n",
+    );
+    let ctx = imgbuild::config::Context { config: config.clone(), source: imgbuild::config::Source::Defaults, region: Some("eu-west-1".into()), profile: None, endpoint_url: None };
+    let handoff = mock!(aws_sdk_ssm::Client::get_parameter).match_requests(|r| r.name() == Some("/imgbuild/vectordb/ami")).then_error(|| {
+        aws_sdk_ssm::operation::get_parameter::GetParameterError::ParameterNotFound(
+            aws_sdk_ssm::types::error::ParameterNotFound::builder().meta(meta("ParameterNotFound", "")).build(),
+        )
+    });
+    // aws-cli `examples/ssm/get-parameter.rst`: `Parameter` with `Name`, `Type`, `Value`.
+    let stock = mock!(aws_sdk_ssm::Client::get_parameter)
+        .match_requests(|r| r.name() == Some("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"))
+        .then_output(|| {
+            aws_sdk_ssm::operation::get_parameter::GetParameterOutput::builder()
+                .parameter(
+                    aws_sdk_ssm::types::Parameter::builder()
+                        .name("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64")
+                        .r#type(aws_sdk_ssm::types::ParameterType::String)
+                        .value(STOCK)
+                        .build(),
+                )
+                .build()
+        });
+    let ds = describe_stacks(vec![None]);
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let keep = sent.clone();
+    // CreateChangeSet answers `Id` and `StackId` (CloudFormation API reference, CreateChangeSet).
+    let create = mock!(aws_sdk_cloudformation::Client::create_change_set).then_compute_output(move |r| {
+        *keep.lock().unwrap() = Some(r.clone());
+        aws_sdk_cloudformation::operation::create_change_set::CreateChangeSetOutput::builder().id(CS).stack_id(STACK_ID).build()
+    });
+    // DescribeChangeSet (CloudFormation API reference): `Status` CREATE_COMPLETE with
+    // `ExecutionStatus` AVAILABLE once computed, `Changes[].ResourceChange`.
+    let described = mock!(aws_sdk_cloudformation::Client::describe_change_set).then_output(|| {
+        aws_sdk_cloudformation::operation::describe_change_set::DescribeChangeSetOutput::builder()
+            .change_set_id(CS)
+            .change_set_name("imgbuild-1")
+            .stack_id(STACK_ID)
+            .stack_name(STACK)
+            .status(ChangeSetStatus::CreateComplete)
+            .execution_status(ExecutionStatus::Available)
+            .creation_time(aws_smithy_types::DateTime::from_secs(1_700_000_000))
+            .changes(
+                aws_sdk_cloudformation::types::Change::builder()
+                    .r#type(aws_sdk_cloudformation::types::ChangeType::Resource)
+                    .resource_change(ResourceChange::builder().action(ChangeAction::Add).logical_resource_id("LaunchTemplate").resource_type("AWS::EC2::LaunchTemplate").build())
+                    .build(),
+            )
+            .build()
+    });
+    let clients = Aws::default().ssm(&[&handoff, &stock]).cfn(&[&ds, &create, &described]).clients();
+    let args = imgbuild::cli::DeployArgs {
+        ami: None,
+        mode: None,
+        template: None,
+        yes: false,
+        no_execute: true,
+        wait: imgbuild::cli::WaitArgs { wait: false, timeout: Some(30) },
+        tools: imgbuild::cli::ToolArgs { require_tools: false, no_tools: true },
+    };
+    let ui = imgbuild::ui::Ui::new(imgbuild::cli::OutputFormat::Text, 0, true);
+    struct Never;
+    impl imgbuild::stack::changeset::Confirmer for Never {
+        fn confirm<'a>(&'a self, q: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = imgbuild::Result<bool>> + Send + 'a>> {
+            panic!("--no-execute asks nothing, asked {q}")
+        }
+    }
+    let doc = imgbuild::cmd::deploy_flow(&clients, &args, &ctx, ui, &Never, std::future::pending()).await.unwrap();
+    assert_eq!(doc["deploy"]["executed"], false);
+    assert_eq!(create.num_calls(), 1);
+    let input = sent.lock().unwrap().take().unwrap();
+    (input, config)
+}
+
+#[tokio::test]
+async fn deploy_sends_every_parameter_and_the_rendered_user_data_in_the_real_template() {
+    use base64::Engine;
+    let (input, config) = captured_create_change_set().await;
+    let params: std::collections::BTreeMap<String, String> =
+        input.parameters().iter().map(|p| (p.parameter_key().unwrap().to_string(), p.parameter_value().unwrap().to_string())).collect();
+    let expected: std::collections::BTreeMap<String, String> = [
+        ("VpcCidr", "10.20.0.0/16"),
+        ("NatGateways", "PerAz"),
+        ("AllowedClientCidr", "192.168.10.0/24"),
+        ("ImageId", STOCK),
+        ("InstanceType", "m7i.large"),
+        ("ChromaPort", "8080"),
+        ("HeartbeatPath", "/api/v1/heartbeat"),
+        ("StorageMode", "docker-nfs"),
+        ("LogRetentionDays", "90"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(params, expected);
+    assert_eq!(input.stack_name(), Some(STACK));
+    assert_eq!(input.change_set_type(), Some(&aws_sdk_cloudformation::types::ChangeSetType::Create));
+    assert!(input.tags().iter().any(|t| t.key() == Some("imgbuild:project") && t.value() == Some("vectordb")));
+
+    // Every launch template in the body carries the user-data deploy rendered for this image:
+    // stock AL2023, so full mode, gzip, cloud-config, with the region given.
+    let body: serde_yaml::Value = serde_yaml::from_str(input.template_body().unwrap()).unwrap();
+    let sent = body["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"].as_str().expect("UserData as base64 text");
+    let gz = base64::engine::general_purpose::STANDARD.decode(sent).unwrap();
+    let expected = crate::support::render_with(&config, Some("eu-west-1"), Mode::Full, imgbuild::render::Format::CloudConfig, true);
+    assert_eq!(gz, expected.output, "the gzip stream deploy rendered");
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut raw).unwrap();
+    assert_eq!(raw, expected.raw);
+    assert!(String::from_utf8_lossy(&raw).contains("/api/v1/heartbeat"));
+}
