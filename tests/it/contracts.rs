@@ -682,3 +682,125 @@ async fn deploy_sends_every_parameter_and_the_rendered_user_data_in_the_real_tem
     assert_eq!(raw, expected.raw);
     assert!(String::from_utf8_lossy(&raw).contains("/api/v1/heartbeat"));
 }
+
+// CloudFormation refuses some requests synchronously, with an error of the call itself rather
+// than a FAILED change set.
+
+fn stock_parameters() -> [Rule; 2] {
+    let handoff = mock!(aws_sdk_ssm::Client::get_parameter).match_requests(|r| r.name() == Some("/imgbuild/vectordb/ami")).then_error(|| {
+        aws_sdk_ssm::operation::get_parameter::GetParameterError::ParameterNotFound(
+            aws_sdk_ssm::types::error::ParameterNotFound::builder().meta(meta("ParameterNotFound", "")).build(),
+        )
+    });
+    let stock = mock!(aws_sdk_ssm::Client::get_parameter).match_requests(|r| r.name().is_some_and(|n| n.starts_with("/aws/service/"))).then_output(|| {
+        aws_sdk_ssm::operation::get_parameter::GetParameterOutput::builder()
+            .parameter(aws_sdk_ssm::types::Parameter::builder().name("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64").value(STOCK).build())
+            .build()
+    });
+    [handoff, stock]
+}
+
+async fn deploy_yes(cfn: &[&Rule]) -> imgbuild::Result<serde_json::Value> {
+    let [handoff, stock] = stock_parameters();
+    let clients = Aws::default().ssm(&[&handoff, &stock]).cfn(cfn).clients();
+    let ctx = imgbuild::config::Context { config: Config::default(), source: imgbuild::config::Source::Defaults, region: None, profile: None, endpoint_url: None };
+    let args = imgbuild::cli::DeployArgs {
+        ami: None,
+        mode: None,
+        template: None,
+        yes: true,
+        no_execute: false,
+        wait: imgbuild::cli::WaitArgs { wait: false, timeout: Some(5) },
+        tools: imgbuild::cli::ToolArgs { require_tools: false, no_tools: true },
+    };
+    let ui = imgbuild::ui::Ui::new(imgbuild::cli::OutputFormat::Text, 0, true);
+    struct Unused;
+    impl imgbuild::stack::changeset::Confirmer for Unused {
+        fn confirm<'a>(&'a self, q: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = imgbuild::Result<bool>> + Send + 'a>> {
+            panic!("--yes asks nothing, asked {q}")
+        }
+    }
+    imgbuild::cmd::deploy_flow(&clients, &args, &ctx, ui, &Unused, std::future::pending()).await
+}
+
+#[tokio::test]
+async fn a_parameter_constraint_refused_by_create_change_set_is_an_aws_error_and_leaves_nothing() {
+    // CloudFormation checks parameter constraints when the change set is requested and answers
+    // the call with ValidationError (CloudFormation API reference, CreateChangeSet, Errors; the
+    // message names the parameter), so no change set and no REVIEW_IN_PROGRESS stack exist.
+    let ds = describe_stacks(vec![None]);
+    let create = mock!(aws_sdk_cloudformation::Client::create_change_set).then_error(|| {
+        aws_sdk_cloudformation::operation::create_change_set::CreateChangeSetError::generic(meta(
+            "ValidationError",
+            "Parameter 'VpcCidr' must match pattern ^(\\d{1,3}\\.){3}\\d{1,3}/(1[6-9]|20)$",
+        ))
+    });
+    let del_cs = mock!(aws_sdk_cloudformation::Client::delete_change_set)
+        .then_output(|| aws_sdk_cloudformation::operation::delete_change_set::DeleteChangeSetOutput::builder().build());
+    let del = mock!(aws_sdk_cloudformation::Client::delete_stack)
+        .then_output(|| aws_sdk_cloudformation::operation::delete_stack::DeleteStackOutput::builder().build());
+
+    let err = deploy_yes(&[&ds, &create, &del_cs, &del]).await.unwrap_err();
+
+    match &err {
+        Error::Aws { operation, code, .. } => assert_eq!((*operation, code.as_str()), ("CreateChangeSet", "ValidationError")),
+        other => panic!("expected the refusal as an AWS error, got {other:?}"),
+    }
+    assert_eq!(err.exit_code(), 1);
+    assert_eq!((create.num_calls(), del_cs.num_calls(), del.num_calls()), (1, 0, 0), "nothing was made, nothing to remove");
+}
+
+#[tokio::test]
+async fn execute_change_set_refused_with_invalid_change_set_status_removes_what_the_run_made() {
+    use aws_sdk_cloudformation::types::{ChangeSetStatus, ExecutionStatus};
+    // A CREATE change set makes a REVIEW_IN_PROGRESS stack at once (CloudFormation User Guide,
+    // "Create a change set"); executing a change set that is not AVAILABLE is refused with
+    // InvalidChangeSetStatus (CloudFormation API reference, ExecuteChangeSet, Errors).
+    let ds = describe_stacks(vec![None, Some(stack("REVIEW_IN_PROGRESS", &[]))]);
+    let create = mock!(aws_sdk_cloudformation::Client::create_change_set)
+        .then_output(|| aws_sdk_cloudformation::operation::create_change_set::CreateChangeSetOutput::builder().id(CS).stack_id(STACK_ID).build());
+    let described = mock!(aws_sdk_cloudformation::Client::describe_change_set).then_output(|| {
+        aws_sdk_cloudformation::operation::describe_change_set::DescribeChangeSetOutput::builder()
+            .change_set_id(CS)
+            .stack_id(STACK_ID)
+            .status(ChangeSetStatus::CreateComplete)
+            .execution_status(ExecutionStatus::Unavailable)
+            .changes(
+                aws_sdk_cloudformation::types::Change::builder()
+                    .r#type(aws_sdk_cloudformation::types::ChangeType::Resource)
+                    .resource_change(
+                        aws_sdk_cloudformation::types::ResourceChange::builder()
+                            .action(aws_sdk_cloudformation::types::ChangeAction::Add)
+                            .logical_resource_id("Vpc")
+                            .resource_type("AWS::EC2::VPC")
+                            .build(),
+                    )
+                    .build(),
+            )
+            .build()
+    });
+    let events = mock!(aws_sdk_cloudformation::Client::describe_stack_events)
+        .then_output(|| aws_sdk_cloudformation::operation::describe_stack_events::DescribeStackEventsOutput::builder().build());
+    let execute = mock!(aws_sdk_cloudformation::Client::execute_change_set).then_error(|| {
+        aws_sdk_cloudformation::operation::execute_change_set::ExecuteChangeSetError::InvalidChangeSetStatusException(
+            aws_sdk_cloudformation::types::error::InvalidChangeSetStatusException::builder()
+                .message("ChangeSet [imgbuild-1] cannot be executed in its current execution status of [UNAVAILABLE]")
+                .meta(meta("InvalidChangeSetStatus", "ChangeSet cannot be executed in its current execution status"))
+                .build(),
+        )
+    });
+    let del_cs = mock!(aws_sdk_cloudformation::Client::delete_change_set)
+        .match_requests(|r| r.change_set_name() == Some(CS))
+        .then_output(|| aws_sdk_cloudformation::operation::delete_change_set::DeleteChangeSetOutput::builder().build());
+    let del = mock!(aws_sdk_cloudformation::Client::delete_stack)
+        .match_requests(|r| r.stack_name() == Some(STACK))
+        .then_output(|| aws_sdk_cloudformation::operation::delete_stack::DeleteStackOutput::builder().build());
+
+    let err = deploy_yes(&[&ds, &create, &described, &events, &execute, &del_cs, &del]).await.unwrap_err();
+
+    match &err {
+        Error::Aws { operation, code, .. } => assert_eq!((*operation, code.as_str()), ("ExecuteChangeSet", "InvalidChangeSetStatus")),
+        other => panic!("expected the refusal as an AWS error, got {other:?}"),
+    }
+    assert_eq!((execute.num_calls(), del_cs.num_calls(), del.num_calls()), (1, 1, 1), "the change set and the empty review stack are removed");
+}
