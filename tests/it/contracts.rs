@@ -574,7 +574,13 @@ async fn captured_create_change_set() -> (aws_sdk_cloudformation::operation::cre
     let config = crate::support::parse(
         "name: vectordb\nchroma:\n  version: 0.4.13\n  port: 8080\nstorage:\n  mode: docker-nfs\nstack:\n  instance_type: m7i.large\n  nat_gateways: per-az\n  vpc_cidr: 10.20.0.0/16\n  allowed_client_cidr: 192.168.10.0/24\n  log_retention_days: 90\n",
     );
-    let ctx = imgbuild::config::Context { config: config.clone(), source: imgbuild::config::Source::Defaults, region: Some("eu-west-1".into()), profile: None, endpoint_url: None };
+    let ctx = imgbuild::config::Context {
+        config: config.clone(),
+        source: imgbuild::config::Source::Defaults,
+        region: Some("eu-west-1".into()),
+        profile: None,
+        endpoint_url: None,
+    };
     let handoff = mock!(aws_sdk_ssm::Client::get_parameter).match_requests(|r| r.name() == Some("/imgbuild/vectordb/ami")).then_error(|| {
         aws_sdk_ssm::operation::get_parameter::GetParameterError::ParameterNotFound(
             aws_sdk_ssm::types::error::ParameterNotFound::builder().meta(meta("ParameterNotFound", "")).build(),
@@ -616,7 +622,13 @@ async fn captured_create_change_set() -> (aws_sdk_cloudformation::operation::cre
             .changes(
                 aws_sdk_cloudformation::types::Change::builder()
                     .r#type(aws_sdk_cloudformation::types::ChangeType::Resource)
-                    .resource_change(ResourceChange::builder().action(ChangeAction::Add).logical_resource_id("LaunchTemplate").resource_type("AWS::EC2::LaunchTemplate").build())
+                    .resource_change(
+                        ResourceChange::builder()
+                            .action(ChangeAction::Add)
+                            .logical_resource_id("LaunchTemplate")
+                            .resource_type("AWS::EC2::LaunchTemplate")
+                            .build(),
+                    )
                     .build(),
             )
             .build()
@@ -694,7 +706,9 @@ fn stock_parameters() -> [Rule; 2] {
     });
     let stock = mock!(aws_sdk_ssm::Client::get_parameter).match_requests(|r| r.name().is_some_and(|n| n.starts_with("/aws/service/"))).then_output(|| {
         aws_sdk_ssm::operation::get_parameter::GetParameterOutput::builder()
-            .parameter(aws_sdk_ssm::types::Parameter::builder().name("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64").value(STOCK).build())
+            .parameter(
+                aws_sdk_ssm::types::Parameter::builder().name("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64").value(STOCK).build(),
+            )
             .build()
     });
     [handoff, stock]
@@ -703,7 +717,8 @@ fn stock_parameters() -> [Rule; 2] {
 async fn deploy_yes(cfn: &[&Rule]) -> imgbuild::Result<serde_json::Value> {
     let [handoff, stock] = stock_parameters();
     let clients = Aws::default().ssm(&[&handoff, &stock]).cfn(cfn).clients();
-    let ctx = imgbuild::config::Context { config: Config::default(), source: imgbuild::config::Source::Defaults, region: None, profile: None, endpoint_url: None };
+    let ctx =
+        imgbuild::config::Context { config: Config::default(), source: imgbuild::config::Source::Defaults, region: None, profile: None, endpoint_url: None };
     let args = imgbuild::cli::DeployArgs {
         ami: None,
         mode: None,
@@ -803,4 +818,41 @@ async fn execute_change_set_refused_with_invalid_change_set_status_removes_what_
         other => panic!("expected the refusal as an AWS error, got {other:?}"),
     }
     assert_eq!((execute.num_calls(), del_cs.num_calls(), del.num_calls()), (1, 1, 1), "the change set and the empty review stack are removed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A current compose validator
+
+/// dclint from .tools/ (tests/run installs the pinned version there), else PATH.
+fn dclint() -> Option<std::path::PathBuf> {
+    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/dclint/node_modules/.bin/dclint");
+    if local.is_file() { Some(local) } else { crate::support::tool("dclint") }
+}
+
+/// Every rendered compose file passes dclint, which checks the Compose Specification's current
+/// JSON schema (Debian's docker-compose is Compose v1, 1.29; the instance runs v2.32). One rule is
+/// off, for a stated reason: `no-unbound-port-interfaces` wants the published port bound to one
+/// interface, but the load balancer reaches Chroma on the instance's own address, and the
+/// security group admits only the load balancer.
+#[test]
+fn dclint_accepts_every_rendered_compose_file_and_rejects_an_unknown_key() {
+    let Some(exe) = dclint() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let lint = |path: &std::path::Path| {
+        std::process::Command::new(&exe).arg(path).args(["--quiet", "--no-color", "--disable-rule", "no-unbound-port-interfaces"]).output().unwrap()
+    };
+    for (name, config, region) in crate::support::configs() {
+        for mode in crate::support::MODES {
+            let r = crate::support::render_with(&config, region, mode, imgbuild::render::Format::CloudConfig, false);
+            let path = dir.path().join(format!("{name}-{}.yaml", mode.as_str()));
+            std::fs::write(&path, &r.compose_yaml).unwrap();
+            let out = lint(&path);
+            assert!(out.status.success(), "{name} {mode:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "services:\n  chroma:\n    image: x\n    restart_policy: always\n").unwrap();
+    let out = lint(&bad);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("invalid-schema"), "{}", String::from_utf8_lossy(&out.stdout));
 }

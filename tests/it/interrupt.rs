@@ -19,7 +19,7 @@ struct Session {
 
 /// Starts `imgbuild deploy` on a pseudo-terminal for project `name`.
 fn deploy_on_a_terminal(name: &str, url: &str) -> Option<(Session, tempfile::TempDir)> {
-    let script = imgbuild::check::userdata::which("script")?;
+    let script = crate::support::tool("script")?;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("imgbuild.yaml"), format!("name: {name}\nregion: us-east-1\naws:\n  poll_interval_secs: 1\n")).unwrap();
     let run = dir.path().join("run.sh");
