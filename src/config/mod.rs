@@ -412,7 +412,7 @@ pub fn parse(text: &str, file: &str) -> std::result::Result<Config, ConfigErrors
                     {
                         message = format!("{}expected {names}", message.split("expected").next().unwrap_or_default());
                     }
-                    errors.push(at(field.clone(), message));
+                    errors.push(at(field.clone(), plain_words(&message)));
                 }
                 aside.push(field.clone());
                 if !set_aside(&mut value, &field) {
@@ -645,6 +645,31 @@ impl Config {
         }
         out
     }
+}
+
+/// serde's wording in the user's terms: what the field takes, not the Rust type behind it
+/// (`expected u16`, `expected struct ChromaConfig`, `unit value`).
+fn plain_words(message: &str) -> String {
+    let mut m = message.to_string();
+    for (jargon, plain) in [
+        ("invalid type: unit value", "invalid type: nothing (null)"),
+        ("invalid type: map", "invalid type: a mapping"),
+        ("invalid type: sequence", "invalid type: a list"),
+        ("invalid type: floating point", "invalid type: the decimal number"),
+        ("invalid type: boolean", "invalid type: the boolean"),
+        ("invalid type: integer", "invalid type: the number"),
+        ("invalid value: integer", "invalid value: the number"),
+        ("expected a sequence", "expected a list (`- item` lines, or [a, b])"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        ("expected u32", "expected a whole number from 0 to 4294967295"),
+        ("expected u64", "expected a whole number, 0 or more"),
+    ] {
+        m = m.replace(jargon, plain);
+    }
+    if let Some(i) = m.find("expected struct ") {
+        m = format!("{}expected a section: a mapping of its keys, indented below it", &m[..i]);
+    }
+    m
 }
 
 /// `10.0.0.0/16` as (address, prefix length).

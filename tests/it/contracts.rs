@@ -856,3 +856,18 @@ fn dclint_accepts_every_rendered_compose_file_and_rejects_an_unknown_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("invalid-schema"), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// Config errors speak of the field's expected form, not of the parser's internals.
+#[test]
+fn config_errors_carry_no_parser_jargon() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("imgbuild.yaml"), "chroma:\n  version: latest\n  port: eighty\naws: true\n").unwrap();
+    let out = imgbuild(dir.path()).args(["validate", "--no-tools"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`latest` is not a pinned Chroma release (expected MAJOR.MINOR.PATCH such as 1.5.9)"), "{err}");
+    assert!(err.contains("expected a whole number from 0 to 65535") && err.contains("expected a section"), "{err}");
+    for jargon in ["unexpected character", "while parsing", "expected u16", "expected struct", "AwsConfig"] {
+        assert!(!err.contains(jargon), "{jargon:?} in {err}");
+    }
+}

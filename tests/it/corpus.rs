@@ -7,7 +7,7 @@
 //! ```text
 //! # case: chroma.port given as a word
 //! # expect: line 5, `chroma.port`
-//! # expect: invalid type: string "eighty", expected u16
+//! # expect: invalid type: string "eighty", expected a whole number from 0 to 65535
 //! ```
 //!
 //! - `config/*.yaml` runs as `--config FILE validate --no-tools`, and again as

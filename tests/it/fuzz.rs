@@ -697,7 +697,10 @@ fn valid_config() -> impl Strategy<Value = Config> {
             c.chroma.digest = digest.map(|d| format!("sha256:{d}"));
             c.chroma.env = env;
             c.storage.mode = if nfs { StorageMode::DockerNfs } else { StorageMode::EfsTls };
-            c.storage.mount_point = mount;
+            // The host mount point exists only in efs-tls mode (docker-nfs refuses one).
+            if !nfs {
+                c.storage.mount_point = mount;
+            }
             c.efs.file_system_id = fs.map(|f| format!("fs-{f}"));
             c.region = region;
             c
