@@ -157,14 +157,17 @@ pub async fn through_api_gateway(clients: &Clients, rest_api_id: &str, profile: 
     let mut report = Report { target: format!("API {rest_api_id}, resource {proxy} (test-invoke)"), steps: Vec::new() };
     for (name, path) in [("heartbeat", format!("/{version}/heartbeat")), ("list collections", format!("/{version}{}", collections_path(profile)))] {
         let t = Instant::now();
-        let out = clients.apigw.test_invoke_method().rest_api_id(rest_api_id).resource_id(&proxy).http_method("ANY").path_with_query_string(&path).send().await;
+        // The request's own verb, as a client sends it: the `ANY` method answers it. The
+        // reference article test-invokes with `--http-method GET` on the `ANY` proxy resource,
+        // as aws-cli `examples/apigateway/test-invoke-method.rst` does on its resources.
+        let out = clients.apigw.test_invoke_method().rest_api_id(rest_api_id).resource_id(&proxy).http_method("GET").path_with_query_string(&path).send().await;
         let millis = t.elapsed().as_secs_f64() * 1000.0;
         let step = match out {
             Ok(o) => {
                 let status = u16::try_from(o.status()).ok();
                 let ok = status == Some(200);
                 let body = o.body().unwrap_or_default();
-                Step { name: name.into(), ok, status, millis, detail: format!("ANY {path}: {}", body.chars().take(200).collect::<String>()) }
+                Step { name: name.into(), ok, status, millis, detail: format!("GET {path}: {}", body.chars().take(200).collect::<String>()) }
             }
             Err(e) => return Err(aws::err("TestInvokeMethod", format!("REST API {rest_api_id}"), e)),
         };

@@ -1005,7 +1005,9 @@ fn v2() -> &'static imgbuild::chroma::Profile {
 async fn smoke_through_api_gateway_passes_when_both_test_invokes_answer_200() {
     let res = resources(&[("root1", "/"), ("prx1", "/{proxy+}")]);
     let invoke = mock!(aws_sdk_apigateway::Client::test_invoke_method)
-        .match_requests(|r| r.rest_api_id() == Some("abc123") && r.resource_id() == Some("prx1") && r.http_method() == Some("ANY"))
+        // The verb the reference article test-invokes the `ANY` proxy method with (and aws-cli
+        // `examples/apigateway/test-invoke-method.rst`): GET, as a client would send it.
+        .match_requests(|r| r.rest_api_id() == Some("abc123") && r.resource_id() == Some("prx1") && r.http_method() == Some("GET"))
         .then_compute_output(|r| invoke_output(200, &format!("answer for {}", r.path_with_query_string().unwrap_or_default())));
     let clients = Aws::default().apigw(&[&res, &invoke]).clients();
 
@@ -1014,8 +1016,8 @@ async fn smoke_through_api_gateway_passes_when_both_test_invokes_answer_200() {
     assert!(report.ok(), "{report:?}");
     assert_eq!(report.steps.len(), 2);
     assert_eq!(report.steps.iter().map(|s| s.status).collect::<Vec<_>>(), vec![Some(200), Some(200)]);
-    assert_eq!(report.steps[0].detail, "ANY /v2/heartbeat: answer for /v2/heartbeat");
-    assert!(report.steps[1].detail.starts_with("ANY /v2/tenants/default_tenant/databases/default_database/collections:"), "{}", report.steps[1].detail);
+    assert_eq!(report.steps[0].detail, "GET /v2/heartbeat: answer for /v2/heartbeat");
+    assert!(report.steps[1].detail.starts_with("GET /v2/tenants/default_tenant/databases/default_database/collections:"), "{}", report.steps[1].detail);
     assert!(report.target.contains("prx1"));
     assert_eq!(invoke.num_calls(), 2);
 }
