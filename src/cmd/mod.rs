@@ -112,6 +112,11 @@ pub fn interrupt_listener() -> Result<impl Future<Output = ()> + Send + 'static>
     }
 }
 
+/// The stack `imgbuild bake` deploys for its prerequisites when the config names none.
+pub(crate) fn bake_prereqs_stack(config: &Config) -> String {
+    format!("{}-bake", config.name)
+}
+
 /// Refuses to prompt without a terminal (CI, pipes) with the way forward this command has; the
 /// shared prompt's own refusal speaks of deploy's flags.
 fn need_terminal(way_forward: &str) -> Result<()> {

@@ -176,6 +176,27 @@ pub async fn destroy(clients: &Clients, name: &str, delete_data: bool, wait_if_b
     Ok(Destroyed { stack: name.into(), existed: true, file_system, file_systems, data_deleted })
 }
 
+/// Deletes a stack that holds no data (the bake's prerequisites): no file systems are looked
+/// for, since that stack shares the project tag with the product's stack and its data.
+pub async fn destroy_stack_only(clients: &Clients, name: &str, wait_if_busy: bool, waits: Waits, progress: &Progress) -> Result<bool> {
+    let Some(s) = stack::describe(&clients.cfn, name).await? else {
+        progress.line(&format!("stack {name} does not exist: nothing to destroy"));
+        return Ok(false);
+    };
+    let status = stack::status_of(&s);
+    if stack::phase(&status) == Phase::InProgress {
+        if !wait_if_busy {
+            return Err(Error::Invalid(format!("stack {name} is {status}: wait for it to finish (or pass --wait)")));
+        }
+        let mut f = stack::EventFollower::start(&clients.cfn, name).await?;
+        stack::wait_stable(&clients.cfn, name, &mut f, waits, progress).await?;
+    }
+    progress.set(&format!("deleting stack {name}"));
+    stack::delete_and_wait(&clients.cfn, name, waits, progress).await?;
+    progress.line(&format!("stack {name} deleted"));
+    Ok(true)
+}
+
 /// The tag imgbuild puts on the stack; CloudFormation propagates stack tags to the resources it
 /// creates.
 const PROJECT_TAG: &str = "imgbuild:project";

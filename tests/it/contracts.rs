@@ -871,3 +871,63 @@ fn config_errors_carry_no_parser_jargon() {
         assert!(!err.contains(jargon), "{jargon:?} in {err}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The bake prerequisites stack: said before it is made, and removable
+
+#[test]
+fn bake_dry_run_says_it_would_deploy_the_prerequisites_stack_and_how_to_remove_it() {
+    let Some(moto) = crate::services::moto() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("imgbuild.yaml"), "name: prereqsaid\nregion: us-east-1\n").unwrap();
+    let out = imgbuild(dir.path()).args(["--endpoint-url", &moto.url, "bake", "--dry-run", "--no-tools"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("deploying the prerequisites stack prereqsaid-bake") && err.contains("imgbuild destroy --bake-prereqs"), "{err}");
+}
+
+#[test]
+fn destroy_bake_prereqs_refuses_delete_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = imgbuild(dir.path()).args(["destroy", "--bake-prereqs", "--delete-data", "--yes"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn destroy_bake_prereqs_deletes_that_stack_and_looks_for_no_file_system() {
+    // The prerequisites stack carries the project tag like the product's stack: a file-system
+    // search by tag would find the product's data, so none is made (no EFS rules here: any EFS
+    // call fails the test).
+    let name = "vectordb-bake";
+    let ds = mock!(aws_sdk_cloudformation::Client::describe_stacks)
+        .match_requests(move |r| r.stack_name() == Some(name))
+        .sequence()
+        .output(move || {
+            aws_sdk_cloudformation::operation::describe_stacks::DescribeStacksOutput::builder()
+                .stacks(
+                    aws_sdk_cloudformation::types::Stack::builder()
+                        .stack_name(name)
+                        .stack_id("arn:aws:cloudformation:us-east-1:123456789012:stack/vectordb-bake/1")
+                        .creation_time(aws_smithy_types::DateTime::from_secs(1_700_000_000))
+                        .stack_status(aws_sdk_cloudformation::types::StackStatus::CreateComplete)
+                        .build(),
+                )
+                .build()
+        })
+        .error(|| {
+            aws_sdk_cloudformation::operation::describe_stacks::DescribeStacksError::generic(meta(
+                "ValidationError",
+                "Stack with id vectordb-bake does not exist",
+            ))
+        })
+        .repeatedly()
+        .build();
+    let events = deleted_stack_events();
+    let del = mock!(aws_sdk_cloudformation::Client::delete_stack)
+        .match_requests(move |r| r.stack_name() == Some(name))
+        .then_output(|| aws_sdk_cloudformation::operation::delete_stack::DeleteStackOutput::builder().build());
+    let clients = Aws::default().cfn(&[&ds, &events, &del]).clients();
+
+    assert!(imgbuild::stack::ops::destroy_stack_only(&clients, name, false, fast(), &quiet()).await.unwrap());
+    assert_eq!(del.num_calls(), 1);
+}
