@@ -15,6 +15,8 @@ struct Session {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     output: Arc<Mutex<String>>,
+    /// Reads the terminal until `script` ends; joined, so the output is complete when read.
+    reader: std::thread::JoinHandle<()>,
 }
 
 /// Starts `imgbuild deploy` on a pseudo-terminal for project `name`.
@@ -36,7 +38,7 @@ fn deploy_on_a_terminal(name: &str, url: &str) -> Option<(Session, tempfile::Tem
     let mut stdout = child.stdout.take().unwrap();
     let output = Arc::new(Mutex::new(String::new()));
     let sink = output.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = stdout.read(&mut buf) {
             if n == 0 {
@@ -45,7 +47,7 @@ fn deploy_on_a_terminal(name: &str, url: &str) -> Option<(Session, tempfile::Tem
             sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
-    Some((Session { child, stdin, output }, dir))
+    Some((Session { child, stdin, output, reader }, dir))
 }
 
 impl Session {
@@ -71,7 +73,8 @@ impl Session {
             assert!(Instant::now() < deadline, "deploy did not end:\n{}", self.output.lock().unwrap());
             std::thread::sleep(Duration::from_millis(50));
         };
-        std::thread::sleep(Duration::from_millis(100));
+        drop(self.stdin);
+        self.reader.join().expect("the terminal reader");
         let out = self.output.lock().unwrap().clone();
         (status.code(), out)
     }

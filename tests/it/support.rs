@@ -8,7 +8,14 @@ use imgbuild::render::{self, Format, Inputs, Mode, Rendered};
 /// No ambient config or AWS settings, and nothing that could reach AWS: for every process a test
 /// starts (the binary, or `script` running it).
 pub fn hermetic(cmd: &mut std::process::Command) -> &mut std::process::Command {
-    cmd.env_remove("IMGBUILD_CONFIG")
+    // The developer's ~/.aws (profiles, SSO, credential_process) must not reach a test: an
+    // empty home of the tests' own, and shared files that do not exist.
+    let home = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hermetic-home");
+    let _ = std::fs::create_dir_all(&home);
+    cmd.env("HOME", &home)
+        .env("AWS_CONFIG_FILE", home.join(".aws/no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", home.join(".aws/no-credentials"))
+        .env_remove("IMGBUILD_CONFIG")
         .env_remove("AWS_PROFILE")
         .env_remove("AWS_ENDPOINT_URL")
         .env("AWS_EC2_METADATA_DISABLED", "true")
