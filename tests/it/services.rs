@@ -51,9 +51,7 @@ fn start(name: &str, program: PathBuf, args: &[String], port: Port, ready: Durat
     let port = match port {
         Port::Chosen(p) => p,
         Port::Announced => loop {
-            let announced = log_text()
-                .lines()
-                .find_map(|l| l.split("Running on http://127.0.0.1:").nth(1).and_then(|p| p.trim().parse::<u16>().ok()));
+            let announced = log_text().lines().find_map(|l| l.split("Running on http://127.0.0.1:").nth(1).and_then(|p| p.trim().parse::<u16>().ok()));
             if let Some(p) = announced {
                 break p;
             }
@@ -76,9 +74,9 @@ fn start(name: &str, program: PathBuf, args: &[String], port: Port, ready: Durat
 
 fn unavailable(program: &str) -> Option<&'static Service> {
     if validators_required() {
-        panic!("{program} is required (IMGBUILD_REQUIRE_VALIDATORS=1): run tests/run, which installs it into .venv");
+        panic!("{program} is not installed: run tests/run, which installs it into .venv (or set IMGBUILD_ALLOW_SKIPS=1 to skip)");
     }
-    eprintln!("skipping: {program} is not installed (tests/run installs it into .venv)");
+    eprintln!("skipping (IMGBUILD_ALLOW_SKIPS=1): {program} is not installed (tests/run installs it into .venv)");
     None
 }
 
