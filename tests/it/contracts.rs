@@ -931,3 +931,82 @@ async fn destroy_bake_prereqs_deletes_that_stack_and_looks_for_no_file_system() 
     assert!(imgbuild::stack::ops::destroy_stack_only(&clients, name, false, fast(), &quiet()).await.unwrap());
     assert_eq!(del.num_calls(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Untested paths
+
+#[tokio::test]
+async fn destroy_that_ends_delete_failed_exits_3_with_the_reason_and_deletes_no_data() {
+    use aws_sdk_cloudformation::types::{ResourceStatus, StackEvent};
+    // DescribeStackEvents (aws-cli `examples/cloudformation/describe-stack-events.rst`): newest
+    // first, each with `ResourceStatus` and, on failure, `ResourceStatusReason`.
+    let ds = describe_stacks(vec![Some(stack("UPDATE_COMPLETE", &[])), Some(stack("DELETE_IN_PROGRESS", &[])), Some(stack("DELETE_FAILED", &[]))]);
+    let ev = |id: &str, logical: &str, kind: &str, status: ResourceStatus, reason: Option<&str>| {
+        StackEvent::builder()
+            .event_id(id)
+            .stack_id(STACK_ID)
+            .stack_name(STACK)
+            .logical_resource_id(logical)
+            .resource_type(kind)
+            .resource_status(status)
+            .set_resource_status_reason(reason.map(String::from))
+            .timestamp(aws_smithy_types::DateTime::from_secs(1_700_000_100))
+            .build()
+    };
+    let events = mock!(aws_sdk_cloudformation::Client::describe_stack_events)
+        .sequence()
+        .output(|| aws_sdk_cloudformation::operation::describe_stack_events::DescribeStackEventsOutput::builder().build())
+        .output(move || {
+            aws_sdk_cloudformation::operation::describe_stack_events::DescribeStackEventsOutput::builder()
+                .stack_events(ev(
+                    "e3",
+                    STACK,
+                    "AWS::CloudFormation::Stack",
+                    ResourceStatus::DeleteFailed,
+                    Some("The following resource(s) failed to delete: [ServiceSecurityGroup]. "),
+                ))
+                .stack_events(ev(
+                    "e2",
+                    "ServiceSecurityGroup",
+                    "AWS::EC2::SecurityGroup",
+                    ResourceStatus::DeleteFailed,
+                    Some("resource sg-0123456789abcdef0 has a dependent object (Service: Ec2, Status Code: 400)"),
+                ))
+                .stack_events(ev("e1", STACK, "AWS::CloudFormation::Stack", ResourceStatus::DeleteInProgress, Some("User Initiated")))
+                .build()
+        })
+        .repeatedly()
+        .build();
+    let del = mock!(aws_sdk_cloudformation::Client::delete_stack)
+        .then_output(|| aws_sdk_cloudformation::operation::delete_stack::DeleteStackOutput::builder().build());
+    // No EFS rules: a failed stack deletion must not go on to the data.
+    let clients = Aws::default().cfn(&[&ds, &events, &del]).clients();
+
+    let err = imgbuild::stack::ops::destroy(&clients, STACK, true, false, fast(), &quiet()).await.unwrap_err();
+
+    match &err {
+        Error::StackFailed { status, failures, .. } => {
+            assert_eq!(status, "DELETE_FAILED");
+            assert!(failures.iter().any(|f| f.contains("ServiceSecurityGroup") && f.contains("dependent object")), "{failures:?}");
+        }
+        other => panic!("expected StackFailed, got {other:?}"),
+    }
+    assert_eq!(err.exit_code(), 3);
+}
+
+/// The bake script passes shellcheck for every configuration the product renders (validate
+/// checks only the config it is given).
+#[test]
+fn the_bake_script_passes_shellcheck_for_every_config_variant() {
+    if crate::support::tool("shellcheck").is_none() {
+        return;
+    }
+    for (name, config, _) in crate::support::configs() {
+        let profile = imgbuild::chroma::profile(&imgbuild::chroma::parse_version(&config.chroma.version).unwrap()).unwrap();
+        let (script, _) = imgbuild::bake::bake_script(&config, profile).unwrap();
+        let report = imgbuild::check::userdata::validate_script("bake.sh", &script, imgbuild::check::userdata::Tools::Required);
+        let failures: Vec<_> = report.failures().map(|c| format!("{}: {}", c.name, c.detail)).collect();
+        assert!(failures.is_empty(), "{name}: {failures:?}");
+        assert!(report.checks.iter().any(|c| c.name.contains("shellcheck")), "{name}: shellcheck ran: {:?}", report.checks);
+    }
+}
