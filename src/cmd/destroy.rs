@@ -7,7 +7,6 @@ use super::*;
 use crate::cli::DestroyArgs;
 use crate::config::Context;
 use crate::error::{Error, Result};
-use crate::stack::changeset::{Confirmer, TtyConfirmer};
 use crate::ui::Ui;
 use crate::ui::progress::Progress;
 
@@ -18,7 +17,7 @@ pub(super) fn destroy(args: DestroyArgs, ctx: &Context, ui: Ui) -> Result<()> {
     let name = ctx.config.stack_name().to_string();
     let waits = waits(&ctx.config, &args.wait);
     let done = with_clients(ctx, |clients| async move {
-        let interrupt = interrupt_listener()?;
+        let mut interrupt = Box::pin(interrupt_listener()?);
         if !args.yes {
             super::need_terminal("pass --yes to delete without asking")?;
             let question = if args.delete_data {
@@ -26,7 +25,7 @@ pub(super) fn destroy(args: DestroyArgs, ctx: &Context, ui: Ui) -> Result<()> {
             } else {
                 format!("Delete stack {name}? (its EFS file systems and data are kept)")
             };
-            if !TtyConfirmer.confirm(&question).await? {
+            if !super::confirm_or_interrupt(&question, &mut interrupt).await? {
                 return Err(Error::Declined("declined: nothing was deleted".into()));
             }
         }
@@ -50,10 +49,15 @@ fn destroy_bake_prereqs(args: DestroyArgs, ctx: &Context, ui: Ui) -> Result<()> 
     let name = super::bake_prereqs_stack(&ctx.config);
     let waits = waits(&ctx.config, &args.wait);
     let existed = with_clients(ctx, |clients| async move {
-        let interrupt = interrupt_listener()?;
+        let mut interrupt = Box::pin(interrupt_listener()?);
         if !args.yes {
             super::need_terminal("pass --yes to delete without asking")?;
-            if !TtyConfirmer.confirm(&format!("Delete the bake prerequisites stack {name}? (`imgbuild bake` deploys it again when needed)")).await? {
+            if !super::confirm_or_interrupt(
+                &format!("Delete the bake prerequisites stack {name}? (`imgbuild bake` deploys it again when needed)"),
+                &mut interrupt,
+            )
+            .await?
+            {
                 return Err(Error::Declined("declined: nothing was deleted".into()));
             }
         }

@@ -112,6 +112,16 @@ pub fn interrupt_listener() -> Result<impl Future<Output = ()> + Send + 'static>
     }
 }
 
+/// Asks on the terminal, or ends with Ctrl-C: once `interrupt` listens, SIGINT no longer stops
+/// the process by itself, so a prompt that does not race it would ignore Ctrl-C.
+async fn confirm_or_interrupt(question: &str, interrupt: &mut (impl Future<Output = ()> + Unpin)) -> Result<bool> {
+    use crate::stack::changeset::Confirmer;
+    tokio::select! {
+        answer = crate::stack::changeset::TtyConfirmer.confirm(question) => answer,
+        _ = interrupt => Err(Error::Interrupted { cleaned: Vec::new() }),
+    }
+}
+
 /// The stack `imgbuild bake` deploys for its prerequisites when the config names none.
 pub(crate) fn bake_prereqs_stack(config: &Config) -> String {
     format!("{}-bake", config.name)

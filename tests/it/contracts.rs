@@ -490,52 +490,103 @@ fn doctor_without_credentials_says_what_is_missing_in_plain_words() {
     assert!(creds["fix"].as_str().unwrap().contains("aws configure"));
 }
 
-/// Answering "n" at destroy's prompt is a decision, not a usage error: exit 4, nothing deleted.
-/// `script` gives the binary a pseudo-terminal; the answer is typed once the prompt is seen.
-#[test]
-fn destroy_declined_at_the_prompt_exits_4() {
-    let Some(script) = crate::support::tool("script") else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run.sh");
-    // A closed loopback port: were anything sent to AWS, it could not leave the machine.
-    std::fs::write(&run, format!("exec '{}' --endpoint-url http://127.0.0.1:9 destroy\n", env!("CARGO_BIN_EXE_imgbuild"))).unwrap();
-    let mut child = hermetic(&mut std::process::Command::new(script))
-        .args(["-qefc", &format!("bash '{}'", run.display()), "/dev/null"])
-        .current_dir(dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        let mut seen = String::new();
-        let mut buf = [0u8; 1024];
-        let mut stdout = stdout;
-        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
-            if n == 0 {
-                break;
+/// imgbuild on a pseudo-terminal (`script` gives it one), run in a fresh directory with a closed
+/// loopback endpoint (were anything sent to AWS, it could not leave the machine).
+struct Terminal {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    seen: std::sync::mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Terminal {
+    fn start(args: &str) -> Option<Terminal> {
+        let script = crate::support::tool("script")?;
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run.sh");
+        std::fs::write(&run, format!("exec '{}' --endpoint-url http://127.0.0.1:9 {args}\n", env!("CARGO_BIN_EXE_imgbuild"))).unwrap();
+        let mut child = hermetic(&mut std::process::Command::new(script))
+            .args(["-qefc", &format!("bash '{}'", run.display()), "/dev/null"])
+            .current_dir(dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, seen) = std::sync::mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                all.push_str(&String::from_utf8_lossy(&buf[..n]));
+                let _ = tx.send(all.clone());
             }
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-            let _ = tx.send(seen.clone());
-        }
-        seen
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let seen = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())).expect("the prompt within 60 s");
-        if seen.contains("[y/N]") {
-            break;
+            all
+        });
+        Some(Terminal { child, stdin, seen, reader, _dir: dir })
+    }
+
+    /// Waits (bounded) until the terminal shows `text`.
+    fn wait_for(&self, text: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let all = self.seen.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())).unwrap_or_else(|_| panic!("never saw {text:?}"));
+            if all.contains(text) {
+                return;
+            }
         }
     }
-    std::io::Write::write_all(&mut stdin, b"n\n").unwrap();
-    let status = child.wait().unwrap();
-    drop(stdin);
-    let seen = reader.join().unwrap();
-    assert_eq!(status.code(), Some(4), "{seen}");
+
+    fn type_in(&mut self, bytes: &[u8]) {
+        std::io::Write::write_all(&mut self.stdin, bytes).unwrap();
+        std::io::Write::flush(&mut self.stdin).unwrap();
+    }
+
+    /// The exit code and everything the terminal showed, once the process has ended (bounded).
+    fn finish(mut self) -> (Option<i32>, String) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("imgbuild did not end within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        drop(self.stdin);
+        (status.code(), self.reader.join().unwrap())
+    }
+}
+
+/// Answering "n" at destroy's prompt is a decision, not a usage error: exit 4, nothing deleted.
+#[test]
+fn destroy_declined_at_the_prompt_exits_4() {
+    let Some(mut t) = Terminal::start("destroy") else { return };
+    t.wait_for("[y/N]");
+    t.type_in(b"n\n");
+    let (code, seen) = t.finish();
+    assert_eq!(code, Some(4), "{seen}");
     assert!(seen.contains("declined: nothing was deleted"), "{seen}");
+}
+
+/// Ctrl-C at destroy's prompt ends it at once with 130 and nothing deleted (the terminal turns
+/// ^C into SIGINT, as a keyboard does); the Ctrl-C handler must not leave the prompt deaf to it.
+#[test]
+fn ctrl_c_at_the_destroy_prompt_exits_130() {
+    let Some(mut t) = Terminal::start("destroy") else { return };
+    t.wait_for("[y/N]");
+    t.type_in(b"\x03");
+    let (code, seen) = t.finish();
+    assert_eq!(code, Some(130), "{seen}");
+    assert!(seen.contains("interrupted"), "{seen}");
 }
 
 /// Files imgbuild writes hold no secret: a new one follows the umask like any program's (it was
