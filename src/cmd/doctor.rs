@@ -54,6 +54,15 @@ fn credentials_problem(e: &aws_credential_types::provider::error::CredentialsErr
     }
 }
 
+fn subnet_missing(subnet: &str) -> Finding {
+    problem(
+        "build subnet",
+        Verdict::Fail,
+        format!("{subnet} does not exist here"),
+        "fix bake.subnet_id, or remove the four bake.* prerequisites so bake makes them",
+    )
+}
+
 /// The checks, in order. Later checks need earlier ones (no credentials: no account).
 pub async fn checks(conf: &aws_config::SdkConfig, clients: &Clients, ctx: &Context, sts: &aws_sdk_sts::Client) -> Vec<Finding> {
     let mut out = Vec::new();
@@ -120,11 +129,15 @@ pub async fn checks(conf: &aws_config::SdkConfig, clients: &Clients, ctx: &Conte
     match &config.bake.subnet_id {
         Some(subnet) => match clients.ec2.describe_subnets().subnet_ids(subnet).send().await {
             Ok(s) if !s.subnets().is_empty() => out.push(ok("build subnet", format!("{subnet} (bake.subnet_id)"))),
-            Ok(_) | Err(_) => out.push(problem(
+            // EC2 answers an unknown id with this code (EC2 API reference, "Error codes").
+            Ok(_) => out.push(subnet_missing(subnet)),
+            Err(e) if e.as_service_error().and_then(aws::code) == Some("InvalidSubnetID.NotFound") => out.push(subnet_missing(subnet)),
+            // Anything else (no permission, throttling) says nothing about the subnet.
+            Err(e) => out.push(problem(
                 "build subnet",
-                Verdict::Fail,
-                format!("{subnet} does not exist here"),
-                "fix bake.subnet_id, or remove the four bake.* prerequisites so bake makes them",
+                Verdict::Warn,
+                format!("could not check {subnet}: {}", aws::err("DescribeSubnets", format!("subnet {subnet}"), e)),
+                "allow ec2:DescribeSubnets, then run doctor again",
             )),
         },
         None => out.push(ok("build subnet", format!("bake makes its own (stack {}-bake) when first needed", config.name))),

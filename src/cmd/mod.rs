@@ -5,7 +5,7 @@
 mod bake;
 mod deploy;
 mod destroy;
-mod doctor;
+pub mod doctor;
 mod images;
 mod init;
 mod render;

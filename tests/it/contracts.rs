@@ -1061,3 +1061,152 @@ fn the_bake_script_passes_shellcheck_for_every_config_variant() {
         assert!(report.checks.iter().any(|c| c.name.contains("shellcheck")), "{name}: shellcheck ran: {:?}", report.checks);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Each doctor check, against scripted answers
+
+struct Doctor {
+    ec2: Vec<Rule>,
+    cfn: Vec<Rule>,
+    config: Config,
+}
+
+impl Doctor {
+    /// An account where everything is fine: GetCallerIdentity (aws-cli
+    /// `examples/sts/get-caller-identity.rst`: `UserId`, `Account`, `Arn`), both parameters,
+    /// few VPCs and addresses, no stack.
+    fn fine() -> Doctor {
+        Doctor { ec2: vec![vpcs(1), addresses(0)], cfn: vec![describe_stacks(vec![None])], config: Config::default() }
+    }
+
+    async fn run(self) -> Vec<imgbuild::cmd::doctor::Finding> {
+        let retry = RetryConfig::standard().with_initial_backoff(Duration::from_millis(1));
+        let identity = mock!(aws_sdk_sts::Client::get_caller_identity).then_output(|| {
+            aws_sdk_sts::operation::get_caller_identity::GetCallerIdentityOutput::builder()
+                .user_id("AIDASAMPLEUSERID")
+                .account("123456789012")
+                .arn("arn:aws:iam::123456789012:user/DevAdmin")
+                .build()
+        });
+        let sts = mocked!(aws_sdk_sts, [identity], retry.clone());
+        let [_, stock] = stock_parameters();
+        let handoff = mock!(aws_sdk_ssm::Client::get_parameter).match_requests(|r| r.name() == Some("/imgbuild/vectordb/ami")).then_output(|| {
+            aws_sdk_ssm::operation::get_parameter::GetParameterOutput::builder()
+                .parameter(aws_sdk_ssm::types::Parameter::builder().name("/imgbuild/vectordb/ami").value(FLAG_AMI).build())
+                .build()
+        });
+        let mut aws = Aws::default().ssm(&[&handoff, &stock]);
+        aws.ec2 = self.ec2;
+        aws.cfn = self.cfn;
+        let clients = aws.clients();
+        let conf = aws_config::SdkConfig::builder()
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_credential_types::provider::SharedCredentialsProvider::new(aws_credential_types::Credentials::new(
+                "AKIAIOSFODNN7EXAMPLE",
+                "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+                None,
+                None,
+                "test",
+            )))
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        let ctx =
+            imgbuild::config::Context { config: self.config, source: imgbuild::config::Source::Defaults, region: None, profile: None, endpoint_url: None };
+        imgbuild::cmd::doctor::checks(&conf, &clients, &ctx, &sts).await
+    }
+}
+
+/// DescribeVpcs with `n` VPCs (aws-cli `examples/ec2/describe-vpcs.rst`).
+fn vpcs(n: usize) -> Rule {
+    mock!(aws_sdk_ec2::Client::describe_vpcs).then_output(move || {
+        let mut b = aws_sdk_ec2::operation::describe_vpcs::DescribeVpcsOutput::builder();
+        for i in 0..n {
+            b = b.vpcs(aws_sdk_ec2::types::Vpc::builder().vpc_id(format!("vpc-0a60eb65b4{i:07}")).cidr_block("10.0.0.0/16").build());
+        }
+        b.build()
+    })
+}
+
+/// DescribeAddresses with `n` Elastic IPs (aws-cli `examples/ec2/describe-addresses.rst`).
+fn addresses(n: usize) -> Rule {
+    mock!(aws_sdk_ec2::Client::describe_addresses).then_output(move || {
+        let mut b = aws_sdk_ec2::operation::describe_addresses::DescribeAddressesOutput::builder();
+        for i in 0..n {
+            b = b.addresses(aws_sdk_ec2::types::Address::builder().public_ip(format!("203.0.113.{i}")).allocation_id(format!("eipalloc-0{i:016}")).build());
+        }
+        b.build()
+    })
+}
+
+fn finding<'a>(all: &'a [imgbuild::cmd::doctor::Finding], check: &str) -> &'a imgbuild::cmd::doctor::Finding {
+    all.iter().find(|f| f.check == check).unwrap_or_else(|| panic!("no {check} in {all:?}"))
+}
+
+fn verdict(f: &imgbuild::cmd::doctor::Finding) -> String {
+    serde_json::to_value(f.verdict).unwrap().as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn doctor_passes_every_check_on_a_ready_account() {
+    let all = Doctor::fine().run().await;
+    for check in ["region", "credentials", "account", "AL2023 image", "baked image", "build subnet", "VPC quota", "Elastic IP quota", "stack"] {
+        assert_eq!(verdict(finding(&all, check)), "ok", "{check}: {all:?}");
+    }
+    assert_eq!(finding(&all, "credentials").detail, "found (access key AKIA...)", "the key id's first four characters, never the secret");
+    assert!(!format!("{all:?}").contains("wJalr"), "the secret never shows");
+    assert!(finding(&all, "account").detail.starts_with("123456789012 as arn:aws:iam::123456789012:user/DevAdmin"));
+}
+
+#[tokio::test]
+async fn doctor_warns_on_the_vpc_and_elastic_ip_quotas_a_deploy_would_exceed() {
+    let mut d = Doctor::fine();
+    d.config.stack.nat_gateways = imgbuild::config::NatGateways::PerAz;
+    d.ec2 = vec![vpcs(4), addresses(4)];
+    let all = d.run().await;
+    let vpc = finding(&all, "VPC quota");
+    assert_eq!(verdict(vpc), "warn");
+    assert!(vpc.detail.contains("4 VPCs") && vpc.fix.as_deref().unwrap().contains("L-F678F1CE"), "{vpc:?}");
+    let eip = finding(&all, "Elastic IP quota");
+    assert_eq!(verdict(eip), "warn");
+    assert!(eip.detail.contains("needs 2 more") && eip.fix.as_deref().unwrap().contains("nat_gateways: one"), "{eip:?}");
+}
+
+#[tokio::test]
+async fn doctor_tells_a_missing_build_subnet_from_one_it_may_not_read() {
+    use aws_sdk_ec2::operation::describe_subnets::DescribeSubnetsError;
+    let mut d = Doctor::fine();
+    d.config.bake.subnet_id = Some("subnet-0123456789abcdef0".into());
+    // EC2 answers an unknown subnet id with InvalidSubnetID.NotFound (EC2 API reference, "Error
+    // codes for the Amazon EC2 API").
+    d.ec2.push(
+        mock!(aws_sdk_ec2::Client::describe_subnets)
+            .then_error(|| DescribeSubnetsError::generic(meta("InvalidSubnetID.NotFound", "The subnet ID 'subnet-0123456789abcdef0' does not exist"))),
+    );
+    let all = d.run().await;
+    let f = finding(&all, "build subnet");
+    assert_eq!(verdict(f), "fail");
+    assert!(f.detail.contains("does not exist"), "{f:?}");
+
+    let mut d = Doctor::fine();
+    d.config.bake.subnet_id = Some("subnet-0123456789abcdef0".into());
+    // No permission is UnauthorizedOperation: it says nothing about the subnet.
+    d.ec2.push(
+        mock!(aws_sdk_ec2::Client::describe_subnets)
+            .then_error(|| DescribeSubnetsError::generic(meta("UnauthorizedOperation", "You are not authorized to perform this operation."))),
+    );
+    let all = d.run().await;
+    let f = finding(&all, "build subnet");
+    assert_eq!(verdict(f), "warn");
+    assert!(!f.detail.contains("does not exist") && f.detail.contains("UnauthorizedOperation"), "{f:?}");
+    assert!(f.fix.as_deref().unwrap().contains("ec2:DescribeSubnets"));
+}
+
+#[tokio::test]
+async fn doctor_warns_about_a_failed_stack() {
+    let mut d = Doctor::fine();
+    d.cfn = vec![describe_stacks(vec![Some(stack("UPDATE_ROLLBACK_FAILED", &[]))])];
+    let all = d.run().await;
+    let f = finding(&all, "stack");
+    assert_eq!(verdict(f), "warn");
+    assert!(f.detail.contains("UPDATE_ROLLBACK_FAILED") && f.fix.is_some(), "{f:?}");
+}
