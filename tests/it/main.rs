@@ -14,6 +14,7 @@ mod interrupt;
 mod layers;
 mod mocks;
 mod moto;
+mod readme;
 mod render;
 mod secrets;
 mod services;
