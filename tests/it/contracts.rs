@@ -766,6 +766,10 @@ fn stock_parameters() -> [Rule; 2] {
 }
 
 async fn deploy_yes(cfn: &[&Rule]) -> imgbuild::Result<serde_json::Value> {
+    deploy_yes_with(cfn, None).await
+}
+
+async fn deploy_yes_with(cfn: &[&Rule], template: Option<std::path::PathBuf>) -> imgbuild::Result<serde_json::Value> {
     let [handoff, stock] = stock_parameters();
     let clients = Aws::default().ssm(&[&handoff, &stock]).cfn(cfn).clients();
     let ctx =
@@ -773,7 +777,7 @@ async fn deploy_yes(cfn: &[&Rule]) -> imgbuild::Result<serde_json::Value> {
     let args = imgbuild::cli::DeployArgs {
         ami: None,
         mode: None,
-        template: None,
+        template,
         yes: true,
         no_execute: false,
         wait: imgbuild::cli::WaitArgs { wait: false, timeout: Some(5) },
@@ -1209,4 +1213,23 @@ async fn doctor_warns_about_a_failed_stack() {
     let f = finding(&all, "stack");
     assert_eq!(verdict(f), "warn");
     assert!(f.detail.contains("UPDATE_ROLLBACK_FAILED") && f.fix.is_some(), "{f:?}");
+}
+
+/// A template in which the user-data replaced nothing (no launch template) would deploy
+/// instances that never boot Chroma: refused before CloudFormation sees it (no CloudFormation
+/// rules here: any call fails the test).
+#[tokio::test]
+async fn a_template_without_a_launch_template_is_refused_before_any_change_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-launch-template.yaml");
+    std::fs::write(
+        &path,
+        "AWSTemplateFormatVersion: '2010-09-09'\nResources:\n  Vpc:\n    Type: AWS::EC2::VPC\n    Properties:\n      CidrBlock: 10.0.0.0/16\n",
+    )
+    .unwrap();
+    let err = deploy_yes_with(&[], Some(path)).await.unwrap_err();
+    match &err {
+        Error::Invalid(m) => assert!(m.contains("no-launch-template.yaml") && m.contains("AWS::EC2::LaunchTemplate"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 }
