@@ -166,7 +166,8 @@ pub async fn bake_flow(
                     String::new()
                 }
             ));
-            print!("{document}");
+            // print! panics on a closed stdout (`| head -1`); ui notes the pipe instead.
+            crate::ui::note_write(std::io::stdout().lock().write_all(document.as_bytes()));
         }
         return Ok(plan_doc);
     }

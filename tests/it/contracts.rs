@@ -1233,3 +1233,12 @@ async fn a_template_without_a_launch_template_is_refused_before_any_change_set()
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+/// `imgbuild bake --dry-run | head -1`: the document meets a closed stdout; no panic (101).
+#[test]
+fn bake_dry_run_on_a_closed_stdout_ends_with_141() {
+    let Some(moto) = crate::services::moto() else { return };
+    let (code, said) = with_closed(&["--endpoint-url", &moto.url, "bake", "--dry-run", "--no-tools"], true, false);
+    assert_eq!(code, Some(141), "{said}");
+    assert!(!said.contains("panicked"), "{said}");
+}
