@@ -114,8 +114,9 @@ fn no_at_the_prompt_changes_nothing_and_yes_deploys() {
     s.wait_for("[y/N]");
     s.type_in(b"n\r");
     let (code, out) = s.finish();
-    assert_eq!(code, Some(2), "{out}");
-    assert!(out.contains("not confirmed: the change set was deleted and nothing changed"), "{out}");
+    // Declining is a decision, not a usage error: the documented exit 4.
+    assert_eq!(code, Some(4), "{out}");
+    assert!(out.contains("declined: the change set was deleted and nothing changed"), "{out}");
     assert_eq!(stack_status(&moto.url, "answered"), None);
 
     let Some((mut s, _dir)) = deploy_on_a_terminal("answered", &moto.url) else { return };

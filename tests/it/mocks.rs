@@ -757,8 +757,8 @@ async fn deploy_declined_at_the_prompt_removes_the_change_set_and_the_review_sta
     let err = deploy::run(&clients, &plan(Confirm::Prompt), &quiet(), &cleanup, &no).await.unwrap_err();
 
     match &err {
-        Error::Invalid(m) => assert!(m.contains("not confirmed"), "{m}"),
-        other => panic!("expected Invalid, got {other:?}"),
+        Error::Declined(m) => assert!(m.contains("declined"), "{m}"),
+        other => panic!("expected Declined, got {other:?}"),
     }
     assert_eq!(no.asked(), vec!["Execute these 1 changes on stack vectordb?".to_string()]);
     assert_eq!(del_cs.num_calls(), 1);
