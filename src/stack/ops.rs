@@ -145,7 +145,7 @@ pub struct Destroyed {
 
 pub async fn destroy(clients: &Clients, name: &str, delete_data: bool, wait_if_busy: bool, waits: Waits, progress: &Progress) -> Result<Destroyed> {
     let Some(s) = stack::describe(&clients.cfn, name).await? else {
-        let retained = stack_file_systems(clients, name, None).await?;
+        let retained = retained_or_warn(clients, name, None, progress).await;
         if retained.is_empty() {
             progress.line(&format!("stack {name} does not exist: nothing to destroy"));
         } else {
@@ -169,11 +169,23 @@ pub async fn destroy(clients: &Clients, name: &str, delete_data: bool, wait_if_b
     progress.line(&format!("stack {name} deleted"));
 
     let mut file_systems: Vec<String> = file_system.iter().cloned().collect();
-    file_systems.extend(stack_file_systems(clients, name, project.as_deref()).await?);
+    file_systems.extend(retained_or_warn(clients, name, project.as_deref(), progress).await);
     file_systems.sort();
     file_systems.dedup();
     let data_deleted = settle_file_systems(clients, &file_systems, delete_data, waits, progress).await?;
     Ok(Destroyed { stack: name.into(), existed: true, file_system, file_systems, data_deleted })
+}
+
+/// The retained file systems, or none with a warning when EFS cannot be asked (no permission):
+/// the stack is gone by then, and the one its outputs named is still reported.
+async fn retained_or_warn(clients: &Clients, name: &str, project: Option<&str>, progress: &Progress) -> Vec<String> {
+    match stack_file_systems(clients, name, project).await {
+        Ok(found) => found,
+        Err(e) => {
+            progress.line(&format!("warning: could not look for file systems stack {name} retained ({e}); check with `aws efs describe-file-systems`"));
+            Vec::new()
+        }
+    }
 }
 
 /// Deletes a stack that holds no data (the bake's prerequisites): no file systems are looked

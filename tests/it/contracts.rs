@@ -1242,3 +1242,29 @@ fn bake_dry_run_on_a_closed_stdout_ends_with_141() {
     assert_eq!(code, Some(141), "{said}");
     assert!(!said.contains("panicked"), "{said}");
 }
+
+/// Without efs:DescribeFileSystems, destroy still deletes the stack and reports the file system
+/// its outputs named (the search for retained ones only warns).
+#[tokio::test]
+async fn destroy_without_permission_to_list_file_systems_still_reports_the_stacks_own() {
+    let mut with_output = stack("UPDATE_COMPLETE", &[]);
+    with_output.outputs = Some(vec![aws_sdk_cloudformation::types::Output::builder().output_key("FileSystemId").output_value(FS_RETAINED).build()]);
+    let ds = describe_stacks(vec![Some(with_output), None]);
+    let events = deleted_stack_events();
+    let del = mock!(aws_sdk_cloudformation::Client::delete_stack)
+        .then_output(|| aws_sdk_cloudformation::operation::delete_stack::DeleteStackOutput::builder().build());
+    // EFS answers a missing permission with AccessDeniedException (HTTP 403).
+    let listed = mock!(aws_sdk_efs::Client::describe_file_systems).then_error(|| {
+        aws_sdk_efs::operation::describe_file_systems::DescribeFileSystemsError::generic(meta(
+            "AccessDeniedException",
+            "User is not authorized to perform: elasticfilesystem:DescribeFileSystems",
+        ))
+    });
+    let clients = Aws::default().cfn(&[&ds, &events, &del]).efs(&[&listed]).clients();
+
+    let d = imgbuild::stack::ops::destroy(&clients, STACK, false, false, fast(), &quiet()).await.unwrap();
+
+    assert!(d.existed && !d.data_deleted);
+    assert_eq!(d.file_systems, vec![FS_RETAINED.to_string()]);
+    assert_eq!(del.num_calls(), 1);
+}
