@@ -94,7 +94,7 @@ pub async fn choose(clients: &Clients, config: &Config, flag: Option<&str>, mode
     };
     // AWS keeps the stock parameter per architecture; anything else is checked before a
     // change set exists.
-    if choice.source != (Source::Stock { parameter: base_parameter(arch_of(&config.stack.instance_type)).to_string() }) {
+    if !matches!(choice.source, Source::Stock { .. }) {
         check_image(clients, config, &choice.ami, choice.mode, mode.is_some()).await?;
     }
     Ok(choice)
