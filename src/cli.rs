@@ -83,6 +83,9 @@ pub enum Command {
     /// List or prune the images bake made.
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// The same stack in many accounts and regions, as one CloudFormation StackSet.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Check this machine and account before a deploy: credentials, region, account, network,
     /// the AL2023 parameter, quotas. Says what to do about each problem.
     Doctor,
@@ -114,6 +117,78 @@ pub struct BakeArgs {
     pub timeout: Option<u64>,
     #[command(flatten)]
     pub tools: ToolArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Create or update the StackSet and its instances: shows what each target gets, asks, runs.
+    Deploy(FleetDeployArgs),
+    /// Each stack instance: status and reason, drift, image, the last operation.
+    Status(FleetStatusArgs),
+    /// Remove the stack instances (each file system is kept), then the StackSet.
+    Destroy(FleetDestroyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FleetTargetArgs {
+    /// Target accounts (comma-separated) instead of fleet.accounts.
+    #[arg(long, value_delimiter = ',', value_name = "ID,...")]
+    pub accounts: Vec<String>,
+    /// Target organizational units (comma-separated) instead of fleet.organizational_units.
+    #[arg(long, value_delimiter = ',', value_name = "OU,...")]
+    pub organizational_units: Vec<String>,
+    /// Regions, in deployment order (comma-separated), instead of fleet.regions.
+    #[arg(long, value_delimiter = ',', value_name = "REGION,...")]
+    pub regions: Vec<String>,
+    /// Targets at once per region: a count or a percentage [default: fleet.max_concurrent].
+    #[arg(long, value_name = "N|N%")]
+    pub max_concurrent: Option<String>,
+    /// Failed targets per region before CloudFormation stops: a count or a percentage
+    /// [default: fleet.failure_tolerance].
+    #[arg(long, value_name = "N|N%")]
+    pub failure_tolerance: Option<String>,
+    /// Deploy the regions in parallel instead of one after another.
+    #[arg(long)]
+    pub parallel_regions: bool,
+    /// Longest wait for each operation, in seconds [default: aws.stack_timeout_secs].
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct FleetDeployArgs {
+    #[command(flatten)]
+    pub targets: FleetTargetArgs,
+    /// Deploy this template instead of the embedded infra/stack.yaml.
+    #[arg(long, value_name = "FILE")]
+    pub template: Option<PathBuf>,
+    /// Run without asking.
+    #[arg(long, short = 'y', conflicts_with = "dry_run")]
+    pub yes: bool,
+    /// Show what each target would get and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub tools: ToolArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FleetStatusArgs {
+    /// Run drift detection (DetectStackSetDrift) first and wait for it.
+    #[arg(long)]
+    pub drift: bool,
+    /// Longest wait for drift detection, in seconds [default: aws.stack_timeout_secs].
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct FleetDestroyArgs {
+    #[command(flatten)]
+    pub targets: FleetTargetArgs,
+    /// Delete without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -164,6 +239,10 @@ pub struct DeployArgs {
     /// Create the change set and show the diff, but leave it for review.
     #[arg(long)]
     pub no_execute: bool,
+    /// With stock AL2023: move to the AMI AWS publishes now instead of the one the stack runs
+    /// (which replaces the instance).
+    #[arg(long)]
+    pub update_base: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
     #[command(flatten)]

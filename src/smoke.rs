@@ -154,12 +154,19 @@ pub async fn through_api_gateway(clients: &Clients, rest_api_id: &str, profile: 
         .ok_or_else(|| Error::Invalid(format!("REST API {rest_api_id} has no /{{proxy+}} resource: is it the imgbuild stack's API?")))?
         .to_string();
     let version = if profile.api == ApiVersions::V1Only { "v1" } else { "v2" };
-    let mut report = Report { target: format!("API {rest_api_id}, resource {proxy} (test-invoke)"), steps: Vec::new() };
+    // Test-invoke runs the API's current methods, not the deployed stage, and skips the VPC
+    // endpoint and the resource policy: it proves the method, its integration, the VPC link,
+    // the NLB and Chroma, and says so.
+    let mut report = Report {
+        target: format!(
+            "API {rest_api_id}, resource {proxy} (test-invoke: method, integration, VPC link, NLB, Chroma; not the endpoint, resource policy or deployed stage)"
+        ),
+        steps: Vec::new(),
+    };
     for (name, path) in [("heartbeat", format!("/{version}/heartbeat")), ("list collections", format!("/{version}{}", collections_path(profile)))] {
         let t = Instant::now();
-        // The request's own verb, as a client sends it: the `ANY` method answers it. The
-        // reference article test-invokes with `--http-method GET` on the `ANY` proxy resource,
-        // as aws-cli `examples/apigateway/test-invoke-method.rst` does on its resources.
+        // The verb a client sends: the ANY method answers it and the HTTP_PROXY integration passes
+        // it on. "ANY" itself is no HTTP verb a client sends, nor one Chroma serves.
         let out = clients.apigw.test_invoke_method().rest_api_id(rest_api_id).resource_id(&proxy).http_method("GET").path_with_query_string(&path).send().await;
         let millis = t.elapsed().as_secs_f64() * 1000.0;
         let step = match out {

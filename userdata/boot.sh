@@ -1,19 +1,65 @@
 #!/bin/bash
-# imgbuild boot: resolves the deploy-time values, {% if efs_tls %}mounts EFS with TLS, {% endif %}starts Chroma.
-# Runs once per instance; it downloads nothing.
+# imgbuild boot: runs once per instance. Resolves the deploy-time values, writes the fstab line
+# and the env file, starts chroma.service (which mounts EFS, checks the guards and takes the
+# writer lock on every start), then signals the stack. Downloads nothing.
 set -euo pipefail
 
+root="${IMGBUILD_ROOT:-}"
+readonly imds_endpoint="${IMDS_ENDPOINT:-http://169.254.169.254}"
+readonly chroma_endpoint="${IMGBUILD_CHROMA_ENDPOINT:-http://127.0.0.1:{{ port }}}"
+# Every call below is bounded; the heartbeat wait stops at this deadline.
+readonly deadline=$((SECONDS + {{ boot_secs }}))
+
 log() { echo "imgbuild-boot: $*" >&2; }
-die() { log "error: $*"; exit 1; }
 
 # Instance metadata over IMDSv2 (tokens are required by the launch template).
 imds() {
   local token
-  token=$(curl -fsS --retry 3 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 300" \
-    http://169.254.169.254/latest/api/token)
-  curl -fsS --retry 3 -H "X-aws-ec2-metadata-token: ${token}" \
-    "http://169.254.169.254/latest/meta-data/$1"
+  token=$(curl -fsS --max-time 5 --retry 3 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 300" \
+    "${imds_endpoint}/latest/api/token") || return 1
+  curl -fsS --max-time 5 --retry 3 -H "X-aws-ec2-metadata-token: ${token}" \
+    "${imds_endpoint}/latest/meta-data/$1"
 }
+
+# The readiness signal the stack's CreationPolicy waits for: once per boot, from the EXIT trap
+# when the boot gives up. The CLI exits 255 when the request did not get through and 254 when
+# CloudFormation answered with an error; only the first is worth another try (AWS CLI user
+# guide, "Command line return codes").
+region="{{ region }}" instance_id="" stack_name="" signal_resource="" signalled=""
+signal() {
+  [[ -z "${signalled}" ]] || return 0
+  signalled="$1"
+  if [[ -z "${stack_name}" || -z "${signal_resource}" || -z "${region}" || -z "${instance_id}" ]]; then
+    log "not signalling $1: no {{ stack_tag }} / {{ signal_tag }} instance tags (not launched by the stack) or no region / instance id"
+    return 0
+  fi
+  local attempt rc
+  for attempt in 1 2 3; do
+    rc=0
+    timeout 60 aws cloudformation signal-resource --region "${region}" --stack-name "${stack_name}" \
+      --logical-resource-id "${signal_resource}" --unique-id "${instance_id}" --status "$1" \
+      --cli-connect-timeout 10 --cli-read-timeout 20 >/dev/null || rc=$?
+    if [[ ${rc} -eq 0 ]]; then
+      log "signalled $1 to ${signal_resource} in stack ${stack_name}"
+      return 0
+    fi
+    [[ ${rc} -eq 255 || ${rc} -eq 124 ]] || break
+    sleep $((attempt * 5))
+  done
+  log "could not signal $1 to ${signal_resource} in stack ${stack_name}: the AWS CLI exited ${rc}"
+}
+die() { log "error: $*"; exit 1; }
+trap 'rc=$?; [[ ${rc} -eq 0 ]] || signal FAILURE' EXIT
+
+[[ -n "${region}" ]] || region=$(imds placement/region) || region=""
+instance_id=$(imds instance-id) || instance_id=""
+stack_name=$(imds tags/instance/{{ stack_tag }}) || stack_name=""
+signal_resource=$(imds tags/instance/{{ signal_tag }}) || signal_resource=""
+
+# cloud-init runs this MIME part even after the install part failed.
+[[ -f "${root}{{ install_marker }}" ]] \
+  || die "the install did not complete ({{ install_marker }} is missing): not starting Chroma; see /var/log/cloud-init-output.log"
+[[ -n "${region}" ]] || die "could not read the region from instance metadata"
 
 # Deploy-time values: taken from the config when it names them, otherwise read at boot
 # from instance metadata (the stack tags the instance with its file system id).
@@ -23,48 +69,42 @@ if [[ -z "${file_system_id}" ]]; then
     || die "no EFS file system id: set efs.file_system_id, or tag the instance {{ efs_tag }} with metadata tags enabled"
 fi
 [[ "${file_system_id}" =~ ^fs-[0-9a-f]{8,40}$ ]] || die "'${file_system_id}' is not an EFS file system id"
-region="{{ region }}"
-if [[ -z "${region}" ]]; then
-  region=$(imds placement/region) || die "could not read the region from instance metadata"
-fi
 domain=$(imds services/domain) || domain=amazonaws.com
-{% if efs_tls %}
-# EFS on the host through amazon-efs-utils: TLS in transit, IAM authorization.
+
+# EFS on the host in both modes: the writer lock and the guards live there. nofail: a boot never
+# waits on EFS; chroma.service mounts it, retrying, on every start.
 readonly mount_point="{{ mount_point }}"
-install -d -m 0755 "${mount_point}"
-if ! grep -q "^${file_system_id}:/ ${mount_point} " /etc/fstab; then
-  echo "${file_system_id}:/ ${mount_point} efs _netdev,noresvport,tls,iam 0 0" >> /etc/fstab
+install -d -m 0755 "${root}${mount_point}"
+{%- if efs_tls %}
+fstab_line="${file_system_id}:/ ${mount_point} efs _netdev,noresvport,tls,iam,nofail 0 0"
+{%- else %}
+fstab_line="${file_system_id}.efs.${region}.${domain}:/ ${mount_point} nfs4 {{ nfs_options }},_netdev,nofail 0 0"
+{%- endif %}
+if ! grep -qF " ${mount_point} " "${root}/etc/fstab" 2>/dev/null; then
+  echo "${fstab_line}" >> "${root}/etc/fstab"
 fi
-# A new mount target can take a few minutes to answer.
-attempt=1
-until mountpoint -q "${mount_point}"; do
-  if ! mount "${mount_point}"; then
-    [[ ${attempt} -lt 30 ]] || die "could not mount EFS ${file_system_id} on ${mount_point}"
-    log "mounting ${file_system_id} failed (attempt ${attempt} of 30), retrying in 10s"
-    sleep 10
-    attempt=$((attempt + 1))
-  fi
-done
-install -d -m 0755 "{{ host_data_dir }}"
-{% endif %}
-# Written last: chroma.service waits for this file (ConditionPathExists), so Chroma never starts
-# on a data directory that is not the file system's.
-install -d -m 0755 /etc/imgbuild
-cat > {{ env_file }} <<EOF
+
+install -d -m 0755 "${root}/etc/imgbuild"
+cat > "${root}{{ env_file }}" <<EOF_ENV
 EFS_FILE_SYSTEM_ID=${file_system_id}
 AWS_REGION=${region}
 {{ efs_dns_var }}=${file_system_id}.efs.${region}.${domain}
-EOF
+EOF_ENV
 
 systemctl daemon-reload
 systemctl enable --now chroma.service
 
-# Report readiness in the boot log; the load balancer's health check is what admits traffic.
-for attempt in $(seq 1 60); do
-  if curl -fsS -o /dev/null "http://127.0.0.1:{{ port }}{{ heartbeat_path }}"; then
+attempt=0
+while ((SECONDS < deadline)); do
+  attempt=$((attempt + 1))
+  if [[ -s "${root}{{ refused_file }}" ]]; then
+    die "chroma.service refused to start: $(cat "${root}{{ refused_file }}")"
+  fi
+  if curl -fsS --max-time 5 -o /dev/null "${chroma_endpoint}{{ heartbeat_path }}"; then
     log "Chroma {{ chroma_version }} answers on {{ heartbeat_path }} (after ${attempt} tries)"
+    signal SUCCESS
     exit 0
   fi
   sleep 5
 done
-log "Chroma did not answer {{ heartbeat_path }} within 5 minutes{% if efs_tls %} (it may be waiting for the writer lock held by another instance){% endif %}; see journalctl -u chroma.service"
+die "Chroma did not answer {{ heartbeat_path }} within {{ boot_secs }}s (another instance may hold the writer lock); see journalctl -u chroma.service"

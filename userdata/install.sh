@@ -51,4 +51,8 @@ until docker pull --quiet "${image}"; do
   sleep $((attempt * 10))
   attempt=$((attempt + 1))
 done
+# Written last: the boot refuses to start Chroma without it, because cloud-init runs a MIME
+# boot part even after this part failed.
+install -d -m 0755 "${IMGBUILD_ROOT:-}{{ marker_dir }}"
+echo "${image}" > "${IMGBUILD_ROOT:-}{{ install_marker }}"
 log "installed docker, docker compose ${compose_version} and ${image}"

@@ -9,6 +9,7 @@
 //! `images` owns which AMI an instance boots and the project's images (list, prune, in use).
 
 pub mod images;
+pub mod share;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -73,6 +73,8 @@ pub fn validate(rendered: &Rendered, config: &Config, profile: &Profile, tools: 
         let name = format!("shellcheck {}", script.name);
         external(&mut report, tools, &name, "shellcheck", |exe| shellcheck(exe, &script.text));
     }
+    external(&mut report, tools, "shellcheck chroma-start.sh", "shellcheck", |exe| shellcheck(exe, &rendered.start));
+    report.result("network calls bounded", network_calls_bounded(rendered));
     report.result("compose document", compose_document(rendered));
     report.result("version cross-check", version_cross_check(rendered, config, profile));
     size(&mut report, rendered);
@@ -80,13 +82,6 @@ pub fn validate(rendered: &Rendered, config: &Config, profile: &Profile, tools: 
         report.result("baked boot downloads nothing", downloads_nothing(rendered));
     }
     report.result("no secrets", no_secrets(&rendered.raw));
-    if config.storage.mode == crate::config::StorageMode::DockerNfs {
-        report.push(
-            "single writer",
-            Status::Warn,
-            "docker-nfs mode takes no lock on EFS: only the stack's one-instance Auto Scaling group keeps a second Chroma from writing (efs-tls mode adds a lock)",
-        );
-    }
     report
 }
 
@@ -255,12 +250,57 @@ fn downloads_nothing(r: &Rendered) -> Result<String, String> {
             if let Some(w) = fetches {
                 return Err(format!("{} line {n}: `{}` downloads at boot", s.name, w.trim()));
             }
-            if code.contains("curl ") && !code.contains("//169.254.169.254/") && !code.contains("//127.0.0.1:") {
+            if code.contains("curl ") && !code.contains("\"${imds_endpoint}/") && !code.contains("\"${chroma_endpoint}") {
                 return Err(format!("{} line {n}: curl to an address that is neither instance metadata nor this host", s.name));
             }
         }
     }
+    let boot = r.scripts.iter().find(|s| s.name == "20-boot.sh").ok_or("no boot script")?;
+    for (var, default) in [("imds_endpoint", "http://169.254.169.254}\""), ("chroma_endpoint", "http://127.0.0.1:")] {
+        if !boot.text.lines().any(|l| l.starts_with(&format!("readonly {var}=")) && l.contains(&format!(":-{default}"))) {
+            return Err(format!("20-boot.sh: {var} does not default to {}", default.trim_end_matches(['}', '"'])));
+        }
+    }
     Ok("no package install, image pull or download in the boot path".into())
+}
+
+/// A stalled call must not hang the boot: cloud-final has no timeout of its own.
+fn network_calls_bounded(r: &Rendered) -> Result<String, String> {
+    let boot = r.scripts.iter().filter(|s| s.name != "10-install.sh");
+    let texts = boot.map(|s| (s.name, s.text.as_str())).chain([("chroma-start.sh", r.start.as_str())]);
+    let mut n = 0;
+    for (name, text) in texts {
+        for (line, code) in logical_lines(text) {
+            for command in commands(&code) {
+                let unbounded = match command.split_whitespace().next() {
+                    Some("curl") => !command.contains(" --max-time "),
+                    Some("aws" | "mount") => true,
+                    _ => continue,
+                };
+                if unbounded {
+                    return Err(format!("{name} line {line}: a network call without a time limit: `{}`", code.trim()));
+                }
+                n += 1;
+            }
+        }
+    }
+    Ok(format!("{n} network calls, each with a time limit"))
+}
+
+/// The simple commands of a shell line, roughly: split at `;`, `&&`, `||`, `|`, `(` and `$(`,
+/// with leading keywords dropped. `timeout 60 aws ...` is a `timeout` command, so it counts as
+/// bounded.
+fn commands(code: &str) -> Vec<&str> {
+    code.split([';', '|', '&', '(', '`'])
+        .map(|c| {
+            let mut c = c.trim_start();
+            while let Some(rest) = ["then ", "do ", "if ", "! ", "until ", "while ", "else ", "$"].iter().find_map(|k| c.strip_prefix(k)) {
+                c = rest.trim_start();
+            }
+            c
+        })
+        .filter(|c| !c.is_empty())
+        .collect()
 }
 
 /// Shell lines with `\` continuations joined and comments dropped, numbered by their first line.

@@ -15,6 +15,7 @@ use crate::cli::DeployArgs;
 use crate::config::{Config, Context, NatGateways};
 use crate::error::{Error, Result};
 use crate::render::{self, Format, Inputs};
+use crate::stack;
 use crate::stack::changeset::{self, Cleanup, Confirm, Confirmer, TtyConfirmer};
 use crate::stack::template::Template;
 use crate::ui::Ui;
@@ -39,7 +40,9 @@ pub fn stack_parameters(template: &Template, config: &Config, choice: &Choice) -
         ("ChromaPort", config.chroma.port.to_string()),
         ("HeartbeatPath", profile.heartbeat_path.to_string()),
         ("StorageMode", config.storage.mode.as_str().to_string()),
+        ("FileSystemId", config.efs.file_system_id.clone().unwrap_or_default()),
         ("LogRetentionDays", config.stack.log_retention_days.to_string()),
+        ("IntegrationTimeoutMs", config.stack.integration_timeout_ms.to_string()),
     ];
     let declared = template.parameter_names();
     Ok(wanted.into_iter().filter(|(k, _)| declared.iter().any(|d| d == k)).map(|(k, v)| (k.to_string(), v)).collect())
@@ -59,8 +62,14 @@ pub async fn deploy_flow(
     let progress = Progress::new(ui, "choosing the image");
     tokio::pin!(interrupt);
     // Nothing exists before the change set: Ctrl-C here just stops.
-    let choice = tokio::select! {
-        c = images::choose(clients, config, args.ami.as_deref(), args.mode) => c?,
+    let (choice, logging_role, deployed) = tokio::select! {
+        r = async {
+            let choice = images::choose(clients, config, args.ami.as_deref(), args.mode).await?;
+            let deployed = stack::describe(&clients.cfn, config.stack_name()).await?;
+            let choice = keep_base_image(clients, choice, deployed.as_ref(), args.update_base, &progress).await?;
+            let logging_role = api_gateway_logging_role(clients, deployed.as_ref()).await?;
+            Ok::<_, Error>((choice, logging_role, deployed))
+        } => r?,
         _ = &mut interrupt => return Err(Error::Interrupted { cleaned: Vec::new() }),
     };
     progress.line(&format!("image {} ({}), user-data mode {}", choice.ami, source_text(&choice.source), choice.mode.as_str()));
@@ -84,11 +93,21 @@ pub async fn deploy_flow(
             template.name
         )));
     }
+    let mut parameters = stack_parameters(&template, config, &choice)?;
+    if template.parameter_names().iter().any(|p| p == "ApiGatewayCloudWatchRoleArn") {
+        if logging_role.is_empty() {
+            progress.line("API Gateway: the account has no CloudWatch logging role; the stack creates one and sets it (account-wide, this region)");
+        } else {
+            progress.line(&format!("API Gateway: the account logs with {logging_role}; the stack leaves that setting alone"));
+        }
+        parameters.insert("ApiGatewayCloudWatchRoleArn".into(), logging_role);
+    }
+    template.pin_api_deployments(&parameters);
     template.check_policies()?;
     let plan = changeset::Plan {
         stack: config.stack_name().to_string(),
         template_body: template.body()?,
-        parameters: stack_parameters(&template, config, &choice)?,
+        parameters,
         tags: BTreeMap::from([("imgbuild:project".to_string(), config.name.clone())]),
         confirm: if args.yes {
             Confirm::Yes
@@ -101,6 +120,31 @@ pub async fn deploy_flow(
         waits: waits(config, &args.wait),
         token: run_token(),
     };
+
+    for (resource, secs) in template.signal_waits() {
+        progress.line(&format!(
+            "{resource} waits up to {} for the instance to signal that Chroma answers on it; a FAILURE signal, or none in time, rolls the stack back (the boot writes its reason to /var/log/cloud-init-output.log on the instance)",
+            minutes(secs)
+        ));
+    }
+    if plan.waits.timeout.as_secs() < template.signal_waits().iter().map(|(_, s)| *s).max().unwrap_or(0) {
+        progress.line(&format!(
+            "note: deploy stops following the stack after {}; the stack itself goes on waiting for the signal",
+            minutes(plan.waits.timeout.as_secs())
+        ));
+    }
+
+    template.check_instance_tags(&plan.tags)?;
+    if let Some(fs) = &config.efs.file_system_id
+        && plan.parameters.contains_key("FileSystemId")
+    {
+        let ours = deployed.as_ref().map(stack::parameters_of).and_then(|p| p.get("FileSystemId").cloned()).as_deref() == Some(fs.as_str());
+        let efs_tls = config.storage.mode.as_str() == "efs-tls";
+        tokio::select! {
+            r = stack::efs::reattach(clients, fs, &plan.stack, efs_tls, ours, &progress) => { r?; }
+            _ = &mut interrupt => return Err(Error::Interrupted { cleaned: Vec::new() }),
+        }
+    }
 
     let cleanup = Cleanup::default();
     let result = tokio::select! {
@@ -124,6 +168,72 @@ pub async fn deploy_flow(
         "userdata_sha256": rendered.sha256(),
         "deploy": outcome,
     }))
+}
+
+/// Stock AL2023 moves on whenever AWS publishes a release; moving replaces Chroma's instance.
+/// So the base image the stack runs (its ImageId parameter: CloudFormation keeps it with the
+/// stack, for every machine that deploys it) stays until `--update-base`, unless it is a baked
+/// image (the handoff is gone: the baked boot does not fit a stock user-data) or no longer exists.
+async fn keep_base_image(
+    clients: &Clients,
+    choice: Choice,
+    deployed: Option<&aws_sdk_cloudformation::types::Stack>,
+    update_base: bool,
+    progress: &Progress,
+) -> Result<Choice> {
+    if !matches!(choice.source, images::Source::Stock { .. }) {
+        return Ok(choice);
+    }
+    let Some(running) = deployed.map(stack::parameters_of).and_then(|p| p.get("ImageId").cloned()).filter(|a| !a.is_empty()) else {
+        return Ok(choice);
+    };
+    if running == choice.ami {
+        return Ok(choice);
+    }
+    if update_base {
+        progress.line(&format!(
+            "base image changes {running} -> {} (--update-base): the instance will be replaced (terminated, then launched; Chroma is down until the new one signals)",
+            choice.ami
+        ));
+        return Ok(choice);
+    }
+    let out = clients.ec2.describe_images().image_ids(&running).send().await;
+    let image = match out {
+        Ok(o) => o.images().first().cloned(),
+        // A deregistered image: DescribeImages answers InvalidAMIID.NotFound (EC2 API error codes).
+        Err(e) if e.as_service_error().and_then(aws::code).is_some_and(|c| c.starts_with("InvalidAMIID")) => None,
+        Err(e) => return Err(aws::err("DescribeImages", format!("image {running}"), e)),
+    };
+    match image {
+        Some(i) if !i.tags().iter().any(|t| t.key() == Some(images::TAG_CHROMA_VERSION)) => {
+            progress.line(&format!(
+                "keeping base image {running}, which the stack runs; AWS now publishes {}: `imgbuild deploy --update-base` moves to it and replaces the instance",
+                choice.ami
+            ));
+            Ok(Choice { ami: running, ..choice })
+        }
+        Some(_) => {
+            progress.line(&format!("base image changes {running} (baked) -> {} (stock AL2023): the instance will be replaced", choice.ami));
+            Ok(choice)
+        }
+        None => {
+            progress.line(&format!("base image changes {running} (no longer available) -> {}: the instance will be replaced", choice.ami));
+            Ok(choice)
+        }
+    }
+}
+
+/// The role the account's API Gateway already logs with, to keep; empty when the stack must set
+/// one: the account has none, or it is the one this stack created (its output says so).
+async fn api_gateway_logging_role(clients: &Clients, deployed: Option<&aws_sdk_cloudformation::types::Stack>) -> Result<String> {
+    let out = clients.apigw.get_account().send().await.map_err(|e| aws::err("GetAccount", "the API Gateway account settings", e))?;
+    let current = out.cloudwatch_role_arn().unwrap_or_default();
+    let ours = deployed.map(stack::outputs_of).and_then(|o| o.get("ApiGatewayCloudWatchRoleArn").cloned());
+    Ok(if current.is_empty() || ours.as_deref() == Some(current) { String::new() } else { current.to_string() })
+}
+
+fn minutes(secs: u64) -> String {
+    if secs.is_multiple_of(60) { format!("{} min", secs / 60) } else { format!("{secs}s") }
 }
 
 fn source_text(s: &images::Source) -> String {

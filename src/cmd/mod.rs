@@ -6,6 +6,7 @@ mod bake;
 mod deploy;
 mod destroy;
 pub mod doctor;
+mod fleet;
 mod images;
 mod init;
 mod render;
@@ -15,6 +16,7 @@ mod validate;
 
 pub use bake::{PREREQS_TEMPLATE, bake_flow};
 pub use deploy::{deploy_flow, stack_parameters};
+pub use fleet::{fleet_deploy_flow, fleet_destroy_flow, fleet_status_flow};
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -56,6 +58,7 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
         Command::Smoke(args) => smoke::smoke_cmd(args, &context(&cli.global)?, ui),
         Command::Bake(args) => bake::bake(args, &context(&cli.global)?, ui),
         Command::Images(cmd) => images::images_cmd(cmd, &context(&cli.global)?, ui),
+        Command::Fleet(cmd) => fleet::fleet_cmd(cmd, &context(&cli.global)?, ui),
     }
 }
 

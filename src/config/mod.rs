@@ -3,8 +3,11 @@
 //! and the validated [`Context`] commands work from (`plan`). Imports only `error` and the Chroma
 //! table: never render, AWS, or the command line.
 
+mod fleet;
 pub mod lines;
 mod plan;
+
+pub use fleet::{Amount, FleetConfig, FleetOverride, OrgTarget, PermissionModel, RegionConcurrency, check_account_id, org_target};
 
 pub use plan::Context;
 
@@ -37,6 +40,7 @@ pub struct Config {
     pub stack: StackConfig,
     pub bake: BakeConfig,
     pub aws: AwsConfig,
+    pub fleet: FleetConfig,
 }
 
 /// `imgbuild bake`: the base image, where the build instance runs, and where the result goes.
@@ -60,6 +64,10 @@ pub struct BakeConfig {
     pub regions: Vec<String>,
     /// The manifest bake writes (and reads the recorded base image from).
     pub manifest: String,
+    /// A customer-managed KMS key (id, ARN or alias/...) for the image's snapshots. An image
+    /// encrypted with the AWS managed `aws/ebs` key cannot be shared with another account, so a
+    /// fleet that spans accounts needs one.
+    pub kms_key_id: Option<String>,
 }
 
 impl Default for BakeConfig {
@@ -74,6 +82,7 @@ impl Default for BakeConfig {
             timeout_secs: 5400,
             regions: Vec::new(),
             manifest: "imgbuild.bake.json".into(),
+            kms_key_id: None,
         }
     }
 }
@@ -90,6 +99,8 @@ pub struct StackConfig {
     /// A CIDR allowed to reach the API endpoint besides the client security group. Unset: none.
     pub allowed_client_cidr: Option<String>,
     pub log_retention_days: u32,
+    /// How long API Gateway waits for Chroma (ms); 29000 is the REST API default and limit.
+    pub integration_timeout_ms: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +211,7 @@ impl Default for Config {
             stack: StackConfig::default(),
             bake: BakeConfig::default(),
             aws: AwsConfig::default(),
+            fleet: FleetConfig::default(),
         }
     }
 }
@@ -213,6 +225,7 @@ impl Default for StackConfig {
             nat_gateways: NatGateways::One,
             allowed_client_cidr: None,
             log_retention_days: 30,
+            integration_timeout_ms: 29_000,
         }
     }
 }
@@ -291,6 +304,8 @@ fn enum_names(field: &str) -> Option<&'static str> {
         "storage.mode" => "efs-tls or docker-nfs",
         "stack.nat_gateways" => "one or per-az",
         "aws.retry_mode" => "standard or adaptive",
+        "fleet.permission_model" => "self-managed or service-managed",
+        "fleet.region_concurrency" => "sequential or parallel",
         _ => return None,
     })
 }
@@ -503,7 +518,11 @@ impl Config {
             bad("chroma.digest", format!("`{d}` is not an image digest (expected sha256: followed by 64 lowercase hex digits)"));
         }
         if self.chroma.port == 0 {
-            bad("chroma.port", "port 0 is not a port Chroma can listen on (use 1-65535; the default is 8000)".into());
+            bad("chroma.port", "port 0 is not a port Chroma can listen on (use 1024-65535; the default is 8000)".into());
+        } else if self.chroma.port < 1024 {
+            // The stack's ChromaPort parameter takes 1024-65535: below, the host's own services
+            // (sshd on 22, ...) live, and CloudFormation would refuse the deploy.
+            bad("chroma.port", format!("port {} is a privileged port the stack refuses (ChromaPort takes 1024-65535; the default is 8000)", self.chroma.port));
         }
         for key in self.chroma.env.keys() {
             let field = format!("chroma.env.{key}");
@@ -513,15 +532,6 @@ impl Config {
         }
         if let Err(m) = check_mount_point(&self.storage.mount_point) {
             bad("storage.mount_point", m);
-        } else if self.storage.mode == StorageMode::DockerNfs && self.storage.mount_point != StorageConfig::default().mount_point {
-            // docker-nfs mounts EFS inside Docker's volume driver; the host mounts nothing.
-            bad(
-                "storage.mount_point",
-                format!(
-                    "`{}` would be ignored: storage.mode docker-nfs mounts EFS through Docker's volume driver, not on the host; drop storage.mount_point or use storage.mode efs-tls",
-                    self.storage.mount_point
-                ),
-            );
         }
         if let Some(id) = &self.efs.file_system_id
             && let Err(m) = check_file_system_id(id)
@@ -574,9 +584,19 @@ impl Config {
         if let Some(c) = &self.stack.allowed_client_cidr {
             match parse_cidr(c) {
                 Ok((_, 0)) => bad("stack.allowed_client_cidr", "0.0.0.0/0 would open the API endpoint to every address; name the clients' network".into()),
+                // The stack's AllowedClientCidr parameter refuses /1 to /7 too.
+                Ok((_, prefix)) if prefix < 8 => {
+                    bad("stack.allowed_client_cidr", format!("/{prefix} spans a large share of all addresses and the stack refuses it (use /8 to /32)"))
+                }
                 Ok(_) => {}
                 Err(m) => bad("stack.allowed_client_cidr", m),
             }
+        }
+        if self.stack.integration_timeout_ms < 50 {
+            bad(
+                "stack.integration_timeout_ms",
+                format!("{} ms is below API Gateway's 50 ms minimum (the default is 29000)", self.stack.integration_timeout_ms),
+            );
         }
         // The retention periods CloudWatch Logs accepts.
         const RETENTION: &[u32] = &[1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653];
@@ -643,6 +663,12 @@ impl Config {
         if !(1..=300).contains(&self.aws.poll_interval_secs) {
             bad("aws.poll_interval_secs", format!("{}s: use 1 to 300", self.aws.poll_interval_secs));
         }
+        if let Some(k) = &self.bake.kms_key_id
+            && let Err(m) = check_kms_key(k)
+        {
+            bad("bake.kms_key_id", m);
+        }
+        out.extend(fleet::check(&self.fleet, self.bake.kms_key_id.is_some()));
         out
     }
 }
@@ -741,6 +767,21 @@ pub fn check_file_system_id(id: &str) -> std::result::Result<(), String> {
     match id.strip_prefix("fs-") {
         Some(hex) if (8..=40).contains(&hex.len()) && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => Ok(()),
         _ => Err(format!("`{id}` is not an EFS file system id (expected fs- followed by lowercase hex, such as fs-0123456789abcdef0)")),
+    }
+}
+
+/// A KMS key as EC2 takes it: a key id (UUID), a key ARN, an alias name or an alias ARN.
+fn check_kms_key(k: &str) -> std::result::Result<(), String> {
+    let uuid = |s: &str| s.len() == 36 && s.split('-').map(str::len).eq([8, 4, 4, 4, 12]) && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    let key_arn = k.starts_with("arn:aws") && k.contains(":kms:") && k.rsplit_once(":key/").is_some_and(|(_, id)| uuid(id) || id.starts_with("mrk-"));
+    let alias_arn = k.starts_with("arn:aws") && k.contains(":kms:") && k.contains(":alias/");
+    if k == "alias/aws/ebs" || k.ends_with(":alias/aws/ebs") {
+        return Err("the AWS managed key aws/ebs cannot be shared with other accounts; name a customer-managed key".into());
+    }
+    if uuid(k) || k.starts_with("mrk-") || key_arn || alias_arn || k.strip_prefix("alias/").is_some_and(|a| !a.is_empty()) {
+        Ok(())
+    } else {
+        Err(format!("`{k}` is not a KMS key (a key id, a key ARN, alias/<name> or an alias ARN)"))
     }
 }
 

@@ -17,6 +17,9 @@ pub const SERVICE: &str = "chroma";
 pub const CONTAINER_PORT: u16 = 8000;
 /// Named volume used in `docker-nfs` mode.
 pub const NFS_VOLUME: &str = "chroma-data";
+/// Chroma's data on EFS, in both storage modes: `<mount_point>/data` on the host, `:/data` for
+/// Docker's NFS volume. One location, so switching modes keeps the collections.
+pub const EFS_DATA_SUBDIR: &str = "data";
 /// Compose variable filled at boot from the env file the boot script writes.
 pub const EFS_DNS_VAR: &str = "EFS_DNS_NAME";
 
@@ -38,6 +41,8 @@ pub struct Service {
     /// baked images, so a boot whose image is not baked in fails loudly instead of downloading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_policy: Option<PullPolicy>,
+    /// `no`: systemd is the only supervisor. With `unless-stopped`, dockerd starts Chroma by
+    /// itself after an unclean restart, before EFS is mounted and outside the writer lock.
     pub restart: String,
     pub ports: Vec<String>,
     pub environment: BTreeMap<String, String>,
@@ -60,6 +65,17 @@ pub struct ServiceVolume {
     pub kind: VolumeKind,
     pub source: String,
     pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<BindOptions>,
+}
+
+/// `create_host_path: false` makes compose use the Mounts API, which fails on a missing source;
+/// without it compose uses the legacy Binds API, which creates the missing directory on the root
+/// volume (docker/compose v2.32.4 `pkg/compose/create.go` buildContainerVolumes; Docker docs
+/// "Differences between -v and --mount behavior").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BindOptions {
+    pub create_host_path: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,7 +117,7 @@ pub fn image_reference(config: &Config) -> String {
 
 /// The host directory bind-mounted as Chroma's data dir in `efs-tls` mode.
 pub fn host_data_dir(config: &Config) -> String {
-    format!("{}/data", config.storage.mount_point)
+    format!("{}/{EFS_DATA_SUBDIR}", config.storage.mount_point)
 }
 
 /// The file system's DNS name when config and flags know it; otherwise a compose variable the
@@ -139,15 +155,23 @@ pub fn build(config: &Config, profile: &Profile, region: Option<&str>, pull_poli
         environment.insert((*k).into(), (*v).into());
     }
     let (data_volume, volumes) = match config.storage.mode {
-        StorageMode::EfsTls => (ServiceVolume { kind: VolumeKind::Bind, source: host_data_dir(config), target: profile.data_dir.into() }, BTreeMap::new()),
+        StorageMode::EfsTls => (
+            ServiceVolume {
+                kind: VolumeKind::Bind,
+                source: host_data_dir(config),
+                target: profile.data_dir.into(),
+                bind: Some(BindOptions { create_host_path: false }),
+            },
+            BTreeMap::new(),
+        ),
         StorageMode::DockerNfs => {
             let driver_opts = BTreeMap::from([
                 ("type".to_string(), "nfs".to_string()),
                 ("o".to_string(), format!("addr={},{EFS_NFS_OPTIONS}", efs_address(config, region))),
-                ("device".to_string(), ":/".to_string()),
+                ("device".to_string(), format!(":/{EFS_DATA_SUBDIR}")),
             ]);
             (
-                ServiceVolume { kind: VolumeKind::Volume, source: NFS_VOLUME.into(), target: profile.data_dir.into() },
+                ServiceVolume { kind: VolumeKind::Volume, source: NFS_VOLUME.into(), target: profile.data_dir.into(), bind: None },
                 BTreeMap::from([(NFS_VOLUME.to_string(), Volume { driver: "local".into(), driver_opts })]),
             )
         }
@@ -157,7 +181,7 @@ pub fn build(config: &Config, profile: &Profile, region: Option<&str>, pull_poli
         image: image_reference(config),
         container_name: SERVICE.into(),
         pull_policy,
-        restart: "unless-stopped".into(),
+        restart: "no".into(),
         ports: vec![format!("{port}:{CONTAINER_PORT}")],
         environment,
         volumes: vec![data_volume],
@@ -176,7 +200,11 @@ pub fn build(config: &Config, profile: &Profile, region: Option<&str>, pull_poli
 
 impl ComposeFile {
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).expect("compose structs always serialise")
+        let yaml = serde_yaml::to_string(self).expect("compose structs always serialise");
+        // serde_yaml writes YAML 1.2 and leaves `no` bare; YAML 1.1 readers (PyYAML, so
+        // docker-compose 1.x) take a bare `no` for false, which compose rejects as a restart
+        // policy. Compose's own documentation quotes it.
+        yaml.replace("\n    restart: no\n", "\n    restart: 'no'\n")
     }
 
     pub fn service(&self) -> Option<&Service> {

@@ -25,6 +25,20 @@ pub const COMPOSE_PATH: &str = "/etc/imgbuild/compose.yaml";
 pub const ENV_FILE: &str = "/etc/imgbuild/chroma.env";
 pub const UNIT_PATH: &str = "/etc/systemd/system/chroma.service";
 pub const SCRIPT_DIR: &str = "/usr/local/libexec/imgbuild";
+/// What chroma.service runs on every start: mount, guards, lock, compose.
+pub const START_SCRIPT: &str = "/usr/local/libexec/imgbuild/chroma-start.sh";
+/// The instance tags the stack sets for the readiness signal (the contract with the stack).
+pub const STACK_TAG: &str = "ImgbuildStackName";
+pub const SIGNAL_TAG: &str = "ImgbuildSignalResource";
+/// Written last by the install (full mode, and the bake); the boot refuses to start without it.
+pub const INSTALL_MARKER: &str = "/var/lib/imgbuild/installed";
+/// A guard's refusal, left by the start script for the boot script to signal.
+pub const REFUSED_FILE: &str = "/run/imgbuild/refused";
+/// On EFS: the Chroma version that last opened the data (its migrations only go forward).
+pub const VERSION_MARKER: &str = ".imgbuild-chroma-version";
+/// The boot script gives up (and signals FAILURE) this long after it starts: longer than the
+/// start script's mount retries and its wait for another instance's writer lock (600 s).
+pub const BOOT_BUDGET_SECS: u32 = 900;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -131,13 +145,22 @@ fn boot_budget(inputs: &Inputs) -> BootBudget {
         steps.push("download docker compose, check its sha256, install it".into());
         steps.push(format!("docker pull {image}"));
     }
-    steps.push("read the file system id and region over IMDSv2 (unless the config names them)".into());
-    if efs_tls {
-        steps.push(format!("mount EFS on {} with TLS and IAM (fstab, _netdev)", c.storage.mount_point));
-    }
-    steps.push(format!("write {ENV_FILE}"));
-    steps.push("systemctl enable --now chroma.service (docker compose up under the EFS writer lock)".into());
-    steps.push(format!("wait for {} (up to 5 minutes, for the log)", inputs.profile.heartbeat_path));
+    let mp = &c.storage.mount_point;
+    steps.push(format!("read the region, instance id, file system id and the stack's {STACK_TAG} / {SIGNAL_TAG} tags over IMDSv2 (5 s a call)"));
+    steps.push(format!("refuse to go on without the install marker {INSTALL_MARKER}"));
+    let how = if efs_tls { "efs, TLS and IAM" } else { "nfs4" };
+    steps.push(format!("write the fstab line for {mp} ({how}, nofail) and {ENV_FILE}"));
+    steps.push(format!("systemctl enable --now chroma.service, whose every start runs {START_SCRIPT}:"));
+    steps.push(format!("  mount EFS on {mp} (8 tries, back-off 5 to 30 s, 90 s each; then systemd starts again)"));
+    steps.push(format!("  take the writer lock {} on EFS (waits up to 600 s for another instance)", lock_file(c)));
+    steps.push(format!("  guard: {} is on the EFS mount, else refuse", compose::host_data_dir(c)));
+    steps.push("  guard: no chroma.sqlite3 elsewhere on EFS while the data directory has none, else refuse".into());
+    steps.push(format!("  guard: {mp}/{VERSION_MARKER} names no newer Chroma than {}, else refuse; then record it", c.chroma.version));
+    steps.push("  docker compose up --force-recreate (restart: no, systemd is the only supervisor)".into());
+    steps.push(format!("wait for {} (the boot ends within {BOOT_BUDGET_SECS} s)", inputs.profile.heartbeat_path));
+    steps.push(format!(
+        "signal the stack once: aws cloudformation signal-resource SUCCESS when Chroma answers, FAILURE with the reason in the journal when the boot gives up (skipped without the {STACK_TAG} / {SIGNAL_TAG} tags)"
+    ));
     BootBudget { downloads, steps }
 }
 
@@ -154,6 +177,8 @@ pub struct Rendered {
     pub compose: ComposeFile,
     pub compose_yaml: String,
     pub unit: String,
+    /// The script chroma.service runs on every start, written by write_files in every format.
+    pub start: String,
     /// User-data before compression.
     pub raw: Vec<u8>,
     /// What EC2 receives: `raw`, or its gzip.
@@ -181,19 +206,26 @@ struct InstallScript<'a> {
     compose_sha256_aarch64: &'a str,
     storage_package: &'a str,
     image: &'a str,
+    marker_dir: &'a str,
+    install_marker: &'a str,
 }
 
 #[derive(Template)]
 #[template(path = "boot.sh", escape = "none")]
 struct BootScript<'a> {
     efs_tls: bool,
+    boot_secs: u32,
+    stack_tag: &'a str,
+    signal_tag: &'a str,
+    install_marker: &'a str,
+    refused_file: &'a str,
+    nfs_options: &'a str,
     file_system_id: &'a str,
     efs_tag: &'a str,
     region: &'a str,
     env_file: &'a str,
     efs_dns_var: &'a str,
     mount_point: &'a str,
-    host_data_dir: &'a str,
     port: u16,
     heartbeat_path: &'a str,
     chroma_version: &'a str,
@@ -204,10 +236,22 @@ struct BootScript<'a> {
 struct Unit<'a> {
     chroma_version: &'a str,
     env_file: &'a str,
-    efs_tls: bool,
-    mount_point: &'a str,
-    lock_file: &'a str,
+    start_script: &'a str,
     compose_args: &'a str,
+}
+
+#[derive(Template)]
+#[template(path = "start.sh", escape = "none")]
+struct StartScript<'a> {
+    mount_point: &'a str,
+    data_subdir: &'a str,
+    lock_name: &'a str,
+    version_name: &'a str,
+    chroma_version: &'a str,
+    refused_file: &'a str,
+    install_marker: &'a str,
+    env_file: &'a str,
+    compose_path: &'a str,
 }
 
 #[derive(Template)]
@@ -261,9 +305,16 @@ fn render_template(template: &'static str, t: &impl Template) -> Result<String> 
     Ok(text)
 }
 
+const LOCK_NAME: &str = ".imgbuild-writer.lock";
+
 /// The lock that keeps a second Chroma from writing to the same file system.
 pub fn lock_file(config: &Config) -> String {
-    format!("{}/.imgbuild-writer.lock", config.storage.mount_point)
+    format!("{}/{LOCK_NAME}", config.storage.mount_point)
+}
+
+/// The version Chroma images are tagged with (the config may write a leading `v`).
+fn bare_version(config: &Config) -> &str {
+    config.chroma.version.strip_prefix('v').unwrap_or(&config.chroma.version)
 }
 
 pub fn install_script(inputs: &Inputs) -> Result<String> {
@@ -279,6 +330,8 @@ pub fn install_script(inputs: &Inputs) -> Result<String> {
                 StorageMode::DockerNfs => "nfs-utils",
             },
             image: &compose::image_reference(c),
+            marker_dir: INSTALL_MARKER.rsplit_once('/').map_or("/", |(dir, _)| dir),
+            install_marker: INSTALL_MARKER,
         },
     )
 }
@@ -296,26 +349,38 @@ pub fn render(inputs: &Inputs) -> Result<Rendered> {
 
     let unit = render_template(
         "chroma.service",
-        &Unit {
-            chroma_version: &c.chroma.version,
-            env_file: ENV_FILE,
-            efs_tls,
+        &Unit { chroma_version: &c.chroma.version, env_file: ENV_FILE, start_script: START_SCRIPT, compose_args: &compose_args },
+    )?;
+    let start = render_template(
+        "start.sh",
+        &StartScript {
             mount_point: &c.storage.mount_point,
-            lock_file: &lock_file(c),
-            compose_args: &compose_args,
+            data_subdir: compose::EFS_DATA_SUBDIR,
+            lock_name: LOCK_NAME,
+            version_name: VERSION_MARKER,
+            chroma_version: bare_version(c),
+            refused_file: REFUSED_FILE,
+            install_marker: INSTALL_MARKER,
+            env_file: ENV_FILE,
+            compose_path: COMPOSE_PATH,
         },
     )?;
     let boot = render_template(
         "boot.sh",
         &BootScript {
             efs_tls,
+            boot_secs: BOOT_BUDGET_SECS,
+            stack_tag: STACK_TAG,
+            signal_tag: SIGNAL_TAG,
+            install_marker: INSTALL_MARKER,
+            refused_file: REFUSED_FILE,
+            nfs_options: compose::EFS_NFS_OPTIONS,
             file_system_id: c.efs.file_system_id.as_deref().unwrap_or(""),
             efs_tag: EFS_TAG,
             region: inputs.region.unwrap_or(""),
             env_file: ENV_FILE,
             efs_dns_var: compose::EFS_DNS_VAR,
             mount_point: &c.storage.mount_point,
-            host_data_dir: &compose::host_data_dir(c),
             port: c.chroma.port,
             heartbeat_path: inputs.profile.heartbeat_path,
             chroma_version: &c.chroma.version,
@@ -332,6 +397,7 @@ pub fn render(inputs: &Inputs) -> Result<Rendered> {
     let mut files = vec![
         WriteFile { path: COMPOSE_PATH.into(), owner: "root:root", permissions: "0644", content: compose_yaml.clone() },
         WriteFile { path: UNIT_PATH.into(), owner: "root:root", permissions: "0644", content: unit.clone() },
+        WriteFile { path: START_SCRIPT.into(), owner: "root:root", permissions: "0755", content: start.clone() },
     ];
     let mut runcmd = Vec::new();
     if inputs.format == Format::CloudConfig {
@@ -341,9 +407,9 @@ pub fn render(inputs: &Inputs) -> Result<Rendered> {
             paths.push(path.clone());
             files.push(WriteFile { path, owner: "root:root", permissions: "0755", content: s.text.clone() });
         }
-        // runcmd lines run as one `sh` script without -e: chain them, so boot never runs
-        // after a failed install.
-        runcmd.push(vec!["bash".to_string(), "-c".to_string(), paths.join(" && ")]);
+        // The boot runs even after a failed install, as in MIME format: it finds no install
+        // marker, refuses to start Chroma and signals FAILURE, so the stack need not time out.
+        runcmd.push(vec!["bash".to_string(), "-c".to_string(), paths.join("; ")]);
     }
     let body = serde_yaml::to_string(&CloudConfigBody { write_files: files, runcmd }).expect("cloud-config structs always serialise");
     let cloud_config = render_template(
@@ -372,6 +438,7 @@ pub fn render(inputs: &Inputs) -> Result<Rendered> {
         compose,
         compose_yaml,
         unit,
+        start,
         raw,
         output,
         deploy_notes,

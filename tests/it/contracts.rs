@@ -27,6 +27,7 @@ struct Aws {
     ec2: Vec<Rule>,
     efs: Vec<Rule>,
     ssm: Vec<Rule>,
+    apigw: Vec<Rule>,
 }
 
 impl Aws {
@@ -46,6 +47,18 @@ impl Aws {
         self.ssm = rules.iter().map(|r| (*r).clone()).collect();
         self
     }
+    /// Deploy reads the account's API Gateway logging role first: GetAccount (aws-cli
+    /// `examples/apigateway/get-account.rst`: `cloudwatchRoleArn`, `throttleSettings`).
+    fn with_api_gateway_account(mut self) -> Self {
+        self.apigw.push(mock!(aws_sdk_apigateway::Client::get_account).then_output(|| {
+            aws_sdk_apigateway::operation::get_account::GetAccountOutput::builder()
+                .cloudwatch_role_arn("arn:aws:iam::123456789012:role/APIGatewayToCloudWatchLogs")
+                .throttle_settings(aws_sdk_apigateway::types::ThrottleSettings::builder().burst_limit(5000).rate_limit(10000.0).build())
+                .build()
+        }));
+        self
+    }
+
     fn clients(self) -> Clients {
         let retry = RetryConfig::standard().with_initial_backoff(Duration::from_millis(1));
         let none: Vec<Rule> = Vec::new();
@@ -55,7 +68,7 @@ impl Aws {
             efs: mocked!(aws_sdk_efs, self.efs, retry.clone()),
             ssm: mocked!(aws_sdk_ssm, self.ssm, retry.clone()),
             elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
-            apigw: mocked!(aws_sdk_apigateway, none, retry),
+            apigw: mocked!(aws_sdk_apigateway, self.apigw, retry),
         }
     }
 }
@@ -623,7 +636,7 @@ const STOCK: &str = "ami-0fedcba9876543210";
 async fn captured_create_change_set() -> (aws_sdk_cloudformation::operation::create_change_set::CreateChangeSetInput, Config) {
     use aws_sdk_cloudformation::types::{ChangeAction, ChangeSetStatus, ExecutionStatus, ResourceChange};
     let config = crate::support::parse(
-        "name: vectordb\nchroma:\n  version: 0.4.13\n  port: 8080\nstorage:\n  mode: docker-nfs\nstack:\n  instance_type: m7i.large\n  nat_gateways: per-az\n  vpc_cidr: 10.20.0.0/16\n  allowed_client_cidr: 192.168.10.0/24\n  log_retention_days: 90\n",
+        "name: vectordb\nchroma:\n  version: 0.4.13\n  port: 8080\nstorage:\n  mode: docker-nfs\nstack:\n  instance_type: m7i.large\n  nat_gateways: per-az\n  vpc_cidr: 10.20.0.0/16\n  allowed_client_cidr: 192.168.10.0/24\n  log_retention_days: 90\n  integration_timeout_ms: 15000\n",
     );
     let ctx = imgbuild::config::Context {
         config: config.clone(),
@@ -684,10 +697,11 @@ async fn captured_create_change_set() -> (aws_sdk_cloudformation::operation::cre
             )
             .build()
     });
-    let clients = Aws::default().ssm(&[&handoff, &stock]).cfn(&[&ds, &create, &described]).clients();
+    let clients = Aws::default().ssm(&[&handoff, &stock]).cfn(&[&ds, &create, &described]).with_api_gateway_account().clients();
     let args = imgbuild::cli::DeployArgs {
         ami: None,
         mode: None,
+        update_base: false,
         template: None,
         yes: false,
         no_execute: true,
@@ -724,6 +738,11 @@ async fn deploy_sends_every_parameter_and_the_rendered_user_data_in_the_real_tem
         ("HeartbeatPath", "/api/v1/heartbeat"),
         ("StorageMode", "docker-nfs"),
         ("LogRetentionDays", "90"),
+        ("IntegrationTimeoutMs", "15000"),
+        // The account already logs with a role of its own (GetAccount): kept, not replaced.
+        ("ApiGatewayCloudWatchRoleArn", "arn:aws:iam::123456789012:role/APIGatewayToCloudWatchLogs"),
+        // No efs.file_system_id: the stack makes its own file system.
+        ("FileSystemId", ""),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -771,12 +790,13 @@ async fn deploy_yes(cfn: &[&Rule]) -> imgbuild::Result<serde_json::Value> {
 
 async fn deploy_yes_with(cfn: &[&Rule], template: Option<std::path::PathBuf>) -> imgbuild::Result<serde_json::Value> {
     let [handoff, stock] = stock_parameters();
-    let clients = Aws::default().ssm(&[&handoff, &stock]).cfn(cfn).clients();
+    let clients = Aws::default().ssm(&[&handoff, &stock]).cfn(cfn).with_api_gateway_account().clients();
     let ctx =
         imgbuild::config::Context { config: Config::default(), source: imgbuild::config::Source::Defaults, region: None, profile: None, endpoint_url: None };
     let args = imgbuild::cli::DeployArgs {
         ami: None,
         mode: None,
+        update_base: false,
         template,
         yes: true,
         no_execute: false,
@@ -826,9 +846,17 @@ async fn execute_change_set_refused_with_invalid_change_set_status_removes_what_
     // A CREATE change set makes a REVIEW_IN_PROGRESS stack at once (CloudFormation User Guide,
     // "Create a change set"); executing a change set that is not AVAILABLE is refused with
     // InvalidChangeSetStatus (CloudFormation API reference, ExecuteChangeSet, Errors).
-    let ds = describe_stacks(vec![None, Some(stack("REVIEW_IN_PROGRESS", &[]))]);
     let create = mock!(aws_sdk_cloudformation::Client::create_change_set)
         .then_output(|| aws_sdk_cloudformation::operation::create_change_set::CreateChangeSetOutput::builder().id(CS).stack_id(STACK_ID).build());
+    // No stack until the change set is requested, then the empty REVIEW_IN_PROGRESS one.
+    let made = create.clone();
+    let before = mock!(aws_sdk_cloudformation::Client::describe_stacks).match_requests(move |_| made.num_calls() == 0).then_error(|| {
+        aws_sdk_cloudformation::operation::describe_stacks::DescribeStacksError::generic(meta("ValidationError", "Stack with id vectordb does not exist"))
+    });
+    let made = create.clone();
+    let after = mock!(aws_sdk_cloudformation::Client::describe_stacks)
+        .match_requests(move |_| made.num_calls() > 0)
+        .then_output(|| aws_sdk_cloudformation::operation::describe_stacks::DescribeStacksOutput::builder().stacks(stack("REVIEW_IN_PROGRESS", &[])).build());
     let described = mock!(aws_sdk_cloudformation::Client::describe_change_set).then_output(|| {
         aws_sdk_cloudformation::operation::describe_change_set::DescribeChangeSetOutput::builder()
             .change_set_id(CS)
@@ -866,7 +894,7 @@ async fn execute_change_set_refused_with_invalid_change_set_status_removes_what_
         .match_requests(|r| r.stack_name() == Some(STACK))
         .then_output(|| aws_sdk_cloudformation::operation::delete_stack::DeleteStackOutput::builder().build());
 
-    let err = deploy_yes(&[&ds, &create, &described, &events, &execute, &del_cs, &del]).await.unwrap_err();
+    let err = deploy_yes(&[&before, &after, &create, &described, &events, &execute, &del_cs, &del]).await.unwrap_err();
 
     match &err {
         Error::Aws { operation, code, .. } => assert_eq!((*operation, code.as_str()), ("ExecuteChangeSet", "InvalidChangeSetStatus")),
@@ -1216,8 +1244,8 @@ async fn doctor_warns_about_a_failed_stack() {
 }
 
 /// A template in which the user-data replaced nothing (no launch template) would deploy
-/// instances that never boot Chroma: refused before CloudFormation sees it (no CloudFormation
-/// rules here: any call fails the test).
+/// instances that never boot Chroma: refused before CloudFormation sees it (the only
+/// CloudFormation rule is DescribeStacks: any other call fails the test).
 #[tokio::test]
 async fn a_template_without_a_launch_template_is_refused_before_any_change_set() {
     let dir = tempfile::tempdir().unwrap();
@@ -1227,7 +1255,8 @@ async fn a_template_without_a_launch_template_is_refused_before_any_change_set()
         "AWSTemplateFormatVersion: '2010-09-09'\nResources:\n  Vpc:\n    Type: AWS::EC2::VPC\n    Properties:\n      CidrBlock: 10.0.0.0/16\n",
     )
     .unwrap();
-    let err = deploy_yes_with(&[], Some(path)).await.unwrap_err();
+    let ds = describe_stacks(vec![None]);
+    let err = deploy_yes_with(&[&ds], Some(path)).await.unwrap_err();
     match &err {
         Error::Invalid(m) => assert!(m.contains("no-launch-template.yaml") && m.contains("AWS::EC2::LaunchTemplate"), "{m}"),
         other => panic!("expected a refusal, got {other:?}"),

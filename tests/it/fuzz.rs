@@ -141,6 +141,7 @@ const TOKENS: &[&str] = &[
     "nat_gateways",
     "allowed_client_cidr",
     "log_retention_days",
+    "integration_timeout_ms",
     "bake",
     "base_ami",
     "subnet_id",
@@ -681,7 +682,7 @@ fn valid_config() -> impl Strategy<Value = Config> {
     (
         (
             chroma_version(),
-            1u16..=65535,
+            1024u16..=65535,
             any::<bool>(),
             prop::option::of("[0-9a-f]{64}"),
             prop::option::of(prop_oneof!["[0-9a-f]{8}", "[0-9a-f]{17}"]),
@@ -697,10 +698,7 @@ fn valid_config() -> impl Strategy<Value = Config> {
             c.chroma.digest = digest.map(|d| format!("sha256:{d}"));
             c.chroma.env = env;
             c.storage.mode = if nfs { StorageMode::DockerNfs } else { StorageMode::EfsTls };
-            // The host mount point exists only in efs-tls mode (docker-nfs refuses one).
-            if !nfs {
-                c.storage.mount_point = mount;
-            }
+            c.storage.mount_point = mount;
             c.efs.file_system_id = fs.map(|f| format!("fs-{f}"));
             c.region = region;
             c

@@ -191,6 +191,7 @@ fn interrupt_while_the_change_set_is_pending_removes_it() {
         template: Some(FIXTURE.into()),
         yes: false,
         no_execute: false,
+        update_base: false,
         wait: WaitArgs { wait: false, timeout: Some(120) },
         tools: ToolArgs { require_tools: false, no_tools: true },
     };

@@ -41,7 +41,14 @@ const NEEDS_AWS: &[(&str, &str)] = &[
     ("imgbuild deploy --yes", "moto cannot execute the real template (it makes the NLB an application LB)"),
     ("imgbuild deploy --ami ami-0123456789abcdef0 --mode baked", "the example's image exists only in an account that baked it"),
     ("imgbuild smoke", "API Gateway test-invoke is not implemented in moto"),
+    ("imgbuild bake --regions us-west-2,eu-west-1", "SSM Automation executions are not implemented in moto"),
     ("imgbuild destroy", "asks on a terminal first; tests/it/contracts.rs walks its prompt"),
+    (
+        "imgbuild fleet deploy --max-concurrent 20 --failure-tolerance 5%",
+        "needs a `fleet:` section and a baked image in each region; tests/it/fleet.rs runs the fleet against moto",
+    ),
+    ("imgbuild fleet status --drift", "needs a deployed StackSet; moto fails DetectStackSetDrift"),
+    ("imgbuild fleet destroy", "needs a deployed StackSet and a `fleet:` section; tests/it/fleet.rs covers it against moto"),
 ];
 
 #[test]

@@ -70,20 +70,21 @@ fn storage_modes_mount_efs_their_own_way() {
     assert_eq!(svc.volumes[0].source, "/mnt/chroma/data");
     assert!(tls.compose.volumes.is_empty());
     let boot = &tls.scripts.iter().find(|s| s.name == "20-boot.sh").unwrap().text;
-    assert!(boot.contains(" efs _netdev,noresvport,tls,iam 0 0"), "efs-utils mount with TLS and IAM");
-    assert!(tls.unit.contains("/usr/bin/flock /mnt/chroma/.imgbuild-writer.lock"), "one writer per file system");
+    assert!(boot.contains(" efs _netdev,noresvport,tls,iam,nofail 0 0"), "efs-utils mount with TLS and IAM");
+    assert!(tls.start.contains("readonly lock_file=\"${mount_point}/.imgbuild-writer.lock\""), "one writer per file system");
     assert!(tls.scripts[0].text.contains("amazon-efs-utils"));
 
     let nfs_config = parse("storage:\n  mode: docker-nfs\nefs:\n  file_system_id: fs-0123456789abcdef0\n");
     let nfs = render_with(&nfs_config, Some("eu-west-1"), Mode::Full, Format::CloudConfig, false);
     let vol = &nfs.compose.volumes[compose::NFS_VOLUME];
     assert_eq!(vol.driver_opts["type"], "nfs");
-    assert_eq!(vol.driver_opts["device"], ":/");
+    assert_eq!(vol.driver_opts["device"], ":/data");
     assert_eq!(
         vol.driver_opts["o"],
         "addr=fs-0123456789abcdef0.efs.eu-west-1.amazonaws.com,nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport"
     );
-    assert!(!nfs.unit.contains("flock"));
+    assert_eq!(nfs.start, tls.start, "the same mount, guards and writer lock in both modes");
+    assert!(nfs.scripts[1].text.contains(" nfs4 nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport,_netdev,nofail 0 0"));
 
     // Unknown at render time: a compose variable the boot script fills from instance metadata.
     let later = render_with(&parse("storage:\n  mode: docker-nfs\n"), None, Mode::Full, Format::CloudConfig, false);
@@ -193,5 +194,91 @@ fn boot_budget_lists_what_each_mode_downloads() {
             assert!(baked.budget.downloads.is_empty(), "{:?}", baked.budget.downloads);
             assert!(baked.budget.steps.iter().any(|s| s.contains("chroma.service")));
         }
+    }
+}
+
+/// Issue 10, fault 9: the two storage modes kept the data in different directories of the file
+/// system (efs-tls `/data`, docker-nfs the root), so switching modes made the collections look
+/// gone. Both now use `/data` on EFS; a database left at the root is refused by the boot guard
+/// (boot::each_guard_refuses_to_start_chroma_and_the_stack_gets_failure).
+#[test]
+fn both_storage_modes_keep_the_data_in_the_same_directory_of_the_file_system() {
+    let tls = render_with(&Config::default(), None, Mode::Baked, Format::CloudConfig, false);
+    let nfs = render_with(&parse("storage:\n  mode: docker-nfs\n"), None, Mode::Baked, Format::CloudConfig, false);
+    let mount_point = &Config::default().storage.mount_point;
+    let on_efs_tls = tls.compose.service().unwrap().volumes[0].source.strip_prefix(mount_point.as_str()).unwrap().to_string();
+    let on_efs_nfs = nfs.compose.volumes[compose::NFS_VOLUME].driver_opts["device"].strip_prefix(':').unwrap().to_string();
+    assert_eq!(on_efs_tls, on_efs_nfs);
+    assert_eq!(on_efs_nfs, "/data");
+}
+
+/// Fault 5: cloud-final has no timeout of its own, so one stalled call hangs the boot forever.
+/// Every curl in the boot path has --max-time, the AWS CLI and mount run under `timeout`, and
+/// the built-in check fails a boot that loses one.
+#[test]
+fn every_network_call_of_the_boot_is_bounded_and_the_check_notices_one_that_is_not() {
+    for (name, config, region) in configs() {
+        for mode in MODES {
+            for format in FORMATS {
+                let r = render_with(&config, region, mode, format, false);
+                let profile = imgbuild::chroma::profile(&imgbuild::chroma::parse_version(&config.chroma.version).unwrap()).unwrap();
+                let report = validate::validate(&r, &config, profile, Tools::Off);
+                let check = report.checks.iter().find(|c| c.name == "network calls bounded").unwrap();
+                assert_eq!(check.status, Status::Pass, "{name} {mode:?} {format:?}: {}", check.detail);
+                let boot = &r.scripts.iter().find(|s| s.name == "20-boot.sh").unwrap().text;
+                assert!(boot.contains(&format!("readonly deadline=$((SECONDS + {}))", imgbuild::render::BOOT_BUDGET_SECS)));
+            }
+        }
+    }
+    let config = Config::default();
+    let profile = imgbuild::chroma::profile(&"1.5.9".parse().unwrap()).unwrap();
+    for (script, line) in [(0, "  curl -fsS \\\n  \"${imds_endpoint}/x\"\n"), (0, "aws sts get-caller-identity\n"), (1, "mount /mnt/chroma || true\n")] {
+        let mut r = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+        if script == 0 {
+            r.scripts[0].text.push_str(line);
+        } else {
+            r.start.push_str(line);
+        }
+        let report = validate::validate(&r, &config, profile, Tools::Off);
+        let check = report.checks.iter().find(|c| c.name == "network calls bounded").unwrap();
+        assert_eq!(check.status, Status::Fail, "{line}: {}", check.detail);
+    }
+}
+
+#[test]
+fn boot_budget_lists_the_guards_and_the_readiness_signal() {
+    for (_, config, region) in configs() {
+        for mode in MODES {
+            let r = render_with(&config, region, mode, Format::Mime, false);
+            let steps = r.budget.steps.join("\n");
+            assert_eq!(steps.matches("guard: ").count(), 3, "{steps}");
+            assert!(steps.contains("signal-resource SUCCESS") && steps.contains("FAILURE"), "{steps}");
+            assert!(steps.contains("nofail") && steps.contains("--force-recreate") && steps.contains("writer lock"), "{steps}");
+        }
+    }
+    // What `-v render-userdata` shows.
+    let dir = tempfile::tempdir().unwrap();
+    let out = imgbuild(dir.path()).args(["-v", "render-userdata", "--no-tools", "--mode", "baked"]).output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    for want in ["guard: /mnt/chroma/data is on the EFS mount", "guard: no chroma.sqlite3 elsewhere", "names no newer Chroma", "signal the stack once"] {
+        assert!(err.lines().any(|l| l.starts_with("boot step ") && l.contains(want)), "{want}: {err}");
+    }
+}
+
+/// The metadata and heartbeat addresses are variables so the boot can run under test; on an
+/// instance they must stay instance metadata and this host, or the baked boot could fetch from
+/// anywhere.
+#[test]
+fn the_download_check_holds_the_boot_to_metadata_and_this_host() {
+    let config = Config::default();
+    let profile = imgbuild::chroma::profile(&"1.5.9".parse().unwrap()).unwrap();
+    for (from, to) in [(":-http://169.254.169.254}", ":-http://metadata.example.com}"), (":-http://127.0.0.1:", ":-http://10.0.0.9:")] {
+        let mut r = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+        assert!(r.scripts[0].text.contains(from));
+        r.scripts[0].text = r.scripts[0].text.replace(from, to);
+        let report = validate::validate(&r, &config, profile, Tools::Off);
+        let check = report.checks.iter().find(|c| c.name == "baked boot downloads nothing").unwrap();
+        assert_eq!(check.status, Status::Fail, "{to}: {}", check.detail);
     }
 }
