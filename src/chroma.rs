@@ -100,7 +100,9 @@ pub fn supported_ranges() -> String {
 /// whole point of the table is to know what the image serves.
 pub fn parse_version(text: &str) -> Result<Version, String> {
     let trimmed = text.strip_prefix('v').unwrap_or(text);
-    Version::parse(trimmed).map_err(|e| format!("`{text}` is not a pinned Chroma release (expected MAJOR.MINOR.PATCH such as {DEFAULT_VERSION}): {e}"))
+    // semver's own reason ("unexpected character 'l' while parsing major version number")
+    // adds nothing the expected form does not say.
+    Version::parse(trimmed).map_err(|_| format!("`{text}` is not a pinned Chroma release (expected MAJOR.MINOR.PATCH such as {DEFAULT_VERSION})"))
 }
 
 #[cfg(test)]

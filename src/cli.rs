@@ -269,6 +269,10 @@ pub struct DestroyArgs {
     /// Also delete the EFS file system, and with it every collection Chroma stored.
     #[arg(long)]
     pub delete_data: bool,
+    /// Delete the bake's prerequisites stack (`<name>-bake`, which `imgbuild bake` deploys when
+    /// the config names no subnet, security group, profile and role) instead of the product's.
+    #[arg(long, conflicts_with = "delete_data")]
+    pub bake_prereqs: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
 }

@@ -5,7 +5,9 @@
 //! - 1: the operation failed (I/O, an external tool, AWS)
 //! - 2: usage error or invalid input (flags, config, templates, rendered output that fails validation)
 //! - 3: the stack operation failed and CloudFormation rolled it back
+//! - 4: declined at a confirmation prompt; nothing was changed
 //! - 130: interrupted (Ctrl-C); what was cleaned up is said
+//! - 141: stdout or stderr was a closed pipe (`| head -1`); nothing more is said
 
 use std::fmt;
 use std::path::PathBuf;
@@ -14,6 +16,7 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_INVALID: u8 = 2;
 pub const EXIT_STACK_FAILED: u8 = 3;
+pub const EXIT_DECLINED: u8 = 4;
 pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// One problem in a config file, located by field path and (where known) line.
@@ -95,6 +98,10 @@ pub enum Error {
     #[error("gave up waiting for {what} after {secs}s ({hint})")]
     Timeout { what: String, secs: u64, hint: String },
 
+    /// The user answered no at a confirmation prompt: not a usage error, nothing changed.
+    #[error("{0}")]
+    Declined(String),
+
     /// Ctrl-C. `cleaned` says what was removed on the way out.
     #[error("interrupted{}", cleaned_text(cleaned))]
     Interrupted { cleaned: Vec<String> },
@@ -120,6 +127,7 @@ impl Error {
             | Error::SmokeFailed(_)
             | Error::BakeFailed { .. } => EXIT_FAILURE,
             Error::StackFailed { .. } => EXIT_STACK_FAILED,
+            Error::Declined(_) => EXIT_DECLINED,
             Error::Interrupted { .. } => EXIT_INTERRUPTED,
         }
     }
@@ -138,8 +146,14 @@ impl Error {
             Error::BakeFailed { .. } => "bake_failed",
             Error::StackFailed { .. } => "stack_failed",
             Error::Timeout { .. } => "timeout",
+            Error::Declined(_) => "declined",
             Error::Interrupted { .. } => "interrupted",
         }
+    }
+
+    /// A write to stdout found the pipe closed (`imgbuild man | head -1`).
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe)
     }
 
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -10,6 +10,8 @@ use crate::render::Mode;
 /// Tag names on baked images.
 pub const TAG_DIGEST: &str = "imgbuild:digest";
 pub const TAG_CHROMA_VERSION: &str = "imgbuild:chroma-version";
+/// The image reference the bake pulled (`repository:version` or `repository@digest`).
+pub const TAG_CHROMA_IMAGE: &str = "imgbuild:chroma-image";
 pub const TAG_PROJECT: &str = "imgbuild:project";
 pub const TAG_BASE_AMI: &str = "imgbuild:base-ami";
 /// On the build instance, so a bake can find (and terminate) what it launched.
@@ -90,23 +92,57 @@ pub async fn choose(clients: &Clients, config: &Config, flag: Option<&str>, mode
             }
         }
     };
-    if choice.mode == Mode::Baked {
-        check_baked(clients, config, &choice.ami).await?;
+    // AWS keeps the stock parameter per architecture; anything else is checked before a
+    // change set exists.
+    if !matches!(choice.source, Source::Stock { .. }) {
+        check_image(clients, config, &choice.ami, choice.mode, mode.is_some()).await?;
     }
     Ok(choice)
 }
 
-/// A baked boot pulls nothing, so the image must hold the Chroma version the config names.
-async fn check_baked(clients: &Clients, config: &Config, ami: &str) -> Result<()> {
+/// The image must run on the instance type in any mode. A baked boot pulls and installs
+/// nothing, so in baked mode the image must be one imgbuild baked (no Docker otherwise: Chroma
+/// never starts) with the Chroma version and image reference the config names.
+async fn check_image(clients: &Clients, config: &Config, ami: &str, mode: Mode, mode_explicit: bool) -> Result<()> {
     let out = clients.ec2.describe_images().image_ids(ami).send().await.map_err(|e| aws::err("DescribeImages", format!("image {ami}"), e))?;
     let image = out.images().first().ok_or_else(|| Error::Invalid(format!("image {ami} does not exist or is not visible to this account")))?;
-    let tagged = image.tags().iter().find(|t| t.key() == Some(TAG_CHROMA_VERSION)).and_then(|t| t.value());
-    match tagged {
-        Some(v) if v != config.chroma.version => Err(Error::Invalid(format!(
-            "image {ami} was baked with Chroma {v} but the config names {}; bake again (`imgbuild bake`) or deploy with --mode full",
+    let wanted = arch_of(&config.stack.instance_type);
+    let wanted_name = match wanted {
+        Arch::X86_64 => "x86_64",
+        Arch::Arm64 => "arm64",
+    };
+    if let Some(arch) = image.architecture().map(|a| a.as_str())
+        && arch != wanted_name
+    {
+        return Err(Error::Invalid(format!(
+            "image {ami} is {arch} but stack.instance_type {} is {wanted_name}: pick an image of that architecture (bake one with this config) or change stack.instance_type",
+            config.stack.instance_type
+        )));
+    }
+    if mode != Mode::Baked {
+        return Ok(());
+    }
+    let tagged = |key: &str| image.tags().iter().find(|t| t.key() == Some(key)).and_then(|t| t.value());
+    let override_hint = if mode_explicit { "deploy with --mode full" } else { "deploy it with --mode full (installs Docker and pulls Chroma at boot)" };
+    let Some(version) = tagged(TAG_CHROMA_VERSION) else {
+        return Err(Error::Invalid(format!(
+            "image {ami} has no {TAG_CHROMA_VERSION} tag: it was not baked by imgbuild, so a baked-mode boot finds no Docker and Chroma never starts; \
+             bake one (`imgbuild bake`) or {override_hint}"
+        )));
+    };
+    if version != config.chroma.version {
+        return Err(Error::Invalid(format!(
+            "image {ami} was baked with Chroma {version} but the config names {}; bake again (`imgbuild bake`) or {override_hint}",
             config.chroma.version
+        )));
+    }
+    let reference = crate::render::compose::image_reference(config);
+    match tagged(TAG_CHROMA_IMAGE) {
+        Some(baked) if baked == reference => Ok(()),
+        baked => Err(Error::Invalid(format!(
+            "image {ami} was baked with {} but the config names {reference} (chroma.image / chroma.digest); bake again (`imgbuild bake`) or {override_hint}",
+            baked.map(|b| format!("Chroma image {b}")).unwrap_or_else(|| format!("no {TAG_CHROMA_IMAGE} tag"))
         ))),
-        _ => Ok(()),
     }
 }
 
@@ -183,21 +219,34 @@ pub async fn list(clients: &Clients, config: &Config) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Images something depends on, with what: the project's launch templates (the deployed stack's
-/// carries the project tag), its running instances, and the handoff parameter deploy reads.
+/// Images something depends on, with what: the deployed stack (its `ImageId` parameter and the
+/// launch template among its resources), launch templates tagged with the project, its running
+/// instances, and the handoff parameter deploy reads.
+///
+/// The stack's own resources are the authority: CloudFormation does not copy stack tags onto an
+/// `AWS::EC2::LaunchTemplate` (aws-cloudformation/cloudformation-coverage-roadmap#184, #2227),
+/// so a stack deployed before the template tagged its launch template has an untagged one.
 pub async fn in_use(clients: &Clients, config: &Config) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
     use aws_sdk_ec2::types::Filter;
     let mut used: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    let stack_name = config.stack_name();
+    let mut template_ids = stack_launch_templates(clients, stack_name, &mut used).await?;
+    // The template tags its launch template with the stack's name; that is the project name
+    // unless `stack.name` overrides it.
     let project = Filter::builder().name(format!("tag:{}", TAG_PROJECT)).values(&config.name).build();
+    let tagged = Filter::builder().name(format!("tag:{}", TAG_PROJECT)).values(&config.name).values(stack_name).build();
     let templates = clients
         .ec2
         .describe_launch_templates()
-        .filters(project.clone())
+        .filters(tagged)
         .send()
         .await
         .map_err(|e| aws::err("DescribeLaunchTemplates", format!("launch templates of project {}", config.name), e))?;
-    for lt in templates.launch_templates() {
-        let Some(id) = lt.launch_template_id() else { continue };
+    template_ids.extend(templates.launch_templates().iter().filter_map(|lt| lt.launch_template_id().map(String::from)));
+    template_ids.sort();
+    template_ids.dedup();
+    for id in &template_ids {
+        let id = id.as_str();
         let versions = clients
             .ec2
             .describe_launch_template_versions()
@@ -235,6 +284,37 @@ pub async fn in_use(clients: &Clients, config: &Config) -> Result<std::collectio
         v.dedup();
     }
     Ok(used)
+}
+
+/// The launch templates among the stack's resources (ids), recording the stack's `ImageId`
+/// parameter as in use on the way. No stack: none.
+async fn stack_launch_templates(clients: &Clients, stack_name: &str, used: &mut std::collections::BTreeMap<String, Vec<String>>) -> Result<Vec<String>> {
+    let Some(stack) = crate::stack::describe(&clients.cfn, stack_name).await? else { return Ok(Vec::new()) };
+    if let Some(ami) = crate::stack::parameters_of(&stack).get("ImageId").filter(|a| !a.is_empty()) {
+        used.entry(ami.clone()).or_default().push(format!("stack {stack_name} (parameter ImageId)"));
+    }
+    let mut ids = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = clients
+            .cfn
+            .list_stack_resources()
+            .stack_name(stack_name)
+            .set_next_token(token.take())
+            .send()
+            .await
+            .map_err(|e| aws::err("ListStackResources", format!("stack {stack_name}"), e))?;
+        ids.extend(
+            page.stack_resource_summaries()
+                .iter()
+                .filter(|r| r.resource_type() == Some("AWS::EC2::LaunchTemplate"))
+                .filter_map(|r| r.physical_resource_id().filter(|id| !id.is_empty()).map(String::from)),
+        );
+        match page.next_token() {
+            Some(t) if !t.is_empty() => token = Some(t.to_string()),
+            _ => return Ok(ids),
+        }
+    }
 }
 
 /// What prune removes: all but the newest `keep`, never one in use.

@@ -31,7 +31,7 @@ async fn prereqs(clients: &Clients, ctx: &Context, progress: &Progress) -> Resul
             automation_role_arn: role.clone(),
         });
     }
-    let name = format!("{}-bake", ctx.config.name);
+    let name = super::bake_prereqs_stack(&ctx.config);
     let template = Template::parse(PREREQS_TEMPLATE, "infra/bake-prereqs.yaml")?;
     template.check_policies()?;
     let plan = changeset::Plan {
@@ -47,7 +47,9 @@ async fn prereqs(clients: &Clients, ctx: &Context, progress: &Progress) -> Resul
         waits: waits(&ctx.config, &WaitArgs { wait: true, timeout: None }),
         token: run_token(),
     };
-    progress.line(&format!("bake prerequisites: stack {name} (subnet with egress, security group, instance profile, automation role)"));
+    progress.line(&format!(
+        "bake prerequisites: stack {name} (subnet with egress, security group, instance profile, automation role); it stays for the next bake, `imgbuild destroy --bake-prereqs` removes it"
+    ));
     let cleanup = Cleanup::default();
     let outcome = match changeset::run(clients, &plan, progress, &cleanup, &TtyConfirmer).await {
         Ok(o) => o,
@@ -155,11 +157,22 @@ pub async fn bake_flow(
             "bake_script": script,
         });
         if !ui.json() {
+            let b = &config.bake;
+            let given = b.subnet_id.is_some() && b.security_group_id.is_some() && b.instance_profile.is_some() && b.automation_role_arn.is_some();
             ui.info(format!(
-                "--dry-run: would {} (document {doc_name}); the document follows on stdout",
-                if cached.is_some() { "reuse the cached image" } else { "bake" }
+                "--dry-run: would {}{} (document {doc_name}); the document follows on stdout",
+                if cached.is_some() { "reuse the cached image" } else { "bake" },
+                if cached.is_none() && !given {
+                    format!(
+                        ", deploying the prerequisites stack {} first unless it exists (`imgbuild destroy --bake-prereqs` removes it)",
+                        super::bake_prereqs_stack(config)
+                    )
+                } else {
+                    String::new()
+                }
             ));
-            print!("{document}");
+            // print! panics on a closed stdout (`| head -1`); ui notes the pipe instead.
+            crate::ui::note_write(std::io::stdout().lock().write_all(document.as_bytes()));
         }
         return Ok(plan_doc);
     }

@@ -36,6 +36,33 @@ fn problem(check: &'static str, verdict: Verdict, detail: impl Into<String>, fix
     Finding { check, verdict, detail: detail.into(), fix: Some(fix.into()) }
 }
 
+/// What went wrong loading credentials, in the user's terms: the SDK's own wording ("the
+/// credential provider was not enabled") names its internals, not what is missing.
+fn credentials_problem(e: &aws_credential_types::provider::error::CredentialsError) -> String {
+    use aws_credential_types::provider::error::CredentialsError;
+    match e {
+        CredentialsError::CredentialsNotLoaded(_) => {
+            "no AWS credentials found: none in the environment (AWS_ACCESS_KEY_ID), the shared files (~/.aws/credentials, ~/.aws/config), \
+             an SSO session, or a container or instance role"
+                .into()
+        }
+        CredentialsError::ProviderTimedOut(_) => "loading AWS credentials timed out (an SSO, container or instance-role endpoint did not answer)".into(),
+        CredentialsError::InvalidConfiguration(_) => {
+            format!("the AWS profile's credential settings are invalid: {}", aws_smithy_types::error::display::DisplayErrorContext(e))
+        }
+        _ => format!("could not load AWS credentials: {}", aws_smithy_types::error::display::DisplayErrorContext(e)),
+    }
+}
+
+fn subnet_missing(subnet: &str) -> Finding {
+    problem(
+        "build subnet",
+        Verdict::Fail,
+        format!("{subnet} does not exist here"),
+        "fix bake.subnet_id, or remove the four bake.* prerequisites so bake makes them",
+    )
+}
+
 /// The checks, in order. Later checks need earlier ones (no credentials: no account).
 pub async fn checks(conf: &aws_config::SdkConfig, clients: &Clients, ctx: &Context, sts: &aws_sdk_sts::Client) -> Vec<Finding> {
     let mut out = Vec::new();
@@ -56,7 +83,12 @@ pub async fn checks(conf: &aws_config::SdkConfig, clients: &Clients, ctx: &Conte
             // The key id is public; the secret never leaves the provider.
             Ok(c) => out.push(ok("credentials", format!("found (access key {}...)", &c.access_key_id()[..c.access_key_id().len().min(4)]))),
             Err(e) => {
-                out.push(problem("credentials", Verdict::Fail, e.to_string(), "run `aws configure`, `aws sso login --profile <name>`, or set AWS_PROFILE"));
+                out.push(problem(
+                    "credentials",
+                    Verdict::Fail,
+                    credentials_problem(&e),
+                    "run `aws configure`, `aws sso login --profile <name>`, or set AWS_PROFILE",
+                ));
                 return out;
             }
         },
@@ -97,11 +129,15 @@ pub async fn checks(conf: &aws_config::SdkConfig, clients: &Clients, ctx: &Conte
     match &config.bake.subnet_id {
         Some(subnet) => match clients.ec2.describe_subnets().subnet_ids(subnet).send().await {
             Ok(s) if !s.subnets().is_empty() => out.push(ok("build subnet", format!("{subnet} (bake.subnet_id)"))),
-            Ok(_) | Err(_) => out.push(problem(
+            // EC2 answers an unknown id with this code (EC2 API reference, "Error codes").
+            Ok(_) => out.push(subnet_missing(subnet)),
+            Err(e) if e.as_service_error().and_then(aws::code) == Some("InvalidSubnetID.NotFound") => out.push(subnet_missing(subnet)),
+            // Anything else (no permission, throttling) says nothing about the subnet.
+            Err(e) => out.push(problem(
                 "build subnet",
-                Verdict::Fail,
-                format!("{subnet} does not exist here"),
-                "fix bake.subnet_id, or remove the four bake.* prerequisites so bake makes them",
+                Verdict::Warn,
+                format!("could not check {subnet}: {}", aws::err("DescribeSubnets", format!("subnet {subnet}"), e)),
+                "allow ec2:DescribeSubnets, then run doctor again",
             )),
         },
         None => out.push(ok("build subnet", format!("bake makes its own (stack {}-bake) when first needed", config.name))),
@@ -171,8 +207,13 @@ pub fn run(ctx: &Context, ui: Ui) -> Result<()> {
         Ok(checks(&conf, &clients, ctx, &sts).await)
     })?;
     let failed = findings.iter().filter(|f| f.verdict == Verdict::Fail).count();
+    let result = if failed == 0 { Ok(()) } else { Err(Error::Tool(format!("doctor found {failed} problem(s) that stop a deploy; each says what to do"))) };
     if ui.json() {
-        ui.emit_json(&json!({ "ok": failed == 0, "checks": findings }));
+        let mut doc = json!({ "ok": failed == 0, "checks": findings });
+        if let Err(e) = &result {
+            doc["error"] = crate::ui::error_json(e);
+        }
+        ui.emit_json(&doc);
     } else {
         for f in &findings {
             let mark = match f.verdict {
@@ -186,5 +227,5 @@ pub fn run(ctx: &Context, ui: Ui) -> Result<()> {
             }
         }
     }
-    if failed == 0 { Ok(()) } else { Err(Error::Tool(format!("doctor found {failed} problem(s) that stop a deploy; each says what to do"))) }
+    result
 }

@@ -6,7 +6,6 @@ use super::*;
 use crate::bake::images::{self};
 use crate::config::Context;
 use crate::error::{Error, Result};
-use crate::stack::changeset::{Confirmer, TtyConfirmer};
 use crate::ui::Ui;
 
 pub(super) fn images_cmd(cmd: crate::cli::ImagesCommand, ctx: &Context, ui: Ui) -> Result<()> {
@@ -43,19 +42,34 @@ pub(super) fn images_cmd(cmd: crate::cli::ImagesCommand, ctx: &Context, ui: Ui) 
                 if kept_in_use > 0 {
                     ui.info(format!("keeping {kept_in_use} older image(s) that are in use"));
                 }
+                // One shape for every case (README, "Machine-readable output"): what went, what
+                // would go, and how many in-use images were kept.
                 if doomed.is_empty() || p.dry_run {
-                    return Ok(json!({ "ok": true, "dry_run": p.dry_run, "pruned": [], "would_prune": doomed }));
+                    return Ok(json!({ "ok": true, "dry_run": p.dry_run, "pruned": [], "would_prune": doomed, "kept_in_use": kept_in_use }));
                 }
-                if !p.yes && !TtyConfirmer.confirm(&format!("Deregister {} image(s) and delete their snapshots?", doomed.len())).await? {
-                    return Err(Error::Invalid("not confirmed: nothing was pruned".into()));
+                let mut interrupt = Box::pin(interrupt_listener()?);
+                if !p.yes {
+                    super::need_terminal("pass --yes to prune without asking, or --dry-run to see what would go")?;
+                    if !super::confirm_or_interrupt(&format!("Deregister {} image(s) and delete their snapshots?", doomed.len()), &mut interrupt).await? {
+                        return Err(Error::Declined("declined: nothing was pruned".into()));
+                    }
                 }
                 let mut pruned = Vec::new();
                 for r in &doomed {
+                    // Ctrl-C stops between images, never inside one (an image deregistered
+                    // without its snapshots deleted would leave them behind unnamed).
+                    tokio::select! {
+                        biased;
+                        _ = &mut interrupt => {
+                            return Err(Error::Interrupted { cleaned: pruned.iter().map(|p: &serde_json::Value| format!("pruned {}", p["ami"].as_str().unwrap_or_default())).collect() });
+                        }
+                        _ = std::future::ready(()) => {}
+                    }
                     let snaps = crate::bake::deregister(&clients, &r.ami).await?;
                     ui.info(format!("deregistered {} and deleted {}", r.ami, if snaps.is_empty() { "no snapshots".to_string() } else { snaps.join(", ") }));
                     pruned.push(json!({ "ami": r.ami, "snapshots": snaps }));
                 }
-                Ok(json!({ "ok": true, "pruned": pruned }))
+                Ok(json!({ "ok": true, "dry_run": false, "pruned": pruned, "would_prune": [], "kept_in_use": kept_in_use }))
             }
         }
     })?;

@@ -5,7 +5,7 @@
 mod bake;
 mod deploy;
 mod destroy;
-mod doctor;
+pub mod doctor;
 mod fleet;
 mod images;
 mod init;
@@ -41,8 +41,10 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
         Command::Init(args) => init::init(args, &cli.global, ui),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "imgbuild", &mut std::io::stdout());
-            Ok(())
+            // clap_complete panics when its writer fails; a closed stdout must not.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "imgbuild", &mut script);
+            std::io::stdout().lock().write_all(&script).map_err(|e| Error::io("writing", "stdout", e))
         }
         Command::Man => {
             clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout()).map_err(|e| Error::io("writing", "stdout", e))
@@ -113,6 +115,28 @@ pub fn interrupt_listener() -> Result<impl Future<Output = ()> + Send + 'static>
     }
 }
 
+/// Asks on the terminal, or ends with Ctrl-C: once `interrupt` listens, SIGINT no longer stops
+/// the process by itself, so a prompt that does not race it would ignore Ctrl-C.
+async fn confirm_or_interrupt(question: &str, interrupt: &mut (impl Future<Output = ()> + Unpin)) -> Result<bool> {
+    use crate::stack::changeset::Confirmer;
+    tokio::select! {
+        answer = crate::stack::changeset::TtyConfirmer.confirm(question) => answer,
+        _ = interrupt => Err(Error::Interrupted { cleaned: Vec::new() }),
+    }
+}
+
+/// The stack `imgbuild bake` deploys for its prerequisites when the config names none.
+pub(crate) fn bake_prereqs_stack(config: &Config) -> String {
+    format!("{}-bake", config.name)
+}
+
+/// Refuses to prompt without a terminal (CI, pipes) with the way forward this command has; the
+/// shared prompt's own refusal speaks of deploy's flags.
+fn need_terminal(way_forward: &str) -> Result<()> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() { Ok(()) } else { Err(Error::Invalid(format!("refusing to prompt: standard input is not a terminal; {way_forward}"))) }
+}
+
 /// Runs `f` to completion on a fresh runtime. The runtime is shut down without waiting for
 /// blocking tasks: after Ctrl-C at a prompt, the thread reading the terminal never returns, and
 /// waiting for it would hang the exit.
@@ -169,7 +193,7 @@ async fn clean_after(clients: &Clients, cleanup: &Cleanup, progress: &Progress, 
     match (err, cleaned) {
         (Error::Interrupted { .. }, Ok(mut cleaned)) => {
             if executed {
-                cleaned.push("nothing to remove: the change set was already executing, and the stack operation goes on in CloudFormation (follow it with `imgbuild status`)".into());
+                cleaned.push("nothing to remove: the change set was already executing, and the stack operation goes on in CloudFormation (check on it with `imgbuild status`)".into());
             }
             Error::Interrupted { cleaned }
         }
@@ -214,7 +238,19 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io("writing", path, e))?;
+    // What imgbuild writes (a config, user-data, the bake manifest) holds no secret, so a new
+    // file gets the mode any program's would (0666 less the umask), and a replaced one keeps its
+    // own; tempfile's default, 0600, would make every file private whatever the user asked for.
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io("writing", path, e))?;
+    if let Ok(existing) = std::fs::metadata(path) {
+        tmp.as_file().set_permissions(existing.permissions()).map_err(|e| Error::io("writing", path, e))?;
+    }
     tmp.write_all(bytes).map_err(|e| Error::io("writing", path, e))?;
     tmp.persist(path).map_err(|e| Error::io("writing", path, e.error))?;
     Ok(())

@@ -34,15 +34,20 @@ pub(super) fn smoke_cmd(args: SmokeArgs, ctx: &Context, ui: Ui) -> Result<()> {
         }
     };
     print_smoke(ui, &report);
-    if ui.json() {
-        ui.emit_json(&json!({ "ok": report.ok(), "smoke": report }));
-    }
-    if report.ok() {
+    let result = if report.ok() {
         Ok(())
     } else {
         let failed: Vec<_> = report.steps.iter().filter(|s| !s.ok).map(|s| format!("{}: {}", s.name, s.detail)).collect();
         Err(Error::SmokeFailed(format!("smoke test against {} failed: {}", report.target, failed.join("; "))))
+    };
+    if ui.json() {
+        let mut doc = json!({ "ok": report.ok(), "smoke": report });
+        if let Err(e) = &result {
+            doc["error"] = crate::ui::error_json(e);
+        }
+        ui.emit_json(&doc);
     }
+    result
 }
 
 fn print_smoke(ui: Ui, report: &smoke::Report) {

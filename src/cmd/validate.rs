@@ -43,12 +43,16 @@ pub(super) fn validate_all(args: ValidateArgs, ctx: &Context, ui: Ui) -> Result<
     }
     let template = check_template(args.template.as_deref(), ctx, ui, &mut failed)?;
     let document = check_document(args.document.as_deref(), ctx, ui, tools, &mut failed)?;
+    let result = if failed.is_empty() { Ok(()) } else { Err(Error::Validation(format!("validation failed {} check(s): {}", failed.len(), failed.join("; ")))) };
     if ui.json() {
-        ui.emit_json(
-            &json!({ "ok": failed.is_empty(), "config": ctx.source.to_string(), "userdata": variants, "template": template, "bake_document": document }),
-        );
+        let mut doc =
+            json!({ "ok": failed.is_empty(), "config": ctx.source.to_string(), "userdata": variants, "template": template, "bake_document": document });
+        if let Err(e) = &result {
+            doc["error"] = crate::ui::error_json(e);
+        }
+        ui.emit_json(&doc);
     }
-    if failed.is_empty() { Ok(()) } else { Err(Error::Validation(format!("validation failed {} check(s): {}", failed.len(), failed.join("; ")))) }
+    result
 }
 
 /// The automation document as bake registers it (the bake script inside), checked statically,

@@ -340,6 +340,12 @@ pub fn load(explicit: Option<&Path>) -> Result<(Config, Source)> {
         }
     };
     let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+        // clap fills --config from IMGBUILD_CONFIG too; name what the user actually set.
+        std::io::ErrorKind::NotFound if std::env::var_os("IMGBUILD_CONFIG").is_some_and(|v| Path::new(&v) == path) => Error::Invalid(format!(
+            "config file {} (named by the environment variable IMGBUILD_CONFIG) does not exist \
+             (run `imgbuild init` to write it, or unset IMGBUILD_CONFIG to use ./imgbuild.yaml or the defaults)",
+            path.display()
+        )),
         std::io::ErrorKind::NotFound => Error::Invalid(format!(
             "config file {} does not exist (run `imgbuild init` to write a starter, or drop --config to use the defaults)",
             path.display()
@@ -422,7 +428,7 @@ pub fn parse(text: &str, file: &str) -> std::result::Result<Config, ConfigErrors
                     {
                         message = format!("{}expected {names}", message.split("expected").next().unwrap_or_default());
                     }
-                    errors.push(at(field.clone(), message));
+                    errors.push(at(field.clone(), plain_words(&message)));
                 }
                 aside.push(field.clone());
                 if !set_aside(&mut value, &field) {
@@ -533,8 +539,25 @@ impl Config {
         {
             bad("efs.file_system_id", m);
         }
-        if let Err(e) = semver::Version::parse(&self.compose.version) {
-            bad("compose.version", format!("`{}` is not a compose release (expected MAJOR.MINOR.PATCH): {e}", self.compose.version));
+        let compose_default = ComposeConfig::default();
+        if semver::Version::parse(&self.compose.version).is_err() {
+            bad(
+                "compose.version",
+                format!("`{}` is not a compose release (expected MAJOR.MINOR.PATCH such as {})", self.compose.version, compose_default.version),
+            );
+        } else if self.compose.version != compose_default.version
+            && (self.compose.sha256.x86_64 == compose_default.sha256.x86_64 || self.compose.sha256.aarch64 == compose_default.sha256.aarch64)
+        {
+            // The boot checks the download against these: stale ones fail every instance at
+            // boot, an hour after a deploy that passed.
+            bad(
+                "compose.sha256",
+                format!(
+                    "still holds the checksums of compose {} but compose.version is {}: set compose.sha256.x86_64 and compose.sha256.aarch64 \
+                     to the sha256 of docker-compose-linux-x86_64 and docker-compose-linux-aarch64 published with release {}",
+                    compose_default.version, self.compose.version, self.compose.version
+                ),
+            );
         }
         for (arch, sum) in [("x86_64", &self.compose.sha256.x86_64), ("aarch64", &self.compose.sha256.aarch64)] {
             if !is_hex(sum, 64) {
@@ -551,6 +574,9 @@ impl Config {
         }
         match parse_cidr(&self.stack.vpc_cidr) {
             Ok((_, prefix)) if (16..=20).contains(&prefix) => {}
+            Ok((_, prefix)) if prefix < 16 => {
+                bad("stack.vpc_cidr", format!("/{prefix} is larger than a VPC may be (AWS allows /16 to /28; the stack needs /16 to /20)"))
+            }
             Ok((_, prefix)) => {
                 bad("stack.vpc_cidr", format!("/{prefix} leaves too little room for the four subnets the stack carves (use a prefix from /16 to /20)"))
             }
@@ -648,6 +674,31 @@ impl Config {
         out.extend(fleet::check(&self.fleet, self.bake.kms_key_id.is_some()));
         out
     }
+}
+
+/// serde's wording in the user's terms: what the field takes, not the Rust type behind it
+/// (`expected u16`, `expected struct ChromaConfig`, `unit value`).
+fn plain_words(message: &str) -> String {
+    let mut m = message.to_string();
+    for (jargon, plain) in [
+        ("invalid type: unit value", "invalid type: nothing (null)"),
+        ("invalid type: map", "invalid type: a mapping"),
+        ("invalid type: sequence", "invalid type: a list"),
+        ("invalid type: floating point", "invalid type: the decimal number"),
+        ("invalid type: boolean", "invalid type: the boolean"),
+        ("invalid type: integer", "invalid type: the number"),
+        ("invalid value: integer", "invalid value: the number"),
+        ("expected a sequence", "expected a list (`- item` lines, or [a, b])"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        ("expected u32", "expected a whole number from 0 to 4294967295"),
+        ("expected u64", "expected a whole number, 0 or more"),
+    ] {
+        m = m.replace(jargon, plain);
+    }
+    if let Some(i) = m.find("expected struct ") {
+        m = format!("{}expected a section: a mapping of its keys, indented below it", &m[..i]);
+    }
+    m
 }
 
 /// `10.0.0.0/16` as (address, prefix length).

@@ -240,7 +240,7 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
     };
     if !go {
         remove_created(&clients.for_cleanup(), cleanup).await?;
-        return Err(Error::Invalid("not confirmed: the change set was deleted and nothing changed".into()));
+        return Err(Error::Declined("declined: the change set was deleted and nothing changed".into()));
     }
 
     // 5. Execute and follow.

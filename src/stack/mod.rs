@@ -292,7 +292,7 @@ async fn wait_until_settled(
             return Err(Error::Timeout {
                 what: format!("stack {stack} (still {status})"),
                 secs: waits.timeout.as_secs(),
-                hint: "the operation goes on in CloudFormation; follow it with `imgbuild status`, or raise aws.stack_timeout_secs / --timeout".into(),
+                hint: "the operation goes on in CloudFormation; check on it with `imgbuild status`, or raise aws.stack_timeout_secs / --timeout".into(),
             });
         }
         tokio::time::sleep(waits.poll).await;

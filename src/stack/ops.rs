@@ -134,15 +134,25 @@ async fn targets(clients: &Clients, target_group: &str) -> Result<Vec<Target>> {
 pub struct Destroyed {
     pub stack: String,
     pub existed: bool,
-    /// The file system that was kept (without --delete-data) or deleted (with it).
+    /// The stack's current file system (its `FileSystemId` output), kept or deleted.
     pub file_system: Option<String>,
+    /// Every file system of the stack, the current one and those earlier attempts retained
+    /// (a create that rolled back keeps its file system but leaves no outputs): kept without
+    /// --delete-data, deleted with it.
+    pub file_systems: Vec<String>,
     pub data_deleted: bool,
 }
 
 pub async fn destroy(clients: &Clients, name: &str, delete_data: bool, wait_if_busy: bool, waits: Waits, progress: &Progress) -> Result<Destroyed> {
     let Some(s) = stack::describe(&clients.cfn, name).await? else {
-        progress.line(&format!("stack {name} does not exist: nothing to destroy"));
-        return Ok(Destroyed { stack: name.into(), existed: false, file_system: None, data_deleted: false });
+        let retained = retained_or_warn(clients, name, None, progress).await;
+        if retained.is_empty() {
+            progress.line(&format!("stack {name} does not exist: nothing to destroy"));
+        } else {
+            progress.line(&format!("stack {name} does not exist, but earlier attempts retained file systems"));
+        }
+        let data_deleted = settle_file_systems(clients, &retained, delete_data, waits, progress).await?;
+        return Ok(Destroyed { stack: name.into(), existed: false, file_system: None, file_systems: retained, data_deleted });
     };
     let status = stack::status_of(&s);
     if stack::phase(&status) == Phase::InProgress {
@@ -153,15 +163,62 @@ pub async fn destroy(clients: &Clients, name: &str, delete_data: bool, wait_if_b
         stack::wait_stable(&clients.cfn, name, &mut f, waits, progress).await?;
     }
     let file_system = stack::outputs_of(&s).get("FileSystemId").cloned();
+    let project = s.tags().iter().find(|t| t.key() == Some(PROJECT_TAG)).and_then(|t| t.value()).map(String::from);
     progress.set(&format!("deleting stack {name}"));
     stack::delete_and_wait(&clients.cfn, name, waits, progress).await?;
     progress.line(&format!("stack {name} deleted"));
 
-    let mut data_deleted = false;
-    if let Some(fs) = &file_system {
+    let mut file_systems: Vec<String> = file_system.iter().cloned().collect();
+    file_systems.extend(retained_or_warn(clients, name, project.as_deref(), progress).await);
+    file_systems.sort();
+    file_systems.dedup();
+    let data_deleted = settle_file_systems(clients, &file_systems, delete_data, waits, progress).await?;
+    Ok(Destroyed { stack: name.into(), existed: true, file_system, file_systems, data_deleted })
+}
+
+/// The retained file systems, or none with a warning when EFS cannot be asked (no permission):
+/// the stack is gone by then, and the one its outputs named is still reported.
+async fn retained_or_warn(clients: &Clients, name: &str, project: Option<&str>, progress: &Progress) -> Vec<String> {
+    match stack_file_systems(clients, name, project).await {
+        Ok(found) => found,
+        Err(e) => {
+            progress.line(&format!("warning: could not look for file systems stack {name} retained ({e}); check with `aws efs describe-file-systems`"));
+            Vec::new()
+        }
+    }
+}
+
+/// Deletes a stack that holds no data (the bake's prerequisites): no file systems are looked
+/// for, since that stack shares the project tag with the product's stack and its data.
+pub async fn destroy_stack_only(clients: &Clients, name: &str, wait_if_busy: bool, waits: Waits, progress: &Progress) -> Result<bool> {
+    let Some(s) = stack::describe(&clients.cfn, name).await? else {
+        progress.line(&format!("stack {name} does not exist: nothing to destroy"));
+        return Ok(false);
+    };
+    let status = stack::status_of(&s);
+    if stack::phase(&status) == Phase::InProgress {
+        if !wait_if_busy {
+            return Err(Error::Invalid(format!("stack {name} is {status}: wait for it to finish (or pass --wait)")));
+        }
+        let mut f = stack::EventFollower::start(&clients.cfn, name).await?;
+        stack::wait_stable(&clients.cfn, name, &mut f, waits, progress).await?;
+    }
+    progress.set(&format!("deleting stack {name}"));
+    stack::delete_and_wait(&clients.cfn, name, waits, progress).await?;
+    progress.line(&format!("stack {name} deleted"));
+    Ok(true)
+}
+
+/// The tag imgbuild puts on the stack; CloudFormation propagates stack tags to the resources it
+/// creates.
+const PROJECT_TAG: &str = "imgbuild:project";
+
+/// Deletes the file systems with --delete-data, else says each is kept and how to reuse or
+/// remove it. True when something was deleted.
+async fn settle_file_systems(clients: &Clients, file_systems: &[String], delete_data: bool, waits: Waits, progress: &Progress) -> Result<bool> {
+    for fs in file_systems {
         if delete_data {
             delete_file_system(clients, fs, waits, progress).await?;
-            data_deleted = true;
             progress.line(&format!("EFS file system {fs} and all Chroma data on it deleted (--delete-data)"));
         } else {
             progress.line(&format!(
@@ -170,7 +227,41 @@ pub async fn destroy(clients: &Clients, name: &str, delete_data: bool, wait_if_b
             ));
         }
     }
-    Ok(Destroyed { stack: name.into(), existed: true, file_system, data_deleted })
+    Ok(delete_data && !file_systems.is_empty())
+}
+
+/// File systems the stack (under this name, now or in an earlier attempt) created and retained,
+/// found by the tags CloudFormation puts on what it creates: `aws:cloudformation:stack-name`, and
+/// the stack's own `imgbuild:project` tag. The stack's outputs are not enough: a create that
+/// rolled back has none, yet `DeletionPolicy: Retain` kept its file system. DescribeFileSystems
+/// takes no tag filter, so every page is read (EFS API reference, DescribeFileSystems: `Tags`
+/// and `LifeCycleState` on each `FileSystemDescription`, `NextMarker` to page).
+pub async fn stack_file_systems(clients: &Clients, stack_name: &str, project: Option<&str>) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    let mut marker: Option<String> = None;
+    loop {
+        let page = clients
+            .efs
+            .describe_file_systems()
+            .set_marker(marker.take())
+            .send()
+            .await
+            .map_err(|e| aws::err("DescribeFileSystems", format!("file systems of stack {stack_name}"), e))?;
+        for fs in page.file_systems() {
+            let tag = |key: &str| fs.tags().iter().find(|t| t.key() == key).map(|t| t.value());
+            let ours = tag("aws:cloudformation:stack-name") == Some(stack_name) || (project.is_some() && tag(PROJECT_TAG) == project);
+            let gone = matches!(fs.life_cycle_state().as_str(), "deleting" | "deleted");
+            if ours && !gone {
+                found.push(fs.file_system_id().to_string());
+            }
+        }
+        match page.next_marker() {
+            Some(m) if !m.is_empty() => marker = Some(m.to_string()),
+            _ => break,
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 /// Deletes a file system once its mount targets (removed with the stack) are gone.

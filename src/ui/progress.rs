@@ -86,7 +86,7 @@ impl Progress {
     fn plain(&self, message: &str) {
         if !self.quiet {
             let secs = self.start.elapsed().as_secs();
-            eprintln!("[{:02}:{:02}] {message}", secs / 60, secs % 60);
+            super::stderr_line(&format!("[{:02}:{:02}] {message}", secs / 60, secs % 60));
         }
     }
 

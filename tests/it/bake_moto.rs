@@ -96,7 +96,15 @@ fn a_cache_hit_reuses_the_image_hands_it_over_and_deploy_boots_it() {
     let still = json_of(&cmd(dir.path(), url).args(["--output", "json", "bake", "--dry-run", "--no-tools"]).output().unwrap());
     assert!(still["cached"].is_null(), "{still}");
 
-    let ami = make_image(url, &[("imgbuild:digest", &digest), ("imgbuild:project", "cached"), ("imgbuild:chroma-version", "1.5.9")]);
+    let ami = make_image(
+        url,
+        &[
+            ("imgbuild:digest", &digest),
+            ("imgbuild:project", "cached"),
+            ("imgbuild:chroma-version", "1.5.9"),
+            ("imgbuild:chroma-image", "ghcr.io/chroma-core/chroma:1.5.9"),
+        ],
+    );
     let done = json_of(&cmd(dir.path(), url).args(["--output", "json", "bake", "--no-tools"]).output().unwrap());
     assert_eq!(done["ami"], ami.as_str());
     assert_eq!(done["cached"], true);
@@ -239,12 +247,22 @@ fn prune_keeps_the_newest_and_everything_in_use() {
     let dry = json_of(&cmd(dir.path(), url).args(["--output", "json", "images", "prune", "--keep", "1", "--dry-run"]).output().unwrap());
     let would: Vec<&str> = dry["would_prune"].as_array().unwrap().iter().map(|r| r["ami"].as_str().unwrap()).collect();
     assert_eq!(would, [third.as_str()]);
-    // Without a terminal and without --yes it refuses, pruning nothing.
-    cmd(dir.path(), url).args(["images", "prune", "--keep", "1"]).assert().code(2);
+    // Without a terminal and without --yes it refuses, pruning nothing, and names its own flags.
+    let refused = cmd(dir.path(), url).args(["images", "prune", "--keep", "1"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("--yes") && !said.contains("--no-execute"), "prune has no --no-execute: {said}");
 
     let done = json_of(&cmd(dir.path(), url).args(["--output", "json", "images", "prune", "--keep", "1", "--yes"]).output().unwrap());
     let pruned: Vec<&str> = done["pruned"].as_array().unwrap().iter().map(|r| r["ami"].as_str().unwrap()).collect();
     assert_eq!(pruned, [third.as_str()]);
+    // One shape, dry run or not (README, "Machine-readable output").
+    for doc in [&dry, &done] {
+        for key in ["dry_run", "pruned", "would_prune", "kept_in_use"] {
+            assert!(!doc[key].is_null(), "{key} missing from {doc}");
+        }
+    }
+    assert_eq!((dry["dry_run"].as_bool(), done["dry_run"].as_bool(), done["kept_in_use"].as_u64()), (Some(true), Some(false), Some(2)));
     let left = json_of(&cmd(dir.path(), url).args(["--output", "json", "images", "list"]).output().unwrap());
     let left: Vec<&str> = left["images"].as_array().unwrap().iter().map(|r| r["ami"].as_str().unwrap()).collect();
     assert_eq!(left, [newest.as_str(), second.as_str(), oldest.as_str()]);

@@ -78,7 +78,7 @@ fn each_kind_of_bad_input_exits_2_without_panicking() {
     let cases: &[(&str, &str)] = &[
         ("bogus: 1\n", "unknown field `bogus`"),
         ("chroma:\n  port: eighty\n", "`chroma.port`: invalid type"),
-        ("chroma:\n  port: 70000\n", "`chroma.port`: invalid value: integer `70000`"),
+        ("chroma:\n  port: 70000\n", "`chroma.port`: invalid value: the number `70000`, expected a whole number from 0 to 65535"),
         ("chroma:\n  port: 0\n", "port 0 is not a port"),
         ("chroma:\n  version: 0.3.1\n", "Chroma 0.3.1 is not supported"),
         ("chroma:\n  version: 1.5\n", "`1.5` is not a pinned Chroma release"),

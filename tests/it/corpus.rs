@@ -7,7 +7,7 @@
 //! ```text
 //! # case: chroma.port given as a word
 //! # expect: line 5, `chroma.port`
-//! # expect: invalid type: string "eighty", expected u16
+//! # expect: invalid type: string "eighty", expected a whole number from 0 to 65535
 //! ```
 //!
 //! - `config/*.yaml` runs as `--config FILE validate --no-tools`, and again as
@@ -248,7 +248,8 @@ fn corpus_config_error_lines_are_inside_the_file() {
     }
 }
 
-// --- regressions: bugs this corpus found in src/, each test stating the correct behaviour ---
+// --- regressions: bugs this corpus found in src/ (fixed); each test is named for the correct
+// behaviour it checks today ---
 
 fn regression(name: &str) {
     let path = corpus().join("regressions").join(name);
@@ -267,62 +268,62 @@ fn regression(name: &str) {
 
 #[test]
 
-fn regression_config_non_string_key_has_no_line() {
+fn regression_config_non_string_key_is_reported_at_its_line() {
     regression("config-non-string-key.yaml");
 }
 
 #[test]
 
-fn regression_config_duplicate_key_line() {
+fn regression_config_duplicate_key_is_reported_at_its_line() {
     regression("config-duplicate-key-line.yaml");
 }
 
 #[test]
 
-fn regression_config_type_errors_in_one_section_hide_each_other() {
+fn regression_config_two_type_errors_in_one_section_are_both_reported() {
     regression("config-two-type-errors-one-section.yaml");
 }
 
 #[test]
 
-fn regression_config_not_utf8_exits_1() {
+fn regression_config_not_utf8_is_invalid_input_exit_2() {
     regression("config-not-utf-8.yaml");
 }
 
 #[test]
 
-fn regression_missing_template_or_document_exits_1() {
+fn regression_missing_template_or_document_is_invalid_input_exit_2() {
     regression("flags-missing-template.args");
     regression("flags-missing-document.args");
 }
 
 #[test]
 
-fn regression_guard_report_over_8k_is_unreadable() {
+fn regression_guard_report_over_8k_is_read_whole() {
     regression("template-guard-report-imds-unset.yaml");
     regression("template-guard-report-no-block-device-mappings.yaml");
 }
 
 #[test]
 
-fn regression_template_list_element_line() {
+fn regression_template_list_element_is_reported_at_its_line() {
     regression("template-list-element-line.yaml");
 }
 
 #[test]
 
-fn regression_document_step_line() {
+fn regression_document_step_is_reported_at_its_line() {
     regression("document-step-line.yaml");
 }
 
 #[test]
 
-fn regression_document_broken_yaml_line() {
+fn regression_document_broken_yaml_is_reported_at_its_line() {
     regression("document-broken-yaml-line.yaml");
 }
 
 #[test]
 
-fn regression_bake_regions_checked_after_the_bake() {
+fn regression_bake_regions_are_checked_before_any_aws_call() {
     regression("flags-bake-regions-checked-late.args");
 }

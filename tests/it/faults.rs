@@ -130,6 +130,10 @@ struct Stats {
     throttled_by_service: Mutex<BTreeMap<String, u64>>,
     /// The proxy's own trouble (upstream unreachable, a request it cannot parse): must stay 0.
     proxy_errors: AtomicU64,
+    /// Each request's API action, in arrival order: what a test waits on instead of a clock.
+    actions: Mutex<Vec<String>>,
+    /// Requests answered (forwarded or faulted): equal to `requests` when none is in flight.
+    handled: AtomicU64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -219,6 +223,26 @@ impl Proxy {
 
     fn counts(&self) -> Counts {
         self.stats.snapshot()
+    }
+
+    /// Blocks until the proxy has received a request for `action` (the `nth`, from 1): the
+    /// request is then on its way, held by the proxy's delay.
+    fn wait_for_action(&self, action: &str, nth: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while self.stats.actions.lock().unwrap().iter().filter(|a| a.as_str() == action).count() < nth {
+            assert!(std::time::Instant::now() < deadline, "the proxy never saw {action} #{nth}: {:?}", self.stats.actions.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Blocks until every request the proxy received has been answered (moto has seen what was
+    /// on the wire).
+    fn wait_idle(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.stats.handled.load(Ordering::SeqCst) < self.stats.requests.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "requests still in flight after 60 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -393,6 +417,7 @@ fn handle(mut conn: TcpStream, upstream: SocketAddr, schedule: &Mutex<Schedule>,
     };
     let fault = schedule.lock().unwrap().next(&req);
     let n = stats.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    stats.actions.lock().unwrap().push(req.action());
     if let Some(sdk) = req.header("amz-sdk-request") {
         let field = |k: &str| sdk.split(';').find_map(|p| p.trim().strip_prefix(k)?.parse::<u64>().ok());
         let attempt = field("attempt=").unwrap_or(1);
@@ -440,6 +465,7 @@ fn handle(mut conn: TcpStream, upstream: SocketAddr, schedule: &Mutex<Schedule>,
         // Forwarding failed: moto unreachable, or the client gave up while we waited on moto.
         stats.proxy_errors.fetch_add(1, Ordering::SeqCst);
     }
+    stats.handled.fetch_add(1, Ordering::SeqCst);
     result
 }
 
@@ -1189,16 +1215,20 @@ fn an_error_answer_without_a_code_is_reported_with_its_http_status() {
     }
 }
 
-/// SIGINT at each step of a real deploy process: every request is slowed, so the signal lands
-/// while the image is chosen, while the change set is made, while it is described, while it
-/// executes and while events are followed. Afterwards no change set is pending, no empty
-/// REVIEW_IN_PROGRESS stack is left, and the next deploy works.
+/// SIGINT at each step of a real deploy process: every request is slowed, and the signal is sent
+/// once the proxy has received the step's request (not after a guessed delay, which a loaded
+/// machine turns into another step): while the image is chosen, while the change set is made,
+/// while it is described, while it executes and while events are followed. Afterwards no change
+/// set is pending, no empty REVIEW_IN_PROGRESS stack is left, and the next deploy works.
 #[test]
 fn sigint_at_each_step_of_deploy_leaves_nothing_and_the_next_deploy_works() {
     let Some(moto) = services::moto() else { return };
     let direct = Direct::new(&moto.url);
     let mut outcomes = Vec::new();
-    for (i, after_ms) in [150u64, 450, 750, 1050, 1350, 1650, 2250, 3000].into_iter().enumerate() {
+    let steps =
+        [("GetParameter", 1), ("DescribeStacks", 1), ("CreateChangeSet", 1), ("DescribeChangeSet", 1), ("ExecuteChangeSet", 1), ("DescribeStackEvents", 3)];
+    for (i, (action, nth)) in steps.into_iter().enumerate() {
+        let after_ms = format!("{action} #{nth}");
         let project = format!("faults-sigint-{i}");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("imgbuild.yaml"), format!("name: {project}\nregion: us-east-1\naws:\n  poll_interval_secs: 1\n")).unwrap();
@@ -1210,30 +1240,31 @@ fn sigint_at_each_step_of_deploy_leaves_nothing_and_the_next_deploy_works() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(after_ms));
+        proxy.wait_for_action(action, nth);
         let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
         let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         let code = out.status.code();
-        assert!(matches!(code, Some(130) | Some(0)), "SIGINT after {after_ms} ms: exit {code:?}\n{err}");
+        assert!(matches!(code, Some(130) | Some(0)), "SIGINT at {after_ms}: exit {code:?}\n{err}");
         assert!(!err.contains("panicked"), "{err}");
         if code == Some(130) {
             assert!(err.contains("error: interrupted"), "{err}");
         }
-        // A request already on the wire (the proxy holds each for 250 ms) still lands.
-        std::thread::sleep(Duration::from_millis(600));
-        assert!(direct.pending_change_sets(&project).is_empty(), "after {after_ms} ms a change set is left: {err}");
+        // A request already on the wire (the proxy holds each for 250 ms) still lands: wait
+        // until the proxy has answered everything it received.
+        proxy.wait_idle();
+        assert!(direct.pending_change_sets(&project).is_empty(), "after SIGINT at {after_ms} a change set is left: {err}");
         let status = direct.stack_status(&project);
-        assert_ne!(status.as_deref(), Some("REVIEW_IN_PROGRESS"), "after {after_ms} ms the empty stack is left: {err}");
+        assert_ne!(status.as_deref(), Some("REVIEW_IN_PROGRESS"), "after SIGINT at {after_ms} the empty stack is left: {err}");
         // The next deploy (no faults) works from whatever the interrupted one left.
         let again =
             crate::support::imgbuild(dir.path()).args(["--endpoint-url", &moto.url, "deploy", "--yes", "--no-tools", "--template", FIXTURE]).output().unwrap();
-        assert!(again.status.success(), "the deploy after a SIGINT at {after_ms} ms failed: {}", String::from_utf8_lossy(&again.stderr));
+        assert!(again.status.success(), "the deploy after a SIGINT at {after_ms} failed: {}", String::from_utf8_lossy(&again.stderr));
         outcomes.push((after_ms, code, status));
     }
     // The signal landed both before and after execution: some runs were interrupted, and at
     // least one interrupt came after the stack existed.
     assert!(outcomes.iter().any(|(_, c, s)| *c == Some(130) && s.is_none()), "an interrupt before execution: {outcomes:?}");
     assert!(outcomes.iter().any(|(_, c, s)| *c == Some(130) && s.is_some()), "an interrupt after execution: {outcomes:?}");
-    eprintln!("SIGINT outcomes (ms, exit, stack state after): {outcomes:?}");
+    eprintln!("SIGINT outcomes (request seen, exit, stack state after): {outcomes:?}");
 }

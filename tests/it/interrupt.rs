@@ -15,11 +15,13 @@ struct Session {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     output: Arc<Mutex<String>>,
+    /// Reads the terminal until `script` ends; joined, so the output is complete when read.
+    reader: std::thread::JoinHandle<()>,
 }
 
 /// Starts `imgbuild deploy` on a pseudo-terminal for project `name`.
 fn deploy_on_a_terminal(name: &str, url: &str) -> Option<(Session, tempfile::TempDir)> {
-    let script = imgbuild::check::userdata::which("script")?;
+    let script = crate::support::tool("script")?;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("imgbuild.yaml"), format!("name: {name}\nregion: us-east-1\naws:\n  poll_interval_secs: 1\n")).unwrap();
     let run = dir.path().join("run.sh");
@@ -36,7 +38,7 @@ fn deploy_on_a_terminal(name: &str, url: &str) -> Option<(Session, tempfile::Tem
     let mut stdout = child.stdout.take().unwrap();
     let output = Arc::new(Mutex::new(String::new()));
     let sink = output.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = stdout.read(&mut buf) {
             if n == 0 {
@@ -45,7 +47,7 @@ fn deploy_on_a_terminal(name: &str, url: &str) -> Option<(Session, tempfile::Tem
             sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
-    Some((Session { child, stdin, output }, dir))
+    Some((Session { child, stdin, output, reader }, dir))
 }
 
 impl Session {
@@ -71,7 +73,8 @@ impl Session {
             assert!(Instant::now() < deadline, "deploy did not end:\n{}", self.output.lock().unwrap());
             std::thread::sleep(Duration::from_millis(50));
         };
-        std::thread::sleep(Duration::from_millis(100));
+        drop(self.stdin);
+        self.reader.join().expect("the terminal reader");
         let out = self.output.lock().unwrap().clone();
         (status.code(), out)
     }
@@ -111,8 +114,9 @@ fn no_at_the_prompt_changes_nothing_and_yes_deploys() {
     s.wait_for("[y/N]");
     s.type_in(b"n\r");
     let (code, out) = s.finish();
-    assert_eq!(code, Some(2), "{out}");
-    assert!(out.contains("not confirmed: the change set was deleted and nothing changed"), "{out}");
+    // Declining is a decision, not a usage error: the documented exit 4.
+    assert_eq!(code, Some(4), "{out}");
+    assert!(out.contains("declined: the change set was deleted and nothing changed"), "{out}");
     assert_eq!(stack_status(&moto.url, "answered"), None);
 
     let Some((mut s, _dir)) = deploy_on_a_terminal("answered", &moto.url) else { return };

@@ -757,8 +757,8 @@ async fn deploy_declined_at_the_prompt_removes_the_change_set_and_the_review_sta
     let err = deploy::run(&clients, &plan(Confirm::Prompt), &quiet(), &cleanup, &no).await.unwrap_err();
 
     match &err {
-        Error::Invalid(m) => assert!(m.contains("not confirmed"), "{m}"),
-        other => panic!("expected Invalid, got {other:?}"),
+        Error::Declined(m) => assert!(m.contains("declined"), "{m}"),
+        other => panic!("expected Declined, got {other:?}"),
     }
     assert_eq!(no.asked(), vec!["Execute these 1 changes on stack vectordb?".to_string()]);
     assert_eq!(del_cs.num_calls(), 1);
@@ -843,13 +843,21 @@ async fn remove_created_after_execution_touches_nothing() {
 // ---------------------------------------------------------------------------------------------
 // ops::destroy and ops::status
 
+/// DescribeFileSystems finding no file system tagged as the stack's (destroy looks for retained
+/// ones by tag; tests/it/contracts.rs has the ones it finds).
+fn no_file_systems() -> Rule {
+    mock!(aws_sdk_efs::Client::describe_file_systems)
+        .then_output(|| aws_sdk_efs::operation::describe_file_systems::DescribeFileSystemsOutput::builder().build())
+}
+
 #[tokio::test]
 async fn destroy_keeps_the_file_system_without_delete_data() {
     let ds = describe_stacks(&[Is("UPDATE_COMPLETE", outputs()), Is("DELETE_IN_PROGRESS", vec![]), Missing]);
     let events = events_of_deleted_stack();
     let del = delete_stack();
-    // No EFS rules: any EFS call fails the test.
-    let clients = Aws::default().cfn(&[&ds, &events, &del]).clients();
+    let listed = no_file_systems();
+    // No other EFS rules: deleting a file system fails the test.
+    let clients = Aws::default().cfn(&[&ds, &events, &del]).efs(&[&listed]).clients();
 
     let d = imgbuild::stack::ops::destroy(&clients, STACK, false, false, fast(), &quiet()).await.unwrap();
 
@@ -881,7 +889,8 @@ async fn destroy_with_delete_data_waits_out_file_system_in_use() {
         })
         .output(|| DeleteFileSystemOutput::builder().build())
         .build();
-    let clients = Aws::default().cfn(&[&ds, &events, &del]).efs(&[&del_fs]).clients();
+    let listed = no_file_systems();
+    let clients = Aws::default().cfn(&[&ds, &events, &del]).efs(&[&listed, &del_fs]).clients();
 
     let d = imgbuild::stack::ops::destroy(&clients, STACK, true, false, fast(), &quiet()).await.unwrap();
 
@@ -895,7 +904,8 @@ async fn destroy_with_delete_data_waits_out_file_system_in_use() {
 async fn destroy_of_a_missing_stack_deletes_nothing() {
     let ds = describe_stacks(&[Missing]);
     let del = delete_stack();
-    let clients = Aws::default().cfn(&[&ds, &del]).clients();
+    let listed = no_file_systems();
+    let clients = Aws::default().cfn(&[&ds, &del]).efs(&[&listed]).clients();
 
     let d = imgbuild::stack::ops::destroy(&clients, STACK, true, false, fast(), &quiet()).await.unwrap();
 
@@ -995,6 +1005,8 @@ fn v2() -> &'static imgbuild::chroma::Profile {
 async fn smoke_through_api_gateway_passes_when_both_test_invokes_answer_200() {
     let res = resources(&[("root1", "/"), ("prx1", "/{proxy+}")]);
     let invoke = mock!(aws_sdk_apigateway::Client::test_invoke_method)
+        // The verb the reference article test-invokes the `ANY` proxy method with (and aws-cli
+        // `examples/apigateway/test-invoke-method.rst`): GET, as a client would send it.
         .match_requests(|r| r.rest_api_id() == Some("abc123") && r.resource_id() == Some("prx1") && r.http_method() == Some("GET"))
         .then_compute_output(|r| invoke_output(200, &format!("answer for {}", r.path_with_query_string().unwrap_or_default())));
     let clients = Aws::default().apigw(&[&res, &invoke]).clients();
@@ -1068,7 +1080,9 @@ fn image_tagged(version: &'static str) -> Rule {
             .images(
                 aws_sdk_ec2::types::Image::builder()
                     .image_id(AMI)
+                    .architecture(aws_sdk_ec2::types::ArchitectureValues::X8664)
                     .tags(aws_sdk_ec2::types::Tag::builder().key("imgbuild:chroma-version").value(version).build())
+                    .tags(aws_sdk_ec2::types::Tag::builder().key("imgbuild:chroma-image").value(format!("ghcr.io/chroma-core/chroma:{version}")).build())
                     .build(),
             )
             .build()

@@ -220,7 +220,14 @@ fn deploy_boots_the_baked_image_handed_over_and_refuses_a_mismatched_one() {
         let base = ssm.get_parameter().name("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64").send().await.unwrap();
         let ami = base.parameter().unwrap().value().unwrap().to_string();
         let ec2 = aws_sdk_ec2::Client::new(&conf);
-        ec2.create_tags().resources(&ami).tags(aws_sdk_ec2::types::Tag::builder().key("imgbuild:chroma-version").value("0.4.13").build()).send().await.unwrap();
+        // As bake tags its images (images/bake.yaml, aws:createImage TagSpecifications).
+        ec2.create_tags()
+            .resources(&ami)
+            .tags(aws_sdk_ec2::types::Tag::builder().key("imgbuild:chroma-version").value("0.4.13").build())
+            .tags(aws_sdk_ec2::types::Tag::builder().key("imgbuild:chroma-image").value("ghcr.io/chroma-core/chroma:0.4.13").build())
+            .send()
+            .await
+            .unwrap();
         ssm.put_parameter().name("/imgbuild/handoff/ami").value(&ami).r#type(aws_sdk_ssm::types::ParameterType::String).send().await.unwrap();
         ami
     });

@@ -20,8 +20,19 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn start(name: &str, program: PathBuf, args: &[String], port: u16, ready: Duration) -> Service {
-    let log = std::env::temp_dir().join(format!("imgbuild-test-{name}-{port}.log"));
+/// Where the server listens: a port the test chose, or one the server bound itself (port 0) and
+/// announced in its log as `Running on http://127.0.0.1:PORT` (werkzeug, moto's server).
+enum Port {
+    Chosen(u16),
+    Announced,
+}
+
+fn start(name: &str, program: PathBuf, args: &[String], port: Port, ready: Duration) -> Service {
+    let tag = match port {
+        Port::Chosen(p) => p.to_string(),
+        Port::Announced => format!("pid{}-{}", std::process::id(), name),
+    };
+    let log = std::env::temp_dir().join(format!("imgbuild-test-{name}-{tag}.log"));
     let script = format!("\"$0\" \"$@\" >'{}' 2>&1 & pid=$!; cat >/dev/null; kill $pid 2>/dev/null; wait $pid 2>/dev/null", log.display());
     let mut child = Command::new("sh")
         .arg("-c")
@@ -31,12 +42,26 @@ fn start(name: &str, program: PathBuf, args: &[String], port: u16, ready: Durati
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         // moto's request recorder would write `moto_recording` into the work tree.
-        .env("MOTO_RECORDER_FILEPATH", Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("moto_recording-{port}")))
+        .env("MOTO_RECORDER_FILEPATH", Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("moto_recording-{tag}")))
         .spawn()
         .unwrap_or_else(|e| panic!("starting {name}: {e}"));
     let stdin = child.stdin.take().unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = Instant::now() + ready;
+    let log_text = || std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let port = match port {
+        Port::Chosen(p) => p,
+        Port::Announced => loop {
+            let announced = log_text().lines().find_map(|l| l.split("Running on http://127.0.0.1:").nth(1).and_then(|p| p.trim().parse::<u16>().ok()));
+            if let Some(p) = announced {
+                break p;
+            }
+            if Instant::now() > deadline {
+                panic!("{name} did not announce its port within {ready:?}:\n{}", log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        },
+    };
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
         if Instant::now() > deadline {
             let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
@@ -49,9 +74,9 @@ fn start(name: &str, program: PathBuf, args: &[String], port: u16, ready: Durati
 
 fn unavailable(program: &str) -> Option<&'static Service> {
     if validators_required() {
-        panic!("{program} is required (IMGBUILD_REQUIRE_VALIDATORS=1): run tests/run, which installs it into .venv");
+        panic!("{program} is not installed: run tests/run, which installs it into .venv (or set IMGBUILD_ALLOW_SKIPS=1 to skip)");
     }
-    eprintln!("skipping: {program} is not installed (tests/run installs it into .venv)");
+    eprintln!("skipping (IMGBUILD_ALLOW_SKIPS=1): {program} is not installed (tests/run installs it into .venv)");
     None
 }
 
@@ -60,8 +85,9 @@ pub fn moto() -> Option<&'static Service> {
     static MOTO: OnceLock<Option<Service>> = OnceLock::new();
     MOTO.get_or_init(|| {
         let exe = tool_in_venv_quiet("moto_server")?;
-        let port = free_port();
-        Some(start("moto", exe, &["-H".into(), "127.0.0.1".into(), "-p".into(), port.to_string()], port, Duration::from_secs(30)))
+        // Port 0: the server binds a free port itself, so no other process can take it between
+        // choosing and binding.
+        Some(start("moto", exe, &["-H".into(), "127.0.0.1".into(), "-p".into(), "0".into()], Port::Announced, Duration::from_secs(30)))
     })
     .as_ref()
     .or_else(|| unavailable("moto_server"))
@@ -76,7 +102,9 @@ pub fn chroma() -> Option<&'static Service> {
             let port = free_port();
             let dir = tempfile::tempdir().unwrap().keep();
             let args = ["run".into(), "--path".into(), dir.display().to_string(), "--host".into(), "127.0.0.1".into(), "--port".into(), port.to_string()];
-            Some(start("chroma", exe, &args, port, Duration::from_secs(60)))
+            // Chroma announces the port it was given, not the one bound for port 0, so this one
+            // is chosen here (a small window in which another process could take it).
+            Some(start("chroma", exe, &args, Port::Chosen(port), Duration::from_secs(60)))
         })
         .as_ref()
         .or_else(|| unavailable("chroma"))

@@ -8,7 +8,14 @@ use imgbuild::render::{self, Format, Inputs, Mode, Rendered};
 /// No ambient config or AWS settings, and nothing that could reach AWS: for every process a test
 /// starts (the binary, or `script` running it).
 pub fn hermetic(cmd: &mut std::process::Command) -> &mut std::process::Command {
-    cmd.env_remove("IMGBUILD_CONFIG")
+    // The developer's ~/.aws (profiles, SSO, credential_process) must not reach a test: an
+    // empty home of the tests' own, and shared files that do not exist.
+    let home = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hermetic-home");
+    let _ = std::fs::create_dir_all(&home);
+    cmd.env("HOME", &home)
+        .env("AWS_CONFIG_FILE", home.join(".aws/no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", home.join(".aws/no-credentials"))
+        .env_remove("IMGBUILD_CONFIG")
         .env_remove("AWS_PROFILE")
         .env_remove("AWS_ENDPOINT_URL")
         .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -24,18 +31,21 @@ pub fn imgbuild(dir: &Path) -> assert_cmd::Command {
     assert_cmd::Command::from_std(cmd)
 }
 
-/// `tests/run` and CI set this: a validator that is not installed is then a failure, not a skip.
+/// Whether a validator or service that is not installed fails its test. It does unless the
+/// run asks for skips with `IMGBUILD_ALLOW_SKIPS=1` (and `tests/run` forbids them with
+/// `IMGBUILD_REQUIRE_VALIDATORS=1`): a test harness reports a skipped test as `ok`, so a skip
+/// must be asked for, never the silent default.
 pub fn validators_required() -> bool {
-    std::env::var("IMGBUILD_REQUIRE_VALIDATORS").is_ok_and(|v| v == "1")
+    std::env::var("IMGBUILD_REQUIRE_VALIDATORS").is_ok_and(|v| v == "1") || !std::env::var("IMGBUILD_ALLOW_SKIPS").is_ok_and(|v| v == "1")
 }
 
 /// The path of `program`, or None after saying why the caller skips (failing when required).
 pub fn tool(program: &str) -> Option<std::path::PathBuf> {
     match imgbuild::check::userdata::which(program) {
         Some(p) => Some(p),
-        None if validators_required() => panic!("{program} is required (IMGBUILD_REQUIRE_VALIDATORS=1) but not installed"),
+        None if validators_required() => panic!("{program} is not installed: run tests/run, which installs it (or set IMGBUILD_ALLOW_SKIPS=1 to skip)"),
         None => {
-            eprintln!("skipping: {program} is not installed");
+            eprintln!("skipping (IMGBUILD_ALLOW_SKIPS=1): {program} is not installed");
             None
         }
     }

@@ -167,8 +167,9 @@ fn checkov_finds_nothing_and_every_suppression_is_justified() {
     let Some(checkov) = tool_in_venv("checkov") else { return };
     let out =
         Command::new(checkov).args(["-d", "infra", "--framework", "cloudformation", "--skip-download", "-o", "json"]).current_dir(repo()).output().unwrap();
-    let report: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("checkov JSON: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("checkov JSON: {e} (exit {:?}): {}\nstderr: {}", out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
     let summary = &report["summary"];
     assert_eq!(summary["failed"], 0, "checkov failed checks: {}", report["results"]["failed_checks"]);
     assert!(summary["passed"].as_u64().unwrap() >= 60, "{summary}");
