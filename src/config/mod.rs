@@ -37,6 +37,23 @@ pub struct Config {
     pub stack: StackConfig,
     pub bake: BakeConfig,
     pub aws: AwsConfig,
+    pub backup: BackupConfig,
+}
+
+/// `imgbuild backup` and the stack's daily AWS Backup plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// Days AWS Backup keeps each recovery point, on-demand and scheduled alike.
+    pub retention_days: u32,
+    /// When the daily plan runs: an AWS Backup `cron(...)` or `rate(...)` expression, UTC.
+    pub schedule: String,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self { retention_days: 35, schedule: "cron(0 5 ? * * *)".into() }
+    }
 }
 
 /// `imgbuild bake`: the base image, where the build instance runs, and where the result goes.
@@ -200,6 +217,7 @@ impl Default for Config {
             stack: StackConfig::default(),
             bake: BakeConfig::default(),
             aws: AwsConfig::default(),
+            backup: BackupConfig::default(),
         }
     }
 }
@@ -607,6 +625,15 @@ impl Config {
         }
         if !(1..=300).contains(&self.aws.poll_interval_secs) {
             bad("aws.poll_interval_secs", format!("{}s: use 1 to 300", self.aws.poll_interval_secs));
+        }
+        // AWS Backup's lifecycle takes whole days; a century is far beyond any real retention.
+        if !(1..=36_500).contains(&self.backup.retention_days) {
+            bad("backup.retention_days", format!("{} days: use 1 to 36500", self.backup.retention_days));
+        }
+        let sched = self.backup.schedule.trim();
+        let expr_ok = (sched.starts_with("cron(") || sched.starts_with("rate(")) && sched.ends_with(')') && sched.len() > 6 && sched.is_ascii();
+        if !expr_ok {
+            bad("backup.schedule", format!("`{sched}` is not an AWS Backup schedule expression such as cron(0 5 ? * * *) or rate(12 hours)"));
         }
         out
     }
