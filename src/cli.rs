@@ -83,6 +83,10 @@ pub enum Command {
     /// List or prune the images bake made.
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// Back up Chroma's data consistently: stop Chroma only while its data is copied on EFS
+    /// (through SSM Run Command), then an AWS Backup job of the file system. `backup list` shows
+    /// the recovery points.
+    Backup(BackupArgs),
     /// Check this machine and account before a deploy: credentials, region, account, network,
     /// the AL2023 parameter, quotas. Says what to do about each problem.
     Doctor,
@@ -252,4 +256,23 @@ pub struct ToolArgs {
     /// Run only the built-in checks, not cloud-init or shellcheck.
     #[arg(long)]
     pub no_tools: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub command: Option<BackupCommand>,
+    /// Return once the backup job has started instead of waiting for it to complete.
+    #[arg(long)]
+    pub no_wait: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// This project's recovery points, newest first: time, size, Chroma version, consistent or
+    /// scheduled.
+    List,
 }

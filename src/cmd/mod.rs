@@ -2,6 +2,7 @@
 //! the domain layers below (config, render, check, stack, bake, smoke) and the result into output
 //! (`ui`). The only layer that knows both the command line and AWS; nothing below imports it.
 
+mod backup;
 mod bake;
 mod deploy;
 mod destroy;
@@ -13,6 +14,7 @@ mod smoke;
 mod status;
 mod validate;
 
+pub use backup::backup_flow;
 pub use bake::{PREREQS_TEMPLATE, bake_flow};
 pub use deploy::{deploy_flow, stack_parameters};
 
@@ -54,6 +56,7 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
         Command::Smoke(args) => smoke::smoke_cmd(args, &context(&cli.global)?, ui),
         Command::Bake(args) => bake::bake(args, &context(&cli.global)?, ui),
         Command::Images(cmd) => images::images_cmd(cmd, &context(&cli.global)?, ui),
+        Command::Backup(args) => backup::backup_cmd(args, &context(&cli.global)?, ui),
     }
 }
 

@@ -611,3 +611,105 @@ fn the_signal_is_retried_only_when_it_did_not_reach_cloudformation() {
         assert_eq!(vm.stop(), 0);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The backup's quiesce script (backup/quiesce.sh), run as Run Command would on a booted instance.
+
+/// Runs the quiesce script on `vm` with the settings `imgbuild backup` passes.
+fn quiesce(vm: &Instance, token: &str, lock_wait: &str) -> (ExitStatus, String, String) {
+    let script = vm.path("/tmp/quiesce.sh");
+    write_file(&script, imgbuild::backup::QUIESCE_SCRIPT, 0o755);
+    let mut cmd = vm.command("bash");
+    cmd.arg(&script)
+        .env("IMGBUILD_MOUNT_POINT", "/mnt/chroma")
+        .env("IMGBUILD_DATA_SUBDIR", "data")
+        .env("IMGBUILD_LOCK_NAME", ".imgbuild-writer.lock")
+        .env("IMGBUILD_VERSION_NAME", ".imgbuild-chroma-version")
+        .env("IMGBUILD_COPY_NAME", imgbuild::backup::COPY_NAME)
+        .env("IMGBUILD_TOKEN", token)
+        .env("IMGBUILD_LOCK_WAIT_SECS", lock_wait);
+    let out = cmd.output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A consistent copy needs no writer: SQLite on NFS takes one, and AWS Backup copies an EFS file
+/// system while it changes (AWS Backup Developer Guide, "Amazon EFS backups": a backup is not a
+/// point-in-time snapshot of a file system in use). The script stops the unit, takes the writer
+/// lock itself, copies, and starts Chroma again, reporting how long it was down.
+#[test]
+fn quiesce_stops_chroma_copies_the_data_under_the_writer_lock_and_starts_it_again() {
+    for config in [Config::default(), docker_nfs()] {
+        let efs = efs_dir();
+        let vm = Instance::new(&config, efs.path(), stack_metadata()).baked();
+        let r = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+        assert!(boot_status(&vm.cloud_init(&r)).1.success(), "{}", vm.journal());
+        assert!(vm.serving());
+        std::fs::write(efs.path().join("data/chroma.sqlite3"), "SQLite format 3\0collections").unwrap();
+        std::fs::create_dir_all(efs.path().join("data/4f1e0b2c-segment")).unwrap();
+        std::fs::write(efs.path().join("data/4f1e0b2c-segment/data_level0.bin"), [7u8; 4096]).unwrap();
+
+        let (status, out, err) = quiesce(&vm, "tok-1", "10");
+        assert!(status.success(), "{out}\n{err}\n{}", vm.journal());
+        let result = out.lines().last().unwrap();
+        let q = imgbuild::backup::parse_quiesced(&out, "tok-1").unwrap();
+        assert!(q.was_running && q.chroma_version == "1.5.9", "{result}");
+        assert!(q.bytes >= 4096, "{result}");
+
+        let copy = efs.path().join(imgbuild::backup::COPY_NAME);
+        assert_eq!(read(&copy.join("data/chroma.sqlite3")), "SQLite format 3\0collections");
+        assert_eq!(std::fs::read(copy.join("data/4f1e0b2c-segment/data_level0.bin")).unwrap(), [7u8; 4096]);
+        assert_eq!(read(&copy.join(".imgbuild-chroma-version")), "1.5.9\n");
+        assert!(read(&copy.join("manifest")).starts_with("token=tok-1\nversion=1.5.9\n"));
+
+        let calls = vm.calls();
+        let stop = index(&calls, "systemctl stop chroma.service");
+        let start = calls.iter().rposition(|c| c == "systemctl start chroma.service").unwrap();
+        assert!(stop < start, "{calls:#?}");
+        wait_for(|| vm.serving(), "Chroma to serve again after the copy");
+        assert_eq!(vm.up(), "lock held\nefs mounted\n", "the restarted Chroma holds the lock again");
+
+        // A second copy replaces the first whole.
+        std::fs::write(efs.path().join("data/chroma.sqlite3"), "SQLite format 3\0more").unwrap();
+        let (status, out, _) = quiesce(&vm, "tok-2", "10");
+        assert!(status.success(), "{out}");
+        assert_eq!(read(&copy.join("data/chroma.sqlite3")), "SQLite format 3\0more");
+        assert!(!efs.path().join(format!("{}.old", imgbuild::backup::COPY_NAME)).exists());
+        wait_for(|| vm.serving(), "Chroma to serve again");
+        assert_eq!(vm.stop(), 0);
+    }
+}
+
+/// Another instance holding the writer lock (an instance replacement under way) means a copy
+/// would not be consistent: the script makes none, fails, and this instance's Chroma is started
+/// again.
+#[test]
+fn quiesce_makes_no_copy_while_another_writer_holds_the_lock_and_restarts_chroma() {
+    let config = Config::default();
+    let efs = efs_dir();
+    let vm = Instance::new(&config, efs.path(), stack_metadata()).baked();
+    let r = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+    assert!(boot_status(&vm.cloud_init(&r)).1.success());
+    assert!(vm.serving());
+    // The other writer: a real flock on the same lock file, taken once this instance's Chroma is
+    // stopped (the stub then lets go), held longer than the script waits.
+    let lock = efs.path().join(".imgbuild-writer.lock");
+    std::fs::write(vm.state.join("stop"), "").unwrap();
+    vm.unit_exit();
+    std::fs::remove_file(vm.state.join("stop")).unwrap();
+    // One process holds it (bash execs sleep with fd 9 open), so killing it frees the lock.
+    let mut other = Command::new("bash").args(["-c", r#"exec 9>>"$1"; flock 9; exec sleep 20"#, "other"]).arg(&lock).spawn().unwrap();
+    wait_for(|| Command::new("flock").args(["-n"]).arg(&lock).arg("true").status().is_ok_and(|s| !s.success()), "the other writer's lock");
+    // Chroma of this instance back up without the lock, as far as the stub knows.
+    std::fs::write(vm.state.join("chroma-up"), "").unwrap();
+    let (status, out, err) = quiesce(&vm, "tok-3", "1");
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(!status.success(), "{out}");
+    assert!(err.contains("another instance holds the writer lock"), "{err}");
+    assert!(out.contains("IMGBUILD_RESULT status=failed token=tok-3"), "{out}");
+    assert!(imgbuild::backup::parse_quiesced(&out, "tok-3").is_err());
+    assert!(!efs.path().join(imgbuild::backup::COPY_NAME).exists(), "no copy was made");
+    assert!(vm.calls().iter().any(|c| c == "systemctl start chroma.service"), "Chroma is started again: {:#?}", vm.calls());
+    wait_for(|| vm.up().starts_with("lock held"), "Chroma to take the lock once the other writer is gone");
+    assert_eq!(vm.stop(), 0);
+}

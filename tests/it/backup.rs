@@ -1,0 +1,436 @@
+//! `imgbuild backup` against scripted AWS answers (aws-smithy-mocks): moto does not implement
+//! AWS Backup's StartBackupJob (REFERENCE.md, "AWS Backup: vaults work, StartBackupJob is not
+//! implemented"), so every service here answers in its documented shape, cited at each fixture.
+//! The quiesce script itself runs under the boot harness (boot.rs).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_smithy_mocks::{Rule, mock};
+use aws_smithy_types::retry::RetryConfig;
+
+use imgbuild::aws::Clients;
+use imgbuild::backup;
+use imgbuild::cli::{BackupArgs, BackupCommand, OutputFormat, WaitArgs};
+use imgbuild::config::{Config, Context, Source};
+use imgbuild::ui::Ui;
+
+const STACK: &str = "vectordb";
+const FS_ID: &str = "fs-12345678";
+// ARN shapes from aws-cli awscli/examples/backup/list-backup-jobs.rst (EFS ResourceArn,
+// RecoveryPointArn, IamRoleArn, BackupJobId).
+const FS_ARN: &str = "arn:aws:elasticfilesystem:us-east-1:123456789012:file-system/fs-12345678";
+const VAULT: &str = "vectordb-chroma";
+const ROLE: &str = "arn:aws:iam::123456789012:role/vectordb-BackupRole-1A2B3C";
+const JOB: &str = "a1b2c3d4-5678-90ab-cdef-EXAMPLE22222";
+const POINT: &str = "arn:aws:backup:us-east-1:123456789012:recovery-point:a1b2c3d4-5678-90ab-cdef-EXAMPLE33333";
+const INSTANCE: &str = "i-1234567890abcdef0";
+const COMMAND: &str = "ef7fdfd8-9b57-4151-a15c-db9a12345678";
+const TOKEN: &str = "1700000000-000000001";
+
+fn retry() -> RetryConfig {
+    RetryConfig::standard().with_initial_backoff(Duration::from_millis(1))
+}
+
+struct Rules {
+    cfn: Vec<Rule>,
+    efs: Vec<Rule>,
+    ec2: Vec<Rule>,
+    ssm: Vec<Rule>,
+    backup: Vec<Rule>,
+}
+
+fn clients(r: &Rules) -> Clients {
+    let none: Vec<Rule> = Vec::new();
+    Clients {
+        cfn: mocked!(aws_sdk_cloudformation, r.cfn, retry()),
+        ec2: mocked!(aws_sdk_ec2, r.ec2, retry()),
+        efs: mocked!(aws_sdk_efs, r.efs, retry()),
+        ssm: mocked!(aws_sdk_ssm, r.ssm, retry()),
+        elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry()),
+        apigw: mocked!(aws_sdk_apigateway, none, retry()),
+        backup: mocked!(aws_sdk_backup, r.backup, retry()),
+    }
+}
+
+/// DescribeStacks of the deployed stack with the outputs the template declares (infra/stack.yaml
+/// Outputs: FileSystemId, BackupVaultName, BackupRoleArn).
+fn stack(status: &'static str) -> Rule {
+    mock!(aws_sdk_cloudformation::Client::describe_stacks).match_requests(|r| r.stack_name() == Some(STACK)).then_output(move || {
+        let out = |k: &str, v: &str| aws_sdk_cloudformation::types::Output::builder().output_key(k).output_value(v).build();
+        aws_sdk_cloudformation::operation::describe_stacks::DescribeStacksOutput::builder()
+            .stacks(
+                aws_sdk_cloudformation::types::Stack::builder()
+                    .stack_name(STACK)
+                    .stack_status(aws_sdk_cloudformation::types::StackStatus::from(status))
+                    .creation_time(aws_smithy_types::DateTime::from_secs(1_700_000_000))
+                    .outputs(out("FileSystemId", FS_ID))
+                    .outputs(out("BackupVaultName", VAULT))
+                    .outputs(out("BackupRoleArn", ROLE))
+                    .build(),
+            )
+            .build()
+    })
+}
+
+/// aws-cli awscli/examples/efs/describe-file-systems.rst: FileSystemId and FileSystemArn.
+fn file_system() -> Rule {
+    mock!(aws_sdk_efs::Client::describe_file_systems).match_requests(|r| r.file_system_id() == Some(FS_ID)).then_output(|| {
+        aws_sdk_efs::operation::describe_file_systems::DescribeFileSystemsOutput::builder()
+            .file_systems(
+                aws_sdk_efs::types::FileSystemDescription::builder()
+                    .file_system_id(FS_ID)
+                    .file_system_arn(FS_ARN)
+                    .owner_id("123456789012")
+                    .creation_token("console-d7f56c5f")
+                    .creation_time(aws_smithy_types::DateTime::from_secs(1_700_000_000))
+                    .life_cycle_state(aws_sdk_efs::types::LifeCycleState::Available)
+                    .number_of_mount_targets(2)
+                    .size_in_bytes(aws_sdk_efs::types::FileSystemSize::builder().value(6144).build())
+                    .performance_mode(aws_sdk_efs::types::PerformanceMode::GeneralPurpose)
+                    .tags(aws_sdk_efs::types::Tag::builder().key("Name").value(STACK).build().unwrap())
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+    })
+}
+
+/// aws-cli awscli/examples/ec2/describe-instances.rst, filtered by tag and state.
+fn instance() -> Rule {
+    mock!(aws_sdk_ec2::Client::describe_instances)
+        .match_requests(|r| r.filters().iter().any(|f| f.name() == Some("tag:ImgbuildStackName") && f.values() == [STACK]))
+        .then_output(|| {
+            aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput::builder()
+                .reservations(
+                    aws_sdk_ec2::types::Reservation::builder()
+                        .instances(
+                            aws_sdk_ec2::types::Instance::builder()
+                                .instance_id(INSTANCE)
+                                .state(aws_sdk_ec2::types::InstanceState::builder().name(aws_sdk_ec2::types::InstanceStateName::Running).build())
+                                .build(),
+                        )
+                        .build(),
+                )
+                .build()
+        })
+}
+
+type Seen<T> = Arc<Mutex<Vec<T>>>;
+
+/// SendCommand (aws-cli awscli/examples/ssm/send-command.rst: Command.CommandId), capturing the
+/// request.
+fn send_command(seen: Seen<aws_sdk_ssm::operation::send_command::SendCommandInput>) -> Rule {
+    mock!(aws_sdk_ssm::Client::send_command)
+        .match_requests(move |r| {
+            seen.lock().unwrap().push(r.clone());
+            true
+        })
+        .then_output(|| {
+            aws_sdk_ssm::operation::send_command::SendCommandOutput::builder()
+                .command(aws_sdk_ssm::types::Command::builder().command_id(COMMAND).document_name("AWS-RunShellScript").instance_ids(INSTANCE).build())
+                .build()
+        })
+}
+
+/// GetCommandInvocation (aws-cli awscli/examples/ssm/get-command-invocation.rst: Status,
+/// ResponseCode, StandardOutputContent): InProgress once, then Success with the script's output.
+fn invocation(stdout: &'static str) -> Rule {
+    mock!(aws_sdk_ssm::Client::get_command_invocation)
+        .match_requests(|r| r.command_id() == Some(COMMAND) && r.instance_id() == Some(INSTANCE))
+        .sequence()
+        .output(|| {
+            aws_sdk_ssm::operation::get_command_invocation::GetCommandInvocationOutput::builder()
+                .command_id(COMMAND)
+                .instance_id(INSTANCE)
+                .status(aws_sdk_ssm::types::CommandInvocationStatus::InProgress)
+                .response_code(-1)
+                .build()
+        })
+        .output(move || {
+            aws_sdk_ssm::operation::get_command_invocation::GetCommandInvocationOutput::builder()
+                .command_id(COMMAND)
+                .instance_id(INSTANCE)
+                .status(aws_sdk_ssm::types::CommandInvocationStatus::Success)
+                .response_code(0)
+                .standard_output_content(stdout)
+                .standard_error_content("")
+                .build()
+        })
+        .repeatedly()
+        .build()
+}
+
+/// StartBackupJob (AWS Backup API Reference, "StartBackupJob": response BackupJobId,
+/// RecoveryPointArn, CreationDate), capturing the request.
+fn start_job(seen: Seen<aws_sdk_backup::operation::start_backup_job::StartBackupJobInput>) -> Rule {
+    mock!(aws_sdk_backup::Client::start_backup_job)
+        .match_requests(move |r| {
+            seen.lock().unwrap().push(r.clone());
+            true
+        })
+        .then_output(|| {
+            aws_sdk_backup::operation::start_backup_job::StartBackupJobOutput::builder()
+                .backup_job_id(JOB)
+                .recovery_point_arn(POINT)
+                .creation_date(aws_smithy_types::DateTime::from_secs(1_700_000_100))
+                .build()
+        })
+}
+
+/// DescribeBackupJob: RUNNING, then COMPLETED with PercentDone and BackupSizeInBytes as in
+/// aws-cli awscli/examples/backup/list-backup-jobs.rst's completed EFS job.
+fn job_states(last: &'static str) -> Rule {
+    let job = |state: &str, done: &str| {
+        aws_sdk_backup::operation::describe_backup_job::DescribeBackupJobOutput::builder()
+            .backup_job_id(JOB)
+            .backup_vault_name(VAULT)
+            .recovery_point_arn(POINT)
+            .resource_arn(FS_ARN)
+            .resource_type("EFS")
+            .state(aws_sdk_backup::types::BackupJobState::from(state))
+            .percent_done(done)
+            .backup_size_in_bytes(71)
+            .status_message(if state == "FAILED" { "Access denied to the file system" } else { "" })
+            .build()
+    };
+    mock!(aws_sdk_backup::Client::describe_backup_job)
+        .match_requests(|r| r.backup_job_id() == Some(JOB))
+        .sequence()
+        .output(move || job("RUNNING", "40.0"))
+        .output(move || job(last, "100.0"))
+        .repeatedly()
+        .build()
+}
+
+const QUIESCED: &str =
+    "imgbuild-quiesce: copying\nIMGBUILD_RESULT status=ok token=1700000000-000000001 version=1.5.9 paused_ms=2350 bytes=73728 was_running=1\n";
+
+fn ctx() -> Context {
+    let mut config = Config::default();
+    config.backup.retention_days = 14;
+    Context { config, source: Source::Defaults, region: Some("us-east-1".into()), profile: None, endpoint_url: None }
+}
+
+fn args(command: Option<BackupCommand>) -> BackupArgs {
+    BackupArgs { command, no_wait: false, wait: WaitArgs { wait: false, timeout: Some(60) } }
+}
+
+fn ui() -> Ui {
+    Ui::new(OutputFormat::Text, 0, true)
+}
+
+fn poll_fast(mut c: Context) -> Context {
+    c.config.aws.poll_interval_secs = 1;
+    c
+}
+
+#[tokio::test]
+async fn backup_quiesces_through_run_command_then_starts_a_tagged_job_and_reports_the_pause() {
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let started = Arc::new(Mutex::new(Vec::new()));
+    let rules = Rules {
+        cfn: vec![stack("UPDATE_COMPLETE")],
+        efs: vec![file_system()],
+        ec2: vec![instance()],
+        ssm: vec![send_command(sent.clone()), invocation(QUIESCED)],
+        backup: vec![start_job(started.clone()), job_states("COMPLETED")],
+    };
+    let doc = imgbuild::cmd::backup_flow(&clients(&rules), &args(None), &poll_fast(ctx()), ui(), TOKEN).await.unwrap();
+
+    // Run Command: AWS-RunShellScript on the stack's instance, the quiesce script inside.
+    let sent = sent.lock().unwrap();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].document_name(), Some("AWS-RunShellScript"));
+    assert_eq!(sent[0].instance_ids(), [INSTANCE]);
+    let commands = &sent[0].parameters().unwrap()["commands"];
+    assert_eq!(commands, &backup::quiesce_commands(&ctx().config, TOKEN));
+    assert!(commands[0].contains("IMGBUILD_TOKEN='1700000000-000000001'") && commands[0].ends_with("bash -s"), "{commands:?}");
+
+    // The job: the stack's vault and role, the file system's ARN, retention and the three tags.
+    let started = started.lock().unwrap();
+    assert_eq!(started.len(), 1, "one job");
+    let j = &started[0];
+    assert_eq!((j.backup_vault_name(), j.resource_arn(), j.iam_role_arn()), (Some(VAULT), Some(FS_ARN), Some(ROLE)));
+    assert_eq!(j.idempotency_token(), Some(TOKEN));
+    assert_eq!(j.lifecycle().and_then(|l| l.delete_after_days()), Some(14));
+    let tags = j.recovery_point_tags().unwrap();
+    let want: HashMap<String, String> = [("ImgbuildProject", STACK), ("ImgbuildChromaVersion", "1.5.9"), ("ImgbuildBackupKind", "consistent")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(tags, &want);
+
+    assert_eq!(doc["backup"]["quiesced"]["paused_ms"], 2350);
+    assert_eq!(doc["backup"]["job"]["state"], "COMPLETED");
+    assert_eq!(doc["backup"]["job"]["recovery_point_arn"], POINT);
+}
+
+#[tokio::test]
+async fn a_backup_job_that_fails_is_an_error_with_aws_backups_reason() {
+    let rules = Rules {
+        cfn: vec![stack("CREATE_COMPLETE")],
+        efs: vec![file_system()],
+        ec2: vec![instance()],
+        ssm: vec![send_command(Arc::default()), invocation(QUIESCED)],
+        backup: vec![start_job(Arc::default()), job_states("FAILED")],
+    };
+    let err = imgbuild::cmd::backup_flow(&clients(&rules), &args(None), &poll_fast(ctx()), ui(), TOKEN).await.unwrap_err();
+    assert!(err.to_string().contains("ended FAILED: Access denied to the file system"), "{err}");
+    assert_eq!(err.exit_code(), 1);
+}
+
+#[tokio::test]
+async fn a_backup_while_a_deploy_runs_is_refused_with_exit_2_and_nothing_is_sent() {
+    // A stack operation may be replacing the instance or the file system: neither Run Command nor
+    // a job is started (the rules would count a call).
+    let send = send_command(Arc::default());
+    let start = start_job(Arc::default());
+    let rules = Rules { cfn: vec![stack("UPDATE_IN_PROGRESS")], efs: vec![], ec2: vec![], ssm: vec![send.clone()], backup: vec![start.clone()] };
+    let err = imgbuild::cmd::backup_flow(&clients(&rules), &args(None), &ctx(), ui(), TOKEN).await.unwrap_err();
+    assert_eq!(err.exit_code(), 2, "{err}");
+    assert!(err.to_string().contains("UPDATE_IN_PROGRESS") && err.to_string().contains("Nothing was changed"), "{err}");
+    assert_eq!((send.num_calls(), start.num_calls()), (0, 0));
+}
+
+#[tokio::test]
+async fn a_failed_quiesce_starts_no_job_and_says_what_the_instance_said() {
+    // GetCommandInvocation Status Failed with the script's stderr (aws-cli
+    // awscli/examples/ssm/get-command-invocation.rst shape; "Failed" is a documented status).
+    let failed = mock!(aws_sdk_ssm::Client::get_command_invocation).then_output(|| {
+        aws_sdk_ssm::operation::get_command_invocation::GetCommandInvocationOutput::builder()
+            .command_id(COMMAND)
+            .instance_id(INSTANCE)
+            .status(aws_sdk_ssm::types::CommandInvocationStatus::Failed)
+            .response_code(1)
+            .standard_output_content("IMGBUILD_RESULT status=failed token=1700000000-000000001\n")
+            .standard_error_content("imgbuild-quiesce: another instance holds the writer lock /mnt/chroma/.imgbuild-writer.lock after 120s; no copy made\n")
+            .build()
+    });
+    let start = start_job(Arc::default());
+    let rules = Rules {
+        cfn: vec![stack("UPDATE_COMPLETE")],
+        efs: vec![file_system()],
+        ec2: vec![instance()],
+        ssm: vec![send_command(Arc::default()), failed],
+        backup: vec![start.clone()],
+    };
+    let err = imgbuild::cmd::backup_flow(&clients(&rules), &args(None), &poll_fast(ctx()), ui(), TOKEN).await.unwrap_err();
+    assert!(err.to_string().contains("another instance holds the writer lock"), "{err}");
+    assert_eq!(start.num_calls(), 0, "no backup job of an inconsistent file system");
+}
+
+#[test]
+fn the_quiesce_result_must_be_this_runs_and_successful() {
+    assert_eq!(backup::parse_quiesced(QUIESCED, TOKEN).unwrap().paused_ms, 2350);
+    assert!(backup::parse_quiesced(QUIESCED, "other-token").is_err(), "a stale result of another run");
+    assert!(backup::parse_quiesced("IMGBUILD_RESULT status=failed token=1700000000-000000001", TOKEN).is_err());
+    assert!(backup::parse_quiesced("", TOKEN).is_err());
+}
+
+/// ListRecoveryPointsByBackupVault (AWS Backup API Reference: RecoveryPoints[] with
+/// RecoveryPointArn, CreationDate, Status, BackupSizeInBytes) and ListTags (Tags map).
+fn recovery_points() -> Vec<Rule> {
+    let point = |n: &str, secs: i64| {
+        aws_sdk_backup::types::RecoveryPointByBackupVault::builder()
+            .recovery_point_arn(format!("arn:aws:backup:us-east-1:123456789012:recovery-point:a1b2c3d4-5678-90ab-cdef-EXAMPLE{n}"))
+            .backup_vault_name(VAULT)
+            .resource_arn(FS_ARN)
+            .resource_type("EFS")
+            .status(aws_sdk_backup::types::RecoveryPointStatus::Completed)
+            .creation_date(aws_smithy_types::DateTime::from_secs(secs))
+            .backup_size_in_bytes(71)
+            .build()
+    };
+    let list =
+        mock!(aws_sdk_backup::Client::list_recovery_points_by_backup_vault).match_requests(|r| r.backup_vault_name() == Some(VAULT)).then_output(move || {
+            aws_sdk_backup::operation::list_recovery_points_by_backup_vault::ListRecoveryPointsByBackupVaultOutput::builder()
+                .recovery_points(point("11111", 1_700_000_000))
+                .recovery_points(point("22222", 1_700_100_000))
+                .recovery_points(point("33333", 1_700_200_000))
+                .build()
+        });
+    let tags = mock!(aws_sdk_backup::Client::list_tags).then_compute_output(|r| {
+        let arn = r.resource_arn().unwrap_or_default();
+        let (project, kind) = if arn.ends_with("11111") {
+            (STACK, "scheduled")
+        } else if arn.ends_with("22222") {
+            ("someone-else", "consistent")
+        } else {
+            (STACK, "consistent")
+        };
+        aws_sdk_backup::operation::list_tags::ListTagsOutput::builder()
+            .tags("ImgbuildProject", project)
+            .tags("ImgbuildChromaVersion", "1.5.9")
+            .tags("ImgbuildBackupKind", kind)
+            .build()
+    });
+    vec![list, tags]
+}
+
+#[tokio::test]
+async fn backup_list_shows_only_this_projects_points_newest_first_with_version_and_kind() {
+    let rules = Rules { cfn: vec![stack("UPDATE_COMPLETE")], efs: vec![file_system()], ec2: vec![instance()], ssm: vec![], backup: recovery_points() };
+    let doc = imgbuild::cmd::backup_flow(&clients(&rules), &args(Some(BackupCommand::List)), &ctx(), ui(), TOKEN).await.unwrap();
+    let points = doc["recovery_points"].as_array().unwrap();
+    assert_eq!(points.len(), 2, "another project's point is left out: {points:?}");
+    assert!(points[0]["arn"].as_str().unwrap().ends_with("33333"));
+    assert_eq!(points[0]["kind"], "consistent");
+    assert_eq!(points[1]["kind"], "scheduled");
+    assert_eq!(points[0]["chroma_version"], "1.5.9");
+    assert_eq!(points[0]["size_bytes"], 71);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stack's vault, role and plan, and the config that drives them.
+
+/// The vault outlives the stack like the file system (DeletionPolicy Retain), is encrypted with
+/// a key of its own that is retained too (a deleted key makes every recovery point unreadable),
+/// and its access policy denies deleting points by hand without a vault lock. The plan's schedule
+/// and retention are the stack parameters deploy sets from `backup:`; its points are tagged
+/// `scheduled` (AWS::Backup::BackupPlan BackupRuleResourceType: RecoveryPointTags, Lifecycle
+/// DeleteAfterDays, ScheduleExpression, in the CloudFormation resource reference).
+#[test]
+fn the_stack_keeps_the_vault_and_its_key_and_the_plan_follows_the_config() {
+    let t = imgbuild::stack::template::Template::reference();
+    let doc = t.document();
+    let res = &doc["Resources"];
+    for id in ["BackupVault", "BackupKey"] {
+        assert_eq!(res[id]["DeletionPolicy"].as_str(), Some("Retain"), "{id}");
+        assert_eq!(res[id]["UpdateReplacePolicy"].as_str(), Some("Retain"), "{id}");
+    }
+    let denied: Vec<&str> =
+        res["BackupVault"]["Properties"]["AccessPolicy"]["Statement"][0]["Action"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    assert!(denied.contains(&"backup:DeleteRecoveryPoint") && denied.contains(&"backup:DeleteBackupVault"), "{denied:?}");
+    assert!(res["BackupVault"]["Properties"].get("LockConfiguration").is_none(), "lock-free: retention stays changeable");
+    let rule = &res["BackupPlan"]["Properties"]["BackupPlan"]["BackupPlanRule"][0];
+    assert_eq!(rule["RecoveryPointTags"]["ImgbuildBackupKind"].as_str(), Some("scheduled"));
+    assert_eq!(serde_yaml::to_string(&rule["ScheduleExpression"]).unwrap().trim(), "!Ref BackupSchedule");
+    assert_eq!(serde_yaml::to_string(&rule["Lifecycle"]["DeleteAfterDays"]).unwrap().trim(), "!Ref BackupRetentionDays");
+    for o in ["BackupVaultName", "BackupRoleArn"] {
+        assert!(doc["Outputs"].get(o).is_some(), "backup reads the {o} output");
+    }
+
+    let config = crate::support::parse("backup:\n  retention_days: 90\n  schedule: rate(12 hours)\n");
+    let choice = imgbuild::bake::images::Choice { ami: String::new(), source: imgbuild::bake::images::Source::Flag, mode: imgbuild::render::Mode::Full };
+    let params = imgbuild::cmd::stack_parameters(&t, &config, &choice).unwrap();
+    assert_eq!(params["BackupRetentionDays"], "90");
+    assert_eq!(params["BackupSchedule"], "rate(12 hours)");
+    assert_eq!(params["ChromaVersion"], "1.5.9");
+}
+
+#[test]
+fn backup_settings_out_of_range_name_the_field() {
+    for (yaml, field) in [
+        ("backup:\n  retention_days: 0\n", "backup.retention_days"),
+        ("backup:\n  retention_days: 40000\n", "backup.retention_days"),
+        ("backup:\n  schedule: daily\n", "backup.schedule"),
+        ("backup:\n  schedule: cron(0 5 * * ? *\n", "backup.schedule"),
+    ] {
+        let err = imgbuild::config::parse(yaml, "c.yaml").expect_err(yaml);
+        assert!(err.errors.iter().any(|e| e.field == field && e.line == Some(2)), "{yaml}: {err}");
+    }
+    let ok = imgbuild::config::parse(imgbuild::config::STARTER, "starter.yaml").unwrap();
+    assert_eq!((ok.backup.retention_days, ok.backup.schedule.as_str()), (35, "cron(0 5 ? * * *)"));
+}
