@@ -87,6 +87,10 @@ pub enum Command {
     /// (through SSM Run Command), then an AWS Backup job of the file system. `backup list` shows
     /// the recovery points.
     Backup(BackupArgs),
+    /// Restore a recovery point into a new file system (never over the live one), move the
+    /// restored data into place, then deploy onto it with the usual diff and confirmation. The
+    /// old file system is kept and named.
+    Restore(RestoreArgs),
     /// Check this machine and account before a deploy: credentials, region, account, network,
     /// the AL2023 parameter, quotas. Says what to do about each problem.
     Doctor,
@@ -275,4 +279,16 @@ pub enum BackupCommand {
     /// This project's recovery points, newest first: time, size, Chroma version, consistent or
     /// scheduled.
     List,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The recovery point's ARN (`imgbuild backup list` shows them).
+    #[arg(value_name = "RECOVERY_POINT")]
+    pub recovery_point: String,
+    /// Deploy onto the restored file system without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
 }

@@ -3,6 +3,7 @@
 //! tags every recovery point gets, and the listing of recovery points. No command line here: the
 //! `cmd` layer turns flags into these calls.
 
+pub mod restore;
 pub mod runcommand;
 
 use std::collections::{BTreeMap, HashMap};

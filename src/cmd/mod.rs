@@ -10,6 +10,7 @@ mod doctor;
 mod images;
 mod init;
 mod render;
+mod restore;
 mod smoke;
 mod status;
 mod validate;
@@ -17,6 +18,7 @@ mod validate;
 pub use backup::backup_flow;
 pub use bake::{PREREQS_TEMPLATE, bake_flow};
 pub use deploy::{deploy_flow, stack_parameters};
+pub use restore::{reattach_context, restore_flow};
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -57,6 +59,7 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
         Command::Bake(args) => bake::bake(args, &context(&cli.global)?, ui),
         Command::Images(cmd) => images::images_cmd(cmd, &context(&cli.global)?, ui),
         Command::Backup(args) => backup::backup_cmd(args, &context(&cli.global)?, ui),
+        Command::Restore(args) => restore::restore_cmd(args, &context(&cli.global)?, ui),
     }
 }
 

@@ -434,3 +434,248 @@ fn backup_settings_out_of_range_name_the_field() {
     let ok = imgbuild::config::parse(imgbuild::config::STARTER, "starter.yaml").unwrap();
     assert_eq!((ok.backup.retention_days, ok.backup.schedule.as_str()), (35, "cron(0 5 ? * * *)"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// restore
+
+use imgbuild::cli::RestoreArgs;
+use imgbuild::stack::changeset::Confirmer;
+
+/// Never asked in these tests: every case stops before the deploy.
+struct NoConfirm;
+impl Confirmer for NoConfirm {
+    fn confirm<'a>(&'a self, _question: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = imgbuild::Result<bool>> + Send + 'a>> {
+        panic!("no deploy may be reached")
+    }
+}
+
+fn restore_args(point: &str) -> RestoreArgs {
+    RestoreArgs { recovery_point: point.into(), yes: false, wait: WaitArgs { wait: false, timeout: Some(60) } }
+}
+
+/// DescribeRecoveryPoint (AWS Backup API Reference: ResourceType, Status, ResourceArn) answering
+/// for POINT, and ResourceNotFoundException (HTTP 400, the documented error of the call) for any
+/// other ARN.
+fn describe_point(status: &'static str) -> Vec<Rule> {
+    let found = mock!(aws_sdk_backup::Client::describe_recovery_point).match_requests(|r| r.recovery_point_arn() == Some(POINT)).then_output(move || {
+        aws_sdk_backup::operation::describe_recovery_point::DescribeRecoveryPointOutput::builder()
+            .recovery_point_arn(POINT)
+            .backup_vault_name(VAULT)
+            .resource_arn(FS_ARN)
+            .resource_type("EFS")
+            .status(aws_sdk_backup::types::RecoveryPointStatus::from(status))
+            .build()
+    });
+    let missing = mock!(aws_sdk_backup::Client::describe_recovery_point).match_requests(|r| r.recovery_point_arn() != Some(POINT)).then_error(|| {
+        aws_sdk_backup::operation::describe_recovery_point::DescribeRecoveryPointError::generic(
+            aws_smithy_types::error::ErrorMetadata::builder().code("ResourceNotFoundException").message("Cannot find recovery point").build(),
+        )
+    });
+    vec![found, missing]
+}
+
+fn point_tags(project: &'static str, version: &'static str) -> Rule {
+    mock!(aws_sdk_backup::Client::list_tags).match_requests(|r| r.resource_arn() == Some(POINT)).then_output(move || {
+        aws_sdk_backup::operation::list_tags::ListTagsOutput::builder()
+            .tags("ImgbuildProject", project)
+            .tags("ImgbuildChromaVersion", version)
+            .tags("ImgbuildBackupKind", "consistent")
+            .build()
+    })
+}
+
+fn start_restore(seen: Seen<aws_sdk_backup::operation::start_restore_job::StartRestoreJobInput>) -> Rule {
+    mock!(aws_sdk_backup::Client::start_restore_job)
+        .match_requests(move |r| {
+            seen.lock().unwrap().push(r.clone());
+            true
+        })
+        .then_output(|| {
+            aws_sdk_backup::operation::start_restore_job::StartRestoreJobOutput::builder().restore_job_id("44444444-5555-6666-7777-888888888888").build()
+        })
+}
+
+async fn refused(rules: Rules, point: &str) -> imgbuild::Error {
+    let ctx = poll_fast(ctx());
+    imgbuild::cmd::restore_flow(&clients(&rules), &restore_args(point), &ctx, ui(), &NoConfirm, std::future::pending(), TOKEN).await.unwrap_err()
+}
+
+#[tokio::test]
+async fn restore_refuses_bad_input_with_exit_2_and_starts_nothing() {
+    // A malformed ARN: no AWS call at all (clients without rules panic when called).
+    let err = refused(Rules { cfn: vec![], efs: vec![], ec2: vec![], ssm: vec![], backup: vec![] }, "rp-123").await;
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("`rp-123` is not a recovery point ARN"), "{err}");
+
+    let cases: [(&str, &'static str, &'static str, &'static str, &str); 4] = [
+        // (case, stack status, project tag, version tag, ARN)
+        ("unknown point", "UPDATE_COMPLETE", STACK, "1.5.9", "arn:aws:backup:us-east-1:123456789012:recovery-point:ffffffff-0000-0000-0000-000000000000"),
+        ("another project's point", "UPDATE_COMPLETE", "someone-else", "1.5.9", POINT),
+        ("a deploy running", "UPDATE_IN_PROGRESS", STACK, "1.5.9", POINT),
+        ("data newer than the configured Chroma", "UPDATE_COMPLETE", STACK, "9.0.0", POINT),
+    ];
+    for (case, status, project, version, arn) in cases {
+        let start = start_restore(Arc::default());
+        let mut backup_rules = describe_point("COMPLETED");
+        backup_rules.push(point_tags(project, version));
+        backup_rules.push(start.clone());
+        let rules = Rules { cfn: vec![stack(status)], efs: vec![file_system()], ec2: vec![instance()], ssm: vec![], backup: backup_rules };
+        let err = refused(rules, arn).await;
+        assert_eq!(err.exit_code(), 2, "{case}: {err}");
+        assert_eq!(start.num_calls(), 0, "{case}: no restore job");
+        let msg = err.to_string();
+        let said = match case {
+            "unknown point" => msg.contains("is not in vault vectordb-chroma"),
+            "another project's point" => msg.contains("belongs to project someone-else"),
+            "a deploy running" => msg.contains("UPDATE_IN_PROGRESS"),
+            _ => msg.contains("written by Chroma 9.0.0, newer than chroma.version 1.5.9"),
+        };
+        assert!(said, "{case}: {msg}");
+    }
+}
+
+/// The restore itself, up to the deploy: a new encrypted file system from the point, temporary
+/// mount targets in the live one's subnets and security groups, the promote script through Run
+/// Command, the mount targets removed again (the stack makes its own on reattach).
+#[tokio::test]
+async fn restore_makes_a_new_file_system_promotes_the_data_and_removes_its_mount_targets() {
+    let restore_seen = Arc::new(Mutex::new(Vec::new()));
+    let mut backup_rules = describe_point("COMPLETED");
+    backup_rules.push(point_tags(STACK, "1.5.9"));
+    backup_rules.push(start_restore(restore_seen.clone()));
+    // GetRecoveryPointRestoreMetadata (API Reference: RestoreMetadata map with file-system-id).
+    backup_rules.push(mock!(aws_sdk_backup::Client::get_recovery_point_restore_metadata).then_output(|| {
+        aws_sdk_backup::operation::get_recovery_point_restore_metadata::GetRecoveryPointRestoreMetadataOutput::builder()
+            .recovery_point_arn(POINT)
+            .restore_metadata("file-system-id", FS_ID)
+            .restore_metadata("Encrypted", "false")
+            .restore_metadata("PerformanceMode", "generalPurpose")
+            .build()
+    }));
+    // DescribeRestoreJob (API Reference: Status PENDING|RUNNING|COMPLETED|ABORTED|FAILED,
+    // CreatedResourceArn of the new file system).
+    backup_rules.push(
+        mock!(aws_sdk_backup::Client::describe_restore_job)
+            .sequence()
+            .output(|| {
+                aws_sdk_backup::operation::describe_restore_job::DescribeRestoreJobOutput::builder()
+                    .status(aws_sdk_backup::types::RestoreJobStatus::Running)
+                    .build()
+            })
+            .output(|| {
+                aws_sdk_backup::operation::describe_restore_job::DescribeRestoreJobOutput::builder()
+                    .status(aws_sdk_backup::types::RestoreJobStatus::Completed)
+                    .created_resource_arn("arn:aws:elasticfilesystem:us-east-1:123456789012:file-system/fs-0fedcba9876543210")
+                    .build()
+            })
+            .repeatedly()
+            .build(),
+    );
+
+    // EFS: the live file system's mount target and its security group (aws-cli
+    // awscli/examples/efs/describe-mount-targets.rst and describe-mount-target-security-groups.rst).
+    let mt = |fs: &str, id: &str, state: aws_sdk_efs::types::LifeCycleState| {
+        aws_sdk_efs::types::MountTargetDescription::builder()
+            .mount_target_id(id)
+            .file_system_id(fs)
+            .subnet_id("subnet-0a1b2c3d")
+            .life_cycle_state(state)
+            .build()
+            .unwrap()
+    };
+    let live_mts = mock!(aws_sdk_efs::Client::describe_mount_targets).match_requests(|r| r.file_system_id() == Some(FS_ID)).then_output(move || {
+        aws_sdk_efs::operation::describe_mount_targets::DescribeMountTargetsOutput::builder()
+            .mount_targets(mt(FS_ID, "fsmt-live", aws_sdk_efs::types::LifeCycleState::Available))
+            .build()
+    });
+    let new_mts = mock!(aws_sdk_efs::Client::describe_mount_targets)
+        .match_requests(|r| r.file_system_id() == Some("fs-0fedcba9876543210"))
+        .sequence()
+        .output(move || {
+            aws_sdk_efs::operation::describe_mount_targets::DescribeMountTargetsOutput::builder()
+                .mount_targets(mt("fs-0fedcba9876543210", "fsmt-tmp", aws_sdk_efs::types::LifeCycleState::Creating))
+                .build()
+        })
+        .output(move || {
+            aws_sdk_efs::operation::describe_mount_targets::DescribeMountTargetsOutput::builder()
+                .mount_targets(mt("fs-0fedcba9876543210", "fsmt-tmp", aws_sdk_efs::types::LifeCycleState::Available))
+                .build()
+        })
+        .output(|| aws_sdk_efs::operation::describe_mount_targets::DescribeMountTargetsOutput::builder().build())
+        .repeatedly()
+        .build();
+    let sgs = mock!(aws_sdk_efs::Client::describe_mount_target_security_groups).then_output(|| {
+        aws_sdk_efs::operation::describe_mount_target_security_groups::DescribeMountTargetSecurityGroupsOutput::builder()
+            .security_groups("sg-0efs1234")
+            .build()
+            .unwrap()
+    });
+    let created: Seen<(String, String, Vec<String>)> = Arc::default();
+    let created_in = created.clone();
+    let create_mt = mock!(aws_sdk_efs::Client::create_mount_target)
+        .match_requests(move |r| {
+            created_in.lock().unwrap().push((r.file_system_id().unwrap().into(), r.subnet_id().unwrap().into(), r.security_groups().to_vec()));
+            true
+        })
+        .then_output(|| {
+            aws_sdk_efs::operation::create_mount_target::CreateMountTargetOutput::builder()
+                .mount_target_id("fsmt-tmp")
+                .file_system_id("fs-0fedcba9876543210")
+                .subnet_id("subnet-0a1b2c3d")
+                .life_cycle_state(aws_sdk_efs::types::LifeCycleState::Creating)
+                .build()
+                .unwrap()
+        });
+    let delete_mt = mock!(aws_sdk_efs::Client::delete_mount_target)
+        .match_requests(|r| r.mount_target_id() == Some("fsmt-tmp"))
+        .then_output(|| aws_sdk_efs::operation::delete_mount_target::DeleteMountTargetOutput::builder().build());
+    let tagged: Seen<(String, String)> = Arc::default();
+    let tagged_in = tagged.clone();
+    let tag = mock!(aws_sdk_efs::Client::tag_resource)
+        .match_requests(move |r| {
+            tagged_in.lock().unwrap().push((r.resource_id().unwrap().into(), r.tags()[0].value().into()));
+            true
+        })
+        .then_output(|| aws_sdk_efs::operation::tag_resource::TagResourceOutput::builder().build());
+
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let promoted = "IMGBUILD_RESULT status=ok token=1700000000-000000001 kind=consistent version=1.5.9 from=aws-backup-restore_2026\n";
+    let rules = Rules {
+        cfn: vec![stack("UPDATE_COMPLETE")],
+        efs: vec![file_system(), live_mts, new_mts, sgs, create_mt, delete_mt.clone(), tag],
+        ec2: vec![instance()],
+        ssm: vec![send_command(sent.clone()), invocation(promoted)],
+        backup: backup_rules,
+    };
+    let c = clients(&rules);
+    let config = poll_fast(ctx()).config;
+    let t = backup::target(&c, STACK).await.unwrap();
+    let point = backup::restore::check_point(&c, &t, POINT).await.unwrap();
+    let progress = imgbuild::ui::progress::Progress::new(ui(), "test");
+    let waits = imgbuild::stack::Waits { timeout: Duration::from_secs(60), poll: Duration::from_millis(10) };
+    let (_, new_fs) = backup::restore::restore_into_new(&c, &t, &point, TOKEN, waits, &progress).await.unwrap();
+    assert_eq!(new_fs, "fs-0fedcba9876543210");
+    let p = backup::restore::promote(&c, &config, &t, &new_fs, TOKEN, Duration::from_millis(10), &progress).await.unwrap();
+    assert_eq!(p.kind, "consistent");
+
+    // Never over the live one: a new, encrypted file system.
+    let r = &restore_seen.lock().unwrap()[0];
+    let meta = r.metadata().unwrap();
+    assert_eq!(meta["newFileSystem"], "true");
+    assert_eq!(meta["Encrypted"], "true");
+    assert_eq!(meta["file-system-id"], FS_ID);
+    assert_eq!(meta["CreationToken"], format!("imgbuild-restore-{TOKEN}"));
+    assert_eq!((r.iam_role_arn(), r.resource_type()), (Some(ROLE), Some("EFS")));
+    assert_eq!(*created.lock().unwrap(), [("fs-0fedcba9876543210".to_string(), "subnet-0a1b2c3d".to_string(), vec!["sg-0efs1234".to_string()])]);
+    assert_eq!(delete_mt.num_calls(), 1, "the temporary mount target is removed");
+    let cmd = sent.lock().unwrap()[0].parameters().unwrap()["commands"][0].clone();
+    assert!(
+        cmd.contains("IMGBUILD_FILE_SYSTEM_ID='fs-0fedcba9876543210'") && cmd.contains("IMGBUILD_MOUNT_ARGS='-t efs -o tls,iam fs-0fedcba9876543210:/'"),
+        "{cmd}"
+    );
+
+    // The redeploy reattaches the restored file system (issue 10's efs.file_system_id).
+    let re = imgbuild::cmd::reattach_context(&ctx(), &new_fs);
+    assert_eq!(re.config.efs.file_system_id.as_deref(), Some("fs-0fedcba9876543210"));
+    assert!(tagged.lock().unwrap().is_empty(), "nothing is named before the deploy decides");
+}

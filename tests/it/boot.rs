@@ -713,3 +713,86 @@ fn quiesce_makes_no_copy_while_another_writer_holds_the_lock_and_restarts_chroma
     wait_for(|| vm.up().starts_with("lock held"), "Chroma to take the lock once the other writer is gone");
     assert_eq!(vm.stop(), 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The restore's promote script (backup/promote.sh).
+
+/// Runs the promote script on `vm` for a restored file system whose content is `restored`.
+fn promote(vm: &Instance, restored: &Path, token: &str) -> (ExitStatus, String, String) {
+    // The mount stub records the mount; the directory itself is the restored file system.
+    let at = vm.path(&format!("/mnt/imgbuild-restore-{token}"));
+    std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(restored, &at).unwrap();
+    let script = vm.path("/tmp/promote.sh");
+    write_file(&script, imgbuild::backup::restore::PROMOTE_SCRIPT, 0o755);
+    let mut cmd = vm.command("bash");
+    cmd.arg(&script)
+        .env("IMGBUILD_FILE_SYSTEM_ID", "fs-0fedcba9876543210")
+        .env("IMGBUILD_MOUNT_ARGS", "-t efs -o tls,iam fs-0fedcba9876543210:/")
+        .env("IMGBUILD_RESTORE_MOUNT", format!("/mnt/imgbuild-restore-{token}"))
+        .env("IMGBUILD_DATA_SUBDIR", "data")
+        .env("IMGBUILD_VERSION_NAME", ".imgbuild-chroma-version")
+        .env("IMGBUILD_COPY_NAME", imgbuild::backup::COPY_NAME)
+        .env("IMGBUILD_TOKEN", token);
+    let out = cmd.output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// AWS Backup restores an EFS file system into `aws-backup-restore_<datetime>` off its root,
+/// never over the root (AWS Backup Developer Guide, "Restore an Amazon EFS file system"). Left
+/// that way, the boot's guard refuses to serve (a database outside `data`). The promote script
+/// moves the consistent copy into `data`, and an instance booting on it then serves it.
+#[test]
+fn promote_moves_the_consistent_copy_into_place_and_the_boot_then_serves_it() {
+    let config = Config::default();
+    let restored = efs_dir();
+    let r = restored.path().join("aws-backup-restore_2026-11-29T13-40-00-000Z");
+    std::fs::create_dir_all(r.join(".imgbuild-backup/data")).unwrap();
+    std::fs::create_dir_all(r.join("data")).unwrap();
+    std::fs::write(r.join(".imgbuild-backup/data/chroma.sqlite3"), "consistent").unwrap();
+    std::fs::write(r.join(".imgbuild-backup/.imgbuild-chroma-version"), "1.5.9\n").unwrap();
+    std::fs::write(r.join("data/chroma.sqlite3"), "torn while serving").unwrap();
+
+    let live = efs_dir();
+    let vm = Instance::new(&config, live.path(), stack_metadata()).baked();
+    let (status, out, err) = promote(&vm, restored.path(), "tok-r");
+    assert!(status.success(), "{out}\n{err}");
+    let p = imgbuild::backup::restore::parse_promoted(&out, "tok-r").unwrap();
+    assert_eq!((p.kind.as_str(), p.chroma_version.as_str()), ("consistent", "1.5.9"));
+    assert_eq!(read(&restored.path().join("data/chroma.sqlite3")), "consistent");
+    assert_eq!(read(&restored.path().join(".imgbuild-chroma-version")), "1.5.9\n");
+    let calls = vm.calls();
+    assert!(calls.iter().any(|c| c.starts_with("mount -t efs -o tls,iam fs-0fedcba9876543210:/ ")), "{calls:#?}");
+    assert!(calls.iter().any(|c| c.starts_with("umount ")), "the restored file system is unmounted again: {calls:#?}");
+    assert!(std::fs::read_dir(live.path()).unwrap().next().is_none(), "the live file system is untouched");
+
+    // A new instance on the restored file system passes the guards and serves the copy.
+    let next = Instance::new(&config, restored.path(), stack_metadata()).baked();
+    let rendered = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+    let results = next.cloud_init(&rendered);
+    assert!(boot_status(&results).1.success(), "{}", next.journal());
+    assert!(next.serving());
+    assert_eq!(next.stop(), 0);
+
+    // Run again on the same file system it refuses: it is no longer a fresh restore.
+    let again = Instance::new(&config, live.path(), stack_metadata()).baked();
+    let (status, out, err) = promote(&again, restored.path(), "tok-s");
+    assert!(!status.success() && err.contains("not a fresh restore"), "{out}\n{err}");
+}
+
+/// A point of the daily plan has no consistent copy: the data directory as it was caught is used.
+#[test]
+fn promote_uses_the_live_data_of_a_scheduled_point() {
+    let config = Config::default();
+    let restored = efs_dir();
+    let r = restored.path().join("aws-backup-restore_2026-11-29T05-00-00-000Z");
+    std::fs::create_dir_all(r.join("data")).unwrap();
+    std::fs::write(r.join("data/chroma.sqlite3"), "as served").unwrap();
+    std::fs::write(r.join(".imgbuild-chroma-version"), "1.5.9\n").unwrap();
+    let live = efs_dir();
+    let vm = Instance::new(&config, live.path(), stack_metadata()).baked();
+    let (status, out, err) = promote(&vm, restored.path(), "tok-l");
+    assert!(status.success(), "{out}\n{err}");
+    assert_eq!(imgbuild::backup::restore::parse_promoted(&out, "tok-l").unwrap().kind, "live");
+    assert_eq!(read(&restored.path().join("data/chroma.sqlite3")), "as served");
+}
