@@ -289,6 +289,11 @@ pub struct RestoreArgs {
     /// Deploy onto the restored file system without asking.
     #[arg(long, short = 'y')]
     pub yes: bool,
+    /// Before anything switches: mount the restored copy read-only, serve it with a throw-away
+    /// Chroma of the same version, and compare collections and counts with what the backup
+    /// recorded. Any difference stops the restore.
+    #[arg(long)]
+    pub verify: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
 }

@@ -3,6 +3,7 @@
 //! tags every recovery point gets, and the listing of recovery points. No command line here: the
 //! `cmd` layer turns flags into these calls.
 
+pub mod inventory;
 pub mod restore;
 pub mod runcommand;
 
@@ -306,6 +307,8 @@ async fn tags_of(clients: &Clients, arn: &str) -> Result<BTreeMap<String, String
 pub struct Taken {
     pub target: Target,
     pub quiesced: Quiesced,
+    /// Collections and counts of the copy, as recorded in the tags (None: could not be read).
+    pub inventory: Option<inventory::Inventory>,
     pub job: Job,
 }
 
@@ -323,9 +326,31 @@ pub async fn take(clients: &Clients, config: &Config, token: &str, waits: Waits,
     .await?;
     let quiesced = parse_quiesced(&inv.stdout, token)?;
     progress.line(&format!("Chroma was unavailable for {:.1} s while {} bytes were copied", quiesced.paused_ms as f64 / 1000.0, quiesced.bytes));
-    let tags = recovery_point_tags(&t.stack, &quiesced.chroma_version, KIND_CONSISTENT);
+    let mut tags = recovery_point_tags(&t.stack, &quiesced.chroma_version, KIND_CONSISTENT);
+    // What the copy holds, read by a throw-away Chroma while the live one serves again; a
+    // failure here costs the later verify, not the backup.
+    let inventory = match inspect_copy(clients, config, &t, token, waits.poll).await {
+        Ok(inv) => {
+            progress.line(&format!("the copy holds {} collections, {} records", inv.len(), inv.values().sum::<u64>()));
+            tags.extend(inventory::to_tags(&inv));
+            Some(inv)
+        }
+        Err(e) => {
+            progress.line(&format!("could not list the copy's collections ({e}); this recovery point cannot be verified later"));
+            None
+        }
+    };
     let job = start_job(clients, &t, tags, config.backup.retention_days, token).await?;
     progress.line(&format!("backup job {} started into vault {}", job.job_id, t.vault));
     let job = if wait { wait_job(clients, job, waits, progress).await? } else { job };
-    Ok(Taken { target: t, quiesced, job })
+    Ok(Taken { target: t, quiesced, inventory, job })
+}
+
+async fn inspect_copy(clients: &Clients, config: &Config, t: &Target, token: &str, poll: Duration) -> Result<inventory::Inventory> {
+    let path = format!("{COPY_NAME}/{}", render::compose::EFS_DATA_SUBDIR);
+    let commands = inventory::inspect_commands(config, inventory::Source::Live { path: &path }, token)?;
+    let inv =
+        runcommand::run(clients, &t.instance_id, commands, "imgbuild backup: list the copy's collections", Duration::from_secs(QUIESCE_TIMEOUT_SECS), poll)
+            .await?;
+    inventory::parse(&inv.stdout, token)
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde::Serialize;
 
+use super::inventory::{self, Inventory};
 use super::{COPY_NAME, TAG_KIND, TAG_PROJECT, TAG_VERSION, Target, runcommand};
 use crate::aws::{self, Clients};
 use crate::config::{Config, StorageMode};
@@ -48,6 +49,8 @@ pub struct Point {
     pub kind: Option<String>,
     pub chroma_version: Option<String>,
     pub source_file_system_arn: String,
+    /// What the tags recorded of the collections (None: the point has no inventory).
+    pub recorded: Option<inventory::Recorded>,
 }
 
 /// The recovery point must be in the stack's vault, completed, of an EFS file system, and tagged
@@ -88,6 +91,7 @@ pub async fn check_point(clients: &Clients, t: &Target, arn: &str) -> Result<Poi
         kind: tags.get(TAG_KIND).cloned(),
         chroma_version: tags.get(TAG_VERSION).cloned(),
         source_file_system_arn: d.resource_arn().unwrap_or_default().to_string(),
+        recorded: inventory::from_tags(&tags),
     })
 }
 
@@ -174,13 +178,7 @@ pub async fn name_file_system(clients: &Clients, fs: &str, name: &str) -> Result
 /// The Run Command line of the promote script for the restored file system `fs`.
 pub fn promote_commands(config: &Config, region: &str, fs: &str, token: &str) -> Vec<String> {
     let b64 = base64::engine::general_purpose::STANDARD.encode(PROMOTE_SCRIPT);
-    // The mount options of the boot's fstab line for each mode (REFERENCE.md: EFS NFS options).
-    let mount_args = match config.storage.mode {
-        StorageMode::EfsTls => format!("-t efs -o tls,iam {fs}:/"),
-        StorageMode::DockerNfs => {
-            format!("-t nfs4 -o nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport {fs}.efs.{region}.amazonaws.com:/")
-        }
-    };
+    let mount_args = mount_args(config, region, fs);
     let env = [
         ("IMGBUILD_FILE_SYSTEM_ID", fs.to_string()),
         ("IMGBUILD_MOUNT_ARGS", mount_args),
@@ -192,6 +190,17 @@ pub fn promote_commands(config: &Config, region: &str, fs: &str, token: &str) ->
     ];
     let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}='{}'", v.replace('\'', r"'\''"))).collect();
     vec![format!("echo {b64} | base64 -d | {} bash -s", env.join(" "))]
+}
+
+/// How the instance mounts a restored file system: the boot's way for each storage mode
+/// (REFERENCE.md: EFS NFS options; amazon-efs-utils only in efs-tls mode).
+pub fn mount_args(config: &Config, region: &str, fs: &str) -> String {
+    match config.storage.mode {
+        StorageMode::EfsTls => format!("-t efs -o tls,iam {fs}:/"),
+        StorageMode::DockerNfs => {
+            format!("-t nfs4 -o nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport {fs}.efs.{region}.amazonaws.com:/")
+        }
+    }
 }
 
 /// What the promote script reported.
@@ -215,7 +224,17 @@ pub fn parse_promoted(stdout: &str, token: &str) -> Result<Promoted> {
 /// A restored file system has no mount targets. The instance reaches it through temporary ones
 /// in the live file system's subnets and security groups, removed again before the stack makes
 /// its own (one mount target per AZ: the stack's would conflict).
-pub async fn promote(clients: &Clients, config: &Config, t: &Target, new_fs: &str, token: &str, poll: Duration, progress: &Progress) -> Result<Promoted> {
+#[allow(clippy::too_many_arguments)]
+pub async fn promote(
+    clients: &Clients,
+    config: &Config,
+    t: &Target,
+    new_fs: &str,
+    token: &str,
+    verify: bool,
+    poll: Duration,
+    progress: &Progress,
+) -> Result<(Promoted, Option<Inventory>)> {
     let region = clients.efs.config().region().map(|r| r.to_string()).unwrap_or_default();
     let live = clients
         .efs
@@ -260,7 +279,19 @@ pub async fn promote(clients: &Clients, config: &Config, t: &Target, new_fs: &st
             poll,
         )
         .await?;
-        parse_promoted(&inv.stdout, token)
+        let promoted = parse_promoted(&inv.stdout, token)?;
+        if !verify {
+            return Ok((promoted, None));
+        }
+        progress.line(&format!("verifying: {new_fs} mounted read-only, a throw-away Chroma on port {} lists its collections", inventory::INSPECT_PORT));
+        let source = inventory::Source::ReadOnly {
+            mount_args: mount_args(config, &region, new_fs),
+            mount_at: format!("/mnt/imgbuild-verify-{token}"),
+            path: render::compose::EFS_DATA_SUBDIR,
+        };
+        let commands = inventory::inspect_commands(config, source, token)?;
+        let inv = runcommand::run(clients, &t.instance_id, commands, "imgbuild restore: verify the restored data", Duration::from_secs(900), poll).await?;
+        Ok((promoted, Some(inventory::parse(&inv.stdout, token)?)))
     }
     .await;
     for id in &created {

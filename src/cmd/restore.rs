@@ -7,7 +7,7 @@ use std::future::Future;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::backup::{self, restore};
+use crate::backup::{self, inventory, restore};
 use crate::cli::{DeployArgs, RestoreArgs};
 use crate::config::Context;
 use crate::error::{Error, Result};
@@ -61,17 +61,43 @@ pub async fn restore_flow(
         ui.warn(format!("recovery point {} was taken by the daily plan while Chroma served: its SQLite database may need Chroma's own recovery", point.arn));
     }
 
+    // A verify compares with what the backup recorded: without a record there is nothing to
+    // verify against, and that is said before anything is created.
+    let recorded = match (&point.recorded, args.verify) {
+        (None, true) => {
+            return Err(Error::Invalid(format!(
+                "recovery point {} has no record of its collections (taken by the daily plan, or before imgbuild recorded them): it cannot be verified; restore it without --verify",
+                point.arn
+            )));
+        }
+        (r, _) => r.clone(),
+    };
+
     let progress = Progress::new(ui, "restoring");
     let waits = waits(config, &args.wait);
     let (job, new_fs) = restore::restore_into_new(clients, &t, &point, token, waits, &progress).await?;
     restore::name_file_system(clients, &new_fs, &format!("{}-restored-{token}", t.stack)).await?;
-    let promoted = restore::promote(clients, config, &t, &new_fs, token, waits.poll, &progress).await?;
+    let (promoted, found) = restore::promote(clients, config, &t, &new_fs, token, args.verify, waits.poll, &progress).await?;
     progress.line(&format!(
         "restored {} data (Chroma {}) onto {new_fs}",
         promoted.kind,
         if promoted.chroma_version.is_empty() { "?" } else { &promoted.chroma_version }
     ));
     drop(progress);
+    let verdict = match (recorded, found) {
+        (Some(recorded), Some(found)) => {
+            let checks = inventory::compare(&recorded, &found);
+            print_checks(ui, &checks);
+            if checks.iter().any(|c| !c.ok) {
+                return Err(Error::Tool(format!(
+                    "verify failed: the restored copy {new_fs} does not hold what recovery point {} recorded; nothing was switched, Chroma still serves {}. The copy is kept for inspection (named {}-restored-{token})",
+                    point.arn, t.file_system_id, t.stack
+                )));
+            }
+            Some(checks)
+        }
+        _ => None,
+    };
 
     let deploy_args = DeployArgs {
         ami: None,
@@ -106,8 +132,18 @@ pub async fn restore_flow(
         "old_file_system": t.file_system_id,
         "old_file_system_name": if executed { Some(old_name) } else { None },
         "promoted": promoted,
+        "verified": verdict,
         "deploy": deployed["deploy"],
     }))
+}
+
+/// One line per collection: recorded count, found count, pass or fail.
+pub fn print_checks(ui: Ui, checks: &[inventory::Check]) {
+    ui.info("verify (collection: recorded / found in the restored copy):");
+    for c in checks {
+        let n = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "missing".into());
+        ui.info(format!("  {} {}: {} / {}", if c.ok { "pass" } else { "FAIL" }, c.collection, n(c.recorded), n(c.found)));
+    }
 }
 
 /// Whether version `a` is newer than `b` (both as the config writes them).

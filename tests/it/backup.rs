@@ -127,11 +127,37 @@ fn send_command(seen: Seen<aws_sdk_ssm::operation::send_command::SendCommandInpu
             seen.lock().unwrap().push(r.clone());
             true
         })
-        .then_output(|| {
+        .then_compute_output(|r| {
+            // The inspect script's invocation gets an id of its own, answered by `inspected()`.
+            let inspect = r.parameters().and_then(|p| p.get("commands")).is_some_and(|c| c[0].contains("IMGBUILD_SOURCE_PATH="));
             aws_sdk_ssm::operation::send_command::SendCommandOutput::builder()
-                .command(aws_sdk_ssm::types::Command::builder().command_id(COMMAND).document_name("AWS-RunShellScript").instance_ids(INSTANCE).build())
+                .command(
+                    aws_sdk_ssm::types::Command::builder()
+                        .command_id(if inspect { INSPECT_COMMAND } else { COMMAND })
+                        .document_name("AWS-RunShellScript")
+                        .instance_ids(INSTANCE)
+                        .build(),
+                )
                 .build()
         })
+}
+
+const INSPECT_COMMAND: &str = "0b1d2e3f-9b57-4151-a15c-db9a87654321";
+
+/// The inspect script's output for the copy: three collections (GetCommandInvocation shape as
+/// above).
+fn inspected() -> Rule {
+    mock!(aws_sdk_ssm::Client::get_command_invocation).match_requests(|r| r.command_id() == Some(INSPECT_COMMAND)).then_output(|| {
+        aws_sdk_ssm::operation::get_command_invocation::GetCommandInvocationOutput::builder()
+            .command_id(INSPECT_COMMAND)
+            .instance_id(INSTANCE)
+            .status(aws_sdk_ssm::types::CommandInvocationStatus::Success)
+            .response_code(0)
+            .standard_output_content(
+                "IMGBUILD_COLLECTION 3 docs\nIMGBUILD_COLLECTION 0 empty\nIMGBUILD_COLLECTION 5 notes\nIMGBUILD_RESULT status=ok token=1700000000-000000001\n",
+            )
+            .build()
+    })
 }
 
 /// GetCommandInvocation (aws-cli awscli/examples/ssm/get-command-invocation.rst: Status,
@@ -234,14 +260,14 @@ async fn backup_quiesces_through_run_command_then_starts_a_tagged_job_and_report
         cfn: vec![stack("UPDATE_COMPLETE")],
         efs: vec![file_system()],
         ec2: vec![instance()],
-        ssm: vec![send_command(sent.clone()), invocation(QUIESCED)],
+        ssm: vec![send_command(sent.clone()), invocation(QUIESCED), inspected()],
         backup: vec![start_job(started.clone()), job_states("COMPLETED")],
     };
     let doc = imgbuild::cmd::backup_flow(&clients(&rules), &args(None), &poll_fast(ctx()), ui(), TOKEN).await.unwrap();
 
     // Run Command: AWS-RunShellScript on the stack's instance, the quiesce script inside.
     let sent = sent.lock().unwrap();
-    assert_eq!(sent.len(), 1);
+    assert_eq!(sent.len(), 2, "the quiesce, then the inspect of the copy");
     assert_eq!(sent[0].document_name(), Some("AWS-RunShellScript"));
     assert_eq!(sent[0].instance_ids(), [INSTANCE]);
     let commands = &sent[0].parameters().unwrap()["commands"];
@@ -256,10 +282,21 @@ async fn backup_quiesces_through_run_command_then_starts_a_tagged_job_and_report
     assert_eq!(j.idempotency_token(), Some(TOKEN));
     assert_eq!(j.lifecycle().and_then(|l| l.delete_after_days()), Some(14));
     let tags = j.recovery_point_tags().unwrap();
-    let want: HashMap<String, String> = [("ImgbuildProject", STACK), ("ImgbuildChromaVersion", "1.5.9"), ("ImgbuildBackupKind", "consistent")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    // The inspect reads the copy, not the live data; its counts are recorded on the point.
+    let inspect = &sent[1].parameters().unwrap()["commands"][0];
+    assert!(inspect.contains("IMGBUILD_SOURCE_ROOT='/mnt/chroma'") && inspect.contains("IMGBUILD_SOURCE_PATH='.imgbuild-backup/data'"), "{inspect}");
+    assert!(inspect.contains("IMGBUILD_IMAGE='ghcr.io/chroma-core/chroma:1.5.9'") && inspect.contains("IMGBUILD_INSPECT_PORT='18765'"), "{inspect}");
+    let want: HashMap<String, String> = [
+        ("ImgbuildProject", STACK),
+        ("ImgbuildChromaVersion", "1.5.9"),
+        ("ImgbuildBackupKind", "consistent"),
+        ("ImgbuildCollections", "3"),
+        ("ImgbuildRecords", "8"),
+        ("ImgbuildInventory1", "docs=3 empty=0 notes=5"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
     assert_eq!(tags, &want);
 
     assert_eq!(doc["backup"]["quiesced"]["paused_ms"], 2350);
@@ -273,7 +310,7 @@ async fn a_backup_job_that_fails_is_an_error_with_aws_backups_reason() {
         cfn: vec![stack("CREATE_COMPLETE")],
         efs: vec![file_system()],
         ec2: vec![instance()],
-        ssm: vec![send_command(Arc::default()), invocation(QUIESCED)],
+        ssm: vec![send_command(Arc::default()), invocation(QUIESCED), inspected()],
         backup: vec![start_job(Arc::default()), job_states("FAILED")],
     };
     let err = imgbuild::cmd::backup_flow(&clients(&rules), &args(None), &poll_fast(ctx()), ui(), TOKEN).await.unwrap_err();
@@ -450,7 +487,7 @@ impl Confirmer for NoConfirm {
 }
 
 fn restore_args(point: &str) -> RestoreArgs {
-    RestoreArgs { recovery_point: point.into(), yes: false, wait: WaitArgs { wait: false, timeout: Some(60) } }
+    RestoreArgs { recovery_point: point.into(), yes: false, verify: false, wait: WaitArgs { wait: false, timeout: Some(60) } }
 }
 
 /// DescribeRecoveryPoint (AWS Backup API Reference: ResourceType, Status, ResourceArn) answering
@@ -655,7 +692,8 @@ async fn restore_makes_a_new_file_system_promotes_the_data_and_removes_its_mount
     let waits = imgbuild::stack::Waits { timeout: Duration::from_secs(60), poll: Duration::from_millis(10) };
     let (_, new_fs) = backup::restore::restore_into_new(&c, &t, &point, TOKEN, waits, &progress).await.unwrap();
     assert_eq!(new_fs, "fs-0fedcba9876543210");
-    let p = backup::restore::promote(&c, &config, &t, &new_fs, TOKEN, Duration::from_millis(10), &progress).await.unwrap();
+    let (p, found) = backup::restore::promote(&c, &config, &t, &new_fs, TOKEN, false, Duration::from_millis(10), &progress).await.unwrap();
+    assert_eq!(found, None, "no verify asked");
     assert_eq!(p.kind, "consistent");
 
     // Never over the live one: a new, encrypted file system.

@@ -796,3 +796,129 @@ fn promote_uses_the_live_data_of_a_scheduled_point() {
     assert_eq!(imgbuild::backup::restore::parse_promoted(&out, "tok-l").unwrap().kind, "live");
     assert_eq!(read(&restored.path().join("data/chroma.sqlite3")), "as served");
 }
+
+// ---------------------------------------------------------------------------------------------
+// backup -> restore --verify, every instance-side step executed: a real Chroma (PyPI chromadb on
+// loopback) writes the data, the quiesce script copies it, AWS Backup's restore layout is laid
+// down, the promote script moves it into place, and the inspect script (read-only mount, the
+// throw-away Chroma's `docker run`, then Chroma's own API) lists it from a real Chroma serving
+// the restored copy.
+
+/// POSTs JSON to Chroma's v2 API; returns the answer.
+fn chroma_post(base: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+    let url = format!("{base}/api/v2/tenants/default_tenant/databases/default_database{path}");
+    ureq::post(&url).send_json(&body).unwrap_or_else(|e| panic!("POST {url}: {e}")).body_mut().read_json().unwrap()
+}
+
+/// The inspect script on `vm`: against `url` directly, or (with `restored`) in throw-away mode on
+/// a read-only mount of `restored` whose Chroma answers on `port`.
+fn inspect(vm: &Instance, token: &str, url: Option<&str>, restored: Option<(&Path, u16)>) -> (ExitStatus, String, String) {
+    let script = vm.path("/tmp/inspect.sh");
+    write_file(&script, imgbuild::backup::inventory::INSPECT_SCRIPT, 0o755);
+    let mut cmd = vm.command("bash");
+    cmd.arg(&script)
+        .env("IMGBUILD_TOKEN", token)
+        .env("IMGBUILD_API_PREFIX", "/api/v2")
+        .env("IMGBUILD_HEARTBEAT_PATH", "/api/v2/heartbeat")
+        .env("IMGBUILD_CONTAINER_PORT", "8000")
+        .env("IMGBUILD_CONTAINER_DATA", "/data")
+        .env("IMGBUILD_IMAGE", "ghcr.io/chroma-core/chroma:1.5.9")
+        .env("IMGBUILD_CHROMA_ENV", "");
+    if let Some(url) = url {
+        cmd.env("IMGBUILD_CHROMA_URL", url);
+    }
+    if let Some((dir, port)) = restored {
+        let at = vm.path(&format!("/mnt/imgbuild-verify-{token}"));
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(dir, &at).unwrap();
+        cmd.env("IMGBUILD_SOURCE_ROOT", format!("/mnt/imgbuild-verify-{token}"))
+            .env("IMGBUILD_SOURCE_PATH", "data")
+            .env("IMGBUILD_MOUNT_ARGS", "-t efs -o tls,iam fs-0fedcba9876543210:/")
+            .env("IMGBUILD_INSPECT_PORT", port.to_string());
+    }
+    let out = cmd.output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Waits until nothing listens on `url` any more (the server was stopped).
+fn wait_stopped(url: &str) {
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    wait_for(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(), "Chroma to stop");
+}
+
+#[test]
+fn backup_then_restore_verify_finds_the_same_collections_and_counts_in_a_real_chroma() {
+    use imgbuild::backup::inventory;
+    let config = Config::default();
+    let efs = efs_dir();
+    std::fs::create_dir_all(efs.path().join("data")).unwrap();
+
+    // Chroma writes the data on the file system: three collections, 3, 5 and 0 records.
+    let Some(live) = crate::services::chroma_on(&efs.path().join("data")) else { return };
+    for (name, n) in [("docs", 3usize), ("notes", 5), ("empty", 0)] {
+        let c = chroma_post(&live.url, "/collections", serde_json::json!({ "name": name }));
+        let id = c["id"].as_str().unwrap().to_string();
+        if n > 0 {
+            let ids: Vec<String> = (0..n).map(|i| format!("{name}-{i}")).collect();
+            let embeddings: Vec<Vec<f32>> = (0..n).map(|i| vec![i as f32, 1.0, 0.5]).collect();
+            chroma_post(&live.url, &format!("/collections/{id}/add"), serde_json::json!({ "ids": ids, "embeddings": embeddings }));
+        }
+    }
+
+    // What the backup records (in production the throw-away Chroma reads the copy; the same
+    // inventory function is exercised below in that mode).
+    let vm = Instance::new(&config, efs.path(), stack_metadata()).baked();
+    let (status, out, err) = inspect(&vm, "tok-b", Some(&live.url), None);
+    assert!(status.success(), "{out}\n{err}");
+    let recorded = inventory::parse(&out, "tok-b").unwrap();
+    assert_eq!(recorded, [("docs".to_string(), 3), ("empty".to_string(), 0), ("notes".to_string(), 5)].into_iter().collect());
+    let tags = inventory::to_tags(&recorded);
+    let url = live.url.clone();
+    drop(live);
+    wait_stopped(&url);
+
+    // The consistent copy, taken under the writer lock while the (stub) unit is stopped.
+    let r = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+    assert!(boot_status(&vm.cloud_init(&r)).1.success(), "{}", vm.journal());
+    let (status, out, err) = quiesce(&vm, "tok-b", "10");
+    assert!(status.success(), "{out}\n{err}");
+    wait_for(|| vm.serving(), "Chroma to serve again");
+    assert_eq!(vm.stop(), 0);
+
+    // AWS Backup's full restore into a new file system: everything under
+    // aws-backup-restore_<datetime> (AWS Backup Developer Guide, "Restore an Amazon EFS file
+    // system").
+    let restored = efs_dir();
+    let into = restored.path().join("aws-backup-restore_2026-11-29T14-00-00-000Z");
+    let cp = Command::new("cp").arg("-a").arg(efs.path()).arg(&into).status().unwrap();
+    assert!(cp.success());
+    let (status, out, err) = promote(&vm, restored.path(), "tok-p");
+    assert!(status.success(), "{out}\n{err}");
+
+    // verify: a real Chroma serves the restored copy; the inspect script mounts it read-only,
+    // starts the throw-away container (the docker stub), and reads it through Chroma's API.
+    let Some(copy) = crate::services::chroma_on(&restored.path().join("data")) else { return };
+    let port: u16 = copy.url.rsplit(':').next().unwrap().parse().unwrap();
+    let (status, out, err) = inspect(&vm, "tok-v", None, Some((restored.path(), port)));
+    assert!(status.success(), "{out}\n{err}");
+    let calls = vm.calls();
+    assert!(calls.iter().any(|c| c.starts_with("mount -t efs -o tls,iam fs-0fedcba9876543210:/ -o ro ")), "mounted read-only: {calls:#?}");
+    assert!(
+        calls.iter().any(|c| c.starts_with(&format!("docker run -d --name imgbuild-inspect-tok-v -p 127.0.0.1:{port}:8000 -v "))
+            && c.ends_with("ghcr.io/chroma-core/chroma:1.5.9")),
+        "{calls:#?}"
+    );
+    assert!(calls.iter().any(|c| c == "docker rm -f imgbuild-inspect-tok-v"), "the throw-away Chroma is removed: {calls:#?}");
+    let found = inventory::parse(&out, "tok-v").unwrap();
+    let checks = inventory::compare(&inventory::from_tags(&tags).unwrap(), &found);
+    assert_eq!(checks.len(), 3);
+    assert!(checks.iter().all(|c| c.ok), "{checks:#?}");
+
+    // A restored copy that lost a record fails that collection, and only that one.
+    let c = chroma_post(&copy.url, "/collections", serde_json::json!({ "name": "notes", "get_or_create": true }));
+    chroma_post(&copy.url, &format!("/collections/{}/delete", c["id"].as_str().unwrap()), serde_json::json!({ "ids": ["notes-0"] }));
+    let (_, out, _) = inspect(&vm, "tok-w", Some(&copy.url), None);
+    let checks = inventory::compare(&inventory::from_tags(&tags).unwrap(), &inventory::parse(&out, "tok-w").unwrap());
+    let failed: Vec<_> = checks.iter().filter(|c| !c.ok).map(|c| (c.collection.as_str(), c.recorded, c.found)).collect();
+    assert_eq!(failed, [("notes", Some(5), Some(4))]);
+}
