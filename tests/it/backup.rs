@@ -576,9 +576,56 @@ async fn restore_refuses_bad_input_with_exit_2_and_starts_nothing() {
 /// Command, the mount targets removed again (the stack makes its own on reattach).
 #[tokio::test]
 async fn restore_makes_a_new_file_system_promotes_the_data_and_removes_its_mount_targets() {
+    let World { rules, restore_seen, created, delete_mt, tagged, sent } = restore_world(point_tags(STACK, "1.5.9"));
+    let c = clients(&rules);
+    let config = poll_fast(ctx()).config;
+    let t = backup::target(&c, STACK).await.unwrap();
+    let point = backup::restore::check_point(&c, &t, POINT).await.unwrap();
+    let progress = imgbuild::ui::progress::Progress::new(ui(), "test");
+    let waits = imgbuild::stack::Waits { timeout: Duration::from_secs(60), poll: Duration::from_millis(10) };
+    let (_, new_fs) = backup::restore::restore_into_new(&c, &t, &point, TOKEN, waits, &progress).await.unwrap();
+    assert_eq!(new_fs, "fs-0fedcba9876543210");
+    let (p, found) = backup::restore::promote(&c, &config, &t, &new_fs, TOKEN, false, Duration::from_millis(10), &progress).await.unwrap();
+    assert_eq!(found, None, "no verify asked");
+    assert_eq!(p.kind, "consistent");
+
+    // Never over the live one: a new, encrypted file system.
+    let r = &restore_seen.lock().unwrap()[0];
+    let meta = r.metadata().unwrap();
+    assert_eq!(meta["newFileSystem"], "true");
+    assert_eq!(meta["Encrypted"], "true");
+    assert_eq!(meta["file-system-id"], FS_ID);
+    assert_eq!(meta["CreationToken"], format!("imgbuild-restore-{TOKEN}"));
+    assert_eq!((r.iam_role_arn(), r.resource_type()), (Some(ROLE), Some("EFS")));
+    assert_eq!(*created.lock().unwrap(), [("fs-0fedcba9876543210".to_string(), "subnet-0a1b2c3d".to_string(), vec!["sg-0efs1234".to_string()])]);
+    assert_eq!(delete_mt.num_calls(), 1, "the temporary mount target is removed");
+    let cmd = sent.lock().unwrap()[0].parameters().unwrap()["commands"][0].clone();
+    assert!(
+        cmd.contains("IMGBUILD_FILE_SYSTEM_ID='fs-0fedcba9876543210'") && cmd.contains("IMGBUILD_MOUNT_ARGS='-t efs -o tls,iam fs-0fedcba9876543210:/'"),
+        "{cmd}"
+    );
+
+    // The redeploy reattaches the restored file system (issue 10's efs.file_system_id).
+    let re = imgbuild::cmd::reattach_context(&ctx(), &new_fs);
+    assert_eq!(re.config.efs.file_system_id.as_deref(), Some("fs-0fedcba9876543210"));
+    assert!(tagged.lock().unwrap().is_empty(), "nothing is named before the deploy decides");
+}
+
+struct World {
+    rules: Rules,
+    restore_seen: Seen<aws_sdk_backup::operation::start_restore_job::StartRestoreJobInput>,
+    created: Seen<(String, String, Vec<String>)>,
+    delete_mt: Rule,
+    tagged: Seen<(String, String)>,
+    sent: Seen<aws_sdk_ssm::operation::send_command::SendCommandInput>,
+}
+
+/// A deployed stack, the point (tagged by `tags`), and every answer a restore needs: the restore
+/// job, the temporary mount targets, the promote and inspect Run Commands.
+fn restore_world(tags: Rule) -> World {
     let restore_seen = Arc::new(Mutex::new(Vec::new()));
     let mut backup_rules = describe_point("COMPLETED");
-    backup_rules.push(point_tags(STACK, "1.5.9"));
+    backup_rules.push(tags);
     backup_rules.push(start_restore(restore_seen.clone()));
     // GetRecoveryPointRestoreMetadata (API Reference: RestoreMetadata map with file-system-id).
     backup_rules.push(mock!(aws_sdk_backup::Client::get_recovery_point_restore_metadata).then_output(|| {
@@ -681,39 +728,52 @@ async fn restore_makes_a_new_file_system_promotes_the_data_and_removes_its_mount
         cfn: vec![stack("UPDATE_COMPLETE")],
         efs: vec![file_system(), live_mts, new_mts, sgs, create_mt, delete_mt.clone(), tag],
         ec2: vec![instance()],
-        ssm: vec![send_command(sent.clone()), invocation(promoted)],
+        ssm: vec![send_command(sent.clone()), invocation(promoted), inspected()],
         backup: backup_rules,
     };
-    let c = clients(&rules);
-    let config = poll_fast(ctx()).config;
-    let t = backup::target(&c, STACK).await.unwrap();
-    let point = backup::restore::check_point(&c, &t, POINT).await.unwrap();
-    let progress = imgbuild::ui::progress::Progress::new(ui(), "test");
-    let waits = imgbuild::stack::Waits { timeout: Duration::from_secs(60), poll: Duration::from_millis(10) };
-    let (_, new_fs) = backup::restore::restore_into_new(&c, &t, &point, TOKEN, waits, &progress).await.unwrap();
-    assert_eq!(new_fs, "fs-0fedcba9876543210");
-    let (p, found) = backup::restore::promote(&c, &config, &t, &new_fs, TOKEN, false, Duration::from_millis(10), &progress).await.unwrap();
-    assert_eq!(found, None, "no verify asked");
-    assert_eq!(p.kind, "consistent");
+    World { rules, restore_seen, created, delete_mt, tagged, sent }
+}
 
-    // Never over the live one: a new, encrypted file system.
-    let r = &restore_seen.lock().unwrap()[0];
-    let meta = r.metadata().unwrap();
-    assert_eq!(meta["newFileSystem"], "true");
-    assert_eq!(meta["Encrypted"], "true");
-    assert_eq!(meta["file-system-id"], FS_ID);
-    assert_eq!(meta["CreationToken"], format!("imgbuild-restore-{TOKEN}"));
-    assert_eq!((r.iam_role_arn(), r.resource_type()), (Some(ROLE), Some("EFS")));
-    assert_eq!(*created.lock().unwrap(), [("fs-0fedcba9876543210".to_string(), "subnet-0a1b2c3d".to_string(), vec!["sg-0efs1234".to_string()])]);
-    assert_eq!(delete_mt.num_calls(), 1, "the temporary mount target is removed");
-    let cmd = sent.lock().unwrap()[0].parameters().unwrap()["commands"][0].clone();
-    assert!(
-        cmd.contains("IMGBUILD_FILE_SYSTEM_ID='fs-0fedcba9876543210'") && cmd.contains("IMGBUILD_MOUNT_ARGS='-t efs -o tls,iam fs-0fedcba9876543210:/'"),
-        "{cmd}"
-    );
+fn tags_recording(inventory: &'static str) -> Rule {
+    mock!(aws_sdk_backup::Client::list_tags).match_requests(|r| r.resource_arn() == Some(POINT)).then_output(move || {
+        aws_sdk_backup::operation::list_tags::ListTagsOutput::builder()
+            .tags("ImgbuildProject", STACK)
+            .tags("ImgbuildChromaVersion", "1.5.9")
+            .tags("ImgbuildBackupKind", "consistent")
+            .tags("ImgbuildCollections", "3")
+            .tags("ImgbuildRecords", "9")
+            .tags("ImgbuildInventory1", inventory)
+            .build()
+    })
+}
 
-    // The redeploy reattaches the restored file system (issue 10's efs.file_system_id).
-    let re = imgbuild::cmd::reattach_context(&ctx(), &new_fs);
-    assert_eq!(re.config.efs.file_system_id.as_deref(), Some("fs-0fedcba9876543210"));
-    assert!(tagged.lock().unwrap().is_empty(), "nothing is named before the deploy decides");
+/// The restored copy holds notes=5 where the backup recorded notes=6: verify fails on that
+/// collection, before the deploy (NoConfirm would panic, and the deploy's first call has no
+/// rule), and the live file system is never renamed.
+#[tokio::test]
+async fn restore_verify_that_finds_other_counts_stops_before_anything_switches() {
+    let w = restore_world(tags_recording("docs=3 empty=0 notes=6"));
+    let mut args = restore_args(POINT);
+    args.verify = true;
+    let err = imgbuild::cmd::restore_flow(&clients(&w.rules), &args, &poll_fast(ctx()), ui(), &NoConfirm, std::future::pending(), TOKEN).await.unwrap_err();
+    assert!(err.to_string().starts_with("verify failed: the restored copy fs-0fedcba9876543210"), "{err}");
+    assert!(err.to_string().contains("Chroma still serves fs-12345678"), "{err}");
+    let sent = w.sent.lock().unwrap();
+    let verify = &sent[1].parameters().unwrap()["commands"][0];
+    assert!(verify.contains("IMGBUILD_MOUNT_ARGS='-t efs -o tls,iam fs-0fedcba9876543210:/'") && verify.contains("IMGBUILD_SOURCE_PATH='data'"), "{verify}");
+    assert_eq!(w.delete_mt.num_calls(), 1, "the temporary mount target is removed after a failed verify too");
+    let tagged = w.tagged.lock().unwrap();
+    assert_eq!(*tagged, [("fs-0fedcba9876543210".to_string(), format!("{STACK}-restored-{TOKEN}"))], "only the copy is named");
+}
+
+/// A point without a record of its collections cannot be verified: said before any job starts.
+#[tokio::test]
+async fn restore_verify_of_a_point_without_a_record_is_refused_before_anything_starts() {
+    let w = restore_world(point_tags(STACK, "1.5.9"));
+    let mut args = restore_args(POINT);
+    args.verify = true;
+    let err = imgbuild::cmd::restore_flow(&clients(&w.rules), &args, &poll_fast(ctx()), ui(), &NoConfirm, std::future::pending(), TOKEN).await.unwrap_err();
+    assert_eq!(err.exit_code(), 2, "{err}");
+    assert!(err.to_string().contains("has no record of its collections"), "{err}");
+    assert!(w.restore_seen.lock().unwrap().is_empty() && w.sent.lock().unwrap().is_empty(), "nothing started");
 }
