@@ -270,6 +270,11 @@ pub struct BackupArgs {
     /// Return once the backup job has started instead of waiting for it to complete.
     #[arg(long)]
     pub no_wait: bool,
+    /// After the job: restore the recovery point into a throw-away file system, serve it with a
+    /// throw-away Chroma and compare collections and counts; the point is tagged verified only
+    /// when they match. The throw-away file system is deleted afterwards.
+    #[arg(long, conflicts_with = "no_wait")]
+    pub verify: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
 }

@@ -31,6 +31,8 @@ pub const TAG_VERSION: &str = "ImgbuildChromaVersion";
 pub const TAG_KIND: &str = "ImgbuildBackupKind";
 pub const KIND_CONSISTENT: &str = "consistent";
 pub const KIND_SCHEDULED: &str = "scheduled";
+/// Set on a recovery point once a restore of it was verified: the run that verified it.
+pub const TAG_VERIFIED: &str = "ImgbuildVerified";
 
 /// Longest the quiesce script may run on the instance (Run Command's own timeout too).
 pub const QUIESCE_TIMEOUT_SECS: u64 = 900;
@@ -249,6 +251,8 @@ pub struct RecoveryPoint {
     /// `consistent` (taken by `imgbuild backup` after the quiesce) or `scheduled` (the daily
     /// plan, while Chroma was serving).
     pub kind: Option<String>,
+    /// The run that restored and verified it; None: never restored, so not called verified.
+    pub verified: Option<String>,
     pub tags: BTreeMap<String, String>,
 }
 
@@ -285,6 +289,7 @@ pub async fn list(clients: &Clients, vault: &str, file_system_arn: Option<&str>,
                 size_bytes: rp.backup_size_in_bytes(),
                 chroma_version: tags.get(TAG_VERSION).cloned(),
                 kind: tags.get(TAG_KIND).cloned(),
+                verified: tags.get(TAG_VERIFIED).cloned(),
                 tags,
             });
         }
@@ -353,4 +358,35 @@ async fn inspect_copy(clients: &Clients, config: &Config, t: &Target, token: &st
         runcommand::run(clients, &t.instance_id, commands, "imgbuild backup: list the copy's collections", Duration::from_secs(QUIESCE_TIMEOUT_SECS), poll)
             .await?;
     inventory::parse(&inv.stdout, token)
+}
+
+/// Restores the point just taken into a throw-away file system, verifies it against the
+/// inventory recorded, deletes the throw-away file system, and tags the point verified when
+/// every collection matches.
+pub async fn verify_taken(clients: &Clients, config: &Config, taken: &Taken, token: &str, waits: Waits, progress: &Progress) -> Result<Vec<inventory::Check>> {
+    let t = &taken.target;
+    let point = restore::check_point(clients, t, &taken.job.recovery_point_arn).await?;
+    let recorded = point.recorded.clone().ok_or_else(|| {
+        Error::Tool(format!("recovery point {} has no record of its collections (the copy could not be listed): it cannot be verified", point.arn))
+    })?;
+    let (_, scratch) = restore::restore_into_new(clients, t, &point, token, waits, progress).await?;
+    restore::name_file_system(clients, &scratch, &format!("{}-verify-{token}", t.stack)).await?;
+    let verified = restore::promote(clients, config, t, &scratch, token, true, waits.poll, progress).await;
+    // The scratch copy goes whatever the outcome: its mount targets are already removed.
+    if let Err(e) = clients.efs.delete_file_system().file_system_id(&scratch).send().await {
+        progress.line(&format!("could not delete the scratch file system {scratch}, delete it by hand: {}", aws::err("DeleteFileSystem", scratch.clone(), e)));
+    }
+    let (_, found) = verified?;
+    let checks = inventory::compare(&recorded, &found.unwrap_or_default());
+    if checks.iter().all(|c| c.ok) {
+        clients
+            .backup
+            .tag_resource()
+            .resource_arn(&point.arn)
+            .tags(TAG_VERIFIED, token)
+            .send()
+            .await
+            .map_err(|e| aws::err("TagResource", point.arn.clone(), e))?;
+    }
+    Ok(checks)
 }

@@ -59,7 +59,23 @@ pub async fn backup_flow(clients: &Clients, args: &BackupArgs, ctx: &Context, ui
                 if q.chroma_version.is_empty() { "unknown" } else { &q.chroma_version },
                 config.backup.retention_days
             ));
-            Ok(json!({ "ok": true, "backup": taken }))
+            let verified = if args.verify {
+                let progress = Progress::new(ui, "verifying the recovery point");
+                let checks = backup::verify_taken(clients, config, &taken, token, waits(config, &args.wait), &progress).await?;
+                drop(progress);
+                super::restore::print_checks(ui, &checks);
+                if checks.iter().any(|c| !c.ok) {
+                    return Err(Error::Tool(format!(
+                        "verify failed: a restore of {} does not hold what the backup recorded; the point is not tagged verified",
+                        taken.job.recovery_point_arn
+                    )));
+                }
+                ui.info(format!("verified: a restore of {} holds every collection with its count", taken.job.recovery_point_arn));
+                Some(checks)
+            } else {
+                None
+            };
+            Ok(json!({ "ok": true, "backup": taken, "verified": verified }))
         }
     }
 }
@@ -72,12 +88,13 @@ fn print_points(ui: Ui, vault: &str, points: &[backup::RecoveryPoint]) {
     ui.info(format!("recovery points in vault {vault} (newest first):"));
     for p in points {
         ui.info(format!(
-            "  {}  {:<10} {:>12}  Chroma {:<8} {}  {}",
+            "  {}  {:<10} {:>12}  Chroma {:<8} {}{}  {}",
             p.created,
             p.status,
             p.size_bytes.map(|b| format!("{b} B")).unwrap_or_else(|| "?".into()),
             p.chroma_version.as_deref().filter(|v| !v.is_empty()).unwrap_or("?"),
             if p.consistent() { "consistent" } else { "scheduled (taken while Chroma served)" },
+            if p.verified.is_some() { "  verified" } else { "" },
             p.arn
         ));
     }

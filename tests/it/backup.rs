@@ -129,20 +129,22 @@ fn send_command(seen: Seen<aws_sdk_ssm::operation::send_command::SendCommandInpu
         })
         .then_compute_output(|r| {
             // The inspect script's invocation gets an id of its own, answered by `inspected()`.
-            let inspect = r.parameters().and_then(|p| p.get("commands")).is_some_and(|c| c[0].contains("IMGBUILD_SOURCE_PATH="));
+            let script = r.parameters().and_then(|p| p.get("commands")).map(|c| c[0].clone()).unwrap_or_default();
+            let id = if script.contains("IMGBUILD_SOURCE_PATH=") {
+                INSPECT_COMMAND
+            } else if script.contains("IMGBUILD_RESTORE_MOUNT=") {
+                PROMOTE_COMMAND
+            } else {
+                COMMAND
+            };
             aws_sdk_ssm::operation::send_command::SendCommandOutput::builder()
-                .command(
-                    aws_sdk_ssm::types::Command::builder()
-                        .command_id(if inspect { INSPECT_COMMAND } else { COMMAND })
-                        .document_name("AWS-RunShellScript")
-                        .instance_ids(INSTANCE)
-                        .build(),
-                )
+                .command(aws_sdk_ssm::types::Command::builder().command_id(id).document_name("AWS-RunShellScript").instance_ids(INSTANCE).build())
                 .build()
         })
 }
 
 const INSPECT_COMMAND: &str = "0b1d2e3f-9b57-4151-a15c-db9a87654321";
+const PROMOTE_COMMAND: &str = "5c6d7e8f-9b57-4151-a15c-db9a11223344";
 
 /// The inspect script's output for the copy: three collections (GetCommandInvocation shape as
 /// above).
@@ -163,12 +165,16 @@ fn inspected() -> Rule {
 /// GetCommandInvocation (aws-cli awscli/examples/ssm/get-command-invocation.rst: Status,
 /// ResponseCode, StandardOutputContent): InProgress once, then Success with the script's output.
 fn invocation(stdout: &'static str) -> Rule {
+    invocation_of(COMMAND, stdout)
+}
+
+fn invocation_of(id: &'static str, stdout: &'static str) -> Rule {
     mock!(aws_sdk_ssm::Client::get_command_invocation)
-        .match_requests(|r| r.command_id() == Some(COMMAND) && r.instance_id() == Some(INSTANCE))
+        .match_requests(move |r| r.command_id() == Some(id) && r.instance_id() == Some(INSTANCE))
         .sequence()
-        .output(|| {
+        .output(move || {
             aws_sdk_ssm::operation::get_command_invocation::GetCommandInvocationOutput::builder()
-                .command_id(COMMAND)
+                .command_id(id)
                 .instance_id(INSTANCE)
                 .status(aws_sdk_ssm::types::CommandInvocationStatus::InProgress)
                 .response_code(-1)
@@ -176,7 +182,7 @@ fn invocation(stdout: &'static str) -> Rule {
         })
         .output(move || {
             aws_sdk_ssm::operation::get_command_invocation::GetCommandInvocationOutput::builder()
-                .command_id(COMMAND)
+                .command_id(id)
                 .instance_id(INSTANCE)
                 .status(aws_sdk_ssm::types::CommandInvocationStatus::Success)
                 .response_code(0)
@@ -240,7 +246,7 @@ fn ctx() -> Context {
 }
 
 fn args(command: Option<BackupCommand>) -> BackupArgs {
-    BackupArgs { command, no_wait: false, wait: WaitArgs { wait: false, timeout: Some(60) } }
+    BackupArgs { command, no_wait: false, verify: false, wait: WaitArgs { wait: false, timeout: Some(60) } }
 }
 
 fn ui() -> Ui {
@@ -728,20 +734,24 @@ fn restore_world(tags: Rule) -> World {
         cfn: vec![stack("UPDATE_COMPLETE")],
         efs: vec![file_system(), live_mts, new_mts, sgs, create_mt, delete_mt.clone(), tag],
         ec2: vec![instance()],
-        ssm: vec![send_command(sent.clone()), invocation(promoted), inspected()],
+        ssm: vec![send_command(sent.clone()), invocation_of(PROMOTE_COMMAND, promoted), inspected()],
         backup: backup_rules,
     };
     World { rules, restore_seen, created, delete_mt, tagged, sent }
 }
 
 fn tags_recording(inventory: &'static str) -> Rule {
+    tags_recording_n(inventory, "9")
+}
+
+fn tags_recording_n(inventory: &'static str, records: &'static str) -> Rule {
     mock!(aws_sdk_backup::Client::list_tags).match_requests(|r| r.resource_arn() == Some(POINT)).then_output(move || {
         aws_sdk_backup::operation::list_tags::ListTagsOutput::builder()
             .tags("ImgbuildProject", STACK)
             .tags("ImgbuildChromaVersion", "1.5.9")
             .tags("ImgbuildBackupKind", "consistent")
             .tags("ImgbuildCollections", "3")
-            .tags("ImgbuildRecords", "9")
+            .tags("ImgbuildRecords", records)
             .tags("ImgbuildInventory1", inventory)
             .build()
     })
@@ -776,4 +786,42 @@ async fn restore_verify_of_a_point_without_a_record_is_refused_before_anything_s
     assert_eq!(err.exit_code(), 2, "{err}");
     assert!(err.to_string().contains("has no record of its collections"), "{err}");
     assert!(w.restore_seen.lock().unwrap().is_empty() && w.sent.lock().unwrap().is_empty(), "nothing started");
+}
+
+/// `backup --verify`: after the job, a restore into a scratch file system, verified against what
+/// the backup recorded, the scratch file system deleted, and the point tagged verified
+/// (AWS Backup API Reference, TagResource on a recovery point ARN; EFS DeleteFileSystem once it
+/// has no mount targets, aws-cli awscli/examples/efs/delete-file-system.rst).
+#[tokio::test]
+async fn backup_verify_restores_a_scratch_copy_compares_deletes_it_and_tags_the_point() {
+    let mut w = restore_world(tags_recording_n("docs=3 empty=0 notes=5", "8"));
+    w.rules.ssm.push(invocation(QUIESCED));
+    w.rules.backup.push(start_job(Arc::default()));
+    w.rules.backup.push(job_states("COMPLETED"));
+    let verified_tag: Seen<(String, HashMap<String, String>)> = Arc::default();
+    let seen = verified_tag.clone();
+    w.rules.backup.push(
+        mock!(aws_sdk_backup::Client::tag_resource)
+            .match_requests(move |r| {
+                seen.lock().unwrap().push((r.resource_arn().unwrap().into(), r.tags().unwrap().clone()));
+                true
+            })
+            .then_output(|| aws_sdk_backup::operation::tag_resource::TagResourceOutput::builder().build()),
+    );
+    let deleted = mock!(aws_sdk_efs::Client::delete_file_system)
+        .match_requests(|r| r.file_system_id() == Some("fs-0fedcba9876543210"))
+        .then_output(|| aws_sdk_efs::operation::delete_file_system::DeleteFileSystemOutput::builder().build());
+    w.rules.efs.push(deleted.clone());
+    let mut a = args(None);
+    a.verify = true;
+    let doc = imgbuild::cmd::backup_flow(&clients(&w.rules), &a, &poll_fast(ctx()), ui(), TOKEN).await.unwrap();
+    assert_eq!(doc["verified"].as_array().unwrap().len(), 3);
+    assert_eq!(deleted.num_calls(), 1, "the scratch file system is deleted");
+    assert_eq!(w.delete_mt.num_calls(), 1);
+    let tagged = verified_tag.lock().unwrap();
+    assert_eq!(tagged.len(), 1);
+    assert_eq!(tagged[0].0, POINT);
+    assert_eq!(tagged[0].1["ImgbuildVerified"], TOKEN);
+    // The live file system is never the one restored over or named.
+    assert!(w.tagged.lock().unwrap().iter().all(|(fs, _)| fs != FS_ID));
 }
