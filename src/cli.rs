@@ -91,6 +91,12 @@ pub enum Command {
     /// restored data into place, then deploy onto it with the usual diff and confirmation. The
     /// old file system is kept and named.
     Restore(RestoreArgs),
+    /// Upgrade Chroma: refuse a downgrade of the data, take a consistent backup, bake (for baked
+    /// images), deploy the new version, run smoke; on failure `imgbuild rollback` goes back.
+    Upgrade(UpgradeArgs),
+    /// Go back from the last upgrade: the previous image and the pre-upgrade recovery point,
+    /// restored into a new file system and deployed together.
+    Rollback(RollbackArgs),
     /// Check this machine and account before a deploy: credentials, region, account, network,
     /// the AL2023 parameter, quotas. Says what to do about each problem.
     Doctor,
@@ -294,11 +300,39 @@ pub struct RestoreArgs {
     /// Deploy onto the restored file system without asking.
     #[arg(long, short = 'y')]
     pub yes: bool,
+    /// Boot this AMI on the restored file system [default: as deploy chooses].
+    #[arg(long, value_name = "AMI_ID")]
+    pub ami: Option<String>,
     /// Before anything switches: mount the restored copy read-only, serve it with a throw-away
     /// Chroma of the same version, and compare collections and counts with what the backup
     /// recorded. Any difference stops the restore.
     #[arg(long)]
     pub verify: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// The Chroma release to upgrade to (e.g. 1.5.9).
+    #[arg(long, value_name = "VERSION")]
+    pub to: String,
+    /// Say what would happen, how long Chroma would be down and what the extra recovery point
+    /// costs; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Deploy without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// Deploy without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
 }

@@ -6,6 +6,7 @@
 pub mod inventory;
 pub mod restore;
 pub mod runcommand;
+pub mod upgrade;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};

@@ -13,12 +13,14 @@ mod render;
 mod restore;
 mod smoke;
 mod status;
+mod upgrade;
 mod validate;
 
 pub use backup::backup_flow;
 pub use bake::{PREREQS_TEMPLATE, bake_flow};
 pub use deploy::{deploy_flow, stack_parameters};
 pub use restore::{reattach_context, restore_flow};
+pub use upgrade::{rollback_flow, rollback_path, upgrade_flow};
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -60,6 +62,8 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
         Command::Images(cmd) => images::images_cmd(cmd, &context(&cli.global)?, ui),
         Command::Backup(args) => backup::backup_cmd(args, &context(&cli.global)?, ui),
         Command::Restore(args) => restore::restore_cmd(args, &context(&cli.global)?, ui),
+        Command::Upgrade(args) => upgrade::upgrade_cmd(args, &context(&cli.global)?, ui),
+        Command::Rollback(args) => upgrade::rollback_cmd(args, &context(&cli.global)?, ui),
     }
 }
 

@@ -100,7 +100,7 @@ pub async fn restore_flow(
     };
 
     let deploy_args = DeployArgs {
-        ami: None,
+        ami: args.ami.clone(),
         mode: None,
         template: None,
         yes: args.yes,

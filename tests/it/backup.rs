@@ -493,7 +493,7 @@ impl Confirmer for NoConfirm {
 }
 
 fn restore_args(point: &str) -> RestoreArgs {
-    RestoreArgs { recovery_point: point.into(), yes: false, verify: false, wait: WaitArgs { wait: false, timeout: Some(60) } }
+    RestoreArgs { recovery_point: point.into(), yes: false, ami: None, verify: false, wait: WaitArgs { wait: false, timeout: Some(60) } }
 }
 
 /// DescribeRecoveryPoint (AWS Backup API Reference: ResourceType, Status, ResourceArn) answering
@@ -824,4 +824,171 @@ async fn backup_verify_restores_a_scratch_copy_compares_deletes_it_and_tags_the_
     assert_eq!(tagged[0].1["ImgbuildVerified"], TOKEN);
     // The live file system is never the one restored over or named.
     assert!(w.tagged.lock().unwrap().iter().all(|(fs, _)| fs != FS_ID));
+}
+
+// ---------------------------------------------------------------------------------------------
+// upgrade and rollback
+
+use imgbuild::cli::{RollbackArgs, UpgradeArgs};
+
+fn upgrade_args(to: &str, dry_run: bool) -> UpgradeArgs {
+    UpgradeArgs { to: to.into(), dry_run, yes: false, wait: WaitArgs { wait: false, timeout: Some(60) } }
+}
+
+/// SSM GetParameter: the handoff parameter of a baked image does not exist (ParameterNotFound,
+/// the documented error code), AL2023's public parameter answers an AMI (aws-cli
+/// awscli/examples/ssm/get-parameter.rst shape).
+fn parameters() -> Rule {
+    mock!(aws_sdk_ssm::Client::get_parameter).then_compute_response(|r| {
+        let name = r.name().unwrap_or_default().to_string();
+        if name.starts_with("/aws/service/ami-amazon-linux-latest/") {
+            aws_smithy_mocks::MockResponse::Output(
+                aws_sdk_ssm::operation::get_parameter::GetParameterOutput::builder()
+                    .parameter(
+                        aws_sdk_ssm::types::Parameter::builder()
+                            .name(name)
+                            .value("ami-0123456789abcdef0")
+                            .r#type(aws_sdk_ssm::types::ParameterType::String)
+                            .build(),
+                    )
+                    .build(),
+            )
+        } else {
+            aws_smithy_mocks::MockResponse::Error(aws_sdk_ssm::operation::get_parameter::GetParameterError::generic(
+                aws_smithy_types::error::ErrorMetadata::builder().code("ParameterNotFound").message(format!("{name} not found")).build(),
+            ))
+        }
+    })
+}
+
+/// The marker read answers `marker` (its own command id: the command is not the quiesce).
+fn marker_read(marker: &'static str) -> Vec<Rule> {
+    let send = mock!(aws_sdk_ssm::Client::send_command)
+        .match_requests(|r| r.parameters().and_then(|p| p.get("commands")).is_some_and(|c| c[0].contains(".imgbuild-chroma-version")))
+        .then_output(|| {
+            aws_sdk_ssm::operation::send_command::SendCommandOutput::builder()
+                .command(aws_sdk_ssm::types::Command::builder().command_id("7a8b9c0d-9b57-4151-a15c-db9a55667788").build())
+                .build()
+        });
+    vec![send, invocation_of("7a8b9c0d-9b57-4151-a15c-db9a55667788", marker)]
+}
+
+#[tokio::test]
+async fn upgrade_to_an_unknown_version_is_refused_before_any_call() {
+    let rules = Rules { cfn: vec![], efs: vec![], ec2: vec![], ssm: vec![], backup: vec![] };
+    for to in ["latest", "3.0.0", "0.3.9"] {
+        let err = imgbuild::cmd::upgrade_flow(&clients(&rules), "us-east-1", &upgrade_args(to, false), &ctx(), ui(), &NoConfirm, std::future::pending(), TOKEN)
+            .await
+            .unwrap_err();
+        assert_eq!(err.exit_code(), 2, "{to}: {err}");
+        assert!(err.to_string().starts_with("--to: "), "{to}: {err}");
+    }
+}
+
+/// The marker the boot writes on EFS says 1.5.9 opened the data: an older --to cannot read it
+/// (Chroma's migrations run one way, chroma#2615). Refused after reading the marker, with no
+/// backup and no deploy; the same version is refused too.
+#[tokio::test]
+async fn upgrade_refuses_a_downgrade_of_the_data_with_exit_2_and_changes_nothing() {
+    for (to, says) in [("1.0.0", "older than Chroma 1.5.9"), ("1.5.9", "already at Chroma 1.5.9")] {
+        let start = start_job(Arc::default());
+        let mut ssm = marker_read("1.5.9\n");
+        ssm.push(parameters());
+        let rules = Rules { cfn: vec![stack("UPDATE_COMPLETE")], efs: vec![file_system()], ec2: vec![instance()], ssm, backup: vec![start.clone()] };
+        let err = imgbuild::cmd::upgrade_flow(
+            &clients(&rules),
+            "us-east-1",
+            &upgrade_args(to, false),
+            &poll_fast(ctx()),
+            ui(),
+            &NoConfirm,
+            std::future::pending(),
+            TOKEN,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.exit_code(), 2, "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+        assert_eq!(start.num_calls(), 0);
+    }
+}
+
+/// --dry-run: the plan (one-way migration, the pause, the instance replacement, the cost of the
+/// extra point) and nothing else: no quiesce, no job, no deploy.
+#[tokio::test]
+async fn upgrade_dry_run_says_what_would_happen_and_changes_nothing() {
+    let start = start_job(Arc::default());
+    let mut ssm = marker_read("0.6.3\n");
+    ssm.push(parameters());
+    let rules = Rules { cfn: vec![stack("UPDATE_COMPLETE")], efs: vec![file_system()], ec2: vec![instance()], ssm, backup: vec![start.clone()] };
+    let mut c = poll_fast(ctx());
+    c.config.chroma.version = "0.6.3".into();
+    let doc = imgbuild::cmd::upgrade_flow(&clients(&rules), "us-east-1", &upgrade_args("1.5.9", true), &c, ui(), &NoConfirm, std::future::pending(), TOKEN)
+        .await
+        .unwrap();
+    let plan = &doc["plan"];
+    assert_eq!(plan["data_version"], "0.6.3");
+    assert_eq!(plan["bakes"], false);
+    assert!(
+        plan["one_way"].as_str().unwrap().contains("0.6.3 cannot open it afterwards") && plan["one_way"].as_str().unwrap().contains("chroma#4217"),
+        "{plan}"
+    );
+    // 6144 bytes (DescribeFileSystems SizeInBytes): a one-second copy plus the stop and start.
+    assert_eq!(plan["pause_secs_estimate"], 11);
+    assert_eq!(plan["replace_secs_max"], 900);
+    let usd = plan["extra_point_usd"].as_f64().unwrap();
+    assert!((usd - 6144.0 / 1e9 * 0.05 * 14.0 / 30.0).abs() < 1e-12, "{usd}");
+    assert_eq!(start.num_calls(), 0);
+}
+
+#[tokio::test]
+async fn rollback_without_a_record_or_of_another_stack_is_refused_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ctx();
+    c.source = Source::File(dir.path().join("imgbuild.yaml"));
+    let rules = Rules { cfn: vec![], efs: vec![], ec2: vec![], ssm: vec![], backup: vec![] };
+    let args = RollbackArgs { yes: false, wait: WaitArgs { wait: false, timeout: None } };
+    let err = imgbuild::cmd::rollback_flow(&clients(&rules), &args, &c, ui(), &NoConfirm, std::future::pending(), TOKEN).await.unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("there is no upgrade to roll back"), "{err}");
+
+    let record = imgbuild::backup::upgrade::RollbackRecord {
+        stack: "other".into(),
+        from_version: "1.0.0".into(),
+        to_version: "1.5.9".into(),
+        previous_image: "ami-0123456789abcdef0".into(),
+        recovery_point: POINT.into(),
+    };
+    std::fs::write(imgbuild::cmd::rollback_path(&c), serde_json::to_string(&record).unwrap()).unwrap();
+    let err = imgbuild::cmd::rollback_flow(&clients(&rules), &args, &c, ui(), &NoConfirm, std::future::pending(), TOKEN).await.unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("is the record of stack other, not vectordb"), "{err}");
+}
+
+/// rollback goes back with the recorded point and image together: the restore is checked (here
+/// the recorded point is another project's, so it stops with exit 2 before anything starts).
+#[tokio::test]
+async fn rollback_restores_the_recorded_point_with_the_recorded_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = poll_fast(ctx());
+    c.source = Source::File(dir.path().join("imgbuild.yaml"));
+    let record = imgbuild::backup::upgrade::RollbackRecord {
+        stack: STACK.into(),
+        from_version: "1.0.0".into(),
+        to_version: "1.5.9".into(),
+        previous_image: "ami-0123456789abcdef0".into(),
+        recovery_point: POINT.into(),
+    };
+    std::fs::write(imgbuild::cmd::rollback_path(&c), serde_json::to_string(&record).unwrap()).unwrap();
+    // The pre-upgrade point records Chroma 1.5.9 data: newer than the 1.0.0 the rollback deploys,
+    // so the restore refuses it rather than serving data an older Chroma cannot read.
+    let mut backup_rules = describe_point("COMPLETED");
+    backup_rules.push(point_tags(STACK, "1.5.9"));
+    let start = start_restore(Arc::default());
+    backup_rules.push(start.clone());
+    let rules = Rules { cfn: vec![stack("UPDATE_COMPLETE")], efs: vec![file_system()], ec2: vec![instance()], ssm: vec![], backup: backup_rules };
+    let args = RollbackArgs { yes: true, wait: WaitArgs { wait: false, timeout: None } };
+    let err = imgbuild::cmd::rollback_flow(&clients(&rules), &args, &c, ui(), &NoConfirm, std::future::pending(), TOKEN).await.unwrap_err();
+    assert!(err.to_string().contains("written by Chroma 1.5.9, newer than chroma.version 1.0.0"), "{err}");
+    assert_eq!(start.num_calls(), 0);
 }
