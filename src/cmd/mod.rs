@@ -20,7 +20,7 @@ pub use backup::backup_flow;
 pub use bake::{PREREQS_TEMPLATE, bake_flow};
 pub use deploy::{deploy_flow, stack_parameters};
 pub use restore::{reattach_context, restore_flow};
-pub use upgrade::{rollback_flow, rollback_path, upgrade_flow};
+pub use upgrade::{after_smoke, rollback_flow, rollback_path, upgrade_flow};
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -147,19 +147,26 @@ pub async fn upgrade_flow(
         Some(api) => crate::smoke::through_api_gateway(clients, &api, profile).await?,
         None => return Err(Error::Invalid(format!("stack {} has no ApiId output: cannot run smoke after the upgrade", t.stack))),
     };
-    if !report.ok() {
-        let failed: Vec<_> = report.steps.iter().filter(|s| !s.ok).map(|s| format!("{}: {}", s.name, s.detail)).collect();
-        return Err(Error::SmokeFailed(format!(
-            "Chroma {} is deployed but smoke failed ({}). Go back with `imgbuild rollback`: image {} and recovery point {} (Chroma {}), together",
-            args.to,
-            failed.join("; "),
-            record.previous_image,
-            record.recovery_point,
-            record.from_version
-        )));
-    }
+    after_smoke(&report, &record)?;
     ui.info(format!("upgraded to Chroma {}; set chroma.version: {} in your imgbuild.yaml so later deploys keep it", args.to, args.to));
     Ok(json!({ "ok": true, "plan": plan, "rollback": record, "deploy": deployed["deploy"], "smoke": report }))
+}
+
+/// A failed smoke after the upgrade is an error that hands over the way back: the previous image
+/// and the pre-upgrade recovery point, together, in one command.
+pub fn after_smoke(report: &crate::smoke::Report, record: &upgrade::RollbackRecord) -> Result<()> {
+    if report.ok() {
+        return Ok(());
+    }
+    let failed: Vec<_> = report.steps.iter().filter(|s| !s.ok).map(|s| format!("{}: {}", s.name, s.detail)).collect();
+    Err(Error::SmokeFailed(format!(
+        "Chroma {} is deployed but smoke failed ({}). Go back with `imgbuild rollback`: image {} and recovery point {} (Chroma {}), together",
+        record.to_version,
+        failed.join("; "),
+        record.previous_image,
+        record.recovery_point,
+        record.from_version
+    )))
 }
 
 fn print_plan(ui: Ui, p: &upgrade::Plan) {

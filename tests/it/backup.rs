@@ -992,3 +992,25 @@ async fn rollback_restores_the_recorded_point_with_the_recorded_version() {
     assert!(err.to_string().contains("written by Chroma 1.5.9, newer than chroma.version 1.0.0"), "{err}");
     assert_eq!(start.num_calls(), 0);
 }
+
+/// A smoke that fails after the upgrade (here a real one, against a port nothing listens on)
+/// ends the upgrade with the smoke's exit status and the way back in one command: the previous
+/// image and the pre-upgrade recovery point, together.
+#[test]
+fn a_failed_smoke_after_the_upgrade_hands_over_the_rollback() {
+    let record = imgbuild::backup::upgrade::RollbackRecord {
+        stack: STACK.into(),
+        from_version: "1.0.0".into(),
+        to_version: "1.5.9".into(),
+        previous_image: "ami-0123456789abcdef0".into(),
+        recovery_point: POINT.into(),
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let profile = imgbuild::chroma::profile(&imgbuild::chroma::parse_version("1.5.9").unwrap()).unwrap();
+    let report = imgbuild::smoke::over_http(&format!("http://127.0.0.1:{port}"), profile, Duration::from_secs(5), "t");
+    assert!(!report.ok());
+    let err = imgbuild::cmd::after_smoke(&report, &record).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, imgbuild::Error::SmokeFailed(_)), "{err:?}");
+    assert!(msg.contains("`imgbuild rollback`") && msg.contains("ami-0123456789abcdef0") && msg.contains(POINT) && msg.contains("heartbeat"), "{msg}");
+}
