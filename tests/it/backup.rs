@@ -1014,3 +1014,65 @@ fn a_failed_smoke_after_the_upgrade_hands_over_the_rollback() {
     assert!(matches!(err, imgbuild::Error::SmokeFailed(_)), "{err:?}");
     assert!(msg.contains("`imgbuild rollback`") && msg.contains("ami-0123456789abcdef0") && msg.contains(POINT) && msg.contains("heartbeat"), "{msg}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The restore's temporary mount targets against moto's EFS and EC2 (moto 5.2.5 implements
+// CreateMountTarget, DescribeMountTargets, DescribeMountTargetSecurityGroups and
+// DeleteMountTarget); Run Command stays scripted, moto's SendCommand runs nothing.
+
+#[test]
+fn restore_mount_targets_against_moto_copy_the_live_ones_and_are_gone_afterwards() {
+    let Some(moto) = crate::services::moto() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&moto.url)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_cloudformation::config::Credentials::new("testing", "testing", None, None, "tests"))
+            .load()
+            .await;
+        let ec2 = aws_sdk_ec2::Client::new(&conf);
+        let efs = aws_sdk_efs::Client::new(&conf);
+        let vpc = ec2.create_vpc().cidr_block("10.42.0.0/16").send().await.unwrap().vpc.unwrap().vpc_id.unwrap();
+        let subnet = ec2.create_subnet().vpc_id(&vpc).cidr_block("10.42.1.0/24").send().await.unwrap().subnet.unwrap().subnet_id.unwrap();
+        let sg = ec2.create_security_group().group_name(format!("efs-{TOKEN}")).description("efs").vpc_id(&vpc).send().await.unwrap().group_id.unwrap();
+        let fs = |token: &'static str| {
+            let efs = efs.clone();
+            async move { efs.create_file_system().creation_token(token).encrypted(true).send().await.unwrap() }
+        };
+        let live = fs("imgbuild-moto-live").await;
+        efs.create_mount_target().file_system_id(live.file_system_id()).subnet_id(&subnet).security_groups(&sg).send().await.unwrap();
+        let restored = fs("imgbuild-moto-restored").await;
+
+        let promoted = "IMGBUILD_RESULT status=ok token=1700000000-000000001 kind=consistent version=1.5.9 from=aws-backup-restore_2026\n";
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let ssm_rules = [send_command(sent.clone()), invocation_of(PROMOTE_COMMAND, promoted)];
+        let none: Vec<Rule> = Vec::new();
+        let clients = Clients {
+            cfn: aws_sdk_cloudformation::Client::new(&conf),
+            ec2,
+            efs: efs.clone(),
+            ssm: mocked!(aws_sdk_ssm, ssm_rules, retry()),
+            elb: aws_sdk_elasticloadbalancingv2::Client::new(&conf),
+            apigw: aws_sdk_apigateway::Client::new(&conf),
+            backup: mocked!(aws_sdk_backup, none, retry()),
+        };
+        let t = backup::Target {
+            stack: STACK.into(),
+            file_system_id: live.file_system_id().into(),
+            file_system_arn: live.file_system_arn().unwrap_or_default().into(),
+            vault: VAULT.into(),
+            role_arn: ROLE.into(),
+            instance_id: INSTANCE.into(),
+        };
+        let progress = imgbuild::ui::progress::Progress::new(ui(), "moto");
+        let (p, _) =
+            backup::restore::promote(&clients, &ctx().config, &t, restored.file_system_id(), TOKEN, false, Duration::from_millis(50), &progress).await.unwrap();
+        assert_eq!(p.kind, "consistent");
+        assert_eq!(sent.lock().unwrap().len(), 1, "the promote ran once");
+        let left = efs.describe_mount_targets().file_system_id(restored.file_system_id()).send().await.unwrap();
+        assert!(left.mount_targets().is_empty(), "the temporary mount targets are gone: {left:?}");
+        let kept = efs.describe_mount_targets().file_system_id(live.file_system_id()).send().await.unwrap();
+        assert_eq!(kept.mount_targets().len(), 1, "the live file system's mount target is untouched");
+    });
+}
