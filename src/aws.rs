@@ -35,6 +35,7 @@ pub struct Clients {
     pub ssm: aws_sdk_ssm::Client,
     pub elb: aws_sdk_elasticloadbalancingv2::Client,
     pub apigw: aws_sdk_apigateway::Client,
+    pub backup: aws_sdk_backup::Client,
 }
 
 impl Clients {
@@ -48,7 +49,8 @@ impl Clients {
             efs: aws_sdk_efs::Client::from_conf(self.efs.config().to_builder().retry_config(retry.clone()).build()),
             ssm: aws_sdk_ssm::Client::from_conf(self.ssm.config().to_builder().retry_config(retry.clone()).build()),
             elb: aws_sdk_elasticloadbalancingv2::Client::from_conf(self.elb.config().to_builder().retry_config(retry.clone()).build()),
-            apigw: aws_sdk_apigateway::Client::from_conf(self.apigw.config().to_builder().retry_config(retry).build()),
+            apigw: aws_sdk_apigateway::Client::from_conf(self.apigw.config().to_builder().retry_config(retry.clone()).build()),
+            backup: aws_sdk_backup::Client::from_conf(self.backup.config().to_builder().retry_config(retry).build()),
         }
     }
 
@@ -60,6 +62,7 @@ impl Clients {
             ssm: aws_sdk_ssm::Client::new(conf),
             elb: aws_sdk_elasticloadbalancingv2::Client::new(conf),
             apigw: aws_sdk_apigateway::Client::new(conf),
+            backup: aws_sdk_backup::Client::new(conf),
         }
     }
 }

@@ -86,6 +86,20 @@ pub enum Command {
     /// The same stack in many accounts and regions, as one CloudFormation StackSet.
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// Back up Chroma's data consistently: stop Chroma only while its data is copied on EFS
+    /// (through SSM Run Command), then an AWS Backup job of the file system. `backup list` shows
+    /// the recovery points.
+    Backup(BackupArgs),
+    /// Restore a recovery point into a new file system (never over the live one), move the
+    /// restored data into place, then deploy onto it with the usual diff and confirmation. The
+    /// old file system is kept and named.
+    Restore(RestoreArgs),
+    /// Upgrade Chroma: refuse a downgrade of the data, take a consistent backup, bake (for baked
+    /// images), deploy the new version, run smoke; on failure `imgbuild rollback` goes back.
+    Upgrade(UpgradeArgs),
+    /// Go back from the last upgrade: the previous image and the pre-upgrade recovery point,
+    /// restored into a new file system and deployed together.
+    Rollback(RollbackArgs),
     /// Check this machine and account before a deploy: credentials, region, account, network,
     /// the AL2023 parameter, quotas. Says what to do about each problem.
     Doctor,
@@ -340,4 +354,73 @@ pub struct ToolArgs {
     /// Run only the built-in checks, not cloud-init or shellcheck.
     #[arg(long)]
     pub no_tools: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub command: Option<BackupCommand>,
+    /// Return once the backup job has started instead of waiting for it to complete.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// After the job: restore the recovery point into a throw-away file system, serve it with a
+    /// throw-away Chroma and compare collections and counts; the point is tagged verified only
+    /// when they match. The throw-away file system is deleted afterwards.
+    #[arg(long, conflicts_with = "no_wait")]
+    pub verify: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// This project's recovery points, newest first: time, size, Chroma version, consistent or
+    /// scheduled.
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The recovery point's ARN (`imgbuild backup list` shows them).
+    #[arg(value_name = "RECOVERY_POINT")]
+    pub recovery_point: String,
+    /// Deploy onto the restored file system without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Boot this AMI on the restored file system [default: as deploy chooses].
+    #[arg(long, value_name = "AMI_ID")]
+    pub ami: Option<String>,
+    /// Before anything switches: mount the restored copy read-only, serve it with a throw-away
+    /// Chroma of the same version, and compare collections and counts with what the backup
+    /// recorded. Any difference stops the restore.
+    #[arg(long)]
+    pub verify: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// The Chroma release to upgrade to (e.g. 1.5.9).
+    #[arg(long, value_name = "VERSION")]
+    pub to: String,
+    /// Say what would happen, how long Chroma would be down and what the extra recovery point
+    /// costs; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Deploy without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// Deploy without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
 }

@@ -10,10 +10,12 @@
 //! - `ui`: text vs JSON output, progress.
 //! - `aws`: clients, retries, error codes, built from plain [`aws::Settings`].
 //! - `stack`: the CloudFormation engine (template, change set, events, waits, outputs).
-//! - `bake`, `smoke`: the image pipeline and images; the acceptance test.
+//! - `bake`, `smoke`, `backup`: the image pipeline and images; the acceptance test; Chroma's data
+//!   (consistent copies, AWS Backup jobs, recovery points).
 //! - `cli`: the raw arguments; `cmd`: one file per command, the only layer that sees both.
 
 pub mod aws;
+pub mod backup;
 pub mod bake;
 pub mod check;
 pub mod chroma;

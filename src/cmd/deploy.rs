@@ -43,6 +43,9 @@ pub fn stack_parameters(template: &Template, config: &Config, choice: &Choice) -
         ("FileSystemId", config.efs.file_system_id.clone().unwrap_or_default()),
         ("LogRetentionDays", config.stack.log_retention_days.to_string()),
         ("IntegrationTimeoutMs", config.stack.integration_timeout_ms.to_string()),
+        ("BackupRetentionDays", config.backup.retention_days.to_string()),
+        ("BackupSchedule", config.backup.schedule.trim().to_string()),
+        ("ChromaVersion", config.chroma.version.strip_prefix('v').unwrap_or(&config.chroma.version).to_string()),
     ];
     let declared = template.parameter_names();
     Ok(wanted.into_iter().filter(|(k, _)| declared.iter().any(|d| d == k)).map(|(k, v)| (k.to_string(), v)).collect())

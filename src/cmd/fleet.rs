@@ -53,7 +53,8 @@ pub fn clients_in(c: &Clients, region: &str) -> Clients {
         efs: aws_sdk_efs::Client::from_conf(c.efs.config().to_builder().region(r.clone()).build()),
         ssm: aws_sdk_ssm::Client::from_conf(c.ssm.config().to_builder().region(r.clone()).build()),
         elb: aws_sdk_elasticloadbalancingv2::Client::from_conf(c.elb.config().to_builder().region(r.clone()).build()),
-        apigw: aws_sdk_apigateway::Client::from_conf(c.apigw.config().to_builder().region(r).build()),
+        apigw: aws_sdk_apigateway::Client::from_conf(c.apigw.config().to_builder().region(r.clone()).build()),
+        backup: aws_sdk_backup::Client::from_conf(c.backup.config().to_builder().region(r).build()),
     }
 }
 

@@ -2,6 +2,7 @@
 //! the domain layers below (config, render, check, stack, bake, smoke) and the result into output
 //! (`ui`). The only layer that knows both the command line and AWS; nothing below imports it.
 
+mod backup;
 mod bake;
 mod deploy;
 mod destroy;
@@ -10,13 +11,18 @@ mod fleet;
 mod images;
 mod init;
 mod render;
+mod restore;
 mod smoke;
 mod status;
+mod upgrade;
 mod validate;
 
+pub use backup::backup_flow;
 pub use bake::{PREREQS_TEMPLATE, bake_flow};
 pub use deploy::{deploy_flow, stack_parameters};
 pub use fleet::{fleet_deploy_flow, fleet_destroy_flow, fleet_status_flow};
+pub use restore::{reattach_context, restore_flow};
+pub use upgrade::{after_smoke, rollback_flow, rollback_path, upgrade_flow};
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -59,6 +65,10 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
         Command::Bake(args) => bake::bake(args, &context(&cli.global)?, ui),
         Command::Images(cmd) => images::images_cmd(cmd, &context(&cli.global)?, ui),
         Command::Fleet(cmd) => fleet::fleet_cmd(cmd, &context(&cli.global)?, ui),
+        Command::Backup(args) => backup::backup_cmd(args, &context(&cli.global)?, ui),
+        Command::Restore(args) => restore::restore_cmd(args, &context(&cli.global)?, ui),
+        Command::Upgrade(args) => upgrade::upgrade_cmd(args, &context(&cli.global)?, ui),
+        Command::Rollback(args) => upgrade::rollback_cmd(args, &context(&cli.global)?, ui),
     }
 }
 

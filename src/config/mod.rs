@@ -41,6 +41,23 @@ pub struct Config {
     pub bake: BakeConfig,
     pub aws: AwsConfig,
     pub fleet: FleetConfig,
+    pub backup: BackupConfig,
+}
+
+/// `imgbuild backup` and the stack's daily AWS Backup plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// Days AWS Backup keeps each recovery point, on-demand and scheduled alike.
+    pub retention_days: u32,
+    /// When the daily plan runs: an AWS Backup `cron(...)` or `rate(...)` expression, UTC.
+    pub schedule: String,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self { retention_days: 35, schedule: "cron(0 5 ? * * *)".into() }
+    }
 }
 
 /// `imgbuild bake`: the base image, where the build instance runs, and where the result goes.
@@ -213,6 +230,7 @@ impl Default for Config {
             bake: BakeConfig::default(),
             aws: AwsConfig::default(),
             fleet: FleetConfig::default(),
+            backup: BackupConfig::default(),
         }
     }
 }
@@ -670,6 +688,15 @@ impl Config {
             && let Err(m) = check_kms_key(k)
         {
             bad("bake.kms_key_id", m);
+        }
+        // AWS Backup's lifecycle takes whole days; a century is far beyond any real retention.
+        if !(1..=36_500).contains(&self.backup.retention_days) {
+            bad("backup.retention_days", format!("{} days: use 1 to 36500", self.backup.retention_days));
+        }
+        let sched = self.backup.schedule.trim();
+        let expr_ok = (sched.starts_with("cron(") || sched.starts_with("rate(")) && sched.ends_with(')') && sched.len() > 6 && sched.is_ascii();
+        if !expr_ok {
+            bad("backup.schedule", format!("`{sched}` is not an AWS Backup schedule expression such as cron(0 5 ? * * *) or rate(12 hours)"));
         }
         out.extend(fleet::check(&self.fleet, self.bake.kms_key_id.is_some()));
         out

@@ -305,7 +305,7 @@ fn render_template(template: &'static str, t: &impl Template) -> Result<String> 
     Ok(text)
 }
 
-const LOCK_NAME: &str = ".imgbuild-writer.lock";
+pub const LOCK_NAME: &str = ".imgbuild-writer.lock";
 
 /// The lock that keeps a second Chroma from writing to the same file system.
 pub fn lock_file(config: &Config) -> String {

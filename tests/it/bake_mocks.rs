@@ -73,7 +73,8 @@ fn clients(ec2: &[&Rule], ssm: &[&Rule]) -> Clients {
         efs: mocked!(aws_sdk_efs, none, retry.clone()),
         ssm: mocked!(aws_sdk_ssm, ssm, retry.clone()),
         elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
-        apigw: mocked!(aws_sdk_apigateway, none, retry),
+        apigw: mocked!(aws_sdk_apigateway, none, retry.clone()),
+        backup: mocked!(aws_sdk_backup, none, retry),
     }
 }
 

@@ -611,3 +611,314 @@ fn the_signal_is_retried_only_when_it_did_not_reach_cloudformation() {
         assert_eq!(vm.stop(), 0);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The backup's quiesce script (backup/quiesce.sh), run as Run Command would on a booted instance.
+
+/// Runs the quiesce script on `vm` with the settings `imgbuild backup` passes.
+fn quiesce(vm: &Instance, token: &str, lock_wait: &str) -> (ExitStatus, String, String) {
+    let script = vm.path("/tmp/quiesce.sh");
+    write_file(&script, imgbuild::backup::QUIESCE_SCRIPT, 0o755);
+    let mut cmd = vm.command("bash");
+    cmd.arg(&script)
+        .env("IMGBUILD_MOUNT_POINT", "/mnt/chroma")
+        .env("IMGBUILD_DATA_SUBDIR", "data")
+        .env("IMGBUILD_LOCK_NAME", ".imgbuild-writer.lock")
+        .env("IMGBUILD_VERSION_NAME", ".imgbuild-chroma-version")
+        .env("IMGBUILD_COPY_NAME", imgbuild::backup::COPY_NAME)
+        .env("IMGBUILD_TOKEN", token)
+        .env("IMGBUILD_LOCK_WAIT_SECS", lock_wait);
+    let out = cmd.output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A consistent copy needs no writer: SQLite on NFS takes one, and AWS Backup copies an EFS file
+/// system while it changes (AWS Backup Developer Guide, "Amazon EFS backups": a backup is not a
+/// point-in-time snapshot of a file system in use). The script stops the unit, takes the writer
+/// lock itself, copies, and starts Chroma again, reporting how long it was down.
+#[test]
+fn quiesce_stops_chroma_copies_the_data_under_the_writer_lock_and_starts_it_again() {
+    for config in [Config::default(), docker_nfs()] {
+        let efs = efs_dir();
+        let vm = Instance::new(&config, efs.path(), stack_metadata()).baked();
+        let r = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+        assert!(boot_status(&vm.cloud_init(&r)).1.success(), "{}", vm.journal());
+        assert!(vm.serving());
+        std::fs::write(efs.path().join("data/chroma.sqlite3"), "SQLite format 3\0collections").unwrap();
+        std::fs::create_dir_all(efs.path().join("data/4f1e0b2c-segment")).unwrap();
+        std::fs::write(efs.path().join("data/4f1e0b2c-segment/data_level0.bin"), [7u8; 4096]).unwrap();
+
+        let (status, out, err) = quiesce(&vm, "tok-1", "10");
+        assert!(status.success(), "{out}\n{err}\n{}", vm.journal());
+        let result = out.lines().last().unwrap();
+        let q = imgbuild::backup::parse_quiesced(&out, "tok-1").unwrap();
+        assert!(q.was_running && q.chroma_version == "1.5.9", "{result}");
+        assert!(q.bytes >= 4096, "{result}");
+
+        let copy = efs.path().join(imgbuild::backup::COPY_NAME);
+        assert_eq!(read(&copy.join("data/chroma.sqlite3")), "SQLite format 3\0collections");
+        assert_eq!(std::fs::read(copy.join("data/4f1e0b2c-segment/data_level0.bin")).unwrap(), [7u8; 4096]);
+        assert_eq!(read(&copy.join(".imgbuild-chroma-version")), "1.5.9\n");
+        assert!(read(&copy.join("manifest")).starts_with("token=tok-1\nversion=1.5.9\n"));
+
+        let calls = vm.calls();
+        let stop = index(&calls, "systemctl stop chroma.service");
+        let start = calls.iter().rposition(|c| c == "systemctl start chroma.service").unwrap();
+        assert!(stop < start, "{calls:#?}");
+        wait_for(|| vm.serving(), "Chroma to serve again after the copy");
+        assert_eq!(vm.up(), "lock held\nefs mounted\n", "the restarted Chroma holds the lock again");
+
+        // A second copy replaces the first whole.
+        std::fs::write(efs.path().join("data/chroma.sqlite3"), "SQLite format 3\0more").unwrap();
+        let (status, out, _) = quiesce(&vm, "tok-2", "10");
+        assert!(status.success(), "{out}");
+        assert_eq!(read(&copy.join("data/chroma.sqlite3")), "SQLite format 3\0more");
+        assert!(!efs.path().join(format!("{}.old", imgbuild::backup::COPY_NAME)).exists());
+        wait_for(|| vm.serving(), "Chroma to serve again");
+        assert_eq!(vm.stop(), 0);
+    }
+}
+
+/// Another instance holding the writer lock (an instance replacement under way) means a copy
+/// would not be consistent: the script makes none, fails, and this instance's Chroma is started
+/// again.
+#[test]
+fn quiesce_makes_no_copy_while_another_writer_holds_the_lock_and_restarts_chroma() {
+    let config = Config::default();
+    let efs = efs_dir();
+    let vm = Instance::new(&config, efs.path(), stack_metadata()).baked();
+    let r = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+    assert!(boot_status(&vm.cloud_init(&r)).1.success());
+    assert!(vm.serving());
+    // The other writer: a real flock on the same lock file, taken once this instance's Chroma is
+    // stopped (the stub then lets go), held longer than the script waits.
+    let lock = efs.path().join(".imgbuild-writer.lock");
+    std::fs::write(vm.state.join("stop"), "").unwrap();
+    vm.unit_exit();
+    std::fs::remove_file(vm.state.join("stop")).unwrap();
+    // One process holds it (bash execs sleep with fd 9 open), so killing it frees the lock.
+    let mut other = Command::new("bash").args(["-c", r#"exec 9>>"$1"; flock 9; exec sleep 20"#, "other"]).arg(&lock).spawn().unwrap();
+    wait_for(|| Command::new("flock").args(["-n"]).arg(&lock).arg("true").status().is_ok_and(|s| !s.success()), "the other writer's lock");
+    // Chroma of this instance back up without the lock, as far as the stub knows.
+    std::fs::write(vm.state.join("chroma-up"), "").unwrap();
+    let (status, out, err) = quiesce(&vm, "tok-3", "1");
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(!status.success(), "{out}");
+    assert!(err.contains("another instance holds the writer lock"), "{err}");
+    assert!(out.contains("IMGBUILD_RESULT status=failed token=tok-3"), "{out}");
+    assert!(imgbuild::backup::parse_quiesced(&out, "tok-3").is_err());
+    assert!(!efs.path().join(imgbuild::backup::COPY_NAME).exists(), "no copy was made");
+    assert!(vm.calls().iter().any(|c| c == "systemctl start chroma.service"), "Chroma is started again: {:#?}", vm.calls());
+    wait_for(|| vm.up().starts_with("lock held"), "Chroma to take the lock once the other writer is gone");
+    assert_eq!(vm.stop(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The restore's promote script (backup/promote.sh).
+
+/// Runs the promote script on `vm` for a restored file system whose content is `restored`.
+fn promote(vm: &Instance, restored: &Path, token: &str) -> (ExitStatus, String, String) {
+    // The mount stub records the mount; the directory itself is the restored file system.
+    let at = vm.path(&format!("/mnt/imgbuild-restore-{token}"));
+    std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(restored, &at).unwrap();
+    let script = vm.path("/tmp/promote.sh");
+    write_file(&script, imgbuild::backup::restore::PROMOTE_SCRIPT, 0o755);
+    let mut cmd = vm.command("bash");
+    cmd.arg(&script)
+        .env("IMGBUILD_FILE_SYSTEM_ID", "fs-0fedcba9876543210")
+        .env("IMGBUILD_MOUNT_ARGS", "-t efs -o tls,iam fs-0fedcba9876543210:/")
+        .env("IMGBUILD_RESTORE_MOUNT", format!("/mnt/imgbuild-restore-{token}"))
+        .env("IMGBUILD_DATA_SUBDIR", "data")
+        .env("IMGBUILD_VERSION_NAME", ".imgbuild-chroma-version")
+        .env("IMGBUILD_COPY_NAME", imgbuild::backup::COPY_NAME)
+        .env("IMGBUILD_TOKEN", token);
+    let out = cmd.output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// AWS Backup restores an EFS file system into `aws-backup-restore_<datetime>` off its root,
+/// never over the root (AWS Backup Developer Guide, "Restore an Amazon EFS file system"). Left
+/// that way, the boot's guard refuses to serve (a database outside `data`). The promote script
+/// moves the consistent copy into `data`, and an instance booting on it then serves it.
+#[test]
+fn promote_moves_the_consistent_copy_into_place_and_the_boot_then_serves_it() {
+    let config = Config::default();
+    let restored = efs_dir();
+    let r = restored.path().join("aws-backup-restore_2026-11-29T13-40-00-000Z");
+    std::fs::create_dir_all(r.join(".imgbuild-backup/data")).unwrap();
+    std::fs::create_dir_all(r.join("data")).unwrap();
+    std::fs::write(r.join(".imgbuild-backup/data/chroma.sqlite3"), "consistent").unwrap();
+    std::fs::write(r.join(".imgbuild-backup/.imgbuild-chroma-version"), "1.5.9\n").unwrap();
+    std::fs::write(r.join("data/chroma.sqlite3"), "torn while serving").unwrap();
+
+    let live = efs_dir();
+    let vm = Instance::new(&config, live.path(), stack_metadata()).baked();
+    let (status, out, err) = promote(&vm, restored.path(), "tok-r");
+    assert!(status.success(), "{out}\n{err}");
+    let p = imgbuild::backup::restore::parse_promoted(&out, "tok-r").unwrap();
+    assert_eq!((p.kind.as_str(), p.chroma_version.as_str()), ("consistent", "1.5.9"));
+    assert_eq!(read(&restored.path().join("data/chroma.sqlite3")), "consistent");
+    assert_eq!(read(&restored.path().join(".imgbuild-chroma-version")), "1.5.9\n");
+    let calls = vm.calls();
+    assert!(calls.iter().any(|c| c.starts_with("mount -t efs -o tls,iam fs-0fedcba9876543210:/ ")), "{calls:#?}");
+    assert!(calls.iter().any(|c| c.starts_with("umount ")), "the restored file system is unmounted again: {calls:#?}");
+    assert!(std::fs::read_dir(live.path()).unwrap().next().is_none(), "the live file system is untouched");
+
+    // A new instance on the restored file system passes the guards and serves the copy.
+    let next = Instance::new(&config, restored.path(), stack_metadata()).baked();
+    let rendered = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+    let results = next.cloud_init(&rendered);
+    assert!(boot_status(&results).1.success(), "{}", next.journal());
+    assert!(next.serving());
+    assert_eq!(next.stop(), 0);
+
+    // Run again on the same file system it refuses: it is no longer a fresh restore.
+    let again = Instance::new(&config, live.path(), stack_metadata()).baked();
+    let (status, out, err) = promote(&again, restored.path(), "tok-s");
+    assert!(!status.success() && err.contains("not a fresh restore"), "{out}\n{err}");
+}
+
+/// A point of the daily plan has no consistent copy: the data directory as it was caught is used.
+#[test]
+fn promote_uses_the_live_data_of_a_scheduled_point() {
+    let config = Config::default();
+    let restored = efs_dir();
+    let r = restored.path().join("aws-backup-restore_2026-11-29T05-00-00-000Z");
+    std::fs::create_dir_all(r.join("data")).unwrap();
+    std::fs::write(r.join("data/chroma.sqlite3"), "as served").unwrap();
+    std::fs::write(r.join(".imgbuild-chroma-version"), "1.5.9\n").unwrap();
+    let live = efs_dir();
+    let vm = Instance::new(&config, live.path(), stack_metadata()).baked();
+    let (status, out, err) = promote(&vm, restored.path(), "tok-l");
+    assert!(status.success(), "{out}\n{err}");
+    assert_eq!(imgbuild::backup::restore::parse_promoted(&out, "tok-l").unwrap().kind, "live");
+    assert_eq!(read(&restored.path().join("data/chroma.sqlite3")), "as served");
+}
+
+// ---------------------------------------------------------------------------------------------
+// backup -> restore --verify, every instance-side step executed: a real Chroma (PyPI chromadb on
+// loopback) writes the data, the quiesce script copies it, AWS Backup's restore layout is laid
+// down, the promote script moves it into place, and the inspect script (read-only mount, the
+// throw-away Chroma's `docker run`, then Chroma's own API) lists it from a real Chroma serving
+// the restored copy.
+
+/// POSTs JSON to Chroma's v2 API; returns the answer.
+fn chroma_post(base: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+    let url = format!("{base}/api/v2/tenants/default_tenant/databases/default_database{path}");
+    ureq::post(&url).send_json(&body).unwrap_or_else(|e| panic!("POST {url}: {e}")).body_mut().read_json().unwrap()
+}
+
+/// The inspect script on `vm`: against `url` directly, or (with `restored`) in throw-away mode on
+/// a read-only mount of `restored` whose Chroma answers on `port`.
+fn inspect(vm: &Instance, token: &str, url: Option<&str>, restored: Option<(&Path, u16)>) -> (ExitStatus, String, String) {
+    let script = vm.path("/tmp/inspect.sh");
+    write_file(&script, imgbuild::backup::inventory::INSPECT_SCRIPT, 0o755);
+    let mut cmd = vm.command("bash");
+    cmd.arg(&script)
+        .env("IMGBUILD_TOKEN", token)
+        .env("IMGBUILD_API_PREFIX", "/api/v2")
+        .env("IMGBUILD_HEARTBEAT_PATH", "/api/v2/heartbeat")
+        .env("IMGBUILD_CONTAINER_PORT", "8000")
+        .env("IMGBUILD_CONTAINER_DATA", "/data")
+        .env("IMGBUILD_IMAGE", "ghcr.io/chroma-core/chroma:1.5.9")
+        .env("IMGBUILD_CHROMA_ENV", "");
+    if let Some(url) = url {
+        cmd.env("IMGBUILD_CHROMA_URL", url);
+    }
+    if let Some((dir, port)) = restored {
+        let at = vm.path(&format!("/mnt/imgbuild-verify-{token}"));
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(dir, &at).unwrap();
+        cmd.env("IMGBUILD_SOURCE_ROOT", format!("/mnt/imgbuild-verify-{token}"))
+            .env("IMGBUILD_SOURCE_PATH", "data")
+            .env("IMGBUILD_MOUNT_ARGS", "-t efs -o tls,iam fs-0fedcba9876543210:/")
+            .env("IMGBUILD_INSPECT_PORT", port.to_string());
+    }
+    let out = cmd.output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Waits until nothing listens on `url` any more (the server was stopped).
+fn wait_stopped(url: &str) {
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    wait_for(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(), "Chroma to stop");
+}
+
+#[test]
+fn backup_then_restore_verify_finds_the_same_collections_and_counts_in_a_real_chroma() {
+    use imgbuild::backup::inventory;
+    let config = Config::default();
+    let efs = efs_dir();
+    std::fs::create_dir_all(efs.path().join("data")).unwrap();
+
+    // Chroma writes the data on the file system: three collections, 3, 5 and 0 records.
+    let Some(live) = crate::services::chroma_on(&efs.path().join("data")) else { return };
+    for (name, n) in [("docs", 3usize), ("notes", 5), ("empty", 0)] {
+        let c = chroma_post(&live.url, "/collections", serde_json::json!({ "name": name }));
+        let id = c["id"].as_str().unwrap().to_string();
+        if n > 0 {
+            let ids: Vec<String> = (0..n).map(|i| format!("{name}-{i}")).collect();
+            let embeddings: Vec<Vec<f32>> = (0..n).map(|i| vec![i as f32, 1.0, 0.5]).collect();
+            chroma_post(&live.url, &format!("/collections/{id}/add"), serde_json::json!({ "ids": ids, "embeddings": embeddings }));
+        }
+    }
+
+    // What the backup records (in production the throw-away Chroma reads the copy; the same
+    // inventory function is exercised below in that mode).
+    let vm = Instance::new(&config, efs.path(), stack_metadata()).baked();
+    let (status, out, err) = inspect(&vm, "tok-b", Some(&live.url), None);
+    assert!(status.success(), "{out}\n{err}");
+    let recorded = inventory::parse(&out, "tok-b").unwrap();
+    assert_eq!(recorded, [("docs".to_string(), 3), ("empty".to_string(), 0), ("notes".to_string(), 5)].into_iter().collect());
+    let tags = inventory::to_tags(&recorded);
+    let url = live.url.clone();
+    drop(live);
+    wait_stopped(&url);
+
+    // The consistent copy, taken under the writer lock while the (stub) unit is stopped.
+    let r = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+    assert!(boot_status(&vm.cloud_init(&r)).1.success(), "{}", vm.journal());
+    let (status, out, err) = quiesce(&vm, "tok-b", "10");
+    assert!(status.success(), "{out}\n{err}");
+    wait_for(|| vm.serving(), "Chroma to serve again");
+    assert_eq!(vm.stop(), 0);
+
+    // AWS Backup's full restore into a new file system: everything under
+    // aws-backup-restore_<datetime> (AWS Backup Developer Guide, "Restore an Amazon EFS file
+    // system").
+    let restored = efs_dir();
+    let into = restored.path().join("aws-backup-restore_2026-11-29T14-00-00-000Z");
+    let cp = Command::new("cp").arg("-a").arg(efs.path()).arg(&into).status().unwrap();
+    assert!(cp.success());
+    let (status, out, err) = promote(&vm, restored.path(), "tok-p");
+    assert!(status.success(), "{out}\n{err}");
+
+    // verify: a real Chroma serves the restored copy; the inspect script mounts it read-only,
+    // starts the throw-away container (the docker stub), and reads it through Chroma's API.
+    let Some(copy) = crate::services::chroma_on(&restored.path().join("data")) else { return };
+    let port: u16 = copy.url.rsplit(':').next().unwrap().parse().unwrap();
+    let (status, out, err) = inspect(&vm, "tok-v", None, Some((restored.path(), port)));
+    assert!(status.success(), "{out}\n{err}");
+    let calls = vm.calls();
+    assert!(calls.iter().any(|c| c.starts_with("mount -t efs -o tls,iam fs-0fedcba9876543210:/ -o ro ")), "mounted read-only: {calls:#?}");
+    assert!(
+        calls.iter().any(|c| c.starts_with(&format!("docker run -d --name imgbuild-inspect-tok-v -p 127.0.0.1:{port}:8000 -v "))
+            && c.ends_with("ghcr.io/chroma-core/chroma:1.5.9")),
+        "{calls:#?}"
+    );
+    assert!(calls.iter().any(|c| c == "docker rm -f imgbuild-inspect-tok-v"), "the throw-away Chroma is removed: {calls:#?}");
+    let found = inventory::parse(&out, "tok-v").unwrap();
+    let checks = inventory::compare(&inventory::from_tags(&tags).unwrap(), &found);
+    assert_eq!(checks.len(), 3);
+    assert!(checks.iter().all(|c| c.ok), "{checks:#?}");
+
+    // A restored copy that lost a record fails that collection, and only that one.
+    let c = chroma_post(&copy.url, "/collections", serde_json::json!({ "name": "notes", "get_or_create": true }));
+    chroma_post(&copy.url, &format!("/collections/{}/delete", c["id"].as_str().unwrap()), serde_json::json!({ "ids": ["notes-0"] }));
+    let (_, out, _) = inspect(&vm, "tok-w", Some(&copy.url), None);
+    let checks = inventory::compare(&inventory::from_tags(&tags).unwrap(), &inventory::parse(&out, "tok-w").unwrap());
+    let failed: Vec<_> = checks.iter().filter(|c| !c.ok).map(|c| (c.collection.as_str(), c.recorded, c.found)).collect();
+    assert_eq!(failed, [("notes", Some(5), Some(4))]);
+}

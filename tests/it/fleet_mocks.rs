@@ -68,7 +68,8 @@ fn clients(cfn: &[&Rule], ec2: &[&Rule], ssm: &[&Rule]) -> Clients {
         efs: mocked!(aws_sdk_efs, none, retry.clone()),
         ssm: mocked!(aws_sdk_ssm, own(ssm), retry.clone()),
         elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
-        apigw: mocked!(aws_sdk_apigateway, none, retry),
+        apigw: mocked!(aws_sdk_apigateway, none, retry.clone()),
+        backup: mocked!(aws_sdk_backup, Vec::<Rule>::new(), retry),
     }
 }
 

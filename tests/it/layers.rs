@@ -17,6 +17,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("stack", 5),
     ("bake", 6),
     ("smoke", 6),
+    ("backup", 6),
     ("cli", 7),
     ("cmd", 8),
 ];

@@ -3,6 +3,7 @@
 #[macro_use]
 mod mock_client;
 
+mod backup;
 mod bake_mocks;
 mod bake_moto;
 mod boot;

@@ -96,7 +96,8 @@ impl Aws {
             efs: mocked!(aws_sdk_efs, self.efs, retry.clone()),
             ssm: mocked!(aws_sdk_ssm, self.ssm, retry.clone()),
             elb: mocked!(aws_sdk_elasticloadbalancingv2, self.elb, retry.clone()),
-            apigw: mocked!(aws_sdk_apigateway, self.apigw, retry),
+            apigw: mocked!(aws_sdk_apigateway, self.apigw, retry.clone()),
+            backup: mocked!(aws_sdk_backup, Vec::<Rule>::new(), retry),
         }
     }
 }

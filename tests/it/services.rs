@@ -117,3 +117,14 @@ fn tool_in_venv_quiet(program: &str) -> Option<PathBuf> {
     }
     imgbuild::check::userdata::which(program)
 }
+
+/// A Chroma server of its own on `dir` (None: skip, as for `chroma()`); it stops when dropped.
+pub fn chroma_on(dir: &Path) -> Option<Service> {
+    let Some(exe) = tool_in_venv_quiet("chroma") else {
+        unavailable("chroma");
+        return None;
+    };
+    let port = free_port();
+    let args = ["run".into(), "--path".into(), dir.display().to_string(), "--host".into(), "127.0.0.1".into(), "--port".into(), port.to_string()];
+    Some(start("chroma", exe, &args, Port::Chosen(port), Duration::from_secs(60)))
+}

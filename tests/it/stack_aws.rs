@@ -156,7 +156,8 @@ fn clients(account: &Account, sent: &Sent) -> Clients {
         efs: mocked!(aws_sdk_efs, account.efs, retry.clone()),
         ssm: mocked!(aws_sdk_ssm, ssm, retry.clone()),
         elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
-        apigw: mocked!(aws_sdk_apigateway, account.apigw, retry),
+        apigw: mocked!(aws_sdk_apigateway, account.apigw, retry.clone()),
+        backup: mocked!(aws_sdk_backup, Vec::<Rule>::new(), retry),
     }
 }
 
@@ -620,7 +621,8 @@ fn smoke_test_invokes_with_the_verb_a_client_sends() {
         efs: mocked!(aws_sdk_efs, none, retry.clone()),
         ssm: mocked!(aws_sdk_ssm, none, retry.clone()),
         elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
-        apigw: mocked!(aws_sdk_apigateway, apigw, retry),
+        apigw: mocked!(aws_sdk_apigateway, apigw, retry.clone()),
+        backup: mocked!(aws_sdk_backup, Vec::<Rule>::new(), retry),
     };
     let profile = imgbuild::chroma::profile(&imgbuild::chroma::parse_version("1.5.9").unwrap()).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
