@@ -97,6 +97,22 @@ pub async fn deploy_flow(
         )));
     }
     let mut parameters = stack_parameters(&template, config, &choice)?;
+    // A stack running on a given file system (a restore, or an earlier efs.file_system_id) keeps
+    // it when the config names none: an empty FileSystemId would make the stack create a new,
+    // empty file system and Chroma would come back serving nothing. The stack's own parameter is
+    // the record, as for the base image.
+    let mut notices = Vec::new();
+    if config.efs.file_system_id.is_none()
+        && parameters.contains_key("FileSystemId")
+        && let Some(attached) = deployed.as_ref().map(stack::parameters_of).and_then(|p| p.get("FileSystemId").cloned()).filter(|f| !f.is_empty())
+    {
+        let note = format!(
+            "the stack runs on file system {attached} (reattached or restored); keeping it, as the config names none (set efs.file_system_id to choose another)"
+        );
+        progress.line(&note);
+        notices.push(note);
+        parameters.insert("FileSystemId".into(), attached);
+    }
     if template.parameter_names().iter().any(|p| p == "ApiGatewayCloudWatchRoleArn") {
         if logging_role.is_empty() {
             progress.line("API Gateway: the account has no CloudWatch logging role; the stack creates one and sets it (account-wide, this region)");
@@ -154,10 +170,12 @@ pub async fn deploy_flow(
         r = changeset::run(clients, &plan, &progress, &cleanup, confirmer) => r,
         _ = &mut interrupt => Err(Error::Interrupted { cleaned: Vec::new() }),
     };
-    let outcome = match result {
+    let mut outcome = match result {
         Ok(o) => o,
         Err(e) => return Err(clean_after(clients, &cleanup, &progress, e).await),
     };
+    notices.append(&mut outcome.notices);
+    outcome.notices = notices;
     let took = progress.elapsed();
     drop(progress);
 

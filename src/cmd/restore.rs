@@ -115,10 +115,14 @@ pub async fn restore_flow(
     if executed {
         restore::name_file_system(clients, &t.file_system_id, &old_name).await?;
         ui.info(format!("Chroma now serves {new_fs}, restored from {}. The old file system {} is kept, named {old_name}.", point.arn, t.file_system_id));
-        ui.info(format!(
-            "Keep it that way: set `efs:\\n  file_system_id: {new_fs}` in your imgbuild.yaml, or the next deploy goes back to {}.",
-            t.file_system_id
-        ));
+        if ctx.config.efs.file_system_id.is_some() {
+            ui.info(format!(
+                "Your imgbuild.yaml names a file system: set `efs.file_system_id: {new_fs}` there, or the next deploy goes back to {}.",
+                t.file_system_id
+            ));
+        } else {
+            ui.info(format!("Later deploys keep {new_fs}: the stack's own FileSystemId is the record while imgbuild.yaml names none."));
+        }
     } else {
         ui.info(format!(
             "not deployed: Chroma still serves {}. The restored copy {new_fs} is kept; deploy onto it with efs.file_system_id: {new_fs}, or delete it.",

@@ -730,3 +730,24 @@ fn destroy_then_deploy_with_the_retained_file_system_reaches_the_same_data() {
         cfn.delete_stack().stack_name("reattach").send().await.unwrap();
     });
 }
+
+/// A stack attached to a given file system (a restore or an earlier `efs.file_system_id`) keeps
+/// it when the config does not name one: with `FileSystemId` empty the template's
+/// `CreatesFileSystem` condition makes a new, empty file system, the reattached one leaves the
+/// stack (retained), and Chroma comes back serving an empty database. Like the base image, the
+/// deployed stack's parameter (CloudFormation keeps it with the stack) is the record.
+#[test]
+fn a_stack_on_a_reattached_file_system_keeps_it_when_the_config_names_none() {
+    let mut account = Account::deployed(&[("ImageId", RUNNING_AMI), ("FileSystemId", RETAINED_FS)]);
+    account.ec2 = vec![running_image(&[])];
+    let (out, sent) = deploy_with(&account, "", args());
+    let doc = out.unwrap();
+    assert_eq!(sent_parameter(&sent, "FileSystemId").as_deref(), Some(RETAINED_FS), "the attached file system is kept");
+    let notices = doc["deploy"]["notices"].to_string();
+    assert!(notices.contains(RETAINED_FS) && notices.contains("efs.file_system_id"), "the notice names it and the way to change it: {notices}");
+
+    // A stack that made its own file system keeps making no claim on another.
+    let mut account = Account::deployed(&[("ImageId", RUNNING_AMI), ("FileSystemId", "")]);
+    account.ec2 = vec![running_image(&[])];
+    assert_eq!(sent_parameter(&deploy(&account, ""), "FileSystemId").as_deref(), Some(""));
+}
