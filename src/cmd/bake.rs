@@ -164,8 +164,8 @@ pub async fn bake_flow(
         return Ok(plan_doc);
     }
 
-    let (ami, fresh) = match cached {
-        Some(image) => (image.image_id().unwrap_or_default().to_string(), false),
+    let (ami, fresh, chroma_digest) = match cached {
+        Some(image) => (image.image_id().unwrap_or_default().to_string(), false, images::tag(&image, images::TAG_CHROMA_DIGEST).map(String::from)),
         None => {
             let pre = prereqs(clients, ctx, &progress).await?;
             let profile_waits =
@@ -221,21 +221,31 @@ pub async fn bake_flow(
                     };
                     // What a joined execution makes is not ours to clean up.
                     let mine = if joined.is_some() { bake::Record::default() } else { record.clone() };
-                    bake::follow(clients, &id, timeout, poll, &progress, &mine).await
+                    let ami = bake::follow(clients, &id, timeout, poll, &progress, &mine).await?;
+                    // Checked before the image is handed over: a mismatch fails the bake, and the
+                    // cleanup below removes the image.
+                    let pulled = mine.lock().expect("bake record").pulled.clone();
+                    let chroma = bake::check_pulled(config, pulled.as_deref(), &id)?;
+                    bake::tag_chroma_digest(clients, &ami, &chroma).await?;
+                    progress.line(&format!("{ami}: Chroma image {} pulled as {chroma}", config.chroma.image));
+                    Ok((ami, chroma))
                 } => r,
                 _ = &mut interrupt => Err(Error::Interrupted { cleaned: Vec::new() }),
             };
             match result {
-                Ok(ami) => {
+                Ok((ami, chroma)) => {
                     record.lock().expect("bake record").finished = true;
                     if args.force {
                         // A forced rebuild replaces the digest's image rather than losing to it.
                         for old in bake::supersede(clients, &config.name, &digest, &ami).await? {
                             progress.line(&format!("{old} had this digest; it is marked superseded by {ami} (not deleted)"));
                         }
-                        (ami, true)
+                        (ami, true, Some(chroma))
                     } else {
-                        (bake::settle_duplicates(clients, &config.name, &digest, &ami, &progress).await?, true)
+                        let kept = bake::settle_duplicates(clients, &config.name, &digest, &ami, &progress).await?;
+                        // The older image another bake made was pulled on its own: its tag says what.
+                        let chroma = if kept == ami { Some(chroma) } else { None };
+                        (kept, true, chroma)
                     }
                 }
                 Err(e) => {
@@ -281,6 +291,7 @@ pub async fn bake_flow(
         arch: recipe.arch,
         chroma_version: config.chroma.version.clone(),
         image: recipe.image.clone(),
+        chroma_digest,
         time: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
         cached: !fresh,
         copies,
