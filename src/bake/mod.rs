@@ -477,7 +477,14 @@ pub struct Made {
     pub keep_instance: bool,
     /// What the digest step printed (its Output), once it succeeded.
     pub pulled: Option<String>,
+    /// The first step that failed or timed out, once the execution is over: which step, not
+    /// its message, decides whether another build instance type is worth a try.
+    pub failed_step: Option<String>,
 }
+
+/// The step that launches the build instance: an execution that failed there made nothing
+/// else, so another instance type can be tried with a new execution.
+pub const LAUNCH_STEP: &str = "launchInstance";
 
 pub type Record = Arc<Mutex<Made>>;
 
@@ -738,6 +745,8 @@ pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Durati
             // Every other final status (Exited and Rejected too) ends the bake: following an
             // execution that changes no more would only spin until the timeout.
             Some(s) if is_final(&s) => {
+                record.lock().expect("bake record").failed_step =
+                    steps.iter().find(|st| matches!(st.status.as_str(), "Failed" | "TimedOut")).map(|st| st.name.clone());
                 let failed: Vec<String> = steps
                     .iter()
                     .filter(|st| matches!(st.status.as_str(), "Failed" | "TimedOut" | "Cancelled"))

@@ -2023,3 +2023,96 @@ fn a_digest_output_that_is_not_exactly_the_repo_digest_fails() {
     }
     assert!(bake::check_pulled(&cfg, None, EXEC).is_err());
 }
+
+/// The launch step's FailureMessage when EC2 has no capacity for the type, in the form
+/// failure_of("launchInstance") uses; InsufficientInstanceCapacity is one of EC2's server error
+/// codes (EC2 API reference, "Error codes"; "Troubleshoot Amazon EC2 instance launch issues",
+/// Insufficient instance capacity, for the wording). bake never reads it: the step name decides.
+fn no_capacity(instance_type: &str) -> String {
+    format!(
+        "Step launchInstance failed maximum allowed times. We currently do not have sufficient {instance_type} capacity in the Availability Zone you requested (us-east-1a). Our system will be working on provisioning additional capacity. (Service: AmazonEC2; Status Code: 500; Error Code: InsufficientInstanceCapacity; Request ID: 6a002f94-ba37-43fd-99e6-39517715fce5)"
+    )
+}
+
+/// A bake whose first execution fails at launchInstance, then `then`. The failed execution is
+/// over, so stopping it is InvalidAutomationStatusUpdateException, and it launched nothing.
+fn launch_fails_then(then: Vec<GetAutomationExecutionOutput>) -> Bake {
+    let failed = execution("Failed", vec![step("launchInstance", "Failed", Some(&no_capacity("t3a.small")))], None);
+    // Followed to its end, then read once more by the cleanup's settle.
+    let mut answers = vec![failed.clone(), failed];
+    answers.extend(then);
+    let mut b = Bake::new(None, answers);
+    b.stop = stop_already_over();
+    b.describe_instances =
+        capturing!(mock!(aws_sdk_ec2::Client::describe_instances), b.instance_lookups).then_output(|| DescribeInstancesOutput::builder().build());
+    b
+}
+
+#[tokio::test]
+async fn bake_tries_the_next_instance_type_when_the_launch_step_fails() {
+    let b = launch_fails_then(successful_execution());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.bake.instance_types = vec!["t3a.small".into(), "t3.small".into()];
+
+    let out = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap();
+
+    let starts = all(&b.starts);
+    assert_eq!(starts.len(), 2, "one execution per type tried");
+    assert_eq!([param(&starts[0], "InstanceType"), param(&starts[1], "InstanceType")], ["t3a.small", "t3.small"]);
+    assert_ne!(param(&starts[0], "BakeToken"), param(&starts[1], "BakeToken"), "a new RunInstances client token for the new type");
+    assert_ne!(starts[0].client_token(), starts[1].client_token(), "a new execution, not the failed one again");
+    assert!(is_uuid(param(&starts[1], "BakeToken")));
+    assert_eq!(out["ami"], AMI);
+    assert_eq!(all(&b.puts)[0].value(), Some(AMI));
+}
+
+/// Only a failure of the launch step changes the type, and only while types are left: a later
+/// failure, or the last type failing, fails the bake after one execution per type tried.
+#[tokio::test]
+async fn bake_tries_no_other_type_after_a_later_failure_or_the_last_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.bake.instance_types = vec!["t3a.small".into(), "t3.small".into()];
+    let mut later = done(&["launchInstance"]);
+    later.push(step("waitForInstance", "Failed", Some(&failure_of("waitForInstance"))));
+    let b = Bake::new(None, vec![execution("Failed", later, None)]);
+    let err = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap_err();
+    assert!(matches!(err, Error::BakeFailed { .. }), "{err:?}");
+    assert_eq!(all(&b.starts).len(), 1);
+
+    cfg.bake.instance_types = vec!["t3a.small".into()];
+    let b = launch_fails_then(Vec::new());
+    let err = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap_err();
+    assert!(err.to_string().contains("launchInstance"), "{err}");
+    assert_eq!(all(&b.starts).len(), 1);
+
+    // The one-type case: bake.instance_type alone is what is launched.
+    cfg.bake.instance_types = Vec::new();
+    cfg.bake.instance_type = Some("t3.medium".into());
+    let b = Bake::new(None, successful_execution());
+    bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap();
+    assert_eq!(param(&b.start_request(), "InstanceType"), "t3.medium");
+}
+
+/// A list and a single type together, a repeated type or a mixed architecture are refused,
+/// naming the field, before anything is looked up or made.
+#[tokio::test]
+async fn bad_instance_type_lists_are_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.bake.instance_type = Some("t3a.small".into());
+    cfg.bake.instance_types = vec!["t3.small".into()];
+    let found = cfg.check();
+    assert!(found.iter().any(|(field, _)| field == "bake.instance_types"), "{found:?}");
+    cfg.bake.instance_type = None;
+    cfg.bake.instance_types = vec!["t3.small".into(), "t3.small".into()];
+    assert!(cfg.check().iter().any(|(field, m)| field == "bake.instance_types[1]" && m.contains("already")), "{:?}", cfg.check());
+
+    cfg.bake.instance_types = vec!["t3.small".into(), "t4g.small".into()];
+    let b = Bake::new(None, successful_execution());
+    let err = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap_err();
+    assert_eq!(err.exit_code(), 2, "{err}");
+    assert!(err.to_string().contains("bake.instance_types") && err.to_string().contains("t4g.small"), "{err}");
+    assert_eq!(b.get_parameter.num_calls() + b.find_cached.num_calls(), 0, "nothing looked up");
+}

@@ -351,3 +351,44 @@ fn sim_the_pulled_chroma_digest_is_recorded_on_the_image_and_in_the_manifest() {
     assert_eq!(doc["manifest"]["chroma_digest"], pinned.as_str());
     assert_eq!(chroma_digest_tag(&sim.moto, doc["ami"].as_str().unwrap()).as_deref(), Some(pinned.as_str()));
 }
+
+/// EC2 may have no capacity for a type (InsufficientInstanceCapacity, "Troubleshoot Amazon EC2
+/// instance launch issues"). The error code is only in the step's FailureMessage text; the
+/// step that failed (launchInstance) is structure, and bake then starts a new execution with
+/// the next type of bake.instance_types. When every type fails, the bake fails naming each.
+#[test]
+fn sim_a_type_without_capacity_is_followed_by_the_next_type_in_the_list() {
+    let Some(sim) = sim() else { return };
+    let dir = sim.project("simtypes", "  instance_types: [t3a.small, t3.small]\n");
+    sim.control(json!({ "launch_fails_for": ["t3a.small"] }));
+    let out = wait(sim.bake(dir.path(), &[]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("build instance type t3a.small did not launch") && out.stderr.contains("trying t3.small"), "{}", out.stderr);
+    let state = sim.state();
+    let mut runs: Vec<(String, String, String)> = state
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|e| {
+            (e["steps"][0]["StepStatus"].as_str().unwrap().to_string(), e["status"].as_str().unwrap().to_string(), e["token"].as_str().unwrap().to_string())
+        })
+        .collect();
+    runs.sort();
+    assert_eq!(runs.len(), 2, "{state}");
+    assert_eq!((runs[0].0.as_str(), runs[0].1.as_str()), ("Failed", "Failed"), "the first execution failed at its launch");
+    assert_eq!((runs[1].0.as_str(), runs[1].1.as_str()), ("Success", "Success"));
+    assert_ne!(runs[0].2, runs[1].2, "each try has its own bake token (RunInstances client token)");
+    let l = left(&sim.moto, "simtypes");
+    assert_eq!(l.live, Vec::<String>::new());
+    assert_eq!(l.images.len(), 1);
+    let ami: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(ami["ami"].as_str(), Some(l.images[0].as_str()));
+
+    let dir = sim.project("simnotype", "  instance_types: [t3a.small, t3.small]\n");
+    sim.control(json!({ "launch_fails_for": ["t3a.small", "t3.small"] }));
+    let out = wait(sim.bake(dir.path(), &[]));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("t3a.small did not launch") && out.stderr.contains("launchInstance"), "{}", out.stderr);
+    let l = left(&sim.moto, "simnotype");
+    assert_eq!((l.live.len(), l.images.len()), (0, 0));
+}

@@ -32,6 +32,9 @@ Test controls (JSON over HTTP, not part of any AWS API):
       TerminateInstances (a waiting terminate on the cancel path then runs into the cap).
     pulled_digest: the digest the registry serves for the Chroma image (a command reading
       RepoDigests prints <repository>@<it>); by default the pinned one, else a fixed one.
+    launch_fails_for: instance types for which RunInstances fails with
+      InsufficientInstanceCapacity (EC2's error code and wording, "Troubleshoot Amazon EC2
+      instance launch issues", Insufficient instance capacity); nothing is launched.
   POST /sim/setup {"project": NAME} -> subnet, security group and instance profile in moto.
   GET /sim/state -> every execution: status, current step, whether a hold is active.
 """
@@ -230,6 +233,11 @@ def run_step(ex, st, deadline, cancellable):
             for i in args["InstanceIds"]:
                 terminating[i] = sim_now() + control["terminate_secs"]
         idem = (inputs["Api"], args.get("ClientToken")) if args.get("ClientToken") else None
+        if inputs["Api"] == "RunInstances" and args.get("InstanceType") in control.get("launch_fails_for", []):
+            t = args["InstanceType"]
+            raise Failed(
+                f"Step fails when it is executing action. An error occurred (InsufficientInstanceCapacity) when calling the RunInstances operation: We currently do not have sufficient {t} capacity in the Availability Zone you requested (us-east-1a). Our system will be working on provisioning additional capacity. Please refer to Automation Service Troubleshooting Guide for more diagnosis details."
+            )
         try:
             if idem and idem in client_tokens:
                 # EC2 returns the first call's result for a repeated client token ("Ensuring
