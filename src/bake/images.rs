@@ -14,6 +14,8 @@ pub const TAG_CHROMA_VERSION: &str = "imgbuild:chroma-version";
 pub const TAG_CHROMA_IMAGE: &str = "imgbuild:chroma-image";
 pub const TAG_PROJECT: &str = "imgbuild:project";
 pub const TAG_BASE_AMI: &str = "imgbuild:base-ami";
+/// The digest of the Chroma image the bake actually pulled (`sha256:...`).
+pub const TAG_CHROMA_DIGEST: &str = "imgbuild:chroma-digest";
 /// On the build instance, so a bake can find (and terminate) what it launched.
 pub const TAG_BAKE_TOKEN: &str = "imgbuild:bake-token";
 
@@ -183,7 +185,7 @@ pub struct Row {
     pub snapshots: Vec<String>,
 }
 
-fn tag<'a>(image: &'a aws_sdk_ec2::types::Image, key: &str) -> Option<&'a str> {
+pub fn tag<'a>(image: &'a aws_sdk_ec2::types::Image, key: &str) -> Option<&'a str> {
     image.tags().iter().find(|t| t.key() == Some(key)).and_then(|t| t.value())
 }
 

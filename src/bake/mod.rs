@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::render::compose::{self, PullPolicy};
 use crate::render::{self, COMPOSE_PATH, ENV_FILE, Inputs, Mode, SCRIPT_DIR, UNIT_PATH};
 use crate::ui::progress::Progress;
-use images::{Arch, TAG_BAKE_TOKEN, TAG_DIGEST, TAG_PROJECT};
+use images::{Arch, TAG_BAKE_TOKEN, TAG_CHROMA_DIGEST, TAG_DIGEST, TAG_PROJECT};
 
 /// Bumped when what a recipe means changes (so old images stop matching).
 pub const RECIPE_FORMAT: u32 = 1;
@@ -39,6 +39,8 @@ pub const DOCUMENT_TEMPLATE_NAME: &str = "images/bake.yaml";
 /// The step whose commands carry the bake script, and the placeholder it ships with.
 pub const SCRIPT_STEP: &str = "runBakeScript";
 pub const SCRIPT_PLACEHOLDER: &str = "IMGBUILD_BAKE_SCRIPT";
+/// The step whose Output is the RepoDigest of the Chroma image the instance pulled.
+pub const DIGEST_STEP: &str = "readChromaDigest";
 
 #[derive(Template)]
 #[template(path = "bake.sh", escape = "none")]
@@ -195,6 +197,10 @@ pub struct Manifest {
     pub arch: Arch,
     pub chroma_version: String,
     pub image: String,
+    /// The digest of the Chroma image baked in, as pulled (also the image's
+    /// imgbuild:chroma-digest tag); none for images baked before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chroma_digest: Option<String>,
     /// Seconds since the Unix epoch.
     pub time: u64,
     pub cached: bool,
@@ -469,7 +475,16 @@ pub struct Made {
     /// `--keep-on-failure` after a failed step: the runbook stopped the build instance for
     /// debugging; the cleanup leaves it and says how to remove it.
     pub keep_instance: bool,
+    /// What the digest step printed (its Output), once it succeeded.
+    pub pulled: Option<String>,
+    /// The first step that failed or timed out, once the execution is over: which step, not
+    /// its message, decides whether another build instance type is worth a try.
+    pub failed_step: Option<String>,
 }
+
+/// The step that launches the build instance: an execution that failed there made nothing
+/// else, so another instance type can be tried with a new execution.
+pub const LAUNCH_STEP: &str = "launchInstance";
 
 pub type Record = Arc<Mutex<Made>>;
 
@@ -615,6 +630,49 @@ pub fn image_made(exec: &aws_sdk_ssm::types::AutomationExecution) -> Option<Stri
     from_step.into_iter().chain(from_outputs).flatten().find(|id| crate::config::check_ami_id(id).is_ok()).cloned()
 }
 
+/// What the digest step printed, once it succeeded (before, its Output is the placeholder
+/// sentence). The runCommand action's `Output` output holds the command's output
+/// ("aws:runCommand - Run a command on a managed instance", Output).
+pub fn digest_output(exec: &aws_sdk_ssm::types::AutomationExecution) -> Option<String> {
+    exec.step_executions()
+        .iter()
+        .filter(|s| s.step_name() == Some(DIGEST_STEP) && s.step_status() == Some(&AutomationExecutionStatus::Success))
+        .find_map(|s| s.outputs().and_then(|o| o.get("Output")).and_then(|v| v.first()).cloned())
+}
+
+/// The digest (`sha256:...`) in what the digest step printed: exactly one line
+/// `<chroma.image>@sha256:<64 hex>`, the repository being the configured one, and the digest the
+/// pinned one when `chroma.digest` is set. Anything else means the image holds something other
+/// than what the config asked for, and must not be handed over.
+pub fn check_pulled(config: &Config, printed: Option<&str>, execution: &str) -> Result<String> {
+    let fail = |why: String| Error::BakeFailed { execution: execution.to_string(), status: "Success".into(), detail: why };
+    let printed = printed.ok_or_else(|| fail(format!("step {DIGEST_STEP} gave no Output: which Chroma image was pulled is unknown")))?;
+    let line = printed.trim();
+    let digest =
+        line.strip_prefix(config.chroma.image.as_str()).and_then(|rest| rest.strip_prefix('@')).filter(|d| crate::config::is_sha256_digest(d)).ok_or_else(
+            || fail(format!("step {DIGEST_STEP} printed `{line}`, not {}@sha256:<64 hex digits> (the RepoDigest of chroma.image)", config.chroma.image)),
+        )?;
+    if let Some(want) = &config.chroma.digest
+        && want != digest
+    {
+        return Err(fail(format!("the build instance pulled {} {digest}, but chroma.digest pins {want}", config.chroma.image)));
+    }
+    Ok(digest.to_string())
+}
+
+/// Records the pulled Chroma digest on the image, where `images` and the next cached bake read it.
+pub async fn tag_chroma_digest(clients: &Clients, image: &str, digest: &str) -> Result<()> {
+    clients
+        .ec2
+        .create_tags()
+        .resources(image)
+        .tags(aws_sdk_ec2::types::Tag::builder().key(TAG_CHROMA_DIGEST).value(digest).build())
+        .send()
+        .await
+        .map_err(|e| aws::err("CreateTags", format!("image {image}"), e))?;
+    Ok(())
+}
+
 /// Where the whole output of a failed Run Command step is: the step's FailureMessage holds only a
 /// part of it, and Run Command itself keeps the first 48,000 characters.
 fn command_log(exec: &aws_sdk_ssm::types::AutomationExecution) -> Option<String> {
@@ -675,6 +733,9 @@ pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Durati
         if let Some(image) = image_made(exec) {
             record.lock().expect("bake record").image = Some(image);
         }
+        if let Some(out) = digest_output(exec) {
+            record.lock().expect("bake record").pulled = Some(out);
+        }
         let status = exec.automation_execution_status().cloned();
         match status {
             Some(AutomationExecutionStatus::Success | AutomationExecutionStatus::CompletedWithSuccess) => {
@@ -684,6 +745,8 @@ pub async fn follow(clients: &Clients, id: &str, timeout: Duration, poll: Durati
             // Every other final status (Exited and Rejected too) ends the bake: following an
             // execution that changes no more would only spin until the timeout.
             Some(s) if is_final(&s) => {
+                record.lock().expect("bake record").failed_step =
+                    steps.iter().find(|st| matches!(st.status.as_str(), "Failed" | "TimedOut")).map(|st| st.name.clone());
                 let failed: Vec<String> = steps
                     .iter()
                     .filter(|st| matches!(st.status.as_str(), "Failed" | "TimedOut" | "Cancelled"))

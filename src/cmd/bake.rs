@@ -87,6 +87,11 @@ pub async fn bake_flow(
         config::check_region(r).map_err(|m| Error::Invalid(format!("--regions: {m}")))?;
     }
     let profile = profile_of(config)?;
+    // One base image and one recipe serve every type tried, so they share an architecture.
+    let types = config.bake_instance_types();
+    if let Some(t) = types.iter().find(|t| images::arch_of(t) != images::arch_of(types[0])) {
+        return Err(Error::Invalid(format!("bake.instance_types: {t} is not of the architecture of {} (one base image serves every type tried)", types[0])));
+    }
     let progress = Progress::new(ui, "resolving the base image");
     let manifest = bake::read_manifest(&config.bake.manifest)?;
     // Until an execution starts nothing exists: Ctrl-C here just stops.
@@ -177,8 +182,8 @@ pub async fn bake_flow(
         return Ok(plan_doc);
     }
 
-    let (ami, fresh) = match cached {
-        Some(image) => (image.image_id().unwrap_or_default().to_string(), false),
+    let (ami, fresh, chroma_digest) = match cached {
+        Some(image) => (image.image_id().unwrap_or_default().to_string(), false, images::tag(&image, images::TAG_CHROMA_DIGEST).map(String::from)),
         None => {
             let pre = prereqs(clients, ctx, &progress).await?;
             let profile_waits =
@@ -187,7 +192,7 @@ pub async fn bake_flow(
             let (change, version) = bake::ensure_document(clients, &doc_name, &document, &config.name).await?;
             progress.line(&format!("document {doc_name}: {change:?} (version {version})"));
             let token = uuid_token();
-            let params = BTreeMap::from([
+            let mut params = BTreeMap::from([
                 ("AutomationAssumeRole".to_string(), pre.automation_role_arn.clone()),
                 ("BaseAmiId".to_string(), base.clone()),
                 ("InstanceType".to_string(), config.bake_instance_type().to_string()),
@@ -219,36 +224,69 @@ pub async fn bake_flow(
             // Someone already baking this digest: follow that execution instead of a second one
             // (it is theirs: an interrupt here does not stop it).
             let joined = if args.force { None } else { bake::running_with_digest(clients, &doc_name, &digest).await? };
+            let cleanup_waits = crate::stack::Waits { timeout: Duration::from_secs(600), poll };
+            // Each try of an instance type is an execution of its own, with its own token.
+            let token = std::sync::Mutex::new(token);
             let result = tokio::select! {
                 r = async {
-                    let id = match &joined {
+                    // What a joined execution makes is not ours to clean up.
+                    let theirs = bake::Record::default();
+                    let (id, ami, mine) = match &joined {
                         Some(id) => {
                             progress.line(&format!("execution {id} is already baking this digest: following it"));
-                            id.clone()
+                            (id.clone(), bake::follow(clients, id, timeout, poll, &progress, &theirs).await?, &theirs)
                         }
                         None => {
-                            let id = bake::start(clients, &doc_name, &version, params, &token, &record).await?;
-                            progress.line(&format!("automation execution {id} started"));
-                            id
+                            let mut at = 0;
+                            loop {
+                                let (this, t) = (types[at], token.lock().expect("bake token").clone());
+                                params.insert("InstanceType".to_string(), this.to_string());
+                                params.insert("BakeToken".to_string(), t.clone());
+                                let id = bake::start(clients, &doc_name, &version, params.clone(), &t, &record).await?;
+                                progress.line(&format!("automation execution {id} started (build instance type {this})"));
+                                match bake::follow(clients, &id, timeout, poll, &progress, &record).await {
+                                    Ok(ami) => break (id, ami, &record),
+                                    // Which step failed is structure; why (say, no capacity for the
+                                    // type) is only message text, shown but never matched.
+                                    Err(e @ Error::BakeFailed { .. })
+                                        if at + 1 < types.len() && record.lock().expect("bake record").failed_step.as_deref() == Some(bake::LAUNCH_STEP) =>
+                                    {
+                                        progress.line(&format!("build instance type {this} did not launch ({e}); trying {}", types[at + 1]));
+                                        for c in bake::clean_up(&clients.for_cleanup(), &record, &t, cleanup_waits, &progress).await {
+                                            progress.line(&format!("cleanup: {c}"));
+                                        }
+                                        *token.lock().expect("bake token") = uuid_token();
+                                        at += 1;
+                                    }
+                                    Err(e) => return Err(e),
+                                }
+                            }
                         }
                     };
-                    // What a joined execution makes is not ours to clean up.
-                    let mine = if joined.is_some() { bake::Record::default() } else { record.clone() };
-                    bake::follow(clients, &id, timeout, poll, &progress, &mine).await
+                    // Checked before the image is handed over: a mismatch fails the bake, and the
+                    // cleanup below removes the image.
+                    let pulled = mine.lock().expect("bake record").pulled.clone();
+                    let chroma = bake::check_pulled(config, pulled.as_deref(), &id)?;
+                    bake::tag_chroma_digest(clients, &ami, &chroma).await?;
+                    progress.line(&format!("{ami}: Chroma image {} pulled as {chroma}", config.chroma.image));
+                    Ok((ami, chroma))
                 } => r,
                 _ = &mut interrupt => Err(Error::Interrupted { cleaned: Vec::new() }),
             };
             match result {
-                Ok(ami) => {
+                Ok((ami, chroma)) => {
                     record.lock().expect("bake record").finished = true;
                     if args.force {
                         // A forced rebuild replaces the digest's image rather than losing to it.
                         for old in bake::supersede(clients, &config.name, &digest, &ami).await? {
                             progress.line(&format!("{old} had this digest; it is marked superseded by {ami} (not deleted)"));
                         }
-                        (ami, true)
+                        (ami, true, Some(chroma))
                     } else {
-                        (bake::settle_duplicates(clients, &config.name, &digest, &ami, &progress).await?, true)
+                        let kept = bake::settle_duplicates(clients, &config.name, &digest, &ami, &progress).await?;
+                        // The older image another bake made was pulled on its own: its tag says what.
+                        let chroma = if kept == ami { Some(chroma) } else { None };
+                        (kept, true, chroma)
                     }
                 }
                 Err(e) => {
@@ -257,7 +295,7 @@ pub async fn bake_flow(
                     if args.keep_on_failure && matches!(e, Error::BakeFailed { .. }) && joined.is_none() {
                         record.lock().expect("bake record").keep_instance = true;
                     }
-                    let cleanup_waits = crate::stack::Waits { timeout: Duration::from_secs(600), poll };
+                    let token = token.lock().expect("bake token").clone();
                     let cleaned = bake::clean_up(&clients.for_cleanup(), &record, &token, cleanup_waits, &progress).await;
                     return Err(match e {
                         Error::Interrupted { .. } => Error::Interrupted { cleaned },
@@ -294,6 +332,7 @@ pub async fn bake_flow(
         arch: recipe.arch,
         chroma_version: config.chroma.version.clone(),
         image: recipe.image.clone(),
+        chroma_digest,
         time: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
         cached: !fresh,
         copies,

@@ -69,6 +69,10 @@ pub struct BakeConfig {
     pub base_ami: Option<String>,
     /// Build instance type; defaults to `stack.instance_type` (the same architecture).
     pub instance_type: Option<String>,
+    /// Build instance types to try in order (one architecture): when the launch step of one
+    /// fails (say, EC2 has no capacity for it), bake starts again with the next. Instead of
+    /// `instance_type`, which is the one-type case.
+    pub instance_types: Vec<String>,
     /// Prerequisites made elsewhere; unset, bake deploys a small stack `<name>-bake` for them.
     /// Give all four or none.
     pub subnet_id: Option<String>,
@@ -93,6 +97,7 @@ impl Default for BakeConfig {
         Self {
             base_ami: None,
             instance_type: None,
+            instance_types: Vec::new(),
             subnet_id: None,
             security_group_id: None,
             instance_profile: None,
@@ -256,9 +261,18 @@ impl Default for AwsConfig {
 }
 
 impl Config {
-    /// The build instance type.
+    /// The build instance type (the first to try).
     pub fn bake_instance_type(&self) -> &str {
-        self.bake.instance_type.as_deref().unwrap_or(&self.stack.instance_type)
+        self.bake_instance_types()[0]
+    }
+
+    /// The build instance types to try, in order; never empty.
+    pub fn bake_instance_types(&self) -> Vec<&str> {
+        if self.bake.instance_types.is_empty() {
+            vec![self.bake.instance_type.as_deref().unwrap_or(&self.stack.instance_type)]
+        } else {
+            self.bake.instance_types.iter().map(String::as_str).collect()
+        }
     }
 
     /// The stack `deploy`, `status` and `destroy` work on.
@@ -632,6 +646,16 @@ impl Config {
         {
             bad("bake.instance_type", m);
         }
+        if self.bake.instance_type.is_some() && !self.bake.instance_types.is_empty() {
+            bad("bake.instance_types", "give bake.instance_type or bake.instance_types (the ordered list to try), not both".into());
+        }
+        for (i, t) in self.bake.instance_types.iter().enumerate() {
+            if let Err(m) = check_instance_type(t) {
+                bad(&format!("bake.instance_types[{i}]"), m);
+            } else if self.bake.instance_types[..i].contains(t) {
+                bad(&format!("bake.instance_types[{i}]"), format!("{t} is already in the list"));
+            }
+        }
         let given = [&self.bake.subnet_id, &self.bake.security_group_id, &self.bake.instance_profile, &self.bake.automation_role_arn];
         let n = given.iter().filter(|g| g.is_some()).count();
         if n != 0 && n != given.len() {
@@ -759,7 +783,7 @@ fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-fn is_sha256_digest(s: &str) -> bool {
+pub fn is_sha256_digest(s: &str) -> bool {
     s.strip_prefix("sha256:").is_some_and(|h| is_hex(h, 64))
 }
 

@@ -105,6 +105,8 @@ const SNAP: &str = "snap-0a1b2c3d4e5f60718";
 const INSTANCE: &str = "i-0a1b2c3d4e5f60718";
 const BASE_PARAMETER: &str = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
 const HANDOFF: &str = "/imgbuild/vectordb/ami";
+/// The digest the registry served for the unpinned Chroma image in these tests.
+const PULLED: &str = "sha256:5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e";
 
 fn quiet_ui() -> Ui {
     Ui::new(OutputFormat::Text, 0, true)
@@ -156,6 +158,16 @@ fn step(name: &str, status: &str, failure: Option<&str>) -> StepExecution {
         .set_failure_message(failure.map(String::from));
     // A launch that succeeded has its output.
     let b = if name == "launchInstance" && status == "Success" { b.outputs("InstanceId", vec![INSTANCE.to_string()]) } else { b };
+    // The digest step's Output is what its command printed: the RepoDigest and a newline
+    // (aws:runCommand outputs CommandId, Status, ResponseCode, Output; "aws:runCommand - Run a
+    // command on a managed instance").
+    let b = if name == bake::DIGEST_STEP && status == "Success" {
+        b.outputs("Output", vec![format!("ghcr.io/chroma-core/chroma@{PULLED}\n")])
+            .outputs("Status", vec!["Success".into()])
+            .outputs("ResponseCode", vec!["0".into()])
+    } else {
+        b
+    };
     // Finished steps carry their times (the progress line shows how long they took).
     let b = if matches!(status, "Success" | "Failed" | "TimedOut" | "Cancelled") {
         b.execution_start_time(aws_smithy_types::DateTime::from_secs(1_700_000_000)).execution_end_time(aws_smithy_types::DateTime::from_secs(1_700_000_042))
@@ -357,6 +369,9 @@ struct Bake {
     /// What `--force` does to an older image with the digest: untag, mark superseded.
     untag: Rule,
     mark: Rule,
+    /// CreateTags of imgbuild:chroma-digest on the baked image.
+    tag_chroma: Rule,
+    chroma_tags: Seen<aws_sdk_ec2::operation::create_tags::CreateTagsInput>,
     delete_snapshot: Rule,
     /// The RunInstances dry run that waits for the instance profile.
     dry_run: Rule,
@@ -440,6 +455,7 @@ impl Bake {
         let token_image_lookups = seen();
         let dry_runs = seen();
         let token_snapshot_lookups = seen();
+        let chroma_tags = seen();
         let stopped = Arc::new(AtomicBool::new(false));
         let first: Vec<Image> = cached.iter().cloned().collect();
         let then = match cached {
@@ -510,6 +526,19 @@ impl Bake {
             mark: mock!(aws_sdk_ec2::Client::create_tags)
                 .match_requests(|r| r.tags().iter().any(|t| t.key() == Some("imgbuild:superseded-by") && t.value() == Some(AMI)))
                 .then_output(|| aws_sdk_ec2::operation::create_tags::CreateTagsOutput::builder().build()),
+            tag_chroma: {
+                let s = chroma_tags.clone();
+                mock!(aws_sdk_ec2::Client::create_tags)
+                    .match_requests(move |r| {
+                        let ours = r.tags().iter().any(|t| t.key() == Some("imgbuild:chroma-digest"));
+                        if ours {
+                            s.lock().unwrap().push(r.clone());
+                        }
+                        ours
+                    })
+                    .then_output(|| aws_sdk_ec2::operation::create_tags::CreateTagsOutput::builder().build())
+            },
+            chroma_tags,
             dry_run: capturing!(mock!(aws_sdk_ec2::Client::run_instances), dry_runs).then_error(dry_run_would_succeed),
             dry_runs,
             token_images: token_images(&token_image_lookups, Vec::new()),
@@ -544,6 +573,7 @@ impl Bake {
                 &self.delete_snapshot,
                 &self.untag,
                 &self.mark,
+                &self.tag_chroma,
                 &self.token_images,
                 &self.token_snapshots,
                 &self.dry_run,
@@ -699,6 +729,7 @@ fn the_document_has_the_steps_the_tests_and_the_code_rely_on() {
             "waitForSsmAgent",
             bake::SCRIPT_STEP,
             "verify",
+            bake::DIGEST_STEP,
             "stopInstance",
             "createImage",
             "waitForImage",
@@ -796,7 +827,7 @@ fn the_default_timeout_covers_the_runbooks_budget_and_every_bound_outlasts_what_
         }
         at = steps.iter().position(|x| x["name"] == s["nextStep"]).unwrap();
     }
-    assert_eq!(success, 12_000, "images/README.md gives this bound in its time budget table: update both together");
+    assert_eq!(success, 12_300, "images/README.md gives this bound in its time budget table: update both together");
     let cfg = Config::default();
     let document = bake::document("echo baked\n").unwrap();
     let default = bake::default_timeout(&document).unwrap();
@@ -1686,7 +1717,8 @@ fn join(b: &mut Bake, answers: Vec<(&'static str, Option<&'static str>)>) -> (Ru
             .automation_execution_status(AutomationExecutionStatus::from(status))
             .parameters("Digest", vec![digest]);
         if let Some(ami) = image {
-            e = e.outputs("createImage.ImageId", vec![ami.to_string()]);
+            // A finished execution lists its steps, the digest step's Output among them.
+            e = e.outputs("createImage.ImageId", vec![ami.to_string()]).step_executions(step(bake::DIGEST_STEP, "Success", None));
         }
         GetAutomationExecutionOutput::builder().automation_execution(e.build()).build()
     };
@@ -1921,4 +1953,167 @@ async fn ensure_document_returns_to_an_existing_version_with_the_same_content() 
     let d = all(&defaults);
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].document_version(), Some("1"));
+}
+
+/// Unpinned, Chroma is pulled by tag: the digest the registry served is read from the
+/// readChromaDigest step's Output (aws:runCommand's `Output` output, "aws:runCommand - Run a
+/// command on a managed instance") and recorded as the image's imgbuild:chroma-digest tag and in
+/// the manifest.
+#[tokio::test]
+async fn bake_records_the_pulled_chroma_digest_on_the_image_and_in_the_manifest() {
+    let b = Bake::new(None, successful_execution());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    assert_eq!(cfg.chroma.digest, None);
+
+    let out = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap();
+
+    let tags = all(&b.chroma_tags);
+    assert_eq!(tags.len(), 1, "one CreateTags of the digest");
+    assert_eq!(tags[0].resources(), [AMI]);
+    assert_eq!(tags[0].tags().iter().map(|t| (t.key().unwrap(), t.value().unwrap())).collect::<Vec<_>>(), [("imgbuild:chroma-digest", PULLED)]);
+    assert_eq!(out["manifest"]["chroma_digest"], PULLED);
+    assert_eq!(read_manifest(&cfg)["chroma_digest"], PULLED);
+}
+
+/// Pinned, the digest the instance reports must be the pinned one: an image holding another
+/// Chroma is not handed over, and the cleanup removes it.
+#[tokio::test]
+async fn bake_fails_and_removes_the_image_when_the_pulled_digest_is_not_the_pinned_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+
+    cfg.chroma.digest = Some(PULLED.to_string());
+    let b = Bake::new(None, successful_execution());
+    let out = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap();
+    assert_eq!(out["manifest"]["chroma_digest"], PULLED, "the pinned digest, as the instance reported it");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    let pinned = format!("sha256:{}", "0f".repeat(32));
+    cfg.chroma.digest = Some(pinned.clone());
+    let b = Bake::new(None, successful_execution());
+    let err = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap_err();
+    assert!(matches!(err, Error::BakeFailed { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(PULLED) && text.contains(&pinned), "{text}");
+    assert_eq!(err.exit_code(), 1);
+    assert_eq!(b.deregister.num_calls(), 1, "the image is removed");
+    assert_eq!(all(&b.chroma_tags).len(), 0);
+    assert_eq!(all(&b.puts).len(), 0, "nothing handed over");
+    assert!(no_manifest(&cfg));
+}
+
+/// Whatever else the step printed is not a digest: an empty output, two lines, another
+/// repository, a short hash or the placeholder sentence all fail with the step named.
+#[test]
+fn a_digest_output_that_is_not_exactly_the_repo_digest_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let good = format!("ghcr.io/chroma-core/chroma@{PULLED}\n");
+    assert_eq!(bake::check_pulled(&cfg, Some(&good), EXEC).unwrap(), PULLED);
+    for bad in [
+        String::new(),
+        format!("{good}ghcr.io/chroma-core/chroma@{PULLED}\n"),
+        format!("docker.io/chroma-core/chroma@{PULLED}\n"),
+        "ghcr.io/chroma-core/chroma@sha256:5e5e\n".to_string(),
+        bake::NO_OUTPUT_YET.to_string(),
+    ] {
+        let err = bake::check_pulled(&cfg, Some(&bad), EXEC).unwrap_err();
+        assert!(err.to_string().contains(bake::DIGEST_STEP), "{bad:?}: {err}");
+    }
+    assert!(bake::check_pulled(&cfg, None, EXEC).is_err());
+}
+
+/// The launch step's FailureMessage when EC2 has no capacity for the type, in the form
+/// failure_of("launchInstance") uses; InsufficientInstanceCapacity is one of EC2's server error
+/// codes (EC2 API reference, "Error codes"; "Troubleshoot Amazon EC2 instance launch issues",
+/// Insufficient instance capacity, for the wording). bake never reads it: the step name decides.
+fn no_capacity(instance_type: &str) -> String {
+    format!(
+        "Step launchInstance failed maximum allowed times. We currently do not have sufficient {instance_type} capacity in the Availability Zone you requested (us-east-1a). Our system will be working on provisioning additional capacity. (Service: AmazonEC2; Status Code: 500; Error Code: InsufficientInstanceCapacity; Request ID: 6a002f94-ba37-43fd-99e6-39517715fce5)"
+    )
+}
+
+/// A bake whose first execution fails at launchInstance, then `then`. The failed execution is
+/// over, so stopping it is InvalidAutomationStatusUpdateException, and it launched nothing.
+fn launch_fails_then(then: Vec<GetAutomationExecutionOutput>) -> Bake {
+    let failed = execution("Failed", vec![step("launchInstance", "Failed", Some(&no_capacity("t3a.small")))], None);
+    // Followed to its end, then read once more by the cleanup's settle.
+    let mut answers = vec![failed.clone(), failed];
+    answers.extend(then);
+    let mut b = Bake::new(None, answers);
+    b.stop = stop_already_over();
+    b.describe_instances =
+        capturing!(mock!(aws_sdk_ec2::Client::describe_instances), b.instance_lookups).then_output(|| DescribeInstancesOutput::builder().build());
+    b
+}
+
+#[tokio::test]
+async fn bake_tries_the_next_instance_type_when_the_launch_step_fails() {
+    let b = launch_fails_then(successful_execution());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.bake.instance_types = vec!["t3a.small".into(), "t3.small".into()];
+
+    let out = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap();
+
+    let starts = all(&b.starts);
+    assert_eq!(starts.len(), 2, "one execution per type tried");
+    assert_eq!([param(&starts[0], "InstanceType"), param(&starts[1], "InstanceType")], ["t3a.small", "t3.small"]);
+    assert_ne!(param(&starts[0], "BakeToken"), param(&starts[1], "BakeToken"), "a new RunInstances client token for the new type");
+    assert_ne!(starts[0].client_token(), starts[1].client_token(), "a new execution, not the failed one again");
+    assert!(is_uuid(param(&starts[1], "BakeToken")));
+    assert_eq!(out["ami"], AMI);
+    assert_eq!(all(&b.puts)[0].value(), Some(AMI));
+}
+
+/// Only a failure of the launch step changes the type, and only while types are left: a later
+/// failure, or the last type failing, fails the bake after one execution per type tried.
+#[tokio::test]
+async fn bake_tries_no_other_type_after_a_later_failure_or_the_last_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.bake.instance_types = vec!["t3a.small".into(), "t3.small".into()];
+    let mut later = done(&["launchInstance"]);
+    later.push(step("waitForInstance", "Failed", Some(&failure_of("waitForInstance"))));
+    let b = Bake::new(None, vec![execution("Failed", later, None)]);
+    let err = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap_err();
+    assert!(matches!(err, Error::BakeFailed { .. }), "{err:?}");
+    assert_eq!(all(&b.starts).len(), 1);
+
+    cfg.bake.instance_types = vec!["t3a.small".into()];
+    let b = launch_fails_then(Vec::new());
+    let err = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap_err();
+    assert!(err.to_string().contains("launchInstance"), "{err}");
+    assert_eq!(all(&b.starts).len(), 1);
+
+    // The one-type case: bake.instance_type alone is what is launched.
+    cfg.bake.instance_types = Vec::new();
+    cfg.bake.instance_type = Some("t3.medium".into());
+    let b = Bake::new(None, successful_execution());
+    bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap();
+    assert_eq!(param(&b.start_request(), "InstanceType"), "t3.medium");
+}
+
+/// A list and a single type together, a repeated type or a mixed architecture are refused,
+/// naming the field, before anything is looked up or made.
+#[tokio::test]
+async fn bad_instance_type_lists_are_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.bake.instance_type = Some("t3a.small".into());
+    cfg.bake.instance_types = vec!["t3.small".into()];
+    let found = cfg.check();
+    assert!(found.iter().any(|(field, _)| field == "bake.instance_types"), "{found:?}");
+    cfg.bake.instance_type = None;
+    cfg.bake.instance_types = vec!["t3.small".into(), "t3.small".into()];
+    assert!(cfg.check().iter().any(|(field, m)| field == "bake.instance_types[1]" && m.contains("already")), "{:?}", cfg.check());
+
+    cfg.bake.instance_types = vec!["t3.small".into(), "t4g.small".into()];
+    let b = Bake::new(None, successful_execution());
+    let err = bake_flow(&b, &cfg, &args(false, 3600), std::future::pending()).await.unwrap_err();
+    assert_eq!(err.exit_code(), 2, "{err}");
+    assert!(err.to_string().contains("bake.instance_types") && err.to_string().contains("t4g.small"), "{err}");
+    assert_eq!(b.get_parameter.num_calls() + b.find_cached.num_calls(), 0, "nothing looked up");
 }

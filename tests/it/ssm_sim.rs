@@ -307,3 +307,88 @@ fn sim_keep_on_failure_leaves_the_instance_stopped_and_says_how_to_remove_it() {
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert_eq!(left(&sim.moto, "simnokeep").live, Vec::<String>::new());
 }
+
+/// The Chroma digest tag on an image in moto.
+fn chroma_digest_tag(moto: &str, ami: &str) -> Option<String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let conf = aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(moto)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "tests"))
+            .load()
+            .await;
+        let out = aws_sdk_ec2::Client::new(&conf).describe_images().image_ids(ami).send().await.unwrap();
+        out.images().first()?.tags().iter().find(|t| t.key() == Some("imgbuild:chroma-digest")).and_then(|t| t.value()).map(String::from)
+    })
+}
+
+/// Unpinned, the image is pulled by tag: what the registry served is read back from the
+/// readChromaDigest step's Output (aws:runCommand's `Output`, "aws:runCommand - Run a command on a
+/// managed instance") and recorded on the image and in the manifest. Pinned, the recorded digest
+/// is the pinned one.
+#[test]
+fn sim_the_pulled_chroma_digest_is_recorded_on_the_image_and_in_the_manifest() {
+    let Some(sim) = sim() else { return };
+    let served = format!("sha256:{}", "ab".repeat(32));
+    let dir = sim.project("simdigest", "");
+    sim.control(json!({ "pulled_digest": served }));
+    let out = wait(sim.bake(dir.path(), &[]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let doc: Value = serde_json::from_str(&out.stdout).unwrap();
+    let ami = doc["ami"].as_str().unwrap();
+    assert_eq!(doc["manifest"]["chroma_digest"], served.as_str());
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("imgbuild.bake.json")).unwrap()).unwrap();
+    assert_eq!(written["chroma_digest"], served.as_str());
+    assert_eq!(chroma_digest_tag(&sim.moto, ami).as_deref(), Some(served.as_str()));
+
+    let pinned = format!("sha256:{}", "cd".repeat(32));
+    let dir = sim.project("simpinned", &format!("chroma:\n  digest: {pinned}\n"));
+    sim.control(json!({}));
+    let out = wait(sim.bake(dir.path(), &[]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let doc: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(doc["manifest"]["chroma_digest"], pinned.as_str());
+    assert_eq!(chroma_digest_tag(&sim.moto, doc["ami"].as_str().unwrap()).as_deref(), Some(pinned.as_str()));
+}
+
+/// EC2 may have no capacity for a type (InsufficientInstanceCapacity, "Troubleshoot Amazon EC2
+/// instance launch issues"). The error code is only in the step's FailureMessage text; the
+/// step that failed (launchInstance) is structure, and bake then starts a new execution with
+/// the next type of bake.instance_types. When every type fails, the bake fails naming each.
+#[test]
+fn sim_a_type_without_capacity_is_followed_by_the_next_type_in_the_list() {
+    let Some(sim) = sim() else { return };
+    let dir = sim.project("simtypes", "  instance_types: [t3a.small, t3.small]\n");
+    sim.control(json!({ "launch_fails_for": ["t3a.small"] }));
+    let out = wait(sim.bake(dir.path(), &[]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("build instance type t3a.small did not launch") && out.stderr.contains("trying t3.small"), "{}", out.stderr);
+    let state = sim.state();
+    let mut runs: Vec<(String, String, String)> = state
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|e| {
+            (e["steps"][0]["StepStatus"].as_str().unwrap().to_string(), e["status"].as_str().unwrap().to_string(), e["token"].as_str().unwrap().to_string())
+        })
+        .collect();
+    runs.sort();
+    assert_eq!(runs.len(), 2, "{state}");
+    assert_eq!((runs[0].0.as_str(), runs[0].1.as_str()), ("Failed", "Failed"), "the first execution failed at its launch");
+    assert_eq!((runs[1].0.as_str(), runs[1].1.as_str()), ("Success", "Success"));
+    assert_ne!(runs[0].2, runs[1].2, "each try has its own bake token (RunInstances client token)");
+    let l = left(&sim.moto, "simtypes");
+    assert_eq!(l.live, Vec::<String>::new());
+    assert_eq!(l.images.len(), 1);
+    let ami: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(ami["ami"].as_str(), Some(l.images[0].as_str()));
+
+    let dir = sim.project("simnotype", "  instance_types: [t3a.small, t3.small]\n");
+    sim.control(json!({ "launch_fails_for": ["t3a.small", "t3.small"] }));
+    let out = wait(sim.bake(dir.path(), &[]));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("t3a.small did not launch") && out.stderr.contains("launchInstance"), "{}", out.stderr);
+    let l = left(&sim.moto, "simnotype");
+    assert_eq!((l.live.len(), l.images.len()), (0, 0));
+}

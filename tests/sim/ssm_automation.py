@@ -30,6 +30,11 @@ Test controls (JSON over HTTP, not part of any AWS API):
     status: the final status to report instead of Success (Exited, CompletedWithSuccess, ...).
     terminate_secs: simulated seconds an instance takes to reach `terminated` after
       TerminateInstances (a waiting terminate on the cancel path then runs into the cap).
+    pulled_digest: the digest the registry serves for the Chroma image (a command reading
+      RepoDigests prints <repository>@<it>); by default the pinned one, else a fixed one.
+    launch_fails_for: instance types for which RunInstances fails with
+      InsufficientInstanceCapacity (EC2's error code and wording, "Troubleshoot Amazon EC2
+      instance launch issues", Insufficient instance capacity); nothing is launched.
   POST /sim/setup {"project": NAME} -> subnet, security group and instance profile in moto.
   GET /sim/state -> every execution: status, current step, whether a hold is active.
 """
@@ -228,6 +233,11 @@ def run_step(ex, st, deadline, cancellable):
             for i in args["InstanceIds"]:
                 terminating[i] = sim_now() + control["terminate_secs"]
         idem = (inputs["Api"], args.get("ClientToken")) if args.get("ClientToken") else None
+        if inputs["Api"] == "RunInstances" and args.get("InstanceType") in control.get("launch_fails_for", []):
+            t = args["InstanceType"]
+            raise Failed(
+                f"Step fails when it is executing action. An error occurred (InsufficientInstanceCapacity) when calling the RunInstances operation: We currently do not have sufficient {t} capacity in the Availability Zone you requested (us-east-1a). Our system will be working on provisioning additional capacity. Please refer to Automation Service Troubleshooting Guide for more diagnosis details."
+            )
         try:
             if idem and idem in client_tokens:
                 # EC2 returns the first call's result for a repeated client token ("Ensuring
@@ -283,7 +293,20 @@ def run_step(ex, st, deadline, cancellable):
                 f"Step fails when it is verifying the command has completed. Command {cid} returns unexpected invocation result: \n{{Status=[Failed], ResponseCode=[1], Output=[\n----------ERROR-------\nfailed to run commands: exit status 1], CommandId=[{cid}]}}. Please refer to Automation Service Troubleshooting Guide for more diagnosis details."
             )
         sleep(10)
-        return {"Status": "Success", "ResponseCode": "0"}
+        outs = {"Status": "Success", "ResponseCode": "0", "CommandId": "0b1c2d3e-4f5a-4b6c-8d7e-9f0a1b2c3d4e"}
+        commands = "\n".join(inputs.get("Parameters", {}).get("commands", []))
+        if "RepoDigests" in commands:
+            # What `docker image inspect` reports as RepoDigests[0] for the pulled image:
+            # <repository>@sha256:<hex>, the pinned digest when the reference has one. The step's
+            # Output is the command's output, cut to its first 2,500 characters ("aws:runCommand -
+            # Run a command on a managed instance", Output).
+            ref = ex.params["ChromaImage"]
+            repo, _, pinned = ref.partition("@")
+            if ":" in repo.rsplit("/", 1)[-1]:
+                repo = repo.rsplit(":", 1)[0]
+            digest = control.get("pulled_digest") or pinned or "sha256:" + "5e" * 32
+            outs["Output"] = f"{repo}@{digest}\n"[:2500]
+        return outs
     if action == "aws:changeInstanceState":
         ids, want = inputs["InstanceIds"], inputs["DesiredState"]
         if fail:
