@@ -89,6 +89,10 @@ pub enum Command {
     /// Check this machine and account before a deploy: credentials, region, account, network,
     /// the AL2023 parameter, quotas. Says what to do about each problem.
     Doctor,
+    /// Get a stack out of UPDATE_ROLLBACK_FAILED: lists the resources the rollback could not put
+    /// back, asks, and continues the rollback (ContinueUpdateRollback), skipping those named.
+    #[command(name = "continue-rollback")]
+    ContinueRollback(ContinueRollbackArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -243,6 +247,10 @@ pub struct DeployArgs {
     /// (which replaces the instance).
     #[arg(long)]
     pub update_base: bool,
+    /// If the stack operation fails, keep what it made (failed resources included) instead of
+    /// rolling back, to debug it; `aws cloudformation rollback-stack` rolls back afterwards.
+    #[arg(long)]
+    pub disable_rollback: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
     #[command(flatten)]
@@ -331,4 +339,19 @@ pub struct ToolArgs {
     /// Run only the built-in checks, not cloud-init or shellcheck.
     #[arg(long)]
     pub no_tools: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ContinueRollbackArgs {
+    /// Resources (logical ids, comma-separated) the rollback should skip: only ones in
+    /// UPDATE_FAILED, and only after fixing them by hand, since CloudFormation marks them rolled
+    /// back without touching them.
+    #[arg(long, value_delimiter = ',', value_name = "LOGICAL_ID,...")]
+    pub skip: Vec<String>,
+    /// Continue without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Longest wait for the rollback, in seconds [default: aws.stack_timeout_secs].
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
 }

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::render::{self, Format, Inputs};
 use crate::stack;
 use crate::stack::changeset::{self, Cleanup, Confirm, Confirmer, TtyConfirmer};
+use crate::stack::protect::Protection;
 use crate::stack::template::Template;
 use crate::ui::Ui;
 use crate::ui::progress::Progress;
@@ -140,9 +141,14 @@ pub async fn deploy_flow(
         }
     }
 
+    let protection = Protection {
+        termination: Some(config.stack.termination_protection),
+        protect_data: Some(config.stack.protect_data),
+        disable_rollback: args.disable_rollback,
+    };
     let cleanup = Cleanup::default();
     let result = tokio::select! {
-        r = changeset::run(clients, &plan, &progress, &cleanup, confirmer) => r,
+        r = changeset::run_protected(clients, &plan, &protection, &progress, &cleanup, confirmer) => r,
         _ = &mut interrupt => Err(Error::Interrupted { cleaned: Vec::new() }),
     };
     let outcome = match result {
@@ -161,6 +167,11 @@ pub async fn deploy_flow(
         "ami": choice,
         "userdata_sha256": rendered.sha256(),
         "deploy": outcome,
+        "protection": {
+            "termination_protection": protection.termination,
+            "stack_policy": if config.stack.protect_data { "protect-data" } else { "allow-all" },
+            "disable_rollback": protection.disable_rollback,
+        },
     }))
 }
 

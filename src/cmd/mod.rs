@@ -3,6 +3,7 @@
 //! (`ui`). The only layer that knows both the command line and AWS; nothing below imports it.
 
 mod bake;
+mod continue_rollback;
 mod deploy;
 mod destroy;
 mod doctor;
@@ -57,6 +58,7 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
         Command::Bake(args) => bake::bake(args, &context(&cli.global)?, ui),
         Command::Images(cmd) => images::images_cmd(cmd, &context(&cli.global)?, ui),
         Command::Fleet(cmd) => fleet::fleet_cmd(cmd, &context(&cli.global)?, ui),
+        Command::ContinueRollback(args) => continue_rollback::continue_rollback(args, &context(&cli.global)?, ui),
     }
 }
 

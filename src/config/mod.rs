@@ -101,6 +101,10 @@ pub struct StackConfig {
     pub log_retention_days: u32,
     /// How long API Gateway waits for Chroma (ms); 29000 is the REST API default and limit.
     pub integration_timeout_ms: u32,
+    /// Termination protection on the stack: DeleteStack fails until it is turned off.
+    pub termination_protection: bool,
+    /// A stack policy refusing updates that replace or delete the file system or backup vault.
+    pub protect_data: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,6 +230,8 @@ impl Default for StackConfig {
             allowed_client_cidr: None,
             log_retention_days: 30,
             integration_timeout_ms: 29_000,
+            termination_protection: true,
+            protect_data: true,
         }
     }
 }

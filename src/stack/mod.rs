@@ -7,6 +7,7 @@ pub mod changeset;
 pub mod efs;
 pub mod fleet;
 pub mod ops;
+pub mod protect;
 pub mod template;
 
 use std::collections::{BTreeMap, HashSet};

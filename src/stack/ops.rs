@@ -153,6 +153,8 @@ pub async fn destroy(clients: &Clients, name: &str, delete_data: bool, wait_if_b
         stack::wait_stable(&clients.cfn, name, &mut f, waits, progress).await?;
     }
     let file_system = stack::outputs_of(&s).get("FileSystemId").cloned();
+    // DeleteStack fails on a protected stack; the command asked before getting here.
+    stack::protect::set_termination(&clients.cfn, &s, false, progress).await?;
     progress.set(&format!("deleting stack {name}"));
     stack::delete_and_wait(&clients.cfn, name, waits, progress).await?;
     progress.line(&format!("stack {name} deleted"));

@@ -16,6 +16,7 @@ mod interrupt;
 mod layers;
 mod mocks;
 mod moto;
+mod protection;
 mod render;
 mod secrets;
 mod services;

@@ -176,6 +176,7 @@ fn args() -> DeployArgs {
         yes: false,
         no_execute: true,
         update_base: false,
+        disable_rollback: false,
         wait: WaitArgs { wait: false, timeout: Some(60) },
         tools: ToolArgs { require_tools: false, no_tools: true },
     }
