@@ -251,6 +251,10 @@ pub struct DeployArgs {
     /// rolling back, to debug it; `aws cloudformation rollback-stack` rolls back afterwards.
     #[arg(long)]
     pub disable_rollback: bool,
+    /// Skip drift detection before an update (by default deploy warns about drifted resources
+    /// the change set would overwrite).
+    #[arg(long)]
+    pub no_drift_check: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
     #[command(flatten)]
@@ -262,6 +266,12 @@ pub struct StatusArgs {
     /// How many recent stack events to show.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub events: usize,
+    /// Run drift detection (DetectStackDrift) and show what changed outside CloudFormation.
+    #[arg(long)]
+    pub drift: bool,
+    /// Longest wait for drift detection, in seconds [default: aws.stack_timeout_secs].
+    #[arg(long, value_name = "SECS", requires = "drift")]
+    pub timeout: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -145,6 +145,7 @@ pub async fn deploy_flow(
         termination: Some(config.stack.termination_protection),
         protect_data: Some(config.stack.protect_data),
         disable_rollback: args.disable_rollback,
+        drift_check: !args.no_drift_check,
     };
     let cleanup = Cleanup::default();
     let result = tokio::select! {
@@ -171,6 +172,7 @@ pub async fn deploy_flow(
             "termination_protection": protection.termination,
             "stack_policy": if config.stack.protect_data { "protect-data" } else { "allow-all" },
             "disable_rollback": protection.disable_rollback,
+            "drift_check": protection.drift_check,
         },
     }))
 }

@@ -237,6 +237,9 @@ pub async fn run_protected(
     for c in &changes {
         progress.line(&c.line());
     }
+    if protection.drift_check && !is_create && !changes.is_empty() {
+        warn_overwritten_drift(cfn, &plan.stack, &changes, plan.waits, progress, &mut notices).await;
+    }
     if protection.protect_data == Some(true) && !creates_stack {
         let refused = protect::refused_by_policy(&changes);
         if !refused.is_empty() {
@@ -326,6 +329,34 @@ pub async fn run_protected(
         outputs: done.as_ref().map(stack::outputs_of).unwrap_or_default(),
         notices,
     })
+}
+
+/// Before confirming an update: the drifted resources it would overwrite, named with what was
+/// changed by hand. Advisory: a detection that fails or runs too long is said and skipped, never
+/// a reason to refuse the deploy.
+async fn warn_overwritten_drift(
+    cfn: &aws_sdk_cloudformation::Client,
+    name: &str,
+    changes: &[Change],
+    waits: Waits,
+    progress: &Progress,
+    notices: &mut Vec<String>,
+) {
+    progress.set(&format!("detecting drift of stack {name}"));
+    match stack::drift::detect(cfn, name, waits, progress).await {
+        Ok(drift) => {
+            for d in stack::drift::overwritten(&drift, changes) {
+                let said = format!("warning: drifted, and this change set overwrites it with the template's values: {}", d.line());
+                progress.line(&said);
+                notices.push(said);
+            }
+        }
+        Err(e) => {
+            let said = format!("drift check skipped: {e}");
+            progress.line(&said);
+            notices.push(said);
+        }
+    }
 }
 
 /// Puts the stack policy on (when the protection has one) and, with `termination`, sets the

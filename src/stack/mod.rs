@@ -4,6 +4,7 @@
 //! (`changeset`); status and destroy (`ops`). Knows AWS and the UI's progress, not the CLI.
 
 pub mod changeset;
+pub mod drift;
 pub mod efs;
 pub mod fleet;
 pub mod ops;

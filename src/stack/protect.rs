@@ -25,6 +25,8 @@ pub struct Protection {
     pub protect_data: Option<bool>,
     /// ExecuteChangeSet's DisableRollback: keep what failed, for debugging.
     pub disable_rollback: bool,
+    /// Detect drift before an update and warn about drifted resources it overwrites.
+    pub drift_check: bool,
 }
 
 /// The stack policy: every update allowed, except replacing or deleting the data's resources.

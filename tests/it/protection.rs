@@ -1,6 +1,7 @@
 //! Protection of the deployed stack (issue 15, item 4), against aws-smithy-mocks answering in
 //! CloudFormation's documented shapes: termination protection, the stack policy that keeps the
-//! data, `deploy --disable-rollback`, and `continue-rollback` out of UPDATE_ROLLBACK_FAILED.
+//! data, `deploy --disable-rollback`, and `continue-rollback` out of UPDATE_ROLLBACK_FAILED; and
+//! drift (item 5): `status --drift` and deploy's warning before overwriting drifted resources.
 //! Every request that matters is captured and its fields asserted.
 
 use std::collections::BTreeMap;
@@ -76,7 +77,7 @@ fn plan() -> Plan {
 /// What deploy asks with the default config (stack.termination_protection and
 /// stack.protect_data both true).
 fn defaults(disable_rollback: bool) -> Protection {
-    Protection { termination: Some(true), protect_data: Some(true), disable_rollback }
+    Protection { termination: Some(true), protect_data: Some(true), disable_rollback, drift_check: false }
 }
 
 /// A stack as DescribeStacks returns it (aws-cli examples/cloudformation/describe-stacks.rst;
@@ -567,4 +568,188 @@ async fn a_refused_termination_protection_is_a_warning_after_a_successful_update
         "{:?}",
         out.notices
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drift (item 5)
+
+/// DetectStackDrift answers the detection id (aws-cli examples/cloudformation/detect-stack-drift.rst).
+fn detect_stack_drift() -> Rule {
+    use aws_sdk_cloudformation::operation::detect_stack_drift::DetectStackDriftOutput;
+    mock!(aws_sdk_cloudformation::Client::detect_stack_drift)
+        .match_requests(|r| r.stack_name() == Some(STACK))
+        .then_output(|| DetectStackDriftOutput::builder().stack_drift_detection_id("1a229160-e4d9-xmpl-ab67-0a4f93df83d4").build())
+}
+
+/// DescribeStackDriftDetectionStatus: in progress `busy` times, then `end` with DRIFTED
+/// (aws-cli examples/cloudformation/describe-stack-drift-detection-status.rst).
+fn detection_status(busy: usize, end: Option<(&'static str, Option<&'static str>)>) -> Rule {
+    use aws_sdk_cloudformation::operation::describe_stack_drift_detection_status::DescribeStackDriftDetectionStatusOutput;
+    use aws_sdk_cloudformation::types::{StackDriftDetectionStatus, StackDriftStatus};
+    let answer = |detection: &str, reason: Option<&str>| {
+        DescribeStackDriftDetectionStatusOutput::builder()
+            .stack_id(STACK_ID)
+            .stack_drift_detection_id("1a229160-e4d9-xmpl-ab67-0a4f93df83d4")
+            .stack_drift_status(StackDriftStatus::Drifted)
+            .detection_status(StackDriftDetectionStatus::from(detection))
+            .set_detection_status_reason(reason.map(String::from))
+            .drifted_stack_resource_count(2)
+            .timestamp(aws_smithy_types::DateTime::from_secs(1_700_000_000))
+            .build()
+    };
+    let mut seq = mock!(aws_sdk_cloudformation::Client::describe_stack_drift_detection_status)
+        .match_requests(|r| r.stack_drift_detection_id() == Some("1a229160-e4d9-xmpl-ab67-0a4f93df83d4"))
+        .sequence();
+    for _ in 0..busy {
+        seq = seq.output(move || answer("DETECTION_IN_PROGRESS", None));
+    }
+    if let Some((detection, reason)) = end {
+        seq = seq.output(move || answer(detection, reason));
+    }
+    seq.repeatedly().build()
+}
+
+/// DescribeStackResourceDrifts, asked only for MODIFIED and DELETED, in two pages
+/// (aws-cli examples/cloudformation/describe-stack-resource-drifts.rst).
+fn resource_drifts() -> Rule {
+    use aws_sdk_cloudformation::operation::describe_stack_resource_drifts::DescribeStackResourceDriftsOutput;
+    use aws_sdk_cloudformation::types::{DifferenceType, PropertyDifference, StackResourceDrift, StackResourceDriftStatus};
+    let drift = |logical: &str, kind: &str, path: &str, expected: &str, actual: &str| {
+        StackResourceDrift::builder()
+            .stack_id(STACK_ID)
+            .logical_resource_id(logical)
+            .physical_resource_id(format!("{logical}-phys"))
+            .resource_type(kind)
+            .stack_resource_drift_status(StackResourceDriftStatus::Modified)
+            .property_differences(
+                PropertyDifference::builder()
+                    .property_path(path)
+                    .expected_value(expected)
+                    .actual_value(actual)
+                    .difference_type(DifferenceType::NotEqual)
+                    .build(),
+            )
+            .timestamp(aws_smithy_types::DateTime::from_secs(1_700_000_000))
+            .build()
+    };
+    let first = vec![drift("LaunchTemplate", "AWS::EC2::LaunchTemplate", "/LaunchTemplateData/InstanceType", "t3a.small", "t3a.medium")];
+    let second = vec![drift("ServiceSecurityGroup", "AWS::EC2::SecurityGroup", "/SecurityGroupIngress/0/FromPort", "8000", "22")];
+    mock!(aws_sdk_cloudformation::Client::describe_stack_resource_drifts)
+        .match_requests(|r| {
+            r.stack_name() == Some(STACK) && r.stack_resource_drift_status_filters() == [StackResourceDriftStatus::Modified, StackResourceDriftStatus::Deleted]
+        })
+        .sequence()
+        .output(move || DescribeStackResourceDriftsOutput::builder().set_stack_resource_drifts(Some(first.clone())).next_token("page2").build())
+        .output(move || DescribeStackResourceDriftsOutput::builder().set_stack_resource_drifts(Some(second.clone())).build())
+        .repeatedly()
+        .build()
+}
+
+fn with_drift_check() -> Protection {
+    Protection { drift_check: true, ..defaults(false) }
+}
+
+/// An update puts the template's values back on every resource it modifies, undoing changes
+/// made by hand; drift detection ("Detect unmanaged configuration changes to stacks and
+/// resources", CloudFormation User Guide) finds them. Deploy names the drifted resources this
+/// change set touches, with the property changed, before asking; the drifted resource it leaves
+/// alone is not named.
+#[tokio::test]
+async fn deploy_update_warns_about_drifted_resources_the_change_set_overwrites() {
+    let ds = describe_stacks(&[At::Is("UPDATE_COMPLETE", true)]);
+    let create = create_change_set();
+    let dcs = change_set_ready(vec![
+        change(ChangeAction::Modify, "LaunchTemplate", "AWS::EC2::LaunchTemplate", Some(Replacement::False)),
+        change(ChangeAction::Add, "ApiDeployment", "AWS::ApiGateway::Deployment", None),
+    ]);
+    let detect = detect_stack_drift();
+    let status = detection_status(2, Some(("DETECTION_COMPLETE", None)));
+    let drifts = resource_drifts();
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let policy = set_stack_policy(sent, None);
+    let exec = execute_change_set(None, Some(drifts.clone()));
+    let events = no_events();
+    let c = clients(&[&ds, &create, &dcs, &detect, &status, &drifts, &policy, &exec, &events]);
+
+    let out = changeset::run_protected(&c, &plan(), &with_drift_check(), &quiet(), &Cleanup::default(), &Answer::new(false)).await.unwrap();
+
+    assert!(out.executed);
+    assert_eq!(status.num_calls(), 3, "polled until the detection completed");
+    assert_eq!(drifts.num_calls(), 2, "both pages read");
+    let warned: Vec<&String> = out.notices.iter().filter(|n| n.contains("drifted")).collect();
+    assert_eq!(warned.len(), 1, "{:?}", out.notices);
+    assert!(warned[0].contains("LaunchTemplate (AWS::EC2::LaunchTemplate) MODIFIED: /LaunchTemplateData/InstanceType t3a.small -> t3a.medium"), "{warned:?}");
+}
+
+/// The check is advisory: a refused detection (AccessDenied, "Common Errors") is said and the
+/// deploy goes on.
+#[tokio::test]
+async fn a_refused_drift_detection_does_not_block_the_deploy() {
+    use aws_sdk_cloudformation::operation::detect_stack_drift::DetectStackDriftError;
+    let ds = describe_stacks(&[At::Is("UPDATE_COMPLETE", true)]);
+    let create = create_change_set();
+    let dcs = change_set_ready(vec![change(ChangeAction::Modify, "LaunchTemplate", "AWS::EC2::LaunchTemplate", Some(Replacement::False))]);
+    let detect = mock!(aws_sdk_cloudformation::Client::detect_stack_drift).then_error(|| {
+        DetectStackDriftError::generic(
+            ErrorMetadata::builder().code("AccessDenied").message("not authorized to perform: cloudformation:DetectStackDrift").build(),
+        )
+    });
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let policy = set_stack_policy(sent, None);
+    let exec = execute_change_set(None, None);
+    let events = no_events();
+    let c = clients(&[&ds, &create, &dcs, &detect, &policy, &exec, &events]);
+
+    let out = changeset::run_protected(&c, &plan(), &with_drift_check(), &quiet(), &Cleanup::default(), &Answer::new(false)).await.unwrap();
+
+    assert!(out.executed);
+    assert!(out.notices.iter().any(|n| n.starts_with("drift check skipped") && n.contains("AccessDenied")), "{:?}", out.notices);
+}
+
+/// A new stack has nothing to drift: no detection is started (a call would fail the test).
+#[tokio::test]
+async fn deploy_create_runs_no_drift_detection() {
+    let ds = describe_stacks(&[At::Missing, At::Is("CREATE_COMPLETE", true)]);
+    let create = create_change_set();
+    let dcs = change_set_ready(vec![change(ChangeAction::Add, "Vpc", "AWS::EC2::VPC", None)]);
+    let exec = execute_change_set(None, None);
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let policy = set_stack_policy(sent, None);
+    let events = no_events();
+    let c = clients(&[&ds, &create, &dcs, &exec, &policy, &events]);
+
+    let out = changeset::run_protected(&c, &plan(), &with_drift_check(), &quiet(), &Cleanup::default(), &Answer::new(false)).await.unwrap();
+
+    assert_eq!(out.status, "CREATE_COMPLETE");
+}
+
+/// `status --drift`: every drifted resource with its differences; a detection that could not
+/// check every resource ends DETECTION_FAILED with a reason, and its results are still shown.
+#[tokio::test]
+async fn status_drift_reports_every_drifted_resource_and_a_partial_detection() {
+    let detect = detect_stack_drift();
+    let status = detection_status(0, Some(("DETECTION_FAILED", Some("Failed to detect drift on resource [ApiGatewayAccount]"))));
+    let drifts = resource_drifts();
+    let c = clients(&[&detect, &status, &drifts]);
+
+    let d = imgbuild::stack::drift::detect(&c.cfn, STACK, fast(), &quiet()).await.unwrap();
+
+    assert_eq!(d.status, "DRIFTED");
+    assert_eq!(d.detection, "DETECTION_FAILED");
+    assert_eq!(d.reason.as_deref(), Some("Failed to detect drift on resource [ApiGatewayAccount]"));
+    assert_eq!(d.drifted.iter().map(|r| r.logical_id.as_str()).collect::<Vec<_>>(), ["LaunchTemplate", "ServiceSecurityGroup"]);
+    assert_eq!(d.drifted[1].differences[0].path, "/SecurityGroupIngress/0/FromPort");
+    assert_eq!(d.drifted[1].differences[0].actual.as_deref(), Some("22"));
+}
+
+#[tokio::test]
+async fn drift_detection_that_never_finishes_is_a_bounded_wait() {
+    let detect = detect_stack_drift();
+    let status = detection_status(1, None);
+    let c = clients(&[&detect, &status]);
+    let waits = Waits { timeout: Duration::from_millis(50), poll: Duration::from_millis(5) };
+
+    let err = imgbuild::stack::drift::detect(&c.cfn, STACK, waits, &quiet()).await.unwrap_err();
+
+    assert!(matches!(&err, Error::Timeout { what, .. } if what.contains("drift detection")), "{err:?}");
 }
