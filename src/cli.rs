@@ -289,7 +289,8 @@ pub struct DestroyArgs {
 #[derive(Debug, Args)]
 pub struct SmokeArgs {
     /// Talk HTTP to this Chroma endpoint (a stage URL ending in /api, or a server's root URL)
-    /// instead of API Gateway's test-invoke.
+    /// instead of API Gateway's test-invoke. With api.auth: iam each request is signed (SigV4)
+    /// with the CLI's AWS credentials.
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
     /// Per-request timeout, in seconds.

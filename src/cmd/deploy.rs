@@ -44,6 +44,8 @@ pub fn stack_parameters(template: &Template, config: &Config, choice: &Choice) -
         ("FileSystemId", config.efs.file_system_id.clone().unwrap_or_default()),
         ("LogRetentionDays", config.stack.log_retention_days.to_string()),
         ("IntegrationTimeoutMs", config.stack.integration_timeout_ms.to_string()),
+        ("ApiAuth", config.api.auth.authorization_type().to_string()),
+        ("ApiAllowedPrincipals", config.api.allowed_principals.join(",")),
     ];
     let declared = template.parameter_names();
     Ok(wanted.into_iter().filter(|(k, _)| declared.iter().any(|d| d == k)).map(|(k, v)| (k.to_string(), v)).collect())

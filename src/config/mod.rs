@@ -3,10 +3,12 @@
 //! and the validated [`Context`] commands work from (`plan`). Imports only `error` and the Chroma
 //! table: never render, AWS, or the command line.
 
+mod api;
 mod fleet;
 pub mod lines;
 mod plan;
 
+pub use api::{ApiAuth, ApiConfig};
 pub use fleet::{Amount, FleetConfig, FleetOverride, OrgTarget, PermissionModel, RegionConcurrency, check_account_id, org_target};
 
 pub use plan::Context;
@@ -41,6 +43,7 @@ pub struct Config {
     pub bake: BakeConfig,
     pub aws: AwsConfig,
     pub fleet: FleetConfig,
+    pub api: ApiConfig,
 }
 
 /// `imgbuild bake`: the base image, where the build instance runs, and where the result goes.
@@ -216,6 +219,7 @@ impl Default for Config {
             bake: BakeConfig::default(),
             aws: AwsConfig::default(),
             fleet: FleetConfig::default(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -649,6 +653,7 @@ impl Config {
             bad("bake.kms_key_id", m);
         }
         out.extend(fleet::check(&self.fleet, self.bake.kms_key_id.is_some()));
+        out.extend(api::check(&self.api));
         out
     }
 }

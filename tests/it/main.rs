@@ -3,6 +3,7 @@
 #[macro_use]
 mod mock_client;
 
+mod api_auth;
 mod bake_mocks;
 mod bake_moto;
 mod boot;
