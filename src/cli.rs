@@ -103,6 +103,10 @@ pub enum Command {
     /// Check this machine and account before a deploy: credentials, region, account, network,
     /// the AL2023 parameter, quotas. Says what to do about each problem.
     Doctor,
+    /// Get a stack out of UPDATE_ROLLBACK_FAILED: lists the resources the rollback could not put
+    /// back, asks, and continues the rollback (ContinueUpdateRollback), skipping those named.
+    #[command(name = "continue-rollback")]
+    ContinueRollback(ContinueRollbackArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -262,6 +266,14 @@ pub struct DeployArgs {
     /// (which replaces the instance).
     #[arg(long)]
     pub update_base: bool,
+    /// If the stack operation fails, keep what it made (failed resources included) instead of
+    /// rolling back, to debug it; `aws cloudformation rollback-stack` rolls back afterwards.
+    #[arg(long)]
+    pub disable_rollback: bool,
+    /// Skip drift detection before an update (by default deploy warns about drifted resources
+    /// the change set would overwrite).
+    #[arg(long)]
+    pub no_drift_check: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
     #[command(flatten)]
@@ -273,6 +285,12 @@ pub struct StatusArgs {
     /// How many recent stack events to show.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub events: usize,
+    /// Run drift detection (DetectStackDrift) and show what changed outside CloudFormation.
+    #[arg(long)]
+    pub drift: bool,
+    /// Longest wait for drift detection, in seconds [default: aws.stack_timeout_secs].
+    #[arg(long, value_name = "SECS", requires = "drift")]
+    pub timeout: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -294,7 +312,8 @@ pub struct DestroyArgs {
 #[derive(Debug, Args)]
 pub struct SmokeArgs {
     /// Talk HTTP to this Chroma endpoint (a stage URL ending in /api, or a server's root URL)
-    /// instead of API Gateway's test-invoke.
+    /// instead of API Gateway's test-invoke. With api.auth: iam each request is signed (SigV4)
+    /// with the CLI's AWS credentials.
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
     /// Per-request timeout, in seconds.
@@ -423,4 +442,19 @@ pub struct RollbackArgs {
     pub yes: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ContinueRollbackArgs {
+    /// Resources (logical ids, comma-separated) the rollback should skip: only ones in
+    /// UPDATE_FAILED, and only after fixing them by hand, since CloudFormation marks them rolled
+    /// back without touching them.
+    #[arg(long, value_delimiter = ',', value_name = "LOGICAL_ID,...")]
+    pub skip: Vec<String>,
+    /// Continue without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Longest wait for the rollback, in seconds [default: aws.stack_timeout_secs].
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
 }

@@ -51,19 +51,65 @@ fn collections_path(profile: &Profile) -> &'static str {
     }
 }
 
+/// Signs requests to a private API whose method is AWS_IAM (`api.auth: iam`): Signature
+/// Version 4 for the service `execute-api` ("Control access to a REST API with IAM
+/// permissions", API Gateway Developer Guide), with the CLI's own credentials.
+pub struct Signer {
+    pub credentials: aws_credential_types::Credentials,
+    pub region: String,
+}
+
+impl Signer {
+    /// The headers that sign this exact request at `time` (Authorization, X-Amz-Date and, with
+    /// temporary credentials, X-Amz-Security-Token).
+    pub fn headers(&self, method: &str, url: &str, body: &[u8], time: std::time::SystemTime) -> std::result::Result<Vec<(String, String)>, String> {
+        use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+        let identity = self.credentials.clone().into();
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.region)
+            .name("execute-api")
+            .time(time)
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|e| format!("signing {method} {url}: {e}"))?
+            .into();
+        let request = SignableRequest::new(method, url, std::iter::empty(), SignableBody::Bytes(body)).map_err(|e| format!("signing {method} {url}: {e}"))?;
+        let (instructions, _) = sign(request, &params).map_err(|e| format!("signing {method} {url}: {e}"))?.into_parts();
+        Ok(instructions.headers().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+}
+
 struct Http {
     agent: ureq::Agent,
     base: String,
+    signer: Option<Signer>,
 }
 
 impl Http {
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> std::result::Result<(u16, Value), String> {
         let url = format!("{}{path}", self.base);
-        let res = match (method, body) {
-            ("GET", _) => self.agent.get(&url).call(),
-            ("DELETE", _) => self.agent.delete(&url).call(),
-            (_, Some(b)) => self.agent.post(&url).send_json(b),
-            (_, None) => self.agent.post(&url).send_empty(),
+        // The bytes signed are the bytes sent.
+        let bytes = body.map(|b| serde_json::to_vec(b).expect("JSON values serialise")).unwrap_or_default();
+        let signed = match &self.signer {
+            Some(s) => s.headers(method, &url, &bytes, std::time::SystemTime::now())?,
+            None => Vec::new(),
+        };
+        let res = match method {
+            "GET" | "DELETE" => {
+                let mut req = if method == "GET" { self.agent.get(&url) } else { self.agent.delete(&url) };
+                for (k, v) in &signed {
+                    req = req.header(k, v);
+                }
+                req.call()
+            }
+            _ => {
+                let mut req = self.agent.post(&url);
+                for (k, v) in &signed {
+                    req = req.header(k, v);
+                }
+                if body.is_some() { req.header("content-type", "application/json").send(&bytes[..]) } else { req.send_empty() }
+            }
         };
         let mut res = res.map_err(|e| format!("{method} {url}: {e}"))?;
         let status = res.status().as_u16();
@@ -75,8 +121,13 @@ impl Http {
 
 /// Runs the HTTP smoke test. The collection it creates is deleted whatever happens after.
 pub fn over_http(url: &str, profile: &Profile, timeout: Duration, run_id: &str) -> Report {
+    over_http_signed(url, profile, timeout, run_id, None)
+}
+
+/// `over_http`, each request signed by `signer` when there is one.
+pub fn over_http_signed(url: &str, profile: &Profile, timeout: Duration, run_id: &str, signer: Option<Signer>) -> Report {
     let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into();
-    let http = Http { agent, base: api_base(url, profile) };
+    let http = Http { agent, base: api_base(url, profile), signer };
     let mut report = Report { target: http.base.clone(), steps: Vec::new() };
     let mut step =
         |name: &str, method: &str, path: &str, body: Option<&Value>, expect: &dyn Fn(u16, &Value) -> std::result::Result<String, String>| -> Option<Value> {

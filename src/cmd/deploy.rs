@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::render::{self, Format, Inputs};
 use crate::stack;
 use crate::stack::changeset::{self, Cleanup, Confirm, Confirmer, TtyConfirmer};
+use crate::stack::protect::Protection;
 use crate::stack::template::Template;
 use crate::ui::Ui;
 use crate::ui::progress::Progress;
@@ -46,6 +47,8 @@ pub fn stack_parameters(template: &Template, config: &Config, choice: &Choice) -
         ("BackupRetentionDays", config.backup.retention_days.to_string()),
         ("BackupSchedule", config.backup.schedule.trim().to_string()),
         ("ChromaVersion", config.chroma.version.strip_prefix('v').unwrap_or(&config.chroma.version).to_string()),
+        ("ApiAuth", config.api.auth.authorization_type().to_string()),
+        ("ApiAllowedPrincipals", config.api.allowed_principals.join(",")),
     ];
     let declared = template.parameter_names();
     Ok(wanted.into_iter().filter(|(k, _)| declared.iter().any(|d| d == k)).map(|(k, v)| (k.to_string(), v)).collect())
@@ -165,9 +168,15 @@ pub async fn deploy_flow(
         }
     }
 
+    let protection = Protection {
+        termination: Some(config.stack.termination_protection),
+        protect_data: Some(config.stack.protect_data),
+        disable_rollback: args.disable_rollback,
+        drift_check: !args.no_drift_check,
+    };
     let cleanup = Cleanup::default();
     let result = tokio::select! {
-        r = changeset::run(clients, &plan, &progress, &cleanup, confirmer) => r,
+        r = changeset::run_protected(clients, &plan, &protection, &progress, &cleanup, confirmer) => r,
         _ = &mut interrupt => Err(Error::Interrupted { cleaned: Vec::new() }),
     };
     let mut outcome = match result {
@@ -188,6 +197,12 @@ pub async fn deploy_flow(
         "ami": choice,
         "userdata_sha256": rendered.sha256(),
         "deploy": outcome,
+        "protection": {
+            "termination_protection": protection.termination,
+            "stack_policy": if config.stack.protect_data { "protect-data" } else { "allow-all" },
+            "disable_rollback": protection.disable_rollback,
+            "drift_check": protection.drift_check,
+        },
     }))
 }
 

@@ -18,6 +18,10 @@ pub(super) fn destroy(args: DestroyArgs, ctx: &Context, ui: Ui) -> Result<()> {
     let waits = waits(&ctx.config, &args.wait);
     let done = with_clients(ctx, |clients| async move {
         let mut interrupt = Box::pin(interrupt_listener()?);
+        let protected = crate::stack::describe(&clients.cfn, &name).await?.is_some_and(|s| crate::stack::protect::termination_protected(&s));
+        if protected {
+            ui.info(format!("stack {name} has termination protection on: destroy turns it off (UpdateTerminationProtection) before deleting it"));
+        }
         if !args.yes {
             super::need_terminal("pass --yes to delete without asking")?;
             let question = if args.delete_data {
@@ -25,20 +29,22 @@ pub(super) fn destroy(args: DestroyArgs, ctx: &Context, ui: Ui) -> Result<()> {
             } else {
                 format!("Delete stack {name}? (its EFS file systems and data are kept)")
             };
+            let question = if protected { format!("{question} Its termination protection is turned off first.") } else { question };
             if !super::confirm_or_interrupt(&question, &mut interrupt).await? {
                 return Err(Error::Declined("declined: nothing was deleted".into()));
             }
         }
         let progress = Progress::new(ui, &format!("destroying {name}"));
         tokio::select! {
-            r = crate::stack::ops::destroy(&clients, &name, args.delete_data, args.wait.wait, waits, &progress) => r,
+            r = crate::stack::ops::destroy(&clients, &name, args.delete_data, args.wait.wait, waits, &progress) => r.map(|d| (d, protected)),
             _ = interrupt => Err(Error::Interrupted { cleaned: vec![format!(
                 "nothing: the deletion of {name} goes on in CloudFormation (check on it with `imgbuild status`)"
             )] }),
         }
     })?;
     if ui.json() {
-        ui.emit_json(&json!({ "ok": true, "destroy": done }));
+        let (done, protected) = done;
+        ui.emit_json(&json!({ "ok": true, "destroy": done, "termination_protection_turned_off": protected }));
     }
     Ok(())
 }

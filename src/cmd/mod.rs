@@ -4,6 +4,7 @@
 
 mod backup;
 mod bake;
+mod continue_rollback;
 mod deploy;
 mod destroy;
 pub mod doctor;
@@ -69,6 +70,7 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
         Command::Restore(args) => restore::restore_cmd(args, &context(&cli.global)?, ui),
         Command::Upgrade(args) => upgrade::upgrade_cmd(args, &context(&cli.global)?, ui),
         Command::Rollback(args) => upgrade::rollback_cmd(args, &context(&cli.global)?, ui),
+        Command::ContinueRollback(args) => continue_rollback::continue_rollback(args, &context(&cli.global)?, ui),
     }
 }
 

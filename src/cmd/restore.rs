@@ -104,6 +104,8 @@ pub async fn restore_flow(
         mode: None,
         template: None,
         update_base: false,
+        disable_rollback: false,
+        no_drift_check: false,
         yes: args.yes,
         no_execute: false,
         wait: crate::cli::WaitArgs { wait: false, timeout: args.wait.timeout },

@@ -19,7 +19,10 @@ pub(super) fn smoke_cmd(args: SmokeArgs, ctx: &Context, ui: Ui) -> Result<()> {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(Error::Invalid(format!("--url: `{url}` is not an http:// or https:// URL")));
             }
-            smoke::over_http(url, profile, Duration::from_secs(args.timeout), &run_token())
+            // api.auth: iam: API Gateway refuses unsigned requests (403), so these are signed
+            // with the same credentials chain as every other command.
+            let signer = if ctx.config.api.auth == crate::config::ApiAuth::Iam { Some(block_on(signer(ctx))?) } else { None };
+            smoke::over_http_signed(url, profile, Duration::from_secs(args.timeout), &run_token(), signer)
         }
         None => {
             let name = ctx.config.stack_name().to_string();
@@ -62,4 +65,18 @@ fn print_smoke(ui: Ui, report: &smoke::Report) {
             s.detail
         ));
     }
+}
+
+async fn signer(ctx: &Context) -> Result<smoke::Signer> {
+    use aws_credential_types::provider::ProvideCredentials;
+    let conf = crate::aws::load(&aws_settings(ctx)).await?;
+    let provider =
+        conf.credentials_provider().ok_or_else(|| Error::Invalid("api.auth: iam: smoke signs its requests, and no AWS credentials are configured".into()))?;
+    let credentials = provider
+        .provide_credentials()
+        .await
+        .map_err(|e| Error::Invalid(format!("api.auth: iam: smoke signs its requests, and the AWS credentials could not be loaded: {e}")))?;
+    let region =
+        conf.region().map(|r| r.to_string()).ok_or_else(|| Error::Invalid("api.auth: iam: signing needs the API's region: set region: or --region".into()))?;
+    Ok(smoke::Signer { credentials, region })
 }

@@ -10,10 +10,26 @@ use crate::ui::Ui;
 
 pub(super) fn status(args: StatusArgs, ctx: &Context, ui: Ui) -> Result<()> {
     let name = ctx.config.stack_name().to_string();
-    let st = with_clients(ctx, |clients| async move { crate::stack::ops::status(&clients, &name, args.events).await })?;
+    let drift_waits = waits(&ctx.config, &crate::cli::WaitArgs { wait: true, timeout: args.timeout });
+    let (st, drift) = with_clients(ctx, |clients| async move {
+        let st = crate::stack::ops::status(&clients, &name, args.events).await?;
+        let drift = if args.drift && st.exists {
+            let progress = crate::ui::progress::Progress::new(ui, &format!("detecting drift of stack {name}"));
+            Some(crate::stack::drift::detect(&clients.cfn, &name, drift_waits, &progress).await?)
+        } else {
+            None
+        };
+        Ok((st, drift))
+    })?;
     if ui.json() {
-        ui.emit_json(&json!({ "ok": true, "status": st }));
+        ui.emit_json(&json!({ "ok": true, "status": st, "drift": drift }));
         return Ok(());
+    }
+    if let Some(d) = &drift {
+        ui.info(format!("drift: {} ({}{})", d.status, d.detection, d.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()));
+        for r in &d.drifted {
+            ui.info(format!("  {}", r.line()));
+        }
     }
     if !st.exists {
         ui.info(format!("stack {} is not deployed (run `imgbuild deploy`)", st.stack));

@@ -133,6 +133,8 @@ pub async fn upgrade_flow(
         mode: None,
         template: None,
         update_base: false,
+        disable_rollback: false,
+        no_drift_check: false,
         yes: args.yes,
         no_execute: false,
         wait: crate::cli::WaitArgs { wait: false, timeout: args.wait.timeout },

@@ -3,10 +3,12 @@
 //! and the validated [`Context`] commands work from (`plan`). Imports only `error` and the Chroma
 //! table: never render, AWS, or the command line.
 
+mod api;
 mod fleet;
 pub mod lines;
 mod plan;
 
+pub use api::{ApiAuth, ApiConfig};
 pub use fleet::{Amount, FleetConfig, FleetOverride, OrgTarget, PermissionModel, RegionConcurrency, check_account_id, org_target};
 
 pub use plan::Context;
@@ -42,6 +44,7 @@ pub struct Config {
     pub aws: AwsConfig,
     pub fleet: FleetConfig,
     pub backup: BackupConfig,
+    pub api: ApiConfig,
 }
 
 /// `imgbuild backup` and the stack's daily AWS Backup plan.
@@ -124,6 +127,10 @@ pub struct StackConfig {
     pub log_retention_days: u32,
     /// How long API Gateway waits for Chroma (ms); 29000 is the REST API default and limit.
     pub integration_timeout_ms: u32,
+    /// Termination protection on the stack: DeleteStack fails until it is turned off.
+    pub termination_protection: bool,
+    /// A stack policy refusing updates that replace or delete the file system or backup vault.
+    pub protect_data: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,6 +243,7 @@ impl Default for Config {
             aws: AwsConfig::default(),
             fleet: FleetConfig::default(),
             backup: BackupConfig::default(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -250,6 +258,8 @@ impl Default for StackConfig {
             allowed_client_cidr: None,
             log_retention_days: 30,
             integration_timeout_ms: 29_000,
+            termination_protection: true,
+            protect_data: true,
         }
     }
 }
@@ -723,6 +733,7 @@ impl Config {
             bad("backup.schedule", format!("`{sched}` is not an AWS Backup schedule expression such as cron(0 5 ? * * *) or rate(12 hours)"));
         }
         out.extend(fleet::check(&self.fleet, self.bake.kms_key_id.is_some()));
+        out.extend(api::check(&self.api));
         out
     }
 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::aws::{self, Clients, code};
 use crate::error::{Error, Result};
+use crate::stack::protect::{self, Protection};
 use crate::stack::{self, Change, ChangeSetReady, EventFollower, Phase, Waits};
 use crate::ui::progress::Progress;
 
@@ -98,6 +99,21 @@ impl Confirmer for TtyConfirmer {
 }
 
 pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &Cleanup, confirmer: &dyn Confirmer) -> Result<Outcome> {
+    run_protected(clients, plan, &Protection::default(), progress, cleanup, confirmer).await
+}
+
+/// `run`, with the stack's protection: the stack policy goes on before an update executes (it
+/// only guards updates, so it must be there when this one runs) and right after a create (a
+/// stack in REVIEW_IN_PROGRESS is ours to delete on failure); termination protection once the
+/// stack exists for good; ExecuteChangeSet's DisableRollback when asked.
+pub async fn run_protected(
+    clients: &Clients,
+    plan: &Plan,
+    protection: &Protection,
+    progress: &Progress,
+    cleanup: &Cleanup,
+    confirmer: &dyn Confirmer,
+) -> Result<Outcome> {
     let cfn = &clients.cfn;
     let mut notices = Vec::new();
 
@@ -116,6 +132,12 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
             }
             Phase::InProgress => {
                 return Err(Error::Invalid(format!("stack {} is {status}: another operation is running; wait for it (or pass --wait)", plan.stack)));
+            }
+            Phase::Failed if status == "UPDATE_ROLLBACK_FAILED" => {
+                return Err(Error::Invalid(format!(
+                    "stack {} is UPDATE_ROLLBACK_FAILED, which needs a person: the rollback of the last update could not put every resource back. `imgbuild continue-rollback` retries it (`--skip ID,...` for resources fixed by hand; it names the ones that failed)",
+                    plan.stack
+                )));
             }
             Phase::Failed => {
                 return Err(Error::Invalid(format!(
@@ -139,6 +161,7 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
         _ => ChangeSetType::Update,
     };
     let creates_stack = existing.is_none();
+    let is_create = kind == ChangeSetType::Create;
 
     // 2. The change set, recorded as soon as it exists.
     progress.set(&format!("creating {} change set for {}", kind.as_str(), plan.stack));
@@ -192,7 +215,9 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
             stack::delete_change_set(cfn, &id).await?;
             cleanup.lock().expect("cleanup lock").change_set = None;
             progress.line(&format!("no changes: stack {} already matches", plan.stack));
-            return Ok(no_changes(existing.as_ref(), notices));
+            let mut outcome = no_changes(existing.as_ref(), notices);
+            protect_existing(cfn, existing.as_ref(), protection, true, progress, &mut outcome.notices).await?;
+            return Ok(outcome);
         }
         ChangeSetReady::Changes(c) => c,
         ChangeSetReady::Failed { reason, any_changes } => {
@@ -201,7 +226,9 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
             cleanup.lock().expect("cleanup lock").change_set = None;
             if unchanged {
                 progress.line(&format!("no changes: stack {} already matches", plan.stack));
-                return Ok(no_changes(existing.as_ref(), notices));
+                let mut outcome = no_changes(existing.as_ref(), notices);
+                protect_existing(cfn, existing.as_ref(), protection, true, progress, &mut outcome.notices).await?;
+                return Ok(outcome);
             }
             return Err(Error::Invalid(format!("CloudFormation could not make a change set for {}: {reason}", plan.stack)));
         }
@@ -209,6 +236,25 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
     progress.line(&format!("change set {name} for {} ({} change{}):", plan.stack, changes.len(), if changes.len() == 1 { "" } else { "s" }));
     for c in &changes {
         progress.line(&c.line());
+    }
+    if protection.drift_check && !is_create && !changes.is_empty() {
+        warn_overwritten_drift(cfn, &plan.stack, &changes, plan.waits, progress, &mut notices).await;
+    }
+    if protection.protect_data == Some(true) && !creates_stack {
+        let refused = protect::refused_by_policy(&changes);
+        if !refused.is_empty() {
+            let names: Vec<String> = refused.iter().map(|c| format!("{} ({})", c.logical_id, c.resource_type)).collect();
+            remove_created(&clients.for_cleanup(), cleanup).await?;
+            return Err(Error::Invalid(format!(
+                "this change set would {} {}, which holds Chroma's data; the stack policy refuses that, so nothing was executed (the change set was deleted). If that is really meant, deploy once with stack.protect_data: false",
+                if refused.iter().all(|c| c.action == '-') { "delete" } else { "replace or delete" },
+                names.join(", ")
+            )));
+        }
+        for c in protect::may_be_refused(&changes) {
+            progress
+                .line(&format!("note: {} ({}) may be replaced; the stack policy would then refuse it and the update roll back", c.logical_id, c.resource_type));
+        }
     }
 
     // 4. Confirm.
@@ -244,20 +290,35 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
     }
 
     // 5. Execute and follow.
+    if !is_create {
+        protect_existing(cfn, existing.as_ref(), protection, false, progress, &mut notices).await?;
+    }
     let mut follower = EventFollower::start(cfn, &plan.stack).await?;
     // From the moment the request leaves, the stack operation may be CloudFormation's: a Ctrl-C
     // while it is on the wire must not delete a stack that is being created.
     let pending = std::mem::replace(&mut *cleanup.lock().expect("cleanup lock"), Created { executed: true, ..Created::default() });
-    if let Err(e) = cfn.execute_change_set().change_set_name(&id).send().await {
+    let execute = cfn.execute_change_set().change_set_name(&id).set_disable_rollback(protection.disable_rollback.then_some(true));
+    if let Err(e) = execute.send().await {
         // Refused: nothing started, so what this run made is still ours to remove.
         *cleanup.lock().expect("cleanup lock") = pending;
         return Err(aws::err("ExecuteChangeSet", format!("change set {id}"), e));
     }
     let status = stack::wait_executed(cfn, &plan.stack, &mut follower, plan.waits, progress).await?;
     if !stack::succeeded(&status) {
+        if protection.disable_rollback && matches!(status.as_str(), "CREATE_FAILED" | "UPDATE_FAILED") {
+            progress.line(&format!(
+                "--disable-rollback: stack {} keeps what was made, failed resources included, for debugging; deploy again once fixed, or roll it back with `aws cloudformation rollback-stack --stack-name {}`",
+                plan.stack, plan.stack
+            ));
+        }
         return Err(Error::StackFailed { stack: plan.stack.clone(), status, failures: follower.failures });
     }
     let done = stack::describe(cfn, &plan.stack).await?;
+    if is_create {
+        protect_existing(cfn, done.as_ref(), protection, true, progress, &mut notices).await?;
+    } else if let (Some(s), Some(on)) = (done.as_ref(), protection.termination) {
+        termination_setting(cfn, s, on, progress, &mut notices).await;
+    }
     Ok(Outcome {
         stack: plan.stack.clone(),
         status,
@@ -268,6 +329,80 @@ pub async fn run(clients: &Clients, plan: &Plan, progress: &Progress, cleanup: &
         outputs: done.as_ref().map(stack::outputs_of).unwrap_or_default(),
         notices,
     })
+}
+
+/// Before confirming an update: the drifted resources it would overwrite, named with what was
+/// changed by hand. Advisory: a detection that fails or runs too long is said and skipped, never
+/// a reason to refuse the deploy.
+async fn warn_overwritten_drift(
+    cfn: &aws_sdk_cloudformation::Client,
+    name: &str,
+    changes: &[Change],
+    waits: Waits,
+    progress: &Progress,
+    notices: &mut Vec<String>,
+) {
+    progress.set(&format!("detecting drift of stack {name}"));
+    match stack::drift::detect(cfn, name, waits, progress).await {
+        Ok(drift) => {
+            for d in stack::drift::overwritten(&drift, changes) {
+                let said = format!("warning: drifted, and this change set overwrites it with the template's values: {}", d.line());
+                progress.line(&said);
+                notices.push(said);
+            }
+        }
+        Err(e) => {
+            let said = format!("drift check skipped: {e}");
+            progress.line(&said);
+            notices.push(said);
+        }
+    }
+}
+
+/// Puts the stack policy on (when the protection has one) and, with `termination`, sets the
+/// termination protection the config asks for.
+async fn protect_existing(
+    cfn: &aws_sdk_cloudformation::Client,
+    existing: Option<&aws_sdk_cloudformation::types::Stack>,
+    protection: &Protection,
+    termination: bool,
+    progress: &Progress,
+    notices: &mut Vec<String>,
+) -> Result<()> {
+    let Some(s) = existing else { return Ok(()) };
+    let name = s.stack_name().unwrap_or_default();
+    if let Some(protect_data) = protection.protect_data {
+        protect::set_policy(cfn, name, &protect::stack_policy(protect_data)).await?;
+    }
+    if termination && let Some(on) = protection.termination {
+        termination_setting(cfn, s, on, progress, notices).await;
+    }
+    Ok(())
+}
+
+/// Termination protection after the stack operation succeeded: a failure here (a role without
+/// cloudformation:UpdateTerminationProtection, say) must not turn a finished deploy into a failed
+/// one, so it is said, with the command that does it by hand, and kept in the notices.
+async fn termination_setting(
+    cfn: &aws_sdk_cloudformation::Client,
+    s: &aws_sdk_cloudformation::types::Stack,
+    on: bool,
+    progress: &Progress,
+    notices: &mut Vec<String>,
+) {
+    match protect::set_termination(cfn, s, on, progress).await {
+        Ok(Some(said)) => notices.push(said),
+        Ok(None) => {}
+        Err(e) => {
+            let name = s.stack_name().unwrap_or_default();
+            let flag = if on { "--enable-termination-protection" } else { "--no-enable-termination-protection" };
+            let said = format!(
+                "warning: the stack is deployed, but its termination protection could not be set ({e}); set it with `aws cloudformation update-termination-protection {flag} --stack-name {name}`"
+            );
+            progress.line(&said);
+            notices.push(said);
+        }
+    }
 }
 
 /// Whether the deployed stack already has this template and these parameters. Used to tell

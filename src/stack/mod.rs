@@ -4,9 +4,11 @@
 //! (`changeset`); status and destroy (`ops`). Knows AWS and the UI's progress, not the CLI.
 
 pub mod changeset;
+pub mod drift;
 pub mod efs;
 pub mod fleet;
 pub mod ops;
+pub mod protect;
 pub mod template;
 
 use std::collections::{BTreeMap, HashSet};

@@ -164,6 +164,8 @@ pub async fn destroy(clients: &Clients, name: &str, delete_data: bool, wait_if_b
     }
     let file_system = stack::outputs_of(&s).get("FileSystemId").cloned();
     let project = s.tags().iter().find(|t| t.key() == Some(PROJECT_TAG)).and_then(|t| t.value()).map(String::from);
+    // DeleteStack fails on a protected stack; the command asked before getting here.
+    stack::protect::set_termination(&clients.cfn, &s, false, progress).await?;
     progress.set(&format!("deleting stack {name}"));
     stack::delete_and_wait(&clients.cfn, name, waits, progress).await?;
     progress.line(&format!("stack {name} deleted"));

@@ -3,6 +3,7 @@
 #[macro_use]
 mod mock_client;
 
+mod api_auth;
 mod backup;
 mod bake_mocks;
 mod bake_moto;
@@ -18,6 +19,7 @@ mod interrupt;
 mod layers;
 mod mocks;
 mod moto;
+mod protection;
 mod readme;
 mod render;
 mod secrets;

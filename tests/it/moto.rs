@@ -192,6 +192,8 @@ fn interrupt_while_the_change_set_is_pending_removes_it() {
         yes: false,
         no_execute: false,
         update_base: false,
+        disable_rollback: false,
+        no_drift_check: false,
         wait: WaitArgs { wait: false, timeout: Some(120) },
         tools: ToolArgs { require_tools: false, no_tools: true },
     };

@@ -177,6 +177,8 @@ fn args() -> DeployArgs {
         yes: false,
         no_execute: true,
         update_base: false,
+        disable_rollback: false,
+        no_drift_check: false,
         wait: WaitArgs { wait: false, timeout: Some(60) },
         tools: ToolArgs { require_tools: false, no_tools: true },
     }
