@@ -18,10 +18,6 @@ pub(super) fn destroy(args: DestroyArgs, ctx: &Context, ui: Ui) -> Result<()> {
     let waits = waits(&ctx.config, &args.wait);
     let done = with_clients(ctx, |clients| async move {
         let mut interrupt = Box::pin(interrupt_listener()?);
-        let protected = crate::stack::describe(&clients.cfn, &name).await?.is_some_and(|s| crate::stack::protect::termination_protected(&s));
-        if protected {
-            ui.info(format!("stack {name} has termination protection on: destroy turns it off (UpdateTerminationProtection) before deleting it"));
-        }
         if !args.yes {
             super::need_terminal("pass --yes to delete without asking")?;
             let question = if args.delete_data {
@@ -29,10 +25,15 @@ pub(super) fn destroy(args: DestroyArgs, ctx: &Context, ui: Ui) -> Result<()> {
             } else {
                 format!("Delete stack {name}? (its EFS file systems and data are kept)")
             };
-            let question = if protected { format!("{question} Its termination protection is turned off first.") } else { question };
+            // Asked before any AWS call: a refusal or a "no" needs no credentials and reads nothing.
+            let question = format!("{question} Termination protection, when on, is turned off first.");
             if !super::confirm_or_interrupt(&question, &mut interrupt).await? {
                 return Err(Error::Declined("declined: nothing was deleted".into()));
             }
+        }
+        let protected = crate::stack::describe(&clients.cfn, &name).await?.is_some_and(|s| crate::stack::protect::termination_protected(&s));
+        if protected {
+            ui.info(format!("stack {name} has termination protection on: destroy turns it off (UpdateTerminationProtection) before deleting it"));
         }
         let progress = Progress::new(ui, &format!("destroying {name}"));
         tokio::select! {
@@ -66,6 +67,10 @@ fn destroy_bake_prereqs(args: DestroyArgs, ctx: &Context, ui: Ui) -> Result<()> 
             {
                 return Err(Error::Declined("declined: nothing was deleted".into()));
             }
+        }
+        let protected = crate::stack::describe(&clients.cfn, &name).await?.is_some_and(|s| crate::stack::protect::termination_protected(&s));
+        if protected {
+            ui.info(format!("stack {name} has termination protection on: destroy turns it off (UpdateTerminationProtection) before deleting it"));
         }
         let progress = Progress::new(ui, &format!("destroying {name}"));
         tokio::select! {

@@ -637,7 +637,7 @@ const STOCK: &str = "ami-0fedcba9876543210";
 async fn captured_create_change_set() -> (aws_sdk_cloudformation::operation::create_change_set::CreateChangeSetInput, Config) {
     use aws_sdk_cloudformation::types::{ChangeAction, ChangeSetStatus, ExecutionStatus, ResourceChange};
     let config = crate::support::parse(
-        "name: vectordb\nchroma:\n  version: 0.4.13\n  port: 8080\nstorage:\n  mode: docker-nfs\nstack:\n  instance_type: m7i.large\n  nat_gateways: per-az\n  vpc_cidr: 10.20.0.0/16\n  allowed_client_cidr: 192.168.10.0/24\n  log_retention_days: 90\n  integration_timeout_ms: 15000\nbackup:\n  retention_days: 14\n  schedule: rate(12 hours)\n",
+        "name: vectordb\nchroma:\n  version: 0.4.13\n  port: 8080\nstorage:\n  mode: docker-nfs\nstack:\n  instance_type: m7i.large\n  nat_gateways: per-az\n  vpc_cidr: 10.20.0.0/16\n  allowed_client_cidr: 192.168.10.0/24\n  log_retention_days: 90\n  integration_timeout_ms: 15000\nbackup:\n  retention_days: 14\n  schedule: rate(12 hours)\napi:\n  auth: iam\n  allowed_principals: [\"arn:aws:iam::123456789012:role/rag-app\"]\n",
     );
     let ctx = imgbuild::config::Context {
         config: config.clone(),
@@ -750,6 +750,9 @@ async fn deploy_sends_every_parameter_and_the_rendered_user_data_in_the_real_tem
         ("BackupRetentionDays", "14"),
         ("BackupSchedule", "rate(12 hours)"),
         ("ChromaVersion", "0.4.13"),
+        // api.auth: iam puts AWS_IAM on the proxy method and names the principals.
+        ("ApiAuth", "AWS_IAM"),
+        ("ApiAllowedPrincipals", "arn:aws:iam::123456789012:role/rag-app"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))

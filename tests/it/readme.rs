@@ -48,6 +48,12 @@ const NEEDS_AWS: &[(&str, &str)] = &[
         "needs a `fleet:` section and a baked image in each region; tests/it/fleet.rs runs the fleet against moto",
     ),
     ("imgbuild fleet status --drift", "needs a deployed StackSet; moto fails DetectStackSetDrift"),
+    ("imgbuild deploy --disable-rollback", "moto cannot execute the real template; tests/it/protection.rs scripts DisableRollback"),
+    ("imgbuild continue-rollback", "needs a stack in UPDATE_ROLLBACK_FAILED, which moto never reaches; tests/it/protection.rs scripts it"),
+    (
+        "imgbuild continue-rollback --skip AutoScalingGroup",
+        "needs a stack in UPDATE_ROLLBACK_FAILED, which moto never reaches; tests/it/protection.rs scripts it",
+    ),
     ("imgbuild fleet destroy", "needs a deployed StackSet and a `fleet:` section; tests/it/fleet.rs covers it against moto"),
 ];
 
