@@ -107,6 +107,10 @@ pub enum Command {
     /// back, asks, and continues the rollback (ContinueUpdateRollback), skipping those named.
     #[command(name = "continue-rollback")]
     ContinueRollback(ContinueRollbackArgs),
+    /// Find, by the project's tags, what earlier runs left behind in the region (build instances,
+    /// snapshots without an image, unexecuted change sets, empty REVIEW_IN_PROGRESS stacks, file
+    /// systems destroy kept) and remove what you confirm. Run with --dry-run first.
+    Gc(GcArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -457,4 +461,25 @@ pub struct ContinueRollbackArgs {
     /// Longest wait for the rollback, in seconds [default: aws.stack_timeout_secs].
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Say what was left behind, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Remove without asking (file systems still need --delete-data).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Also delete the file systems destroy kept, and with them every collection Chroma stored
+    /// on them. Without it they are listed and kept.
+    #[arg(long)]
+    pub delete_data: bool,
+    /// Only file systems created longer ago than this count as left behind (30d, 12h, 45m, 90s).
+    #[arg(long, default_value = "30d", value_name = "AGE", value_parser = parse_age)]
+    pub older_than: std::time::Duration,
+}
+
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    crate::bake::gc::parse_age(text)
 }

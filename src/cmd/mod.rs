@@ -9,6 +9,7 @@ mod deploy;
 mod destroy;
 pub mod doctor;
 mod fleet;
+mod gc;
 mod images;
 mod init;
 mod render;
@@ -71,6 +72,7 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
         Command::Upgrade(args) => upgrade::upgrade_cmd(args, &context(&cli.global)?, ui),
         Command::Rollback(args) => upgrade::rollback_cmd(args, &context(&cli.global)?, ui),
         Command::ContinueRollback(args) => continue_rollback::continue_rollback(args, &context(&cli.global)?, ui),
+        Command::Gc(args) => gc::gc(args, &context(&cli.global)?, ui),
     }
 }
 

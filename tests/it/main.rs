@@ -15,6 +15,7 @@ mod faults;
 mod fleet;
 mod fleet_mocks;
 mod fuzz;
+mod gc;
 mod interrupt;
 mod layers;
 mod mocks;

@@ -78,6 +78,7 @@ fn walked_examples() -> Vec<&'static str> {
         "imgbuild bake --dry-run",
         "imgbuild deploy --no-execute",
         "imgbuild status",
+        "imgbuild gc --dry-run",
     ]
 }
 
@@ -132,6 +133,9 @@ fn the_readme_examples_moto_can_answer_do_what_the_readme_says() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is left for review"), "the change set is left for review");
     let out = run("imgbuild status", dir.path(), Some(&moto.url));
     assert!(String::from_utf8_lossy(&out.stderr).contains("REVIEW_IN_PROGRESS"), "{}", String::from_utf8_lossy(&out.stderr));
+    // The review stack deploy --no-execute just left is what gc lists, and --dry-run keeps it.
+    let out = run("imgbuild gc --dry-run", dir.path(), Some(&moto.url));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("would remove empty stack readme-walk"), "{}", String::from_utf8_lossy(&out.stderr));
     // Leave moto as found: the change set and the review stack deploy --no-execute left.
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
         let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
