@@ -111,6 +111,11 @@ pub enum Command {
     /// snapshots without an image, unexecuted change sets, empty REVIEW_IN_PROGRESS stacks, file
     /// systems destroy kept) and remove what you confirm. Run with --dry-run first.
     Gc(GcArgs),
+    /// Diagnostics without SSH: cloud-init, chroma.service's journal, compose and the container,
+    /// the EFS mount, the writer lock and the boot guard (through SSM Run Command), the first
+    /// failing stack event and a failed bake's failing step. --out DIR writes a bundle for a bug
+    /// report, credentials and tokens masked.
+    Logs(LogsArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -482,4 +487,20 @@ pub struct GcArgs {
 
 fn parse_age(text: &str) -> Result<std::time::Duration, String> {
     crate::bake::gc::parse_age(text)
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Also write everything into DIR (created, private to you) for a bug report.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// How many lines of each log.
+    #[arg(long, default_value_t = 200, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=5000))]
+    pub lines: u32,
+    /// Collect from this instance [default: the stack's running instance, the newest of several].
+    #[arg(long, value_name = "INSTANCE_ID")]
+    pub instance: Option<String>,
+    /// Longest wait for the Run Command on the instance, in seconds.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub timeout: u64,
 }

@@ -18,6 +18,7 @@ mod fuzz;
 mod gc;
 mod interrupt;
 mod layers;
+mod logs;
 mod mocks;
 mod moto;
 mod protection;

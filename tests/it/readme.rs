@@ -54,6 +54,10 @@ const NEEDS_AWS: &[(&str, &str)] = &[
         "imgbuild continue-rollback --skip AutoScalingGroup",
         "needs a stack in UPDATE_ROLLBACK_FAILED, which moto never reaches; tests/it/protection.rs scripts it",
     ),
+    (
+        "imgbuild logs --out bug-report",
+        "moto runs no SSM Run Command script and has no Automation executions; tests/it/logs.rs scripts them and boot.rs runs the script",
+    ),
     ("imgbuild fleet destroy", "needs a deployed StackSet and a `fleet:` section; tests/it/fleet.rs covers it against moto"),
 ];
 
