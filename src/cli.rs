@@ -107,6 +107,15 @@ pub enum Command {
     /// back, asks, and continues the rollback (ContinueUpdateRollback), skipping those named.
     #[command(name = "continue-rollback")]
     ContinueRollback(ContinueRollbackArgs),
+    /// Find, by the project's tags, what earlier runs left behind in the region (build instances,
+    /// snapshots without an image, unexecuted change sets, empty REVIEW_IN_PROGRESS stacks, file
+    /// systems destroy kept) and remove what you confirm. Run with --dry-run first.
+    Gc(GcArgs),
+    /// Diagnostics without SSH: cloud-init, chroma.service's journal, compose and the container,
+    /// the EFS mount, the writer lock and the boot guard (through SSM Run Command), the first
+    /// failing stack event and a failed bake's failing step. --out DIR writes a bundle for a bug
+    /// report, credentials and tokens masked.
+    Logs(LogsArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -457,4 +466,41 @@ pub struct ContinueRollbackArgs {
     /// Longest wait for the rollback, in seconds [default: aws.stack_timeout_secs].
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Say what was left behind, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Remove without asking (file systems still need --delete-data).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Also delete the file systems destroy kept, and with them every collection Chroma stored
+    /// on them. Without it they are listed and kept.
+    #[arg(long)]
+    pub delete_data: bool,
+    /// Only file systems created longer ago than this count as left behind (30d, 12h, 45m, 90s).
+    #[arg(long, default_value = "30d", value_name = "AGE", value_parser = parse_age)]
+    pub older_than: std::time::Duration,
+}
+
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    crate::bake::gc::parse_age(text)
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Also write everything into DIR (created, private to you) for a bug report.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// How many lines of each log.
+    #[arg(long, default_value_t = 200, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=5000))]
+    pub lines: u32,
+    /// Collect from this instance [default: the stack's running instance, the newest of several].
+    #[arg(long, value_name = "INSTANCE_ID")]
+    pub instance: Option<String>,
+    /// Longest wait for the Run Command on the instance, in seconds.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub timeout: u64,
 }

@@ -8,6 +8,7 @@
 //!
 //! `images` owns which AMI an instance boots and the project's images (list, prune, in use).
 
+pub mod gc;
 pub mod images;
 pub mod share;
 

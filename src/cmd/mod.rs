@@ -9,8 +9,10 @@ mod deploy;
 mod destroy;
 pub mod doctor;
 mod fleet;
+mod gc;
 mod images;
 mod init;
+mod logs;
 mod render;
 mod restore;
 mod smoke;
@@ -22,6 +24,7 @@ pub use backup::backup_flow;
 pub use bake::{PREREQS_TEMPLATE, bake_flow};
 pub use deploy::{deploy_flow, stack_parameters};
 pub use fleet::{fleet_deploy_flow, fleet_destroy_flow, fleet_status_flow};
+pub use logs::logs_flow;
 pub use restore::{reattach_context, restore_flow};
 pub use upgrade::{after_smoke, rollback_flow, rollback_path, upgrade_flow};
 
@@ -71,6 +74,8 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
         Command::Upgrade(args) => upgrade::upgrade_cmd(args, &context(&cli.global)?, ui),
         Command::Rollback(args) => upgrade::rollback_cmd(args, &context(&cli.global)?, ui),
         Command::ContinueRollback(args) => continue_rollback::continue_rollback(args, &context(&cli.global)?, ui),
+        Command::Gc(args) => gc::gc(args, &context(&cli.global)?, ui),
+        Command::Logs(args) => logs::logs(args, &context(&cli.global)?, ui),
     }
 }
 

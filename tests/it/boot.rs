@@ -922,3 +922,112 @@ fn backup_then_restore_verify_finds_the_same_collections_and_counts_in_a_real_ch
     let failed: Vec<_> = checks.iter().filter(|c| !c.ok).map(|c| (c.collection.as_str(), c.recorded, c.found)).collect();
     assert_eq!(failed, [("notes", Some(5), Some(4))]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// `imgbuild logs`: the diagnose script (backup/diagnose.sh), run as Run Command would.
+
+/// Runs the diagnose script on `vm` with the settings `imgbuild logs` passes; returns its
+/// sections as imgbuild splits them.
+fn diagnose(vm: &Instance, config: &Config, token: &str) -> std::collections::BTreeMap<String, String> {
+    let script = vm.path("/tmp/diagnose.sh");
+    write_file(&script, imgbuild::backup::diagnose::DIAGNOSE_SCRIPT, 0o755);
+    let mut cmd = vm.command("bash");
+    cmd.arg(&script)
+        .env("IMGBUILD_MOUNT_POINT", &config.storage.mount_point)
+        .env("IMGBUILD_LOCK_NAME", imgbuild::render::LOCK_NAME)
+        .env("IMGBUILD_VERSION_NAME", ".imgbuild-chroma-version")
+        .env("IMGBUILD_COMPOSE", imgbuild::render::COMPOSE_PATH)
+        .env("IMGBUILD_REFUSED", imgbuild::render::REFUSED_FILE)
+        .env("IMGBUILD_INSTALL_MARKER", imgbuild::render::INSTALL_MARKER)
+        .env("IMGBUILD_LINES", "50")
+        .env("IMGBUILD_TOKEN", token);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "the diagnose script never fails: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (sections, complete) = imgbuild::backup::diagnose::sections(&stdout, token);
+    assert!(complete, "no end line for {token}: {stdout}");
+    sections
+}
+
+/// The script Run Command runs passes shellcheck (bash, as the one line Run Command gets pipes
+/// it to `bash -s`).
+#[test]
+fn the_diagnose_script_passes_shellcheck() {
+    let tools = if validators_required() { imgbuild::check::userdata::Tools::Required } else { imgbuild::check::userdata::Tools::IfInstalled };
+    let report = imgbuild::check::userdata::validate_script("backup/diagnose.sh", imgbuild::backup::diagnose::DIAGNOSE_SCRIPT, tools);
+    assert!(report.ok(), "{:#?}", report.checks);
+}
+
+/// On a serving instance: EFS mounted, the writer lock held (by the unit, through compose), the
+/// install complete, no refusal, the unit active; the journal, compose's view and the container's
+/// lines are there; credentials in cloud-init's output are masked on the instance already
+/// (AWS_* variables, IMDSv2 tokens: EC2 User Guide, "Use the Instance Metadata Service",
+/// `X-aws-ec2-metadata-token`). Once Chroma stops, the lock shows free.
+#[test]
+fn diagnose_reports_mount_lock_guard_and_logs_of_a_serving_instance_with_credentials_masked() {
+    for config in [Config::default(), docker_nfs()] {
+        let efs = efs_dir();
+        let vm = Instance::new(&config, efs.path(), stack_metadata()).baked();
+        let r = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+        assert!(boot_status(&vm.cloud_init(&r)).1.success(), "{}", vm.journal());
+        assert!(vm.serving());
+        write_file(
+            &vm.path("/var/log/cloud-init-output.log"),
+            "Cloud-init v. 22.2.2 running 'modules:final'\nexport AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n\
+             curl -H X-aws-ec2-metadata-token: AQAEAFTNrA4eEGx0AQgJ1arIq_Cc-t4tWt3fB0Hd8RKhXlKc5ccvhg==\nCloud-init v. 22.2.2 finished\n",
+            0o644,
+        );
+        std::fs::write(vm.state.join("container.log"), "chroma-1  | Listening on 0.0.0.0:8000\n").unwrap();
+        write_file(&vm.path("/run/cloud-init/result.json"), "{\"v1\": {\"errors\": []}}\n", 0o644);
+
+        let before = vm.calls().len();
+        let s = diagnose(&vm, &config, "tok-l1");
+        // Read-only: the script asked systemd and compose, and changed nothing.
+        let made: Vec<String> = vm.calls().split_off(before);
+        assert!(
+            made.iter().all(|c| c == "systemctl is-active --quiet chroma.service"
+                || c.starts_with("mountpoint ")
+                || c.starts_with("journalctl ")
+                || c.ends_with(" ps --all")
+                || c.contains(" logs --no-color ")),
+            "{made:#?}"
+        );
+        assert_eq!(s["mount"], "mounted: /mnt/chroma\n");
+        assert_eq!(s["writer-lock"], "held: /mnt/chroma/.imgbuild-writer.lock\ndata last opened by Chroma 1.5.9\n");
+        assert_eq!(s["boot-guard"], "install: complete (ghcr.io/chroma-core/chroma:1.5.9)\nno refusal\nchroma.service: active\n");
+        assert_eq!(s["compose-ps"], "chroma-chroma-1  running\n");
+        assert_eq!(s["chroma-container"], "chroma-1  | Listening on 0.0.0.0:8000\n");
+        assert!(s["chroma-journal"].contains("imgbuild-start: EFS mounted on"), "{}", s["chroma-journal"]);
+        assert!(s["cloud-init-status"].contains("/run/cloud-init/result.json:\n{\"v1\": {\"errors\": []}}"), "{}", s["cloud-init-status"]);
+        assert!(s["cloud-init-status"].contains("/run/cloud-init/status.json: missing"));
+        let out = &s["cloud-init-output"];
+        assert!(out.contains("AWS_SECRET_ACCESS_KEY=<redacted>") && out.contains("X-aws-ec2-metadata-token: <redacted>"), "{out}");
+        assert!(!out.contains("wJalrXUtnFEMI") && !out.contains("AQAEAFTNrA4e"), "{out}");
+        assert!(out.contains("finished"), "the rest of the log stays: {out}");
+
+        assert_eq!(vm.stop(), 0);
+        let s = diagnose(&vm, &config, "tok-l2");
+        assert_eq!(s["writer-lock"], "free: /mnt/chroma/.imgbuild-writer.lock (no writer holds it)\ndata last opened by Chroma 1.5.9\n");
+        assert!(s["boot-guard"].ends_with("chroma.service: not active\n"));
+        assert_eq!(s["compose-ps"], "chroma-chroma-1  exited\n");
+    }
+}
+
+/// A guard's refusal (data from a newer Chroma) is the boot guard's verdict, word for word as
+/// start.sh left it in /run/imgbuild/refused.
+#[test]
+fn diagnose_reports_the_boot_guards_refusal() {
+    let config = Config::default();
+    let efs = efs_dir();
+    std::fs::write(efs.path().join(".imgbuild-chroma-version"), "1.10.0\n").unwrap();
+    let vm = Instance::new(&config, efs.path(), stack_metadata()).baked();
+    let results = vm.cloud_init(&render_with(&config, None, Mode::Baked, Format::CloudConfig, false));
+    assert!(!boot_status(&results).1.success());
+    assert_eq!(vm.unit_exit(), 3);
+    let s = diagnose(&vm, &config, "tok-l3");
+    let guard = &s["boot-guard"];
+    assert!(guard.starts_with("install: complete"), "{guard}");
+    assert!(guard.contains("refused: ") && guard.contains("last opened by Chroma 1.10.0, newer than this image's 1.5.9"), "{guard}");
+    assert!(guard.ends_with("chroma.service: not active\n"), "{guard}");
+    assert!(s["writer-lock"].starts_with("free: "), "{}", s["writer-lock"]);
+}

@@ -54,6 +54,10 @@ const NEEDS_AWS: &[(&str, &str)] = &[
         "imgbuild continue-rollback --skip AutoScalingGroup",
         "needs a stack in UPDATE_ROLLBACK_FAILED, which moto never reaches; tests/it/protection.rs scripts it",
     ),
+    (
+        "imgbuild logs --out bug-report",
+        "moto runs no SSM Run Command script and has no Automation executions; tests/it/logs.rs scripts them and boot.rs runs the script",
+    ),
     ("imgbuild fleet destroy", "needs a deployed StackSet and a `fleet:` section; tests/it/fleet.rs covers it against moto"),
 ];
 
@@ -78,6 +82,7 @@ fn walked_examples() -> Vec<&'static str> {
         "imgbuild bake --dry-run",
         "imgbuild deploy --no-execute",
         "imgbuild status",
+        "imgbuild gc --dry-run",
     ]
 }
 
@@ -132,6 +137,9 @@ fn the_readme_examples_moto_can_answer_do_what_the_readme_says() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is left for review"), "the change set is left for review");
     let out = run("imgbuild status", dir.path(), Some(&moto.url));
     assert!(String::from_utf8_lossy(&out.stderr).contains("REVIEW_IN_PROGRESS"), "{}", String::from_utf8_lossy(&out.stderr));
+    // The review stack deploy --no-execute just left is what gc lists, and --dry-run keeps it.
+    let out = run("imgbuild gc --dry-run", dir.path(), Some(&moto.url));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("would remove empty stack readme-walk"), "{}", String::from_utf8_lossy(&out.stderr));
     // Leave moto as found: the change set and the review stack deploy --no-execute left.
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
         let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
