@@ -419,6 +419,10 @@ pub struct RestoreArgs {
     /// Boot this AMI on the restored file system [default: as deploy chooses].
     #[arg(long, value_name = "AMI_ID")]
     pub ami: Option<String>,
+    /// The user-data mode for `ami`; set by `imgbuild rollback` from its record (a stock image
+    /// boots only in full mode), not a flag.
+    #[arg(skip)]
+    pub mode: Option<Mode>,
     /// Before anything switches: mount the restored copy read-only, serve it with a throw-away
     /// Chroma of the same version, and compare collections and counts with what the backup
     /// recorded. Any difference stops the restore.

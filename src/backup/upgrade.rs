@@ -28,6 +28,10 @@ pub struct RollbackRecord {
     pub to_version: String,
     /// The image the stack ran before the upgrade.
     pub previous_image: String,
+    /// How that image boots: a stock image only in full mode (an `--ami` alone means baked).
+    /// None in records written before it was kept: deploy's default then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_mode: Option<render::Mode>,
     /// The consistent recovery point taken just before.
     pub recovery_point: String,
 }

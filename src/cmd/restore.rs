@@ -101,7 +101,7 @@ pub async fn restore_flow(
 
     let deploy_args = DeployArgs {
         ami: args.ami.clone(),
-        mode: None,
+        mode: args.mode,
         template: None,
         update_base: false,
         disable_rollback: false,

@@ -89,6 +89,14 @@ pub async fn upgrade_flow(
         .unwrap_or(0);
     let choice = images::choose(clients, config, None, None).await?;
     let bakes = matches!(choice.source, images::Source::Baked { .. });
+    // The way back is the image the stack runs: its ImageId parameter, which CloudFormation keeps
+    // with the stack. The choice answers what a deploy would pick today, and the public AL2023
+    // parameter moves with every release (deploy keeps the running one until --update-base).
+    let running = crate::stack::describe(&clients.cfn, &t.stack)
+        .await?
+        .map(|s| crate::stack::parameters_of(&s))
+        .and_then(|p| p.get("ImageId").cloned())
+        .filter(|a| !a.is_empty());
     let plan = upgrade::plan(config, &t.stack, data_version.as_deref(), &args.to, size, bakes)?;
     print_plan(ui, &plan);
     if args.dry_run {
@@ -102,7 +110,8 @@ pub async fn upgrade_flow(
         stack: t.stack.clone(),
         from_version: data_version.clone().unwrap_or_else(|| config.chroma.version.clone()),
         to_version: args.to.clone(),
-        previous_image: choice.ami.clone(),
+        previous_image: running.unwrap_or_else(|| choice.ami.clone()),
+        previous_mode: Some(choice.mode),
         recovery_point: taken.job.recovery_point_arn.clone(),
     };
     let path = rollback_path(ctx);
@@ -228,6 +237,7 @@ pub async fn rollback_flow(
         recovery_point: record.recovery_point.clone(),
         yes: args.yes,
         ami: Some(record.previous_image.clone()),
+        mode: record.previous_mode,
         verify: false,
         wait: crate::cli::WaitArgs { wait: false, timeout: args.wait.timeout },
     };

@@ -40,7 +40,7 @@ pub const VERSION_MARKER: &str = ".imgbuild-chroma-version";
 /// start script's mount retries and its wait for another instance's writer lock (600 s).
 pub const BOOT_BUDGET_SECS: u32 = 900;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// The whole bootstrap: installs docker, compose and the EFS helper, pulls Chroma, starts it.

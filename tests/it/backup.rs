@@ -493,7 +493,7 @@ impl Confirmer for NoConfirm {
 }
 
 fn restore_args(point: &str) -> RestoreArgs {
-    RestoreArgs { recovery_point: point.into(), yes: false, ami: None, verify: false, wait: WaitArgs { wait: false, timeout: Some(60) } }
+    RestoreArgs { recovery_point: point.into(), yes: false, ami: None, mode: None, verify: false, wait: WaitArgs { wait: false, timeout: Some(60) } }
 }
 
 /// DescribeRecoveryPoint (AWS Backup API Reference: ResourceType, Status, ResourceArn) answering
@@ -864,7 +864,10 @@ fn parameters() -> Rule {
 /// The marker read answers `marker` (its own command id: the command is not the quiesce).
 fn marker_read(marker: &'static str) -> Vec<Rule> {
     let send = mock!(aws_sdk_ssm::Client::send_command)
-        .match_requests(|r| r.parameters().and_then(|p| p.get("commands")).is_some_and(|c| c[0].contains(".imgbuild-chroma-version")))
+        // Only the read: the quiesce's command names the marker too (IMGBUILD_VERSION_NAME).
+        .match_requests(|r| {
+            r.parameters().and_then(|p| p.get("commands")).is_some_and(|c| c[0].starts_with("if [ -s ") && c[0].contains(".imgbuild-chroma-version"))
+        })
         .then_output(|| {
             aws_sdk_ssm::operation::send_command::SendCommandOutput::builder()
                 .command(aws_sdk_ssm::types::Command::builder().command_id("7a8b9c0d-9b57-4151-a15c-db9a55667788").build())
@@ -957,6 +960,7 @@ async fn rollback_without_a_record_or_of_another_stack_is_refused_with_exit_2() 
         from_version: "1.0.0".into(),
         to_version: "1.5.9".into(),
         previous_image: "ami-0123456789abcdef0".into(),
+        previous_mode: None,
         recovery_point: POINT.into(),
     };
     std::fs::write(imgbuild::cmd::rollback_path(&c), serde_json::to_string(&record).unwrap()).unwrap();
@@ -977,6 +981,7 @@ async fn rollback_restores_the_recorded_point_with_the_recorded_version() {
         from_version: "1.0.0".into(),
         to_version: "1.5.9".into(),
         previous_image: "ami-0123456789abcdef0".into(),
+        previous_mode: None,
         recovery_point: POINT.into(),
     };
     std::fs::write(imgbuild::cmd::rollback_path(&c), serde_json::to_string(&record).unwrap()).unwrap();
@@ -1003,6 +1008,7 @@ fn a_failed_smoke_after_the_upgrade_hands_over_the_rollback() {
         from_version: "1.0.0".into(),
         to_version: "1.5.9".into(),
         previous_image: "ami-0123456789abcdef0".into(),
+        previous_mode: None,
         recovery_point: POINT.into(),
     };
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -1075,4 +1081,329 @@ fn restore_mount_targets_against_moto_copy_the_live_ones_and_are_gone_afterwards
         let kept = efs.describe_mount_targets().file_system_id(live.file_system_id()).send().await.unwrap();
         assert_eq!(kept.mount_targets().len(), 1, "the live file system's mount target is untouched");
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// upgrade, end to end, then rollback from its record (issue 13's done-when: "upgrade and
+// rollback shown against mocks, including a failed smoke that rolls back"). moto implements
+// neither StartBackupJob (REFERENCE.md) nor executing the real template (its CloudFormation makes
+// the NLB an application LB), so every call is scripted, in the shape cited at its fixture.
+
+const STACK_ID: &str = "arn:aws:cloudformation:us-east-1:123456789012:stack/vectordb/6c1e5a30-0000-11ef-0000-0a1b2c3d4e5f";
+const CS_ID: &str = "arn:aws:cloudformation:us-east-1:123456789012:changeSet/imgbuild-x/9f8e7d6c-0000-11ef-0000-0a1b2c3d4e5f";
+/// The stock AL2023 image the stack runs before the upgrade (its ImageId parameter); the public
+/// parameter has since moved on to `parameters()`'s ami-0123456789abcdef0.
+const RUNNING_AMI: &str = "ami-0a1b2c3d4e5f60718";
+const API_ID: &str = "a1b2c3d4e5";
+const RESTORED_FS: &str = "fs-0fedcba9876543210";
+
+/// The quiesce of the pre-upgrade data: Chroma 1.0.0 wrote it.
+const QUIESCED_OLD: &str =
+    "imgbuild-quiesce: copying\nIMGBUILD_RESULT status=ok token=1700000000-000000001 version=1.0.0 paused_ms=2350 bytes=73728 was_running=1\n";
+
+/// The CloudFormation side of a deploy that executes: DescribeStacks, the change set, drift,
+/// the stack policy, termination protection, ExecuteChangeSet and the events.
+struct Cfn {
+    rules: Vec<Rule>,
+    change_sets: Seen<aws_sdk_cloudformation::operation::create_change_set::CreateChangeSetInput>,
+    execute: Rule,
+}
+
+fn cfn_deploy() -> Cfn {
+    use aws_sdk_cloudformation::operation as op;
+    use aws_sdk_cloudformation::types as t;
+    // ExecuteChangeSet: no response elements (CloudFormation API reference, ExecuteChangeSet).
+    let execute = mock!(aws_sdk_cloudformation::Client::execute_change_set)
+        .match_requests(|r| r.change_set_name() == Some(CS_ID))
+        .then_output(|| op::execute_change_set::ExecuteChangeSetOutput::builder().build());
+    // DescribeStacks (aws-cli examples/cloudformation/describe-stacks.rst: StackStatus,
+    // Parameters, Outputs): the deployed stack with the outputs infra/stack.yaml declares; once the
+    // change set is executed, UPDATE_IN_PROGRESS for one read, then UPDATE_COMPLETE.
+    let executed = execute.clone();
+    let reads_after = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let describe = mock!(aws_sdk_cloudformation::Client::describe_stacks).match_requests(|r| r.stack_name() == Some(STACK)).then_compute_output(move |_| {
+        let status = if executed.num_calls() > 0 && reads_after.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            t::StackStatus::UpdateInProgress
+        } else {
+            t::StackStatus::UpdateComplete
+        };
+        let out = |k: &str, v: &str| t::Output::builder().output_key(k).output_value(v).build();
+        let param = |k: &str, v: &str| t::Parameter::builder().parameter_key(k).parameter_value(v).build();
+        op::describe_stacks::DescribeStacksOutput::builder()
+            .stacks(
+                t::Stack::builder()
+                    .stack_name(STACK)
+                    .stack_id(STACK_ID)
+                    .stack_status(status)
+                    .creation_time(aws_smithy_types::DateTime::from_secs(1_700_000_000))
+                    .enable_termination_protection(true)
+                    .parameters(param("ImageId", RUNNING_AMI))
+                    .parameters(param("FileSystemId", ""))
+                    .parameters(param("ChromaVersion", "1.0.0"))
+                    .outputs(out("FileSystemId", FS_ID))
+                    .outputs(out("BackupVaultName", VAULT))
+                    .outputs(out("BackupRoleArn", ROLE))
+                    .outputs(out("ApiId", API_ID))
+                    .build(),
+            )
+            .build()
+    });
+    let change_sets: Seen<op::create_change_set::CreateChangeSetInput> = Arc::default();
+    let seen = change_sets.clone();
+    // CreateChangeSet answers Id and StackId (aws-cli examples/cloudformation/create-change-set.rst).
+    let create = mock!(aws_sdk_cloudformation::Client::create_change_set)
+        .match_requests(move |r| {
+            seen.lock().unwrap().push(r.clone());
+            true
+        })
+        .then_output(|| op::create_change_set::CreateChangeSetOutput::builder().id(CS_ID).stack_id(STACK_ID).build());
+    // DescribeChangeSet: CREATE_COMPLETE, the launch template modified in place (aws-cli
+    // examples/cloudformation/describe-change-set.rst: Changes[].ResourceChange).
+    let ready = mock!(aws_sdk_cloudformation::Client::describe_change_set).then_output(|| {
+        op::describe_change_set::DescribeChangeSetOutput::builder()
+            .change_set_id(CS_ID)
+            .stack_id(STACK_ID)
+            .status(t::ChangeSetStatus::CreateComplete)
+            .changes(
+                t::Change::builder()
+                    .r#type(t::ChangeType::Resource)
+                    .resource_change(
+                        t::ResourceChange::builder()
+                            .action(t::ChangeAction::Modify)
+                            .logical_resource_id("LaunchTemplate")
+                            .resource_type("AWS::EC2::LaunchTemplate")
+                            .replacement(t::Replacement::False)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .build()
+    });
+    // Drift before an update (aws-cli examples/cloudformation/detect-stack-drift.rst,
+    // describe-stack-drift-detection-status.rst, describe-stack-resource-drifts.rst): in sync.
+    let detect = mock!(aws_sdk_cloudformation::Client::detect_stack_drift)
+        .then_output(|| op::detect_stack_drift::DetectStackDriftOutput::builder().stack_drift_detection_id("1a229160-e4d9-xmpl-ab67-0a4f93df83d4").build());
+    let detection = mock!(aws_sdk_cloudformation::Client::describe_stack_drift_detection_status).then_output(|| {
+        op::describe_stack_drift_detection_status::DescribeStackDriftDetectionStatusOutput::builder()
+            .stack_id(STACK_ID)
+            .stack_drift_detection_id("1a229160-e4d9-xmpl-ab67-0a4f93df83d4")
+            .stack_drift_status(t::StackDriftStatus::InSync)
+            .detection_status(t::StackDriftDetectionStatus::DetectionComplete)
+            .drifted_stack_resource_count(0)
+            .timestamp(aws_smithy_types::DateTime::from_secs(1_700_000_000))
+            .build()
+    });
+    let drifts = mock!(aws_sdk_cloudformation::Client::describe_stack_resource_drifts)
+        .then_output(|| op::describe_stack_resource_drifts::DescribeStackResourceDriftsOutput::builder().set_stack_resource_drifts(Some(vec![])).build());
+    // SetStackPolicy: no response elements; UpdateTerminationProtection: StackId (API reference).
+    let policy = mock!(aws_sdk_cloudformation::Client::set_stack_policy).then_output(|| op::set_stack_policy::SetStackPolicyOutput::builder().build());
+    let protection = mock!(aws_sdk_cloudformation::Client::update_termination_protection)
+        .then_output(|| op::update_termination_protection::UpdateTerminationProtectionOutput::builder().stack_id(STACK_ID).build());
+    // DescribeStackEvents: none new (CloudFormation API reference, DescribeStackEvents: StackEvents).
+    let events =
+        mock!(aws_sdk_cloudformation::Client::describe_stack_events).then_output(|| op::describe_stack_events::DescribeStackEventsOutput::builder().build());
+    let rules = vec![describe, create, ready, detect, detection, drifts, policy, protection, execute.clone(), events];
+    Cfn { rules, change_sets, execute }
+}
+
+/// DescribeImages of the running image: stock AL2023, no imgbuild tags (aws-cli
+/// examples/ec2/describe-images.rst: ImageId, Architecture, Tags).
+fn running_image() -> Rule {
+    mock!(aws_sdk_ec2::Client::describe_images).match_requests(|r| r.image_ids() == [RUNNING_AMI]).then_output(|| {
+        aws_sdk_ec2::operation::describe_images::DescribeImagesOutput::builder()
+            .images(
+                aws_sdk_ec2::types::Image::builder()
+                    .image_id(RUNNING_AMI)
+                    .name("al2023-ami-2023.6.20241010.0-kernel-6.1-x86_64")
+                    .architecture(aws_sdk_ec2::types::ArchitectureValues::X8664)
+                    .state(aws_sdk_ec2::types::ImageState::Available)
+                    .owner_id("137112412989")
+                    .build(),
+            )
+            .build()
+    })
+}
+
+/// API Gateway: GetAccount without a logging role (aws-cli examples/apigateway/get-account.rst),
+/// the API's resources (get-resources.rst), and test-invoke answering `status` (TestInvokeMethod,
+/// API reference: status, body, latency; test-invoke-method.rst), capturing the paths.
+fn apigw(status: i32, invoked: Seen<String>) -> Vec<Rule> {
+    use aws_sdk_apigateway::operation as op;
+    let account = mock!(aws_sdk_apigateway::Client::get_account).then_output(|| {
+        op::get_account::GetAccountOutput::builder()
+            .throttle_settings(aws_sdk_apigateway::types::ThrottleSettings::builder().burst_limit(5000).rate_limit(10000.0).build())
+            .build()
+    });
+    let resources = mock!(aws_sdk_apigateway::Client::get_resources).match_requests(|r| r.rest_api_id() == Some(API_ID)).then_output(|| {
+        op::get_resources::GetResourcesOutput::builder()
+            .items(aws_sdk_apigateway::types::Resource::builder().id("root1").path("/").build())
+            .items(aws_sdk_apigateway::types::Resource::builder().id("prx1").parent_id("root1").path_part("{proxy+}").path("/{proxy+}").build())
+            .build()
+    });
+    let invoke = mock!(aws_sdk_apigateway::Client::test_invoke_method)
+        .match_requests(move |r| {
+            invoked.lock().unwrap().push(r.path_with_query_string().unwrap_or_default().to_string());
+            true
+        })
+        .then_output(move || {
+            op::test_invoke_method::TestInvokeMethodOutput::builder()
+                .status(status)
+                .body(if status == 200 { "{\"nanosecond heartbeat\":1}" } else { "{\"error\":\"InternalError\"}" })
+                .latency(9)
+                .build()
+        });
+    vec![account, resources, invoke]
+}
+
+fn clients_of(cfn: &[Rule], ec2: &[Rule], efs: &[Rule], ssm: &[Rule], backup: &[Rule], apigw: &[Rule]) -> Clients {
+    let none: Vec<Rule> = Vec::new();
+    Clients {
+        cfn: mocked!(aws_sdk_cloudformation, cfn, retry()),
+        ec2: mocked!(aws_sdk_ec2, ec2, retry()),
+        efs: mocked!(aws_sdk_efs, efs, retry()),
+        ssm: mocked!(aws_sdk_ssm, ssm, retry()),
+        elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry()),
+        apigw: mocked!(aws_sdk_apigateway, apigw, retry()),
+        backup: mocked!(aws_sdk_backup, backup, retry()),
+    }
+}
+
+/// The project: Chroma 1.0.0 in a config file (the rollback record is written next to it).
+fn project(dir: &std::path::Path) -> Context {
+    let mut c = poll_fast(ctx());
+    c.config.chroma.version = "1.0.0".into();
+    c.source = Source::File(dir.join("imgbuild.yaml"));
+    c
+}
+
+struct Upgraded {
+    result: imgbuild::Result<serde_json::Value>,
+    change_sets: Seen<aws_sdk_cloudformation::operation::create_change_set::CreateChangeSetInput>,
+    jobs: Seen<aws_sdk_backup::operation::start_backup_job::StartBackupJobInput>,
+    executed: usize,
+    invoked: Vec<String>,
+}
+
+/// `imgbuild upgrade --to 1.5.9 --yes` of data Chroma 1.0.0 wrote, whose smoke gets 500s.
+async fn failed_upgrade(c: &Context) -> Upgraded {
+    let cfn = cfn_deploy();
+    let jobs: Seen<aws_sdk_backup::operation::start_backup_job::StartBackupJobInput> = Arc::default();
+    let mut ssm = marker_read("1.0.0\n");
+    ssm.extend([send_command(Arc::default()), invocation(QUIESCED_OLD), inspected(), parameters()]);
+    let invoked: Seen<String> = Arc::default();
+    let clients = clients_of(
+        &cfn.rules,
+        &[instance(), running_image()],
+        &[file_system()],
+        &ssm,
+        &[start_job(jobs.clone()), job_states("COMPLETED")],
+        &apigw(500, invoked.clone()),
+    );
+    let mut args = upgrade_args("1.5.9", false);
+    args.yes = true;
+    let result = imgbuild::cmd::upgrade_flow(&clients, "us-east-1", &args, c, ui(), &NoConfirm, std::future::pending(), TOKEN).await;
+    let invoked = invoked.lock().unwrap().clone();
+    Upgraded { result, change_sets: cfn.change_sets, jobs, executed: cfn.execute.num_calls(), invoked }
+}
+
+/// The whole upgrade: the marker read through Run Command, the consistent backup tagged with the
+/// version that wrote the data, the deploy of the new version (executed), and a smoke through API
+/// Gateway's test-invoke that answers 500. The upgrade ends with the smoke's error naming
+/// `imgbuild rollback`, and the record holds the image the stack ran (its ImageId parameter, not
+/// what the public AL2023 parameter answers today) and the pre-upgrade recovery point.
+#[tokio::test]
+async fn an_upgrade_whose_smoke_fails_records_the_way_back_and_names_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = project(dir.path());
+    let up = failed_upgrade(&c).await;
+    let err = up.result.unwrap_err();
+    assert!(matches!(err, imgbuild::Error::SmokeFailed(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("Go back with `imgbuild rollback`") && msg.contains(RUNNING_AMI) && msg.contains(POINT), "{msg}");
+    assert_eq!(up.executed, 1, "the new version was deployed before the smoke");
+    assert_eq!(up.invoked.first().map(String::as_str), Some("/v2/heartbeat"), "the smoke ran through API Gateway: {:?}", up.invoked);
+
+    // The new version reached CloudFormation; the image stayed the running one.
+    let sets = up.change_sets.lock().unwrap();
+    assert_eq!(sets.len(), 1);
+    let sent: HashMap<&str, &str> =
+        sets[0].parameters().iter().map(|p| (p.parameter_key().unwrap_or_default(), p.parameter_value().unwrap_or_default())).collect();
+    assert_eq!(sent.get("ChromaVersion"), Some(&"1.5.9"));
+    assert_eq!(sent.get("ImageId"), Some(&RUNNING_AMI));
+
+    // The pre-upgrade recovery point says which version wrote its data: the old one.
+    let jobs = up.jobs.lock().unwrap();
+    assert_eq!(jobs.len(), 1);
+    let tags = jobs[0].recovery_point_tags().unwrap();
+    assert_eq!(tags.get("ImgbuildChromaVersion").map(String::as_str), Some("1.0.0"));
+    assert_eq!(tags.get("ImgbuildBackupKind").map(String::as_str), Some("consistent"));
+
+    let record: imgbuild::backup::upgrade::RollbackRecord =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("imgbuild.rollback.json")).unwrap()).unwrap();
+    assert_eq!((record.stack.as_str(), record.from_version.as_str(), record.to_version.as_str()), (STACK, "1.0.0", "1.5.9"));
+    assert_eq!(record.previous_image, RUNNING_AMI, "the image the stack ran, not today's AL2023 release");
+    assert_eq!(record.previous_mode, Some(imgbuild::render::Mode::Full), "a stock image boots in full mode");
+    assert_eq!(record.recovery_point, POINT);
+}
+
+/// Then `imgbuild rollback` from the record that upgrade wrote: the pre-upgrade recovery point is
+/// restored into a new file system, and the stack is deployed onto it with the previous image and
+/// the previous Chroma version, together. The previous image here is stock AL2023, which boots in
+/// full mode: deploy refuses a stock image in baked mode (`--ami` defaults to baked), so the
+/// record must carry the mode the image boots in.
+#[tokio::test]
+async fn rollback_after_a_failed_upgrade_restores_the_recorded_point_and_deploys_the_previous_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = project(dir.path());
+    assert!(failed_upgrade(&c).await.result.is_err());
+
+    let World { rules, restore_seen, tagged, .. } = restore_world(point_tags(STACK, "1.0.0"));
+    let cfn = cfn_deploy();
+    // The restored file system as reattach reads it: available, encrypted (aws-cli
+    // examples/efs/describe-file-systems.rst); PutFileSystemPolicy answers FileSystemId and
+    // Policy (Amazon EFS API reference, PutFileSystemPolicy).
+    let restored = mock!(aws_sdk_efs::Client::describe_file_systems).match_requests(|r| r.file_system_id() == Some(RESTORED_FS)).then_output(|| {
+        aws_sdk_efs::operation::describe_file_systems::DescribeFileSystemsOutput::builder()
+            .file_systems(
+                aws_sdk_efs::types::FileSystemDescription::builder()
+                    .file_system_id(RESTORED_FS)
+                    .file_system_arn(format!("arn:aws:elasticfilesystem:us-east-1:123456789012:file-system/{RESTORED_FS}"))
+                    .owner_id("123456789012")
+                    .creation_token(format!("imgbuild-restore-{TOKEN}"))
+                    .creation_time(aws_smithy_types::DateTime::from_secs(1_700_000_500))
+                    .life_cycle_state(aws_sdk_efs::types::LifeCycleState::Available)
+                    .number_of_mount_targets(0)
+                    .encrypted(true)
+                    .size_in_bytes(aws_sdk_efs::types::FileSystemSize::builder().value(6144).build())
+                    .performance_mode(aws_sdk_efs::types::PerformanceMode::GeneralPurpose)
+                    .tags(aws_sdk_efs::types::Tag::builder().key("Name").value("vectordb-restored").build().unwrap())
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+    });
+    let policy = mock!(aws_sdk_efs::Client::put_file_system_policy)
+        .match_requests(|r| r.file_system_id() == Some(RESTORED_FS))
+        .then_output(|| aws_sdk_efs::operation::put_file_system_policy::PutFileSystemPolicyOutput::builder().file_system_id(RESTORED_FS).build());
+    let mut efs = rules.efs.clone();
+    efs.extend([restored, policy]);
+    let mut ec2 = rules.ec2.clone();
+    ec2.push(running_image());
+    let clients = clients_of(&cfn.rules, &ec2, &efs, &rules.ssm, &rules.backup, &apigw(200, Arc::default()));
+    let args = RollbackArgs { yes: true, wait: WaitArgs { wait: false, timeout: Some(60) } };
+    let doc = imgbuild::cmd::rollback_flow(&clients, &args, &c, ui(), &NoConfirm, std::future::pending(), TOKEN).await.unwrap();
+
+    assert_eq!(doc["rollback"]["previous_image"], RUNNING_AMI);
+    let restores = restore_seen.lock().unwrap();
+    assert_eq!(restores.len(), 1);
+    assert_eq!(restores[0].recovery_point_arn(), Some(POINT), "the pre-upgrade point is what is restored");
+    assert_eq!(cfn.execute.num_calls(), 1);
+    let sets = cfn.change_sets.lock().unwrap();
+    assert_eq!(sets.len(), 1);
+    let sent: HashMap<&str, &str> =
+        sets[0].parameters().iter().map(|p| (p.parameter_key().unwrap_or_default(), p.parameter_value().unwrap_or_default())).collect();
+    assert_eq!(sent.get("ImageId"), Some(&RUNNING_AMI), "the previous image");
+    assert_eq!(sent.get("ChromaVersion"), Some(&"1.0.0"), "the version that wrote the restored data");
+    assert_eq!(sent.get("FileSystemId"), Some(&RESTORED_FS), "onto the restored file system");
+    assert!(tagged.lock().unwrap().iter().any(|(fs, name)| fs == FS_ID && name.contains("before-restore")), "the old file system is kept and named");
 }
