@@ -46,6 +46,7 @@ async fn prereqs(clients: &Clients, ctx: &Context, progress: &Progress) -> Resul
         wait_if_busy: true,
         waits: waits(&ctx.config, &WaitArgs { wait: true, timeout: None }),
         token: run_token(),
+        annotate: None,
     };
     progress.line(&format!(
         "bake prerequisites: stack {name} (subnet with egress, security group, instance profile, automation role); it stays for the next bake, `imgbuild destroy --bake-prereqs` removes it"
