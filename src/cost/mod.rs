@@ -198,6 +198,45 @@ pub fn estimate(changes: &[Change], inputs: &Inputs) -> Estimate {
     b.finish(&inputs.region, efs)
 }
 
+/// The monthly cost of AMI snapshots: images added (a bake) and removed (`images prune`), each
+/// as (image id, GiB of the volumes snapshotted). EBS snapshots bill the blocks they store, at
+/// most the volume's size, so the figures are an upper bound and said so.
+pub fn snapshots(region: &str, added: &[(String, i64)], removed: &[(String, i64)]) -> Estimate {
+    let mut b = Builder { items: Vec::new(), unpriced: Vec::new() };
+    let Some(p) = prices::for_region(region) else {
+        b.unpriced.push(format!("region {region} is not in the price table of {}: no figures", prices::DATE));
+        return b.finish(region, None);
+    };
+    for (action, sign, list) in [('+', 1, added), ('-', -1, removed)] {
+        for (ami, gib) in list {
+            let c = Change { action, logical_id: ami.clone(), resource_type: "AWS::EC2::Image".into(), replacement: None };
+            b.push(sign, &c, format!("EBS snapshots of at most {gib} GiB"), gib * p.snapshot_gb_month);
+        }
+    }
+    b.finish(region, None)
+}
+
+/// GiB of every EBS volume an automation document or template maps (`BlockDeviceMappings[].Ebs
+/// .VolumeSize`), wherever it sits: what an image baked from it snapshots at most.
+pub fn volume_gib(yaml: &str) -> i64 {
+    fn walk(v: &Value) -> i64 {
+        match v {
+            Value::Mapping(m) => m
+                .iter()
+                .map(|(k, v)| match (k.as_str(), v) {
+                    (Some("BlockDeviceMappings"), Value::Sequence(s)) => {
+                        s.iter().filter_map(|d| d.get("Ebs").and_then(|e| e.get("VolumeSize")).and_then(number)).sum()
+                    }
+                    _ => walk(v),
+                })
+                .sum(),
+            Value::Sequence(s) => s.iter().map(walk).sum(),
+            _ => 0,
+        }
+    }
+    serde_yaml::from_str::<Value>(yaml).map(|v| walk(&v)).unwrap_or(0)
+}
+
 fn instance_type_change(b: &mut Builder, p: &Prices, c: &Change, inputs: &Inputs) {
     let Some(old) = inputs.previous_instance_type.as_deref().filter(|o| *o != inputs.instance_type) else { return };
     let n = inputs.asg_capacity.get(&c.logical_id).copied().unwrap_or(1);

@@ -75,6 +75,17 @@ fn the_file_system_is_priced_at_its_size_and_a_retained_one_saves_nothing() {
     assert_eq!((s.size_bytes, s.monthly_usd), (10 << 30, 3.0));
 }
 
+/// The bake document's root volume is what a baked image snapshots at most.
+#[test]
+fn a_baked_image_costs_its_snapshots_at_most_the_documents_volume() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/images/bake.yaml")).unwrap();
+    assert_eq!(cost::volume_gib(&doc), 15);
+    let e = cost::snapshots("us-east-1", &[("ami-0new".into(), 15)], &[("ami-0old".into(), 15), ("ami-0older".into(), 8)]);
+    assert_eq!(item(&e, "ami-0new"), [('+', 0.75)]);
+    assert_eq!(item(&e, "ami-0older"), [('-', -0.4)]);
+    assert_eq!(e.monthly_usd, -0.4);
+}
+
 #[test]
 fn a_region_outside_the_table_gets_no_invented_figures() {
     let e = cost::estimate(&[change('+', "NatGatewayA", "AWS::EC2::NatGateway")], &inputs("ap-southeast-4"));
@@ -191,4 +202,69 @@ fn a_new_stack_costs_one_nat_gateway_or_one_per_az() {
     assert_eq!(json["monthly_usd"], 82.45);
     assert_eq!(json["items"].as_array().unwrap().len(), one.items.len());
     assert_eq!(json["items"][0]["change"], "+");
+}
+
+/// `images prune` says what removing the old images' snapshots saves a month, dry run or not.
+/// The sizes are DescribeImages' BlockDeviceMappings[].Ebs.VolumeSize (aws-cli
+/// examples/ec2/describe-images.rst); EBS snapshots bill $0.05/GB-month at most that size.
+#[test]
+fn images_prune_says_what_it_saves() {
+    let Some(moto) = services::moto() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let conf = rt.block_on(
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&moto.url)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_cloudformation::config::Credentials::new("testing", "testing", None, None, "tests"))
+            .load(),
+    );
+    let ec2 = aws_sdk_ec2::Client::new(&conf);
+    let mut made = Vec::new();
+    for _ in 0..2 {
+        made.push(rt.block_on(async {
+            let ssm = aws_sdk_ssm::Client::new(&conf);
+            let base = ssm.get_parameter().name("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64").send().await.unwrap();
+            let run = ec2.run_instances().image_id(base.parameter().unwrap().value().unwrap()).min_count(1).max_count(1).send().await.unwrap();
+            let instance = run.instances()[0].instance_id().unwrap().to_string();
+            let ami = ec2
+                .create_image()
+                .instance_id(&instance)
+                .name(format!("cost-{}", imgbuild::cmd::run_token()))
+                .send()
+                .await
+                .unwrap()
+                .image_id()
+                .unwrap()
+                .to_string();
+            ec2.terminate_instances().instance_ids(&instance).send().await.unwrap();
+            ec2.create_tags().resources(&ami).tags(aws_sdk_ec2::types::Tag::builder().key("imgbuild:project").value("costprune").build()).send().await.unwrap();
+            ami
+        }));
+        std::thread::sleep(std::time::Duration::from_millis(1100)); // distinct creation times
+    }
+    // The size moto reports for the older image, read the way AWS answers it.
+    let gib: i64 = rt.block_on(ec2.describe_images().image_ids(&made[0]).send()).unwrap().images()[0]
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.ebs().and_then(|e| e.volume_size()))
+        .map(i64::from)
+        .sum();
+    assert!(gib > 0, "moto reports a volume size");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("imgbuild.yaml"), "name: costprune\nregion: us-east-1\n").unwrap();
+    let out = imgbuild(dir.path()).args(["--endpoint-url", &moto.url, "--output", "json", "images", "prune", "--keep", "1", "--dry-run"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = doc["cost"]["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{doc}");
+    assert_eq!(items[0]["resource"], made[0].as_str());
+    assert_eq!(items[0]["change"], "-");
+    assert_eq!(items[0]["monthly_usd"].as_f64().unwrap(), -(gib as f64) * 0.05);
+    assert_eq!(doc["cost"]["date"], "2026-11-29");
+    let text = imgbuild(dir.path()).args(["--endpoint-url", &moto.url, "images", "prune", "--keep", "1", "--dry-run"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).to_string() + &String::from_utf8_lossy(&text.stderr);
+    assert!(text.contains(&format!("- {} (AWS::EC2::Image): EBS snapshots of at most {gib} GiB", made[0])), "{text}");
+    for ami in &made {
+        rt.block_on(ec2.deregister_image().image_id(ami).send()).unwrap();
+    }
 }
