@@ -64,6 +64,74 @@ impl Inputs {
     }
 }
 
+/// The resources a new stack of `template` gets with these parameters, as the additions of its
+/// CREATE change set: CloudFormation creates a resource only when its Condition holds. A
+/// condition this cannot evaluate keeps its resources in (an estimate errs towards cost).
+pub fn new_stack(template: &Template, parameters: &BTreeMap<String, String>) -> Vec<Change> {
+    let doc = template.document();
+    let mut params: BTreeMap<String, String> = doc
+        .get("Parameters")
+        .and_then(Value::as_mapping)
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.as_str()?.to_string(), scalar(v.get("Default")?)?))).collect())
+        .unwrap_or_default();
+    params.extend(parameters.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let conditions = doc.get("Conditions").and_then(Value::as_mapping).cloned().unwrap_or_default();
+    let holds = |name: &str| conditions.get(name).and_then(|c| condition(c, &params, &conditions, 0)).unwrap_or(true);
+    doc.get("Resources")
+        .and_then(Value::as_mapping)
+        .into_iter()
+        .flatten()
+        .filter(|(_, r)| r.get("Condition").and_then(Value::as_str).is_none_or(holds))
+        .filter_map(|(id, r)| {
+            Some(Change { action: '+', logical_id: id.as_str()?.to_string(), resource_type: r.get("Type")?.as_str()?.to_string(), replacement: None })
+        })
+        .collect()
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// An intrinsic condition (short `!Equals` or long `Fn::Equals` form) over parameter values.
+fn condition(v: &Value, params: &BTreeMap<String, String>, all: &serde_yaml::Mapping, depth: u8) -> Option<bool> {
+    if depth > 16 {
+        return None;
+    }
+    let (name, arg) = match v {
+        Value::Tagged(t) => (t.tag.to_string().trim_start_matches('!').to_string(), &t.value),
+        Value::Mapping(m) if m.len() == 1 => {
+            let (k, a) = m.iter().next()?;
+            (k.as_str()?.trim_start_matches("Fn::").to_string(), a)
+        }
+        _ => return None,
+    };
+    let list = || arg.as_sequence().cloned().unwrap_or_default();
+    match name.as_str() {
+        "Equals" => {
+            let l = list();
+            Some(operand(l.first()?, params)? == operand(l.get(1)?, params)?)
+        }
+        "Not" => condition(list().first()?, params, all, depth + 1).map(|b| !b),
+        "And" => list().iter().map(|c| condition(c, params, all, depth + 1)).collect::<Option<Vec<_>>>().map(|v| v.iter().all(|b| *b)),
+        "Or" => list().iter().map(|c| condition(c, params, all, depth + 1)).collect::<Option<Vec<_>>>().map(|v| v.iter().any(|b| *b)),
+        "Condition" => condition(all.get(arg.as_str()?)?, params, all, depth + 1),
+        _ => None,
+    }
+}
+
+fn operand(v: &Value, params: &BTreeMap<String, String>) -> Option<String> {
+    match v {
+        Value::Tagged(t) if t.tag == "!Ref" => params.get(t.value.as_str()?).cloned(),
+        Value::Mapping(m) if m.len() == 1 => params.get(m.get("Ref")?.as_str()?).cloned(),
+        other => scalar(other),
+    }
+}
+
 fn number(v: &Value) -> Option<i64> {
     v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
 }
