@@ -46,7 +46,9 @@ pub struct Plan {
 /// What the caller says about a computed change set; sync and pure, it runs between the diff and
 /// the confirmation.
 #[derive(Clone)]
-pub struct Annotate(pub Arc<dyn Fn(&[Change]) -> Vec<String> + Send + Sync>);
+pub struct Annotate(pub Arc<AnnotateFn>);
+
+pub type AnnotateFn = dyn Fn(&[Change]) -> Vec<String> + Send + Sync;
 
 impl std::fmt::Debug for Annotate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -413,7 +413,7 @@ async fn destroy_turns_termination_protection_off_before_deleting() {
     // none here. DescribeFileSystems' documented empty answer (EFS API reference).
     let none = mock!(aws_sdk_efs::Client::describe_file_systems)
         .then_output(|| aws_sdk_efs::operation::describe_file_systems::DescribeFileSystemsOutput::builder().build());
-    c.efs = mocked!(aws_sdk_efs, vec![none], RetryConfig::standard().with_initial_backoff(Duration::from_millis(1)));
+    c.efs = mocked!(aws_sdk_efs, [none], RetryConfig::standard().with_initial_backoff(Duration::from_millis(1)));
 
     let d = imgbuild::stack::ops::destroy(&c, STACK, false, false, fast(), &quiet()).await.unwrap();
 
