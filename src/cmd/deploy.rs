@@ -224,10 +224,11 @@ async fn cost_inputs(
     let mut inputs = crate::cost::Inputs::from_template(template, &region, parameters.get("InstanceType").map(String::as_str).unwrap_or_default());
     inputs.previous_instance_type = deployed.map(stack::parameters_of).and_then(|p| p.get("InstanceType").cloned());
     // The stack's own file system, from its output (the parameter names one only when given).
-    if let Some(fs) = deployed.map(stack::outputs_of).and_then(|o| o.get("FileSystemId").cloned()).filter(|f| !f.is_empty())
-        && let Ok(out) = clients.efs.describe_file_systems().file_system_id(&fs).send().await
-    {
-        inputs.efs_bytes = out.file_systems().first().and_then(|f| f.size_in_bytes()).map(|s| s.value().max(0) as u64);
+    if let Some(fs) = deployed.map(stack::outputs_of).and_then(|o| o.get("FileSystemId").cloned()).filter(|f| !f.is_empty()) {
+        match clients.efs.describe_file_systems().file_system_id(&fs).send().await {
+            Ok(out) => inputs.efs_bytes = out.file_systems().first().and_then(|f| f.size_in_bytes()).map(|s| s.value().max(0) as u64),
+            Err(e) => inputs.notes.push(format!("the file system's size: {}", aws::err("DescribeFileSystems", format!("file system {fs}"), e))),
+        }
     }
     inputs
 }

@@ -33,6 +33,8 @@ pub struct Inputs {
     pub root_volume_gb: i64,
     /// The stack's file system as it stands (DescribeFileSystems SizeInBytes.Value), if any.
     pub efs_bytes: Option<u64>,
+    /// What the caller could not size (a failed lookup), said with the estimate.
+    pub notes: Vec<String>,
 }
 
 impl Inputs {
@@ -210,7 +212,7 @@ impl Builder {
 /// The monthly cost of a change set's additions and removals (modifications that keep a
 /// resource cost what they cost; an instance type change is priced as the old out, the new in).
 pub fn estimate(changes: &[Change], inputs: &Inputs) -> Estimate {
-    let mut b = Builder { items: Vec::new(), unpriced: Vec::new() };
+    let mut b = Builder { items: Vec::new(), unpriced: inputs.notes.clone() };
     let Some(p) = prices::for_region(&inputs.region) else {
         b.unpriced.push(format!(
             "region {} is not in the price table of {} (it has {}): no figures",

@@ -95,6 +95,10 @@ fn a_region_outside_the_table_gets_no_invented_figures() {
     i.instance_type = "x2iedn.32xlarge".into();
     let e = cost::estimate(&[change('+', "AutoScalingGroup", "AWS::AutoScaling::AutoScalingGroup")], &i);
     assert!(e.unpriced.iter().any(|u| u.contains("x2iedn.32xlarge")), "{:?}", e.unpriced);
+    // A size the caller could not read is said, not silently left out.
+    let mut i = inputs("us-east-1");
+    i.notes.push("the file system's size: AccessDenied".into());
+    assert_eq!(cost::estimate(&[], &i).unpriced, ["the file system's size: AccessDenied"]);
 }
 
 fn project(name: &str, nat: &str) -> tempfile::TempDir {
