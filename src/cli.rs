@@ -70,7 +70,7 @@ pub enum Command {
     RenderUserdata(RenderArgs),
     /// Check the config, every user-data variant it renders, and the stack template.
     Validate(ValidateArgs),
-    /// Deploy the stack: change set, diff, confirm, execute, follow events, print outputs.
+    /// Deploy the stack: change set, diff with its monthly cost, confirm, execute, follow events, print outputs.
     Deploy(DeployArgs),
     /// Show the stack: state, outputs, recent events, instance and target health.
     Status(StatusArgs),
@@ -78,7 +78,7 @@ pub enum Command {
     Destroy(DestroyArgs),
     /// The acceptance test: heartbeat, create a collection, add, query, delete.
     Smoke(SmokeArgs),
-    /// Bake the bootstrap into an AMI through SSM Automation (reused when its digest matches).
+    /// Bake the bootstrap into an AMI through SSM Automation (reused when its digest matches); says what its snapshots cost a month.
     Bake(BakeArgs),
     /// List or prune the images bake made.
     #[command(subcommand)]
@@ -153,7 +153,7 @@ pub struct BakeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum FleetCommand {
-    /// Create or update the StackSet and its instances: shows what each target gets, asks, runs.
+    /// Create or update the StackSet and its instances: shows what each target gets and what each new one costs a month, asks, runs.
     Deploy(FleetDeployArgs),
     /// Each stack instance: status and reason, drift, image, the last operation.
     Status(FleetStatusArgs),
@@ -227,7 +227,7 @@ pub struct FleetDestroyArgs {
 pub enum ImagesCommand {
     /// The images bake made for this project, newest first, with the ones in use marked.
     List,
-    /// Deregister all but the newest N images and delete their snapshots. Never an image in use.
+    /// Deregister all but the newest N images and delete their snapshots (saying what that saves a month). Never an image in use.
     Prune(PruneArgs),
 }
 

@@ -11,7 +11,8 @@
 //! - `aws`: clients, retries, error codes, built from plain [`aws::Settings`].
 //! - `stack`: the CloudFormation engine (template, change set, events, waits, outputs).
 //! - `bake`, `smoke`, `backup`: the image pipeline and images; the acceptance test; Chroma's data
-//!   (consistent copies, AWS Backup jobs, recovery points).
+//!   (consistent copies, AWS Backup jobs, recovery points). `cost`, beside them: the monthly cost
+//!   of a change set, from a dated price table (pure).
 //! - `cli`: the raw arguments; `cmd`: one file per command, the only layer that sees both.
 
 pub mod aws;
@@ -22,6 +23,7 @@ pub mod chroma;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod cost;
 pub mod error;
 pub mod render;
 pub mod smoke;

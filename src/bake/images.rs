@@ -183,6 +183,9 @@ pub struct Row {
     /// Why it must not be pruned, if it must not.
     pub in_use: Vec<String>,
     pub snapshots: Vec<String>,
+    /// The EBS volumes the snapshots were taken of, GiB (BlockDeviceMappings[].Ebs.VolumeSize):
+    /// what the snapshots may bill at most.
+    pub snapshot_gib: i64,
 }
 
 pub fn tag<'a>(image: &'a aws_sdk_ec2::types::Image, key: &str) -> Option<&'a str> {
@@ -214,6 +217,7 @@ pub async fn list(clients: &Clients, config: &Config) -> Result<Vec<Row>> {
                 digest: tag(i, TAG_DIGEST).map(String::from),
                 chroma_version: tag(i, TAG_CHROMA_VERSION).map(String::from),
                 snapshots: i.block_device_mappings().iter().filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(String::from)).collect(),
+                snapshot_gib: i.block_device_mappings().iter().filter_map(|m| m.ebs().and_then(|e| e.volume_size())).map(i64::from).sum(),
             }
         })
         .collect();

@@ -46,6 +46,7 @@ async fn prereqs(clients: &Clients, ctx: &Context, progress: &Progress) -> Resul
         wait_if_busy: true,
         waits: waits(&ctx.config, &WaitArgs { wait: true, timeout: None }),
         token: run_token(),
+        annotate: None,
     };
     progress.line(&format!(
         "bake prerequisites: stack {name} (subnet with egress, security group, instance profile, automation role); it stays for the next bake, `imgbuild destroy --bake-prereqs` removes it"
@@ -313,6 +314,7 @@ pub async fn bake_flow(
 
     let parameter = bake::hand_off(clients, config, &ami).await?;
     progress.line(&format!("{parameter} = {ami}"));
+    let cost = bake_cost(&document, region, &ami, fresh, &progress);
     let mut copies = BTreeMap::new();
     let mut regions: Vec<String> = config.bake.regions.iter().chain(args.regions.iter()).cloned().collect();
     regions.sort();
@@ -341,7 +343,21 @@ pub async fn bake_flow(
     super::write_file(std::path::Path::new(&config.bake.manifest), text.as_bytes())?;
     drop(progress);
     ui.info(format!("{} {ami} (digest {digest}); manifest {}", if fresh { "baked" } else { "reused" }, config.bake.manifest));
-    Ok(json!({ "ok": true, "ami": ami, "cached": !fresh, "digest": digest, "base_ami": base, "parameter": parameter, "manifest": manifest }))
+    Ok(json!({ "ok": true, "ami": ami, "cached": !fresh, "digest": digest, "base_ami": base, "parameter": parameter, "manifest": manifest, "cost": cost }))
+}
+
+/// What the new image's snapshots add a month: at most the build instance's volumes, which the
+/// automation document sizes. Pure: a bake makes no call for it.
+fn bake_cost(document: &str, region: &str, ami: &str, fresh: bool, progress: &Progress) -> crate::cost::Estimate {
+    let added: Vec<(String, i64)> = if fresh { vec![(ami.to_string(), crate::cost::volume_gib(document))] } else { Vec::new() };
+    let cost = crate::cost::snapshots(region, &added, &[]);
+    if fresh {
+        for l in crate::cost::lines(&cost) {
+            progress.line(&l);
+        }
+        progress.line("`imgbuild images prune --dry-run` says what removing older images would save");
+    }
+    cost
 }
 
 async fn clients_in(ctx: &Context, region: &str) -> Result<Clients> {

@@ -126,7 +126,7 @@ pub async fn deploy_flow(
     }
     template.pin_api_deployments(&parameters);
     template.check_policies()?;
-    let plan = changeset::Plan {
+    let mut plan = changeset::Plan {
         stack: config.stack_name().to_string(),
         template_body: template.body()?,
         parameters,
@@ -141,7 +141,10 @@ pub async fn deploy_flow(
         wait_if_busy: args.wait.wait,
         waits: waits(config, &args.wait),
         token: run_token(),
+        annotate: None,
     };
+    let cost_inputs = cost_inputs(clients, &template, &plan.parameters, deployed.as_ref()).await;
+    plan.annotate = Some(cost_annotation(cost_inputs.clone()));
 
     for (resource, secs) in template.signal_waits() {
         progress.line(&format!(
@@ -185,6 +188,7 @@ pub async fn deploy_flow(
     };
     notices.append(&mut outcome.notices);
     outcome.notices = notices;
+    let cost = (!outcome.no_changes).then(|| crate::cost::estimate(&outcome.changes, &cost_inputs));
     let took = progress.elapsed();
     drop(progress);
 
@@ -197,6 +201,7 @@ pub async fn deploy_flow(
         "ami": choice,
         "userdata_sha256": rendered.sha256(),
         "deploy": outcome,
+        "cost": cost,
         "protection": {
             "termination_protection": protection.termination,
             "stack_policy": if config.stack.protect_data { "protect-data" } else { "allow-all" },
@@ -204,6 +209,32 @@ pub async fn deploy_flow(
             "drift_check": protection.drift_check,
         },
     }))
+}
+
+/// What the change set's cost is sized by: the template, the instance type set and the one the
+/// stack runs, and its file system's metered size. The size is advisory: a failed lookup leaves
+/// it out of the estimate, never fails the deploy.
+async fn cost_inputs(
+    clients: &Clients,
+    template: &Template,
+    parameters: &BTreeMap<String, String>,
+    deployed: Option<&aws_sdk_cloudformation::types::Stack>,
+) -> crate::cost::Inputs {
+    let region = clients.cfn.config().region().map(|r| r.to_string()).unwrap_or_default();
+    let mut inputs = crate::cost::Inputs::from_template(template, &region, parameters.get("InstanceType").map(String::as_str).unwrap_or_default());
+    inputs.previous_instance_type = deployed.map(stack::parameters_of).and_then(|p| p.get("InstanceType").cloned());
+    // The stack's own file system, from its output (the parameter names one only when given).
+    if let Some(fs) = deployed.map(stack::outputs_of).and_then(|o| o.get("FileSystemId").cloned()).filter(|f| !f.is_empty()) {
+        match clients.efs.describe_file_systems().file_system_id(&fs).send().await {
+            Ok(out) => inputs.efs_bytes = out.file_systems().first().and_then(|f| f.size_in_bytes()).map(|s| s.value().max(0) as u64),
+            Err(e) => inputs.notes.push(format!("the file system's size: {}", aws::err("DescribeFileSystems", format!("file system {fs}"), e))),
+        }
+    }
+    inputs
+}
+
+fn cost_annotation(inputs: crate::cost::Inputs) -> changeset::Annotate {
+    changeset::Annotate(std::sync::Arc::new(move |changes| crate::cost::lines(&crate::cost::estimate(changes, &inputs))))
 }
 
 /// Stock AL2023 moves on whenever AWS publishes a release; moving replaces Chroma's instance.

@@ -338,6 +338,7 @@ pub async fn fleet_deploy_flow(
     }
     let plan = fleet::plan(&spec, set.as_ref(), &instances, &changed_overrides);
     show_plan(&plan, &progress);
+    let cost = fleet_cost(&template, &spec.parameters, &plan, &progress);
     // Instances the config no longer names stay as they are (and follow StackSet updates):
     // removing them is destroy's to do, asked for by name.
     let left_alone: Vec<&Instance> = instances
@@ -367,6 +368,7 @@ pub async fn fleet_deploy_flow(
             "executed": executed,
             "targets": plan,
             "operations": ops,
+            "cost": cost,
         })
     };
     if plan.iter().all(|p| p.action == Action::NoChange) {
@@ -811,4 +813,29 @@ pub async fn fleet_destroy_flow(
         }
     }
     Ok(json!({ "ok": true, "stack_set": name, "existed": true, "deleted_stack_set": everything, "operations": ops, "kept": kept }))
+}
+
+/// What the targets the plan creates add a month: each a whole new stack in its region, priced
+/// from the resources its CREATE change set would add. Updates of existing targets are not
+/// priced (a stack set shows no per-resource diff).
+fn fleet_cost(template: &Template, parameters: &BTreeMap<String, String>, plan: &[TargetPlan], progress: &Progress) -> serde_json::Value {
+    let adds = crate::cost::new_stack(template, parameters);
+    let instance_type = parameters.get("InstanceType").map(String::as_str).unwrap_or_default();
+    let mut targets = Vec::new();
+    let mut cents = 0i64;
+    for p in plan.iter().filter(|p| p.action == Action::Create) {
+        let e = crate::cost::estimate(&adds, &crate::cost::Inputs::from_template(template, &p.region, instance_type));
+        cents += (e.monthly_usd * 100.0).round() as i64;
+        progress.line(&format!(
+            "{} in {}: a new stack, {} a month ({} list prices of {}){}",
+            p.target,
+            p.region,
+            format_args!("${:.2}", e.monthly_usd),
+            e.region,
+            e.date,
+            if e.unpriced.is_empty() { String::new() } else { format!("; not priced: {}", e.unpriced.join("; ")) }
+        ));
+        targets.push(json!({ "target": p.target, "region": p.region, "estimate": e }));
+    }
+    json!({ "targets": targets, "monthly_usd": cents as f64 / 100.0, "currency": "USD", "date": crate::cost::prices::DATE })
 }

@@ -42,10 +42,16 @@ pub(super) fn images_cmd(cmd: crate::cli::ImagesCommand, ctx: &Context, ui: Ui) 
                 if kept_in_use > 0 {
                     ui.info(format!("keeping {kept_in_use} older image(s) that are in use"));
                 }
+                let saving = prune_saving(&clients, &doomed);
+                if !doomed.is_empty() {
+                    for l in crate::cost::lines(&saving) {
+                        ui.info(l);
+                    }
+                }
                 // One shape for every case (README, "Machine-readable output"): what went, what
                 // would go, and how many in-use images were kept.
                 if doomed.is_empty() || p.dry_run {
-                    return Ok(json!({ "ok": true, "dry_run": p.dry_run, "pruned": [], "would_prune": doomed, "kept_in_use": kept_in_use }));
+                    return Ok(json!({ "ok": true, "dry_run": p.dry_run, "pruned": [], "would_prune": doomed, "kept_in_use": kept_in_use, "cost": saving }));
                 }
                 let mut interrupt = Box::pin(interrupt_listener()?);
                 if !p.yes {
@@ -69,7 +75,7 @@ pub(super) fn images_cmd(cmd: crate::cli::ImagesCommand, ctx: &Context, ui: Ui) 
                     ui.info(format!("deregistered {} and deleted {}", r.ami, if snaps.is_empty() { "no snapshots".to_string() } else { snaps.join(", ") }));
                     pruned.push(json!({ "ami": r.ami, "snapshots": snaps }));
                 }
-                Ok(json!({ "ok": true, "dry_run": false, "pruned": pruned, "would_prune": [], "kept_in_use": kept_in_use }))
+                Ok(json!({ "ok": true, "dry_run": false, "pruned": pruned, "would_prune": [], "kept_in_use": kept_in_use, "cost": saving }))
             }
         }
     })?;
@@ -77,4 +83,11 @@ pub(super) fn images_cmd(cmd: crate::cli::ImagesCommand, ctx: &Context, ui: Ui) 
         ui.emit_json(&doc);
     }
     Ok(())
+}
+
+/// What removing these images' snapshots saves a month, in the region the clients talk to.
+pub(super) fn prune_saving(clients: &crate::aws::Clients, doomed: &[images::Row]) -> crate::cost::Estimate {
+    let region = clients.ec2.config().region().map(|r| r.to_string()).unwrap_or_default();
+    let removed: Vec<(String, i64)> = doomed.iter().map(|r| (r.ami.clone(), r.snapshot_gib)).collect();
+    crate::cost::snapshots(&region, &[], &removed)
 }

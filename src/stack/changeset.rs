@@ -38,6 +38,22 @@ pub struct Plan {
     pub waits: Waits,
     /// Makes the change set name unique and the create call idempotent on retry.
     pub token: String,
+    /// Lines printed under the diff, before the question (the cost of the change, from a layer
+    /// above this one).
+    pub annotate: Option<Annotate>,
+}
+
+/// What the caller says about a computed change set; sync and pure, it runs between the diff and
+/// the confirmation.
+#[derive(Clone)]
+pub struct Annotate(pub Arc<AnnotateFn>);
+
+pub type AnnotateFn = dyn Fn(&[Change]) -> Vec<String> + Send + Sync;
+
+impl std::fmt::Debug for Annotate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Annotate(..)")
+    }
 }
 
 /// What exists because of this run and must not outlive a failure or Ctrl-C.
@@ -236,6 +252,11 @@ pub async fn run_protected(
     progress.line(&format!("change set {name} for {} ({} change{}):", plan.stack, changes.len(), if changes.len() == 1 { "" } else { "s" }));
     for c in &changes {
         progress.line(&c.line());
+    }
+    if let Some(annotate) = &plan.annotate {
+        for l in (annotate.0)(&changes) {
+            progress.line(&l);
+        }
     }
     if protection.drift_check && !is_create && !changes.is_empty() {
         warn_overwritten_drift(cfn, &plan.stack, &changes, plan.waits, progress, &mut notices).await;

@@ -1673,6 +1673,9 @@ async fn bake_on_a_miss_registers_the_document_starts_follows_and_hands_over() {
     assert_eq!(param(&b.start_request(), "Digest"), looked_up_digest(&b.cache_lookups));
     assert_eq!(b.deregister.num_calls(), 0, "no older image with the digest: ours stays");
     assert_fresh_bake(&b, &cfg, &out, AMI);
+    // Cost (issue 15, item 1): the new image's snapshots, at most the document's 15 GiB root
+    // volume at the table's $0.05/GB-month; no AWS call for it.
+    assert_eq!((out["cost"]["items"][0]["resource"].as_str(), out["cost"]["items"][0]["monthly_usd"].as_f64()), (Some(AMI), Some(0.75)), "{}", out["cost"]);
 }
 
 #[tokio::test]

@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("bake", 6),
     ("smoke", 6),
     ("backup", 6),
+    ("cost", 6),
     ("cli", 7),
     ("cmd", 8),
 ];

@@ -11,6 +11,7 @@ mod boot;
 mod cli;
 mod contracts;
 mod corpus;
+mod cost;
 mod faults;
 mod fleet;
 mod fleet_mocks;

@@ -134,6 +134,7 @@ fn plan(confirm: Confirm) -> Plan {
         wait_if_busy: false,
         waits: fast(),
         token: TOKEN.into(),
+        annotate: None,
     }
 }
 

@@ -72,6 +72,7 @@ fn plan() -> Plan {
         wait_if_busy: false,
         waits: fast(),
         token: "tok15".into(),
+        annotate: None,
     }
 }
 
