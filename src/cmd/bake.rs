@@ -434,15 +434,5 @@ async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, p
 }
 
 pub(super) fn bake(args: crate::cli::BakeArgs, ctx: &Context, ui: Ui) -> Result<()> {
-    let doc = block_on(async {
-        let interrupt = interrupt_listener()?;
-        let conf = aws::load(&aws_settings(ctx)).await?;
-        let region = conf.region().map(|r| r.to_string()).unwrap_or_default();
-        let clients = Clients::from_conf(&conf);
-        bake_flow(&clients, &region, &args, ctx, ui, interrupt).await
-    })?;
-    if ui.json() {
-        ui.emit_json(&doc);
-    }
-    Ok(())
+    run_flow(ctx, ui, |clients, region, interrupt| async move { bake_flow(&clients, &region, &args, ctx, ui, interrupt).await })
 }

@@ -312,14 +312,5 @@ fn source_text(s: &images::Source) -> String {
 }
 
 pub(super) fn deploy(args: DeployArgs, ctx: &Context, ui: Ui) -> Result<()> {
-    let doc = block_on(async {
-        let interrupt = interrupt_listener()?;
-        let conf = aws::load(&aws_settings(ctx)).await?;
-        let clients = Clients::from_conf(&conf);
-        deploy_flow(&clients, &args, ctx, ui, &TtyConfirmer, interrupt).await
-    })?;
-    if ui.json() {
-        ui.emit_json(&doc);
-    }
-    Ok(())
+    run_flow(ctx, ui, |clients, _, interrupt| async move { deploy_flow(&clients, &args, ctx, ui, &TtyConfirmer, interrupt).await })
 }

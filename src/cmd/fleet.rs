@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::*;
-use crate::aws::{self, Clients};
+use crate::aws::Clients;
 use crate::bake::images::{self, Choice, Source};
 use crate::bake::share;
 use crate::check::userdata as validate;
@@ -28,20 +28,13 @@ use crate::ui::Ui;
 use crate::ui::progress::Progress;
 
 pub(super) fn fleet_cmd(cmd: FleetCommand, ctx: &Context, ui: Ui) -> Result<()> {
-    let doc = block_on(async {
-        let interrupt = interrupt_listener()?;
-        let conf = aws::load(&aws_settings(ctx)).await?;
-        let clients = Clients::from_conf(&conf);
+    run_flow(ctx, ui, |clients, _, interrupt| async move {
         match cmd {
             FleetCommand::Deploy(args) => fleet_deploy_flow(&clients, &args, ctx, ui, &TtyConfirmer, interrupt).await,
             FleetCommand::Status(args) => fleet_status_flow(&clients, &args, ctx, ui).await,
             FleetCommand::Destroy(args) => fleet_destroy_flow(&clients, &args, ctx, ui, &TtyConfirmer, interrupt).await,
         }
-    })?;
-    if ui.json() {
-        ui.emit_json(&doc);
-    }
-    Ok(())
+    })
 }
 
 /// The same clients, talking to another region (same credentials and endpoint).

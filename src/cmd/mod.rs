@@ -180,6 +180,29 @@ where
     })
 }
 
+/// Ctrl-C as a flow takes it: heard from before the AWS config loads.
+pub type Interrupt = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The shell of every command that changes something in AWS: listen for Ctrl-C first, load the
+/// AWS config once, hand the flow its clients, region and the interrupt, then print the flow's
+/// JSON document when asked for one.
+fn run_flow<F, Fut>(ctx: &Context, ui: Ui, flow: F) -> Result<()>
+where
+    F: FnOnce(Clients, String, Interrupt) -> Fut,
+    Fut: Future<Output = Result<serde_json::Value>>,
+{
+    let doc = block_on(async {
+        let interrupt: Interrupt = Box::pin(interrupt_listener()?);
+        let conf = aws::load(&aws_settings(ctx)).await?;
+        let region = conf.region().map(|r| r.to_string()).unwrap_or_default();
+        flow(Clients::from_conf(&conf), region, interrupt).await
+    })?;
+    if ui.json() {
+        ui.emit_json(&doc);
+    }
+    Ok(())
+}
+
 pub fn waits(config: &Config, args: &WaitArgs) -> Waits {
     Waits { timeout: Duration::from_secs(args.timeout.unwrap_or(config.aws.stack_timeout_secs)), poll: Duration::from_secs(config.aws.poll_interval_secs) }
 }

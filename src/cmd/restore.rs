@@ -16,16 +16,7 @@ use crate::ui::Ui;
 use crate::ui::progress::Progress;
 
 pub(super) fn restore_cmd(args: RestoreArgs, ctx: &Context, ui: Ui) -> Result<()> {
-    let doc = block_on(async {
-        let interrupt = interrupt_listener()?;
-        let conf = aws::load(&aws_settings(ctx)).await?;
-        let clients = Clients::from_conf(&conf);
-        restore_flow(&clients, &args, ctx, ui, &TtyConfirmer, interrupt, &run_token()).await
-    })?;
-    if ui.json() {
-        ui.emit_json(&doc);
-    }
-    Ok(())
+    run_flow(ctx, ui, |clients, _, interrupt| async move { restore_flow(&clients, &args, ctx, ui, &TtyConfirmer, interrupt, &run_token()).await })
 }
 
 /// The context the redeploy runs with: the same config, reattaching `file_system_id`.

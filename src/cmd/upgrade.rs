@@ -18,30 +18,11 @@ use crate::ui::Ui;
 use crate::ui::progress::Progress;
 
 pub(super) fn upgrade_cmd(args: UpgradeArgs, ctx: &Context, ui: Ui) -> Result<()> {
-    let doc = block_on(async {
-        let interrupt = interrupt_listener()?;
-        let conf = aws::load(&aws_settings(ctx)).await?;
-        let region = conf.region().map(|r| r.to_string()).unwrap_or_default();
-        let clients = Clients::from_conf(&conf);
-        upgrade_flow(&clients, &region, &args, ctx, ui, &TtyConfirmer, interrupt, &run_token()).await
-    })?;
-    if ui.json() {
-        ui.emit_json(&doc);
-    }
-    Ok(())
+    run_flow(ctx, ui, |clients, region, interrupt| async move { upgrade_flow(&clients, &region, &args, ctx, ui, &TtyConfirmer, interrupt, &run_token()).await })
 }
 
 pub(super) fn rollback_cmd(args: RollbackArgs, ctx: &Context, ui: Ui) -> Result<()> {
-    let doc = block_on(async {
-        let interrupt = interrupt_listener()?;
-        let conf = aws::load(&aws_settings(ctx)).await?;
-        let clients = Clients::from_conf(&conf);
-        rollback_flow(&clients, &args, ctx, ui, &TtyConfirmer, interrupt, &run_token()).await
-    })?;
-    if ui.json() {
-        ui.emit_json(&doc);
-    }
-    Ok(())
+    run_flow(ctx, ui, |clients, _, interrupt| async move { rollback_flow(&clients, &args, ctx, ui, &TtyConfirmer, interrupt, &run_token()).await })
 }
 
 /// Where the rollback record lives: next to the config file, else in the working directory.
