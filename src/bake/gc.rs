@@ -276,37 +276,23 @@ async fn file_systems(clients: &Clients, scope: &Scope, stacks: &[aws_sdk_cloudf
     }
     let cutoff = scope.now.checked_sub(scope.older_than).unwrap_or(SystemTime::UNIX_EPOCH);
     let mut found = Vec::new();
-    let mut marker: Option<String> = None;
-    loop {
-        let page = clients
-            .efs
-            .describe_file_systems()
-            .set_marker(marker.take())
-            .send()
-            .await
-            .map_err(|e| aws::err("DescribeFileSystems", format!("file systems of project {}", scope.project), e))?;
-        for fs in page.file_systems() {
-            let tag = |key: &str| fs.tags().iter().find(|t| t.key() == key).map(|t| t.value().to_string());
-            let creator = tag("aws:cloudformation:stack-name");
-            let ours = tag(TAG_PROJECT).as_deref() == Some(scope.project.as_str()) || creator.as_ref().is_some_and(|c| scope.stacks.contains(c));
-            let id = fs.file_system_id().to_string();
-            let available = fs.life_cycle_state().as_str() == "available";
-            let created = SystemTime::try_from(*fs.creation_time()).unwrap_or(scope.now);
-            let used = fs.number_of_mount_targets() > 0 || in_use.contains(&id) || creator.as_ref().is_some_and(|c| live.contains(c));
-            if ours && available && !used && created <= cutoff {
-                let size = fs.size_in_bytes().map(|s| s.value()).unwrap_or(0);
-                let detail = format!(
-                    "created {}, {} bytes, no mount target, no stack uses it{}",
-                    fs.creation_time().fmt(aws_smithy_types::date_time::Format::DateTime).unwrap_or_default(),
-                    size,
-                    creator.map(|c| format!(" (made by stack {c})")).unwrap_or_default()
-                );
-                found.push(Orphan { kind: Kind::FileSystem, id, stack: None, detail });
-            }
-        }
-        match page.next_marker() {
-            Some(m) if !m.is_empty() => marker = Some(m.to_string()),
-            _ => break,
+    for fs in stack::efs::every_file_system(clients, &format!("file systems of project {}", scope.project)).await? {
+        let tag = |key: &str| fs.tags().iter().find(|t| t.key() == key).map(|t| t.value().to_string());
+        let creator = tag("aws:cloudformation:stack-name");
+        let ours = tag(TAG_PROJECT).as_deref() == Some(scope.project.as_str()) || creator.as_ref().is_some_and(|c| scope.stacks.contains(c));
+        let id = fs.file_system_id().to_string();
+        let available = fs.life_cycle_state().as_str() == "available";
+        let created = SystemTime::try_from(*fs.creation_time()).unwrap_or(scope.now);
+        let used = fs.number_of_mount_targets() > 0 || in_use.contains(&id) || creator.as_ref().is_some_and(|c| live.contains(c));
+        if ours && available && !used && created <= cutoff {
+            let size = fs.size_in_bytes().map(|s| s.value()).unwrap_or(0);
+            let detail = format!(
+                "created {}, {} bytes, no mount target, no stack uses it{}",
+                fs.creation_time().fmt(aws_smithy_types::date_time::Format::DateTime).unwrap_or_default(),
+                size,
+                creator.map(|c| format!(" (made by stack {c})")).unwrap_or_default()
+            );
+            found.push(Orphan { kind: Kind::FileSystem, id, stack: None, detail });
         }
     }
     Ok(found)

@@ -109,3 +109,22 @@ pub fn file_system_policy(arn: &str, stack: &str, efs_tls: bool) -> Result<Strin
     };
     Ok(json!({"Version": "2012-10-17", "Statement": statements}).to_string())
 }
+
+/// Every file system in the region, all pages: DescribeFileSystems takes no tag filter, so finding
+/// a project's file systems by tag means reading them all (EFS API reference, DescribeFileSystems:
+/// `Tags` and `LifeCycleState` on each `FileSystemDescription`, `NextMarker` to page). `about`
+/// names what was being looked for in an error.
+pub async fn every_file_system(clients: &Clients, about: &str) -> Result<Vec<aws_sdk_efs::types::FileSystemDescription>> {
+    let mut all = Vec::new();
+    let mut marker: Option<String> = None;
+    loop {
+        let page =
+            clients.efs.describe_file_systems().set_marker(marker.take()).send().await.map_err(|e| aws::err("DescribeFileSystems", about.to_string(), e))?;
+        all.extend(page.file_systems().iter().cloned());
+        match page.next_marker() {
+            Some(m) if !m.is_empty() => marker = Some(m.to_string()),
+            _ => break,
+        }
+    }
+    Ok(all)
+}

@@ -240,26 +240,12 @@ async fn settle_file_systems(clients: &Clients, file_systems: &[String], delete_
 /// and `LifeCycleState` on each `FileSystemDescription`, `NextMarker` to page).
 pub async fn stack_file_systems(clients: &Clients, stack_name: &str, project: Option<&str>) -> Result<Vec<String>> {
     let mut found = Vec::new();
-    let mut marker: Option<String> = None;
-    loop {
-        let page = clients
-            .efs
-            .describe_file_systems()
-            .set_marker(marker.take())
-            .send()
-            .await
-            .map_err(|e| aws::err("DescribeFileSystems", format!("file systems of stack {stack_name}"), e))?;
-        for fs in page.file_systems() {
-            let tag = |key: &str| fs.tags().iter().find(|t| t.key() == key).map(|t| t.value());
-            let ours = tag("aws:cloudformation:stack-name") == Some(stack_name) || (project.is_some() && tag(PROJECT_TAG) == project);
-            let gone = matches!(fs.life_cycle_state().as_str(), "deleting" | "deleted");
-            if ours && !gone {
-                found.push(fs.file_system_id().to_string());
-            }
-        }
-        match page.next_marker() {
-            Some(m) if !m.is_empty() => marker = Some(m.to_string()),
-            _ => break,
+    for fs in stack::efs::every_file_system(clients, &format!("file systems of stack {stack_name}")).await? {
+        let tag = |key: &str| fs.tags().iter().find(|t| t.key() == key).map(|t| t.value());
+        let ours = tag("aws:cloudformation:stack-name") == Some(stack_name) || (project.is_some() && tag(PROJECT_TAG) == project);
+        let gone = matches!(fs.life_cycle_state().as_str(), "deleting" | "deleted");
+        if ours && !gone {
+            found.push(fs.file_system_id().to_string());
         }
     }
     found.sort();
