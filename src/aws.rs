@@ -36,6 +36,11 @@ pub struct Clients {
     pub elb: aws_sdk_elasticloadbalancingv2::Client,
     pub apigw: aws_sdk_apigateway::Client,
     pub backup: aws_sdk_backup::Client,
+    pub kms: aws_sdk_kms::Client,
+    pub cloudwatch: aws_sdk_cloudwatch::Client,
+    /// The Price List API, which answers only in a few regions: made for the nearest of them, never
+    /// from the stack's region (see `pricing_region`).
+    pub pricing: aws_sdk_pricing::Client,
 }
 
 impl Clients {
@@ -50,7 +55,10 @@ impl Clients {
             ssm: aws_sdk_ssm::Client::from_conf(self.ssm.config().to_builder().retry_config(retry.clone()).build()),
             elb: aws_sdk_elasticloadbalancingv2::Client::from_conf(self.elb.config().to_builder().retry_config(retry.clone()).build()),
             apigw: aws_sdk_apigateway::Client::from_conf(self.apigw.config().to_builder().retry_config(retry.clone()).build()),
-            backup: aws_sdk_backup::Client::from_conf(self.backup.config().to_builder().retry_config(retry).build()),
+            backup: aws_sdk_backup::Client::from_conf(self.backup.config().to_builder().retry_config(retry.clone()).build()),
+            kms: aws_sdk_kms::Client::from_conf(self.kms.config().to_builder().retry_config(retry.clone()).build()),
+            cloudwatch: aws_sdk_cloudwatch::Client::from_conf(self.cloudwatch.config().to_builder().retry_config(retry.clone()).build()),
+            pricing: aws_sdk_pricing::Client::from_conf(self.pricing.config().to_builder().retry_config(retry).build()),
         }
     }
 
@@ -63,7 +71,23 @@ impl Clients {
             elb: aws_sdk_elasticloadbalancingv2::Client::new(conf),
             apigw: aws_sdk_apigateway::Client::new(conf),
             backup: aws_sdk_backup::Client::new(conf),
+            kms: aws_sdk_kms::Client::new(conf),
+            cloudwatch: aws_sdk_cloudwatch::Client::new(conf),
+            pricing: aws_sdk_pricing::Client::from_conf(
+                aws_sdk_pricing::config::Builder::from(conf)
+                    .region(aws_sdk_pricing::config::Region::new(pricing_region(conf.region().map(|r| r.as_ref()))))
+                    .build(),
+            ),
         }
+    }
+}
+
+/// The Price List Query API answers at two endpoints only, us-east-1 and ap-south-1 (aws-sdk-pricing
+/// crate documentation, "Service Endpoint"): the nearer of them to the stack's region.
+pub fn pricing_region(region: Option<&str>) -> &'static str {
+    match region.unwrap_or_default() {
+        r if r.starts_with("ap-") => "ap-south-1",
+        _ => "us-east-1",
     }
 }
 

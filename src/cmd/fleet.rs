@@ -47,7 +47,11 @@ pub fn clients_in(c: &Clients, region: &str) -> Clients {
         ssm: aws_sdk_ssm::Client::from_conf(c.ssm.config().to_builder().region(r.clone()).build()),
         elb: aws_sdk_elasticloadbalancingv2::Client::from_conf(c.elb.config().to_builder().region(r.clone()).build()),
         apigw: aws_sdk_apigateway::Client::from_conf(c.apigw.config().to_builder().region(r.clone()).build()),
-        backup: aws_sdk_backup::Client::from_conf(c.backup.config().to_builder().region(r).build()),
+        backup: aws_sdk_backup::Client::from_conf(c.backup.config().to_builder().region(r.clone()).build()),
+        kms: aws_sdk_kms::Client::from_conf(c.kms.config().to_builder().region(r.clone()).build()),
+        cloudwatch: aws_sdk_cloudwatch::Client::from_conf(c.cloudwatch.config().to_builder().region(r).build()),
+        // The Price List API stays where it answers.
+        pricing: c.pricing.clone(),
     }
 }
 

@@ -51,6 +51,7 @@ fn clients(r: &Rules) -> Clients {
         elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry()),
         apigw: mocked!(aws_sdk_apigateway, none, retry()),
         backup: mocked!(aws_sdk_backup, r.backup, retry()),
+        ..crate::mock_client::unscripted()
     }
 }
 
@@ -1062,6 +1063,7 @@ fn restore_mount_targets_against_moto_copy_the_live_ones_and_are_gone_afterwards
             elb: aws_sdk_elasticloadbalancingv2::Client::new(&conf),
             apigw: aws_sdk_apigateway::Client::new(&conf),
             backup: mocked!(aws_sdk_backup, none, retry()),
+            ..crate::mock_client::unscripted()
         };
         let t = backup::Target {
             stack: STACK.into(),
@@ -1265,6 +1267,7 @@ fn clients_of(cfn: &[Rule], ec2: &[Rule], efs: &[Rule], ssm: &[Rule], backup: &[
         elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry()),
         apigw: mocked!(aws_sdk_apigateway, apigw, retry()),
         backup: mocked!(aws_sdk_backup, backup, retry()),
+        ..crate::mock_client::unscripted()
     }
 }
 

@@ -70,6 +70,7 @@ fn clients(cfn: &[&Rule], ec2: &[&Rule], ssm: &[&Rule]) -> Clients {
         elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
         apigw: mocked!(aws_sdk_apigateway, none, retry.clone()),
         backup: mocked!(aws_sdk_backup, Vec::<Rule>::new(), retry),
+        ..crate::mock_client::unscripted()
     }
 }
 

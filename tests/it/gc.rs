@@ -365,6 +365,7 @@ async fn gc_terminates_build_instances_no_running_bake_owns() {
         elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry()),
         apigw: mocked!(aws_sdk_apigateway, none, retry()),
         backup: mocked!(aws_sdk_backup, none, retry()),
+        ..crate::mock_client::unscripted()
     };
     let scope = Scope {
         project: PROJECT.into(),

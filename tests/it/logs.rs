@@ -229,6 +229,7 @@ fn clients(seen: &Seen<aws_sdk_ssm::operation::send_command::SendCommandInput>) 
         elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry()),
         apigw: mocked!(aws_sdk_apigateway, none, retry()),
         backup: mocked!(aws_sdk_backup, none, retry()),
+        ..crate::mock_client::unscripted()
     }
 }
 

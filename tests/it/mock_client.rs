@@ -19,3 +19,23 @@ macro_rules! mocked {
         )
     }};
 }
+
+/// The clients a test does not script: each answers from no rules, so any call it makes fails
+/// loudly. Test literals name the clients they script and take the rest from here
+/// (`..mock_client::unscripted()`), so a new client in `aws::Clients` touches no test.
+pub fn unscripted() -> imgbuild::aws::Clients {
+    let none: Vec<aws_smithy_mocks::Rule> = Vec::new();
+    let retry = aws_smithy_types::retry::RetryConfig::disabled();
+    imgbuild::aws::Clients {
+        cfn: mocked!(aws_sdk_cloudformation, none, retry.clone()),
+        ec2: mocked!(aws_sdk_ec2, none, retry.clone()),
+        efs: mocked!(aws_sdk_efs, none, retry.clone()),
+        ssm: mocked!(aws_sdk_ssm, none, retry.clone()),
+        elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
+        apigw: mocked!(aws_sdk_apigateway, none, retry.clone()),
+        backup: mocked!(aws_sdk_backup, none, retry.clone()),
+        kms: mocked!(aws_sdk_kms, none, retry.clone()),
+        cloudwatch: mocked!(aws_sdk_cloudwatch, none, retry.clone()),
+        pricing: mocked!(aws_sdk_pricing, none, retry),
+    }
+}

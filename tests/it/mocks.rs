@@ -98,6 +98,7 @@ impl Aws {
             elb: mocked!(aws_sdk_elasticloadbalancingv2, self.elb, retry.clone()),
             apigw: mocked!(aws_sdk_apigateway, self.apigw, retry.clone()),
             backup: mocked!(aws_sdk_backup, Vec::<Rule>::new(), retry),
+            ..crate::mock_client::unscripted()
         }
     }
 }

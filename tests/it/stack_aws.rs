@@ -158,6 +158,7 @@ fn clients(account: &Account, sent: &Sent) -> Clients {
         elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
         apigw: mocked!(aws_sdk_apigateway, account.apigw, retry.clone()),
         backup: mocked!(aws_sdk_backup, Vec::<Rule>::new(), retry),
+        ..crate::mock_client::unscripted()
     }
 }
 
@@ -625,6 +626,7 @@ fn smoke_test_invokes_with_the_verb_a_client_sends() {
         elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
         apigw: mocked!(aws_sdk_apigateway, apigw, retry.clone()),
         backup: mocked!(aws_sdk_backup, Vec::<Rule>::new(), retry),
+        ..crate::mock_client::unscripted()
     };
     let profile = imgbuild::chroma::profile(&imgbuild::chroma::parse_version("1.5.9").unwrap()).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
