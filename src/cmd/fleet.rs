@@ -257,7 +257,7 @@ pub async fn fleet_deploy_flow(
         return Err(Error::Validation(format!("the user-data for this fleet failed: {}", names.join(", "))));
     }
     let mut template = Template::load(args.template.as_deref())?;
-    template.set_user_data(&base64::engine::general_purpose::STANDARD.encode(&rendered.output));
+    template.set_user_data(&base64::engine::general_purpose::STANDARD.encode(&rendered.output))?;
     template.check_policies()?;
     let declared = template.parameter_names();
 

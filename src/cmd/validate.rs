@@ -103,7 +103,7 @@ fn check_template(path: Option<&Path>, ctx: &Context, ui: Ui, failed: &mut Vec<S
     let mut template = crate::stack::template::Template::load(path)?;
     let inputs = Inputs::new(&ctx.config, ctx.region.as_deref(), Mode::Full, Format::CloudConfig, true)?;
     let rendered = render::render(&inputs)?;
-    template.set_user_data(&base64::engine::general_purpose::STANDARD.encode(&rendered.output));
+    template.set_user_data(&base64::engine::general_purpose::STANDARD.encode(&rendered.output))?;
     let title = format!("template {}", template.name);
     let size = match template.body() {
         Ok(body) => {

@@ -149,15 +149,29 @@ impl Template {
 
     /// Sets every launch template's user-data to `base64` (already encoded, as EC2 takes it).
     /// Returns how many launch templates were set.
-    pub fn set_user_data(&mut self, base64: &str) -> usize {
+    pub fn set_user_data(&mut self, base64: &str) -> Result<usize> {
         let ids = self.launch_templates();
+        // A template without a launch template would deploy without the user-data: nothing boots.
+        if ids.is_empty() {
+            return Err(Error::Invalid(format!(
+                "template {}: no AWS::EC2::LaunchTemplate to carry the user-data, so no instance would boot Chroma",
+                self.name
+            )));
+        }
         for id in &ids {
-            let data = self.doc["Resources"][id.as_str()]["Properties"]["LaunchTemplateData"]
-                .as_mapping_mut()
-                .expect("launch templates have LaunchTemplateData (cfn-lint checks it)");
+            // A user's template is read before cfn-lint sees it: a launch template without a
+            // `LaunchTemplateData` mapping is refused by name, not a panic.
+            let Some(data) =
+                self.doc["Resources"][id.as_str()].get_mut("Properties").and_then(|p| p.get_mut("LaunchTemplateData")).and_then(Value::as_mapping_mut)
+            else {
+                return Err(Error::Invalid(format!(
+                    "template {}: launch template `{id}` has no `Properties.LaunchTemplateData` mapping to carry the user-data",
+                    self.name
+                )));
+            };
             data.insert(Value::String("UserData".into()), Value::String(base64.into()));
         }
-        ids.len()
+        Ok(ids.len())
     }
 
     /// With instance metadata tags enabled, EC2 refuses to launch an instance that has a tag key

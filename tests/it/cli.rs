@@ -115,6 +115,30 @@ fn bad_flags_and_missing_files_exit_2() {
         .stdout(predicate::str::contains("\"exit_code\": 2"));
 }
 
+/// A user's `--template` is read before cfn-lint sees it: a launch template without
+/// `LaunchTemplateData`, or no launch template at all, is refused by name with exit 2 (the first
+/// used to panic in validate, deploy and fleet deploy; the second passed validate silently).
+#[test]
+fn a_template_that_cannot_carry_the_user_data_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "AWSTemplateFormatVersion: '2010-09-09'\nResources:\n  Lt:\n    Type: AWS::EC2::LaunchTemplate\n    Properties:\n      LaunchTemplateName: x\n",
+            "launch template `Lt` has no `Properties.LaunchTemplateData`",
+        ),
+        ("AWSTemplateFormatVersion: '2010-09-09'\nResources:\n  Lt:\n    Type: AWS::EC2::LaunchTemplate\n", "launch template `Lt` has no"),
+        ("AWSTemplateFormatVersion: '2010-09-09'\nResources:\n  Topic:\n    Type: AWS::SNS::Topic\n", "no AWS::EC2::LaunchTemplate to carry the user-data"),
+    ];
+    for (template, expected) in cases {
+        std::fs::write(dir.path().join("t.yaml"), template).unwrap();
+        let out = imgbuild(dir.path()).args(["validate", "--no-tools", "--template", "t.yaml"]).output().unwrap();
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{template}: {err}");
+        assert!(err.contains(expected) && err.contains("t.yaml"), "{template}: expected {expected:?} naming t.yaml in {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
 #[test]
 fn init_writes_a_starter_that_validates_and_never_clobbers() {
     let dir = tempfile::tempdir().unwrap();

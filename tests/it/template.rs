@@ -93,7 +93,7 @@ fn every_policy_passes_on_the_stack_as_deploy_sends_it() {
     for mode in [Mode::Full, Mode::Baked] {
         let mut t = Template::reference();
         let r = render_with(&Config::default(), None, mode, Format::CloudConfig, true);
-        assert_eq!(t.set_user_data(&base64::engine::general_purpose::STANDARD.encode(&r.output)), 1);
+        assert_eq!(t.set_user_data(&base64::engine::general_purpose::STANDARD.encode(&r.output)).unwrap(), 1);
         let body = t.body().unwrap();
         assert!(body.len() < template::BODY_LIMIT, "{} bytes", body.len());
         let outcomes = t.check_policies().unwrap_or_else(|e| panic!("{e}"));
@@ -124,7 +124,7 @@ fn each_policy_catches_the_template_that_breaks_it() {
 #[test]
 fn oversized_templates_are_refused_before_cloudformation_sees_them() {
     let mut t = Template::reference();
-    t.set_user_data(&"A".repeat(template::BODY_LIMIT));
+    t.set_user_data(&"A".repeat(template::BODY_LIMIT)).unwrap();
     let err = t.body().unwrap_err().to_string();
     assert!(err.contains("51200-byte limit"), "{err}");
 }
@@ -135,7 +135,7 @@ fn cfn_lint_is_clean_on_the_template_and_on_what_deploy_sends() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = Template::reference();
     let r = render_with(&Config::default(), None, Mode::Baked, Format::CloudConfig, true);
-    t.set_user_data(&base64::engine::general_purpose::STANDARD.encode(&r.output));
+    t.set_user_data(&base64::engine::general_purpose::STANDARD.encode(&r.output)).unwrap();
     let sent = dir.path().join("sent.yaml");
     std::fs::write(&sent, t.body().unwrap()).unwrap();
     let fixtures = repo().join("tests/fixtures");
