@@ -419,9 +419,9 @@ pub struct RestoreArgs {
     /// Boot this AMI on the restored file system [default: as deploy chooses].
     #[arg(long, value_name = "AMI_ID")]
     pub ami: Option<String>,
-    /// The user-data mode for `ami`; set by `imgbuild rollback` from its record (a stock image
-    /// boots only in full mode), not a flag.
-    #[arg(skip)]
+    /// User-data mode for `--ami` [default: baked]: `full` for a stock AL2023 image, which
+    /// installs Docker and pulls Chroma at boot. (`imgbuild rollback` sets it from its record.)
+    #[arg(long, value_enum, requires = "ami")]
     pub mode: Option<Mode>,
     /// Before anything switches: mount the restored copy read-only, serve it with a throw-away
     /// Chroma of the same version, and compare collections and counts with what the backup

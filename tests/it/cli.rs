@@ -226,3 +226,29 @@ fn completions_and_man_page_come_from_the_cli_definition_even_with_a_broken_conf
     assert!(text.contains("render\\-userdata") || text.contains("render-userdata"), "{text}");
     imgbuild(dir.path()).args(["completions", "tcsh"]).assert().code(2);
 }
+
+/// `restore --ami` of a stock AL2023 image needs full mode (deploy refuses a stock image in
+/// baked mode and says "deploy with --mode full"), so restore takes `--mode` as deploy does;
+/// without `--ami` it means nothing and is refused. It used to be no flag at all.
+#[test]
+fn restore_takes_the_mode_for_its_ami() {
+    use clap::Parser;
+    let parsed = imgbuild::cli::Cli::try_parse_from([
+        "imgbuild",
+        "restore",
+        "arn:aws:backup:us-east-1:123456789012:recovery-point:1EB3B5E7-9EB0-435A-A80B-108B488B0D45",
+        "--ami",
+        "ami-0abcdef1234567890",
+        "--mode",
+        "full",
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    match parsed.command {
+        imgbuild::cli::Command::Restore(a) => assert_eq!(a.mode, Some(imgbuild::render::Mode::Full)),
+        other => panic!("{other:?}"),
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = imgbuild(dir.path()).args(["restore", "arn:aws:backup:us-east-1:123456789012:recovery-point:x", "--mode", "full"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr_of(&out).contains("--ami"), "{}", stderr_of(&out));
+}
