@@ -104,7 +104,9 @@ pub enum Command {
     /// the AL2023 parameter, quotas. Says what to do about each problem.
     Doctor,
     /// Get a stack out of UPDATE_ROLLBACK_FAILED: lists the resources the rollback could not put
-    /// back, asks, and continues the rollback (ContinueUpdateRollback), skipping those named.
+    /// back, asks, and continues the rollback (ContinueUpdateRollback), skipping those named. A
+    /// stack `deploy --disable-rollback` left in CREATE_FAILED/UPDATE_FAILED is rolled back
+    /// (RollbackStack, keeping retained resources).
     #[command(name = "continue-rollback")]
     ContinueRollback(ContinueRollbackArgs),
     /// Find, by the project's tags, what earlier runs left behind in the region (build instances,

@@ -136,6 +136,7 @@ pub async fn run_protected(
     // 1. Where the stack stands (again after waiting: it may settle anywhere).
     let mut existing = stack::describe(cfn, &plan.stack).await?;
     let mut waited = false;
+    let mut preserve_failed = false;
     while let Some(s) = &existing {
         let status = stack::status_of(s);
         match stack::phase(&status) {
@@ -154,6 +155,21 @@ pub async fn run_protected(
                     "stack {} is UPDATE_ROLLBACK_FAILED, which needs a person: the rollback of the last update could not put every resource back. `imgbuild continue-rollback` retries it (`--skip ID,...` for resources fixed by hand; it names the ones that failed)",
                     plan.stack
                 )));
+            }
+            // What `--disable-rollback` left: CloudFormation takes a change set for a stack in
+            // CREATE_FAILED or UPDATE_FAILED, and requires the update to preserve what was
+            // provisioned too ("Stack failure options", CloudFormation User Guide: "When you update
+            // a stack that's in a FAILED state, you must select Preserve successfully provisioned
+            // resources"), so it executes with DisableRollback.
+            Phase::Failed if matches!(status.as_str(), "CREATE_FAILED" | "UPDATE_FAILED") => {
+                let notice = format!(
+                    "stack {} is {status} (kept by --disable-rollback): updating it from there, keeping what was made, as CloudFormation requires; `imgbuild continue-rollback` rolls it back instead",
+                    plan.stack
+                );
+                progress.line(&notice);
+                notices.push(notice);
+                preserve_failed = true;
+                break;
             }
             Phase::Failed => {
                 return Err(Error::Invalid(format!(
@@ -318,7 +334,8 @@ pub async fn run_protected(
     // From the moment the request leaves, the stack operation may be CloudFormation's: a Ctrl-C
     // while it is on the wire must not delete a stack that is being created.
     let pending = std::mem::replace(&mut *cleanup.lock().expect("cleanup lock"), Created { executed: true, ..Created::default() });
-    let execute = cfn.execute_change_set().change_set_name(&id).set_disable_rollback(protection.disable_rollback.then_some(true));
+    let disable_rollback = protection.disable_rollback || preserve_failed;
+    let execute = cfn.execute_change_set().change_set_name(&id).set_disable_rollback(disable_rollback.then_some(true));
     if let Err(e) = execute.send().await {
         // Refused: nothing started, so what this run made is still ours to remove.
         *cleanup.lock().expect("cleanup lock") = pending;
@@ -326,10 +343,10 @@ pub async fn run_protected(
     }
     let status = stack::wait_executed(cfn, &plan.stack, &mut follower, plan.waits, progress).await?;
     if !stack::succeeded(&status) {
-        if protection.disable_rollback && matches!(status.as_str(), "CREATE_FAILED" | "UPDATE_FAILED") {
+        if disable_rollback && matches!(status.as_str(), "CREATE_FAILED" | "UPDATE_FAILED") {
             progress.line(&format!(
-                "--disable-rollback: stack {} keeps what was made, failed resources included, for debugging; deploy again once fixed, or roll it back with `aws cloudformation rollback-stack --stack-name {}`",
-                plan.stack, plan.stack
+                "--disable-rollback: stack {} keeps what was made, failed resources included, for debugging; deploy again once fixed, or roll it back with `imgbuild continue-rollback`",
+                plan.stack
             ));
         }
         return Err(Error::StackFailed { stack: plan.stack.clone(), status, failures: follower.failures });

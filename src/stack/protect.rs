@@ -151,8 +151,13 @@ pub async fn continue_rollback(
         return Err(Error::Invalid(format!("stack {name} does not exist")));
     };
     let status = stack::status_of(&s);
+    if matches!(status.as_str(), "CREATE_FAILED" | "UPDATE_FAILED") {
+        return roll_back_failed(cfn, name, &status, skip, yes, confirmer, waits, progress).await;
+    }
     if status != "UPDATE_ROLLBACK_FAILED" {
-        return Err(Error::Invalid(format!("stack {name} is {status}, not UPDATE_ROLLBACK_FAILED: there is no rollback to continue")));
+        return Err(Error::Invalid(format!(
+            "stack {name} is {status}, not UPDATE_ROLLBACK_FAILED (or CREATE_FAILED / UPDATE_FAILED after --disable-rollback): there is no rollback to continue"
+        )));
     }
     let failed = update_failed_resources(cfn, name).await?;
     for f in &failed {
@@ -195,6 +200,53 @@ pub async fn continue_rollback(
         return Err(Error::StackFailed { stack: name.into(), status, failures: follower.failures });
     }
     Ok(RollbackContinued { stack: name.into(), failed, skipped: skip.to_vec(), status })
+}
+
+/// What `deploy --disable-rollback` left in CREATE_FAILED or UPDATE_FAILED, rolled back with
+/// RollbackStack (CloudFormation API reference: "Rolls back the specified stack to the last known
+/// stable state from CREATE_FAILED or UPDATE_FAILED stack statuses. This operation will delete a
+/// stack if it doesn't contain a last known stable state"). RetainExceptOnCreate is sent false:
+/// true would delete newly created resources even under a Retain deletion policy, the file system
+/// and the backup vault included.
+#[allow(clippy::too_many_arguments)]
+async fn roll_back_failed(
+    cfn: &Client,
+    name: &str,
+    status: &str,
+    skip: &[String],
+    yes: bool,
+    confirmer: &dyn Confirmer,
+    waits: Waits,
+    progress: &Progress,
+) -> Result<RollbackContinued> {
+    if !skip.is_empty() {
+        return Err(Error::Invalid(format!(
+            "--skip: stack {name} is {status}, which rolls back whole (RollbackStack takes no resources to skip); run without --skip"
+        )));
+    }
+    let (end, what) = if status == "CREATE_FAILED" {
+        (
+            "ROLLBACK_COMPLETE",
+            "its creation never completed, so CloudFormation deletes what it made, except what the template retains (the file system and the backup vault)",
+        )
+    } else {
+        ("UPDATE_ROLLBACK_COMPLETE", "back to the last update that completed")
+    };
+    if !yes {
+        progress.pause();
+        let answer = confirmer.confirm(&format!("Roll back stack {name} from {status}: {what}?")).await;
+        progress.resume();
+        if !answer? {
+            return Err(Error::Invalid("not confirmed: the stack was left as it is".into()));
+        }
+    }
+    let mut follower = EventFollower::start(cfn, name).await?;
+    cfn.rollback_stack().stack_name(name).retain_except_on_create(false).send().await.map_err(|e| aws::err("RollbackStack", format!("stack {name}"), e))?;
+    let settled = stack::wait_stable(cfn, name, &mut follower, waits, progress).await?;
+    if settled != end {
+        return Err(Error::StackFailed { stack: name.into(), status: settled, failures: follower.failures });
+    }
+    Ok(RollbackContinued { stack: name.into(), failed: Vec::new(), skipped: Vec::new(), status: settled })
 }
 
 #[cfg(test)]

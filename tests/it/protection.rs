@@ -22,7 +22,7 @@ use aws_sdk_cloudformation::operation::get_template::GetTemplateOutput;
 use aws_sdk_cloudformation::operation::list_stack_resources::ListStackResourcesOutput;
 use aws_sdk_cloudformation::operation::set_stack_policy::SetStackPolicyOutput;
 use aws_sdk_cloudformation::operation::update_termination_protection::UpdateTerminationProtectionOutput;
-use aws_sdk_cloudformation::types::{ChangeAction, ChangeSetStatus, ChangeType, Replacement, ResourceStatus, StackResourceSummary, StackStatus};
+use aws_sdk_cloudformation::types::{ChangeAction, ChangeSetStatus, ChangeSetType, ChangeType, Replacement, ResourceStatus, StackResourceSummary, StackStatus};
 use aws_smithy_mocks::{Rule, mock};
 use aws_smithy_types::error::ErrorMetadata;
 use aws_smithy_types::retry::RetryConfig;
@@ -760,4 +760,77 @@ async fn drift_detection_that_never_finishes_is_a_bounded_wait() {
     let err = imgbuild::stack::drift::detect(&c.cfn, STACK, waits, &quiet()).await.unwrap_err();
 
     assert!(matches!(&err, Error::Timeout { what, .. } if what.contains("drift detection")), "{err:?}");
+}
+
+/// What `--disable-rollback` leaves is meant to be deployed again once fixed: CloudFormation
+/// takes a change set for a stack in UPDATE_FAILED or CREATE_FAILED and requires that update to
+/// preserve what was provisioned ("Stack failure options", CloudFormation User Guide: "You can
+/// initiate a change set for a stack with a status of CREATE_FAILED or UPDATE_FAILED"; "When you
+/// update a stack that's in a FAILED state, you must select Preserve successfully provisioned
+/// resources"). Deploy used to refuse it ("needs a person"), though it had said "deploy again".
+#[tokio::test]
+async fn deploy_updates_a_stack_left_failed_by_disable_rollback_and_keeps_preserving() {
+    for failed in ["UPDATE_FAILED", "CREATE_FAILED"] {
+        let ds = describe_stacks(&[At::Is(failed, true), At::Is("UPDATE_IN_PROGRESS", true), At::Is("UPDATE_COMPLETE", true)]);
+        let create = mock!(aws_sdk_cloudformation::Client::create_change_set)
+            .match_requests(|r| r.stack_name() == Some(STACK) && r.change_set_type() == Some(&ChangeSetType::Update))
+            .then_output(|| CreateChangeSetOutput::builder().id(CS_ID).stack_id(STACK_ID).build());
+        let dcs = change_set_ready(vec![change(ChangeAction::Modify, "LaunchTemplate", "AWS::EC2::LaunchTemplate", Some(Replacement::False))]);
+        let policy = set_stack_policy(Arc::default(), None);
+        let exec = execute_change_set(Some(true), None);
+        let events = no_events();
+        let c = clients(&[&ds, &create, &dcs, &policy, &exec, &events]);
+
+        let out = changeset::run_protected(&c, &plan(), &defaults(false), &quiet(), &Cleanup::default(), &Answer::new(false)).await.unwrap();
+
+        assert!(out.executed, "{failed}");
+        assert_eq!(create.num_calls(), 1, "{failed}: an UPDATE change set");
+        assert_eq!(exec.num_calls(), 1, "{failed}: executed with DisableRollback=true");
+        assert!(out.notices.iter().any(|n| n.contains(failed) && n.contains("imgbuild continue-rollback")), "{:?}", out.notices);
+    }
+}
+
+/// RollbackStack answers the StackId ("Stack failure options", CloudFormation User Guide, "Roll
+/// back stack": `aws cloudformation rollback-stack` returns {"StackId": ...}); keeps what was sent.
+fn rollback_stack(sent: Arc<Mutex<Vec<Option<bool>>>>) -> Rule {
+    mock!(aws_sdk_cloudformation::Client::rollback_stack)
+        .match_requests(move |r| {
+            sent.lock().unwrap().push(r.retain_except_on_create());
+            r.stack_name() == Some(STACK)
+        })
+        .then_output(|| aws_sdk_cloudformation::operation::rollback_stack::RollbackStackOutput::builder().stack_id(STACK_ID).build())
+}
+
+/// The way back from CREATE_FAILED / UPDATE_FAILED is RollbackStack ("Rolls back the specified
+/// stack to the last known stable state from CREATE_FAILED or UPDATE_FAILED stack statuses", API
+/// reference), asked and confirmed, with RetainExceptOnCreate sent false: true deletes newly
+/// created resources even under a Retain policy, which could take a new file system with it.
+/// `continue-rollback` used to refuse these stacks and point at the AWS CLI.
+#[tokio::test]
+async fn continue_rollback_rolls_back_a_stack_left_failed_by_disable_rollback() {
+    for (failed, middle, end) in
+        [("UPDATE_FAILED", "UPDATE_ROLLBACK_IN_PROGRESS", "UPDATE_ROLLBACK_COMPLETE"), ("CREATE_FAILED", "ROLLBACK_IN_PROGRESS", "ROLLBACK_COMPLETE")]
+    {
+        let ds = describe_stacks(&[At::Is(failed, true), At::Is(middle, true), At::Is(end, true)]);
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let rb = rollback_stack(sent.clone());
+        let events = no_events();
+        let c = clients(&[&ds, &rb, &events]);
+        let answer = Answer::new(true);
+
+        let done = protect::continue_rollback(&c.cfn, STACK, &[], false, &answer, fast(), &quiet()).await.unwrap();
+
+        assert_eq!(done.status, end);
+        assert_eq!(*sent.lock().unwrap(), vec![Some(false)], "{failed}: RetainExceptOnCreate=false, explicitly");
+        let asked = answer.asked.lock().unwrap().clone();
+        assert!(asked.len() == 1 && asked[0].contains(failed), "{asked:?}");
+    }
+    // --skip means nothing to RollbackStack: refused before anything is sent.
+    let ds = describe_stacks(&[At::Is("UPDATE_FAILED", true)]);
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let rb = rollback_stack(sent.clone());
+    let c = clients(&[&ds, &rb]);
+    let err = protect::continue_rollback(&c.cfn, STACK, &["AutoScalingGroup".to_string()], true, &Answer::new(true), fast(), &quiet()).await.unwrap_err();
+    assert!(matches!(&err, Error::Invalid(m) if m.contains("--skip") && m.contains("UPDATE_FAILED")), "{err:?}");
+    assert_eq!(rb.num_calls(), 0);
 }
