@@ -152,7 +152,18 @@ pub async fn continue_rollback(
     };
     let status = stack::status_of(&s);
     if matches!(status.as_str(), "CREATE_FAILED" | "UPDATE_FAILED") {
-        return roll_back_failed(cfn, name, &status, skip, yes, confirmer, waits, progress).await;
+        if !skip.is_empty() {
+            return Err(Error::Invalid(format!(
+                "--skip: stack {name} is {status}, which rolls back whole (RollbackStack takes no resources to skip); run without --skip"
+            )));
+        }
+        let what = if status == "CREATE_FAILED" {
+            "its creation never completed, so CloudFormation deletes what it made, except what the template retains (the file system and the backup vault)"
+        } else {
+            "back to the last update that completed"
+        };
+        confirmed(yes, confirmer, progress, &format!("Roll back stack {name} from {status}: {what}?")).await?;
+        return roll_back_failed(cfn, name, &status, waits, progress).await;
     }
     if status != "UPDATE_ROLLBACK_FAILED" {
         return Err(Error::Invalid(format!(
@@ -172,22 +183,15 @@ pub async fn continue_rollback(
             if listed.is_empty() { "none".to_string() } else { listed.join(", ") }
         )));
     }
-    if !yes {
-        let question = if skip.is_empty() {
-            format!("Retry the rollback of stack {name} without skipping any resource?")
-        } else {
-            format!(
-                "Continue the rollback of stack {name}, skipping {}? CloudFormation marks them rolled back without touching them: fix them by hand afterwards.",
-                skip.join(", ")
-            )
-        };
-        progress.pause();
-        let answer = confirmer.confirm(&question).await;
-        progress.resume();
-        if !answer? {
-            return Err(Error::Invalid("not confirmed: the stack was left as it is".into()));
-        }
-    }
+    let question = if skip.is_empty() {
+        format!("Retry the rollback of stack {name} without skipping any resource?")
+    } else {
+        format!(
+            "Continue the rollback of stack {name}, skipping {}? CloudFormation marks them rolled back without touching them: fix them by hand afterwards.",
+            skip.join(", ")
+        )
+    };
+    confirmed(yes, confirmer, progress, &question).await?;
     let mut follower = EventFollower::start(cfn, name).await?;
     cfn.continue_update_rollback()
         .stack_name(name)
@@ -202,44 +206,25 @@ pub async fn continue_rollback(
     Ok(RollbackContinued { stack: name.into(), failed, skipped: skip.to_vec(), status })
 }
 
+/// `--yes`, or the user's yes to `question`; anything else leaves the stack alone.
+async fn confirmed(yes: bool, confirmer: &dyn Confirmer, progress: &Progress, question: &str) -> Result<()> {
+    if yes {
+        return Ok(());
+    }
+    progress.pause();
+    let answer = confirmer.confirm(question).await;
+    progress.resume();
+    if answer? { Ok(()) } else { Err(Error::Invalid("not confirmed: the stack was left as it is".into())) }
+}
+
 /// What `deploy --disable-rollback` left in CREATE_FAILED or UPDATE_FAILED, rolled back with
 /// RollbackStack (CloudFormation API reference: "Rolls back the specified stack to the last known
 /// stable state from CREATE_FAILED or UPDATE_FAILED stack statuses. This operation will delete a
 /// stack if it doesn't contain a last known stable state"). RetainExceptOnCreate is sent false:
 /// true would delete newly created resources even under a Retain deletion policy, the file system
 /// and the backup vault included.
-#[allow(clippy::too_many_arguments)]
-async fn roll_back_failed(
-    cfn: &Client,
-    name: &str,
-    status: &str,
-    skip: &[String],
-    yes: bool,
-    confirmer: &dyn Confirmer,
-    waits: Waits,
-    progress: &Progress,
-) -> Result<RollbackContinued> {
-    if !skip.is_empty() {
-        return Err(Error::Invalid(format!(
-            "--skip: stack {name} is {status}, which rolls back whole (RollbackStack takes no resources to skip); run without --skip"
-        )));
-    }
-    let (end, what) = if status == "CREATE_FAILED" {
-        (
-            "ROLLBACK_COMPLETE",
-            "its creation never completed, so CloudFormation deletes what it made, except what the template retains (the file system and the backup vault)",
-        )
-    } else {
-        ("UPDATE_ROLLBACK_COMPLETE", "back to the last update that completed")
-    };
-    if !yes {
-        progress.pause();
-        let answer = confirmer.confirm(&format!("Roll back stack {name} from {status}: {what}?")).await;
-        progress.resume();
-        if !answer? {
-            return Err(Error::Invalid("not confirmed: the stack was left as it is".into()));
-        }
-    }
+async fn roll_back_failed(cfn: &Client, name: &str, status: &str, waits: Waits, progress: &Progress) -> Result<RollbackContinued> {
+    let end = if status == "CREATE_FAILED" { "ROLLBACK_COMPLETE" } else { "UPDATE_ROLLBACK_COMPLETE" };
     let mut follower = EventFollower::start(cfn, name).await?;
     cfn.rollback_stack().stack_name(name).retain_except_on_create(false).send().await.map_err(|e| aws::err("RollbackStack", format!("stack {name}"), e))?;
     let settled = stack::wait_stable(cfn, name, &mut follower, waits, progress).await?;
