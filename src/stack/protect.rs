@@ -224,11 +224,14 @@ async fn confirmed(yes: bool, confirmer: &dyn Confirmer, progress: &Progress, qu
 /// true would delete newly created resources even under a Retain deletion policy, the file system
 /// and the backup vault included.
 async fn roll_back_failed(cfn: &Client, name: &str, status: &str, waits: Waits, progress: &Progress) -> Result<RollbackContinued> {
-    let end = if status == "CREATE_FAILED" { "ROLLBACK_COMPLETE" } else { "UPDATE_ROLLBACK_COMPLETE" };
+    // From CREATE_FAILED there is no stable state to return to: the API reference says the stack
+    // is deleted, which reads as ROLLBACK_COMPLETE (resources gone, the stack kept, as after a
+    // create that rolled back) or as the stack gone: either is the end asked for.
+    let ends: &[&str] = if status == "CREATE_FAILED" { &["ROLLBACK_COMPLETE", "DELETE_COMPLETE"] } else { &["UPDATE_ROLLBACK_COMPLETE"] };
     let mut follower = EventFollower::start(cfn, name).await?;
     cfn.rollback_stack().stack_name(name).retain_except_on_create(false).send().await.map_err(|e| aws::err("RollbackStack", format!("stack {name}"), e))?;
     let settled = stack::wait_stable(cfn, name, &mut follower, waits, progress).await?;
-    if settled != end {
+    if !ends.contains(&settled.as_str()) {
         return Err(Error::StackFailed { stack: name.into(), status: settled, failures: follower.failures });
     }
     Ok(RollbackContinued { stack: name.into(), failed: Vec::new(), skipped: Vec::new(), status: settled })

@@ -825,6 +825,13 @@ async fn continue_rollback_rolls_back_a_stack_left_failed_by_disable_rollback() 
         let asked = answer.asked.lock().unwrap().clone();
         assert!(asked.len() == 1 && asked[0].contains(failed), "{asked:?}");
     }
+    // From CREATE_FAILED the API reference says the stack may be deleted: gone is the end asked for too.
+    let ds = describe_stacks(&[At::Is("CREATE_FAILED", true), At::Is("ROLLBACK_IN_PROGRESS", true), At::Missing]);
+    let rb = rollback_stack(Arc::default());
+    let events = events_of_deleted_stack();
+    let c = clients(&[&ds, &rb, &events]);
+    let done = protect::continue_rollback(&c.cfn, STACK, &[], true, &Answer::new(true), fast(), &quiet()).await.unwrap();
+    assert_eq!(done.status, "DELETE_COMPLETE");
     // --skip means nothing to RollbackStack: refused before anything is sent.
     let ds = describe_stacks(&[At::Is("UPDATE_FAILED", true)]);
     let sent = Arc::new(Mutex::new(Vec::new()));
