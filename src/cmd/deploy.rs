@@ -92,7 +92,13 @@ pub async fn deploy_flow(
     }
 
     let mut template = Template::load(args.template.as_deref())?;
-    template.set_user_data(&base64::engine::general_purpose::STANDARD.encode(&rendered.output))?;
+    // A template without a launch template would deploy without the user-data: nothing boots.
+    if template.set_user_data(&base64::engine::general_purpose::STANDARD.encode(&rendered.output))? == 0 {
+        return Err(Error::Invalid(format!(
+            "template {}: no AWS::EC2::LaunchTemplate to carry the user-data, so no instance would boot Chroma",
+            template.name
+        )));
+    }
     let mut parameters = stack_parameters(&template, config, &choice)?;
     // A stack running on a given file system (a restore, or an earlier efs.file_system_id) keeps
     // it when the config names none: an empty FileSystemId would make the stack create a new,

@@ -151,13 +151,6 @@ impl Template {
     /// Returns how many launch templates were set.
     pub fn set_user_data(&mut self, base64: &str) -> Result<usize> {
         let ids = self.launch_templates();
-        // A template without a launch template would deploy without the user-data: nothing boots.
-        if ids.is_empty() {
-            return Err(Error::Invalid(format!(
-                "template {}: no AWS::EC2::LaunchTemplate to carry the user-data, so no instance would boot Chroma",
-                self.name
-            )));
-        }
         for id in &ids {
             // A user's template is read before cfn-lint sees it: a launch template without a
             // `LaunchTemplateData` mapping is refused by name, not a panic.
