@@ -180,6 +180,9 @@ pub struct Row {
     pub state: String,
     pub digest: Option<String>,
     pub chroma_version: Option<String>,
+    /// The Chroma container image digest the bake pulled (`imgbuild:chroma-digest`): what
+    /// exactly the image serves, where a tag such as `1.0.0` could have moved.
+    pub chroma_digest: Option<String>,
     /// Why it must not be pruned, if it must not.
     pub in_use: Vec<String>,
     pub snapshots: Vec<String>,
@@ -216,6 +219,7 @@ pub async fn list(clients: &Clients, config: &Config) -> Result<Vec<Row>> {
                 state: i.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
                 digest: tag(i, TAG_DIGEST).map(String::from),
                 chroma_version: tag(i, TAG_CHROMA_VERSION).map(String::from),
+                chroma_digest: tag(i, TAG_CHROMA_DIGEST).map(String::from),
                 snapshots: i.block_device_mappings().iter().filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(String::from)).collect(),
                 snapshot_gib: i.block_device_mappings().iter().filter_map(|m| m.ebs().and_then(|e| e.volume_size())).map(i64::from).sum(),
             }

@@ -21,11 +21,12 @@ pub(super) fn images_cmd(cmd: crate::cli::ImagesCommand, ctx: &Context, ui: Ui) 
                     }
                     for r in &rows {
                         ui.info(format!(
-                            "{}  {}  {:<9}  Chroma {:<7}  {}{}",
+                            "{}  {}  {:<9}  Chroma {:<7} {:<19}  {}{}",
                             r.ami,
                             r.created,
                             r.state,
                             r.chroma_version.as_deref().unwrap_or("?"),
+                            r.chroma_digest.as_deref().map(|d| &d[..d.len().min(19)]).unwrap_or("(digest not recorded)"),
                             r.digest.as_deref().map(|d| &d[..d.len().min(19)]).unwrap_or("no digest"),
                             if r.in_use.is_empty() { String::new() } else { format!("  in use: {}", r.in_use.join(", ")) }
                         ));

@@ -150,6 +150,9 @@ fn stack_resources() -> Rule {
     })
 }
 
+/// A pulled image's digest, as `docker image inspect` prints RepoDigests entries.
+const CHROMA_DIGEST: &str = "sha256:5b4a7c4e0d3f2a1b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b";
+
 #[tokio::test]
 async fn prune_keeps_the_image_in_the_stacks_untagged_launch_template() {
     use aws_sdk_ec2::types::{Image, ImageState, LaunchTemplateVersion, ResponseLaunchTemplateData, Tag};
@@ -163,11 +166,10 @@ async fn prune_keeps_the_image_in_the_stacks_untagged_launch_template() {
                 .creation_date(created)
                 .state(ImageState::Available)
                 .tags(Tag::builder().key("imgbuild:project").value(STACK).build())
-                .build()
         };
         aws_sdk_ec2::operation::describe_images::DescribeImagesOutput::builder()
-            .images(image(BOOTED, "2026-11-01T10:00:00.000Z"))
-            .images(image(NEWER, "2026-11-20T10:00:00.000Z"))
+            .images(image(BOOTED, "2026-11-01T10:00:00.000Z").tags(Tag::builder().key("imgbuild:chroma-digest").value(CHROMA_DIGEST).build()).build())
+            .images(image(NEWER, "2026-11-20T10:00:00.000Z").build())
             .build()
     });
     // CloudFormation does not copy stack tags onto AWS::EC2::LaunchTemplate
@@ -208,6 +210,9 @@ async fn prune_keeps_the_image_in_the_stacks_untagged_launch_template() {
     let booted = rows.iter().find(|r| r.ami == BOOTED).unwrap();
     assert_eq!(booted.in_use, vec![format!("launch template {LT}")]);
     assert_eq!(resources.num_calls(), 1);
+    // What the image serves, as bake recorded it; none for an image baked before that.
+    assert_eq!(booted.chroma_digest.as_deref(), Some(CHROMA_DIGEST));
+    assert_eq!(rows.iter().find(|r| r.ami == NEWER).unwrap().chroma_digest, None);
 }
 
 /// The launch template the real template creates carries the project tag itself
