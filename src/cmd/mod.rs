@@ -82,7 +82,11 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
 /// The validated context every config-reading command works from: the config file (or the
 /// built-in defaults) and the global flags, each checked.
 pub fn context(global: &GlobalArgs) -> Result<Context> {
-    Context::load(global.config.as_deref(), global.region.as_deref(), global.profile.as_deref(), global.endpoint_url.as_deref())
+    let mut ctx = Context::load(global.config.as_deref(), global.region.as_deref(), global.profile.as_deref(), global.endpoint_url.as_deref())?;
+    if let Some(p) = global.prices {
+        ctx.config.prices = p;
+    }
+    Ok(ctx)
 }
 
 pub fn tools(args: &ToolArgs) -> Tools {

@@ -27,6 +27,8 @@ pub struct Prices {
     pub efs_standard_gb_month: i64,
     pub snapshot_gb_month: i64,
     pub gp3_gb_month: i64,
+    /// A standard-resolution CloudWatch metric alarm, a month.
+    pub cloudwatch_alarm_month: i64,
     /// (instance type, µ$ an hour), Linux on-demand.
     pub instances: &'static [(&'static str, i64)],
 }
@@ -58,6 +60,7 @@ const US: Prices = Prices {
     efs_standard_gb_month: 300_000,
     snapshot_gb_month: 50_000,
     gp3_gb_month: 80_000,
+    cloudwatch_alarm_month: 100_000,
     instances: US_INSTANCES,
 };
 
@@ -74,6 +77,7 @@ pub const TABLE: &[Prices] = &[
         efs_standard_gb_month: 330_000,
         snapshot_gb_month: 50_000,
         gp3_gb_month: 88_000,
+        cloudwatch_alarm_month: 100_000,
         instances: &[
             ("t3.micro", 11_400),
             ("t3.small", 22_800),
