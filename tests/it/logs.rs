@@ -246,7 +246,7 @@ async fn logs_collects_every_part_and_the_bundle_carries_no_credentials() {
     let seen: Seen<aws_sdk_ssm::operation::send_command::SendCommandInput> = Arc::default();
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
-    let args = LogsArgs { out: Some(bundle.clone()), lines: 200, instance: None, timeout: 60 };
+    let args = LogsArgs { out: Some(bundle.clone()), lines: 200, instance: None, timeout: 60, follow: false, interval: 5, duration: None };
     let doc = imgbuild::cmd::logs_flow(&clients(&seen), &config(), &args, Ui::new(OutputFormat::Json, 0, true)).await.unwrap();
 
     let sent = seen.lock().unwrap().clone();
@@ -301,7 +301,7 @@ async fn logs_without_a_running_instance_reports_it_and_still_reads_the_stack_an
         [mock!(aws_sdk_ec2::Client::describe_instances).then_output(|| aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput::builder().build())],
         retry()
     );
-    let args = LogsArgs { out: None, lines: 50, instance: None, timeout: 60 };
+    let args = LogsArgs { out: None, lines: 50, instance: None, timeout: 60, follow: false, interval: 5, duration: None };
     let doc = imgbuild::cmd::logs_flow(&c, &config(), &args, Ui::new(OutputFormat::Json, 0, true)).await.unwrap();
     assert!(seen.lock().unwrap().is_empty());
     assert!(doc["instance"].is_null());
@@ -314,7 +314,7 @@ async fn logs_without_a_running_instance_reports_it_and_still_reads_the_stack_an
 #[tokio::test]
 async fn logs_refuses_an_instance_id_that_is_not_one() {
     let seen: Seen<aws_sdk_ssm::operation::send_command::SendCommandInput> = Arc::default();
-    let args = LogsArgs { out: None, lines: 50, instance: Some("i-xyz; reboot".into()), timeout: 60 };
+    let args = LogsArgs { out: None, lines: 50, instance: Some("i-xyz; reboot".into()), timeout: 60, follow: false, interval: 5, duration: None };
     let err = imgbuild::cmd::logs_flow(&clients(&seen), &config(), &args, Ui::new(OutputFormat::Json, 0, true)).await.unwrap_err();
     assert!(matches!(err, imgbuild::Error::Invalid(ref m) if m.starts_with("--instance: `i-xyz; reboot`")), "{err}");
     assert!(seen.lock().unwrap().is_empty());
