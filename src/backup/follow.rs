@@ -47,9 +47,10 @@ impl Follower {
             None => format!("--tail {tail}"),
         };
         vec![format!(
-            "if ! docker inspect --type container {c} >/dev/null 2>&1; then echo 'imgbuild-follow: no container named {c} on this instance' >&2; exit 3; fi; \
+            "if ! docker inspect --type container {c} >/dev/null 2>&1; then echo {missing} >&2; exit 3; fi; \
              docker logs --timestamps {window} {c} 2>&1 | awk -v max={MAX_POLL_CHARS} '{{ n += length($0) + 1; if (n > max && NR > 1) exit; print }}'",
-            c = shell_quote(container)
+            c = shell_quote(container),
+            missing = shell_quote(&format!("imgbuild-follow: no container named {container} on this instance"))
         )]
     }
 
