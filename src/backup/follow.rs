@@ -126,7 +126,11 @@ pub struct Options {
 pub enum Event {
     Lines(Vec<LogLine>),
     /// A poll failed; the next comes after `retry_in`.
-    PollFailed { attempt: u32, error: String, retry_in: Duration },
+    PollFailed {
+        attempt: u32,
+        error: String,
+        retry_in: Duration,
+    },
 }
 
 /// Why the follow ended.

@@ -81,6 +81,13 @@ pub async fn wait(clients: &Clients, instance: &str, command_id: &str, timeout: 
 /// Cancels a command still running on the instance (CancelCommand): nothing imgbuild started may
 /// outlive it. AWS does not promise the command stops; the request is what can be made.
 pub async fn cancel(clients: &Clients, instance: &str, command_id: &str) -> Result<()> {
-    clients.ssm.cancel_command().command_id(command_id).instance_ids(instance).send().await.map_err(|e| aws::err("CancelCommand", format!("{command_id} on {instance}"), e))?;
+    clients
+        .ssm
+        .cancel_command()
+        .command_id(command_id)
+        .instance_ids(instance)
+        .send()
+        .await
+        .map_err(|e| aws::err("CancelCommand", format!("{command_id} on {instance}"), e))?;
     Ok(())
 }

@@ -5,8 +5,8 @@
 use serde_json::json;
 
 use super::*;
-use crate::backup::{diagnose, follow};
 use crate::backup::runcommand;
+use crate::backup::{diagnose, follow};
 use crate::cli::LogsArgs;
 use crate::config::Context;
 use crate::error::{Error, Result};

@@ -249,7 +249,11 @@ impl Builder<'_> {
     fn priced(&mut self, sign: i64, c: &Change, p: Product, what: String, units: i64) {
         match self.rate(p.clone()) {
             Some((m, source)) => self.push(sign, c, what, units * m, source),
-            None => self.unpriced.push(format!("{what} ({}): no price for it in the price table dated {}, and none from the AWS Price List API", c.logical_id, prices::DATE)),
+            None => self.unpriced.push(format!(
+                "{what} ({}): no price for it in the price table dated {}, and none from the AWS Price List API",
+                c.logical_id,
+                prices::DATE
+            )),
         }
     }
 

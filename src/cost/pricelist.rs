@@ -102,10 +102,15 @@ impl Product {
             ),
             Product::NatGatewayHour => q("AmazonEC2", "NAT Gateway", vec![], "Hrs", Some("NatGateway-Hours")),
             Product::InterfaceEndpointHour => q("AmazonVPC", "VpcEndpoint", vec![], "Hrs", Some("VpcEndpoint-Hours")),
+            // Hours and capacity units are two usage types of one family (ELB User Guide,
+            // "Understand codes for Elastic Load Balancing in billing and usage reports":
+            // region-LoadBalancerUsage in hours, region-LCUUsage in LCUs); only the hours are fixed.
             Product::NlbHour => q("AWSELB", "Load Balancer-Network", vec![], "Hrs", Some("LoadBalancerUsage")),
             Product::EfsStandardGbMonth => q("AmazonEFS", "Storage", vec![("storageClass", "General Purpose".into())], "GB-Mo", Some("TimedStorage-ByteHrs")),
             Product::SnapshotGbMonth => q("AmazonEC2", "Storage Snapshot", vec![], "GB-Mo", Some("EBS:SnapshotUsage")),
             Product::Gp3GbMonth => q("AmazonEC2", "Storage", vec![("volumeApiName", "gp3".into())], "GB-Mo", Some("EBS:VolumeUsage.gp3")),
+            // High-resolution alarms are charged more (CloudWatch API Reference, PutMetricAlarm
+            // `Period`) under their own usage type: the standard one is matched exactly.
             Product::AlarmMonth => q("AmazonCloudWatch", "Alarm", vec![], "Alarms", Some("CW:AlarmMonitorUsage")),
         }
     }
@@ -146,6 +151,10 @@ impl Book {
 /// Asks GetProducts for each product at once, bounded by `limit` as a whole; what is not
 /// settled in time falls back to the table.
 pub async fn fetch(client: &aws_sdk_pricing::Client, region: &str, products: &BTreeSet<Product>, limit: Duration) -> Book {
+    if products.is_empty() {
+        // Nothing to price: nothing asked, and the estimate must not claim the API's prices.
+        return Book::table();
+    }
     let asked_at = aws_smithy_types::DateTime::from(std::time::SystemTime::now())
         .fmt(aws_smithy_types::date_time::Format::DateTime)
         .unwrap_or_default()
@@ -156,9 +165,6 @@ pub async fn fetch(client: &aws_sdk_pricing::Client, region: &str, products: &BT
         .to_string()
         + "Z";
     let mut book = Book { asked_at: Some(asked_at), ..Book::default() };
-    if products.is_empty() {
-        return book;
-    }
     let Some(loc) = location(region) else {
         book.fallback = Some(format!("the AWS Price List API was not asked: no Price List location name is known for region {region}"));
         return book;
@@ -170,13 +176,13 @@ pub async fn fetch(client: &aws_sdk_pricing::Client, region: &str, products: &BT
         let q = p.query(loc);
         set.spawn(async move {
             let r = ask(&client, &q).await;
-            answers.lock().expect("price answers").insert(p, r);
+            answers.lock().unwrap_or_else(|e| e.into_inner()).insert(p, r);
         });
     }
     let timed_out = tokio::time::timeout(limit, async { while set.join_next().await.is_some() {} }).await.is_err();
     // A question still out is abandoned, never left running past the estimate.
     set.abort_all();
-    let answers = std::mem::take(&mut *answers.lock().expect("price answers"));
+    let answers = std::mem::take(&mut *answers.lock().unwrap_or_else(|e| e.into_inner()));
     let mut failed: Vec<String> = Vec::new();
     for p in products {
         match answers.get(p) {
@@ -184,7 +190,8 @@ pub async fn fetch(client: &aws_sdk_pricing::Client, region: &str, products: &BT
                 book.live.insert(p.clone(), *micro);
             }
             Some(Err(why)) => failed.push(format!("{}: {why}", p.label())),
-            None => failed.push(format!("{}: no answer within {}s", p.label(), limit.as_secs())),
+            None if timed_out => failed.push(format!("{}: no answer within {:.1}s", p.label(), limit.as_secs_f64())),
+            None => failed.push(format!("{}: the lookup failed", p.label())),
         }
     }
     if !failed.is_empty() {

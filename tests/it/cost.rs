@@ -344,17 +344,26 @@ fn answer_for(r: &GetProductsInput) -> GetProductsOutput {
     let has = |k: &str, v: &str| f.iter().any(|(a, b)| a == k && b == v);
     let loc = "US East (N. Virginia)";
     let list: Vec<String> = if has("productFamily", "NAT Gateway") {
-        vec![entry("NATH", "NAT Gateway", "NatGateway-Hours", loc, "Hrs", "0.0500000000"), entry("NATB", "NAT Gateway", "NatGateway-Bytes", loc, "GB", "0.0450000000")]
+        vec![
+            entry("NATH", "NAT Gateway", "NatGateway-Hours", loc, "Hrs", "0.0500000000"),
+            entry("NATB", "NAT Gateway", "NatGateway-Bytes", loc, "GB", "0.0450000000"),
+        ]
     } else if has("productFamily", "Compute Instance") {
         vec![entry("T3AS", "Compute Instance", "BoxUsage:t3a.small", loc, "Hrs", "0.0200000000")]
     } else if has("productFamily", "VpcEndpoint") {
         vec![entry("VPCE", "VpcEndpoint", "VpcEndpoint-Hours", loc, "Hrs", "0.0110000000")]
     } else if has("productFamily", "Load Balancer-Network") {
-        vec![entry("NLBH", "Load Balancer-Network", "LoadBalancerUsage", loc, "Hrs", "0.0250000000"), entry("NLCU", "Load Balancer-Network", "LCUUsage", loc, "LCU-Hrs", "0.0060000000")]
+        vec![
+            entry("NLBH", "Load Balancer-Network", "LoadBalancerUsage", loc, "Hrs", "0.0250000000"),
+            entry("NLCU", "Load Balancer-Network", "LCUUsage", loc, "LCU-Hrs", "0.0060000000"),
+        ]
     } else if has("productFamily", "Storage") && has("volumeApiName", "gp3") {
         vec![entry("GP3S", "Storage", "EBS:VolumeUsage.gp3", loc, "GB-Mo", "0.0800000000")]
     } else if has("productFamily", "Alarm") {
-        vec![entry("ALRM", "Alarm", "CW:AlarmMonitorUsage", loc, "Alarms", "0.1000000000"), entry("HRAL", "Alarm", "CW:HighResAlarmMonitorUsage", loc, "Alarms", "0.3000000000")]
+        vec![
+            entry("ALRM", "Alarm", "CW:AlarmMonitorUsage", loc, "Alarms", "0.1000000000"),
+            entry("HRAL", "Alarm", "CW:HighResAlarmMonitorUsage", loc, "Alarms", "0.3000000000"),
+        ]
     } else {
         vec![]
     };
@@ -450,7 +459,10 @@ fn the_price_list_is_asked_with_exact_filters_for_exactly_the_products_the_diff_
     assert_eq!(book.live.get(&Product::AlarmMonth), Some(&100_000), "the standard alarm, not the high-resolution one");
     assert!(!book.live.contains_key(&Product::EfsStandardGbMonth));
     let fallback = book.fallback.clone().unwrap();
-    assert!(fallback.contains("1 of 7 prices from the price table dated 2026-11-29") && fallback.contains("EFS Standard GB-month: no product matched"), "{fallback}");
+    assert!(
+        fallback.contains("1 of 7 prices from the price table dated 2026-11-29") && fallback.contains("EFS Standard GB-month: no product matched"),
+        "{fallback}"
+    );
 
     let e = cost::estimate_with(&changes, &inputs("us-east-1"), &book);
     assert_eq!(item(&e, "NatGatewayA"), [('+', 36.5)], "$0.05 x 730 from the API, not the table's $32.85");
