@@ -304,7 +304,7 @@ use imgbuild::cost::pricelist::{self, Product};
 use imgbuild::cost::{Book, products};
 
 /// One PriceList entry as the example prints it (only the fields read; the rest as documented).
-fn entry(sku: &str, family: &str, usagetype: &str, location: &str, unit: &str, usd: &str) -> String {
+pub(crate) fn entry(sku: &str, family: &str, usagetype: &str, location: &str, unit: &str, usd: &str) -> String {
     serde_json::json!({
         "product": {
             "productFamily": family,
