@@ -120,7 +120,7 @@ pub enum Command {
     /// Diagnostics without SSH: cloud-init, chroma.service's journal, compose and the container,
     /// the EFS mount, the writer lock and the boot guard (through SSM Run Command), the first
     /// failing stack event and a failed bake's failing step. --out DIR writes a bundle for a bug
-    /// report, credentials and tokens masked.
+    /// report, credentials and tokens masked. --follow follows Chroma's container log instead.
     Logs(LogsArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {

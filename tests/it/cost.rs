@@ -569,3 +569,18 @@ fn an_ambiguous_answer_is_no_answer() {
     assert_eq!(pricelist::micro("1e-3"), None);
     assert_eq!(pricelist::location("eu-west-1"), Some("EU (Ireland)"));
 }
+
+/// bake's snapshots at the Price List's GB-month when it answered, said as such.
+#[test]
+fn snapshots_are_priced_from_the_book_when_it_has_them() {
+    let mut book = Book { asked_at: Some("2026-11-29T15:40:12Z".into()), ..Book::default() };
+    book.live.insert(Product::SnapshotGbMonth, 60_000);
+    let e = cost::snapshots_with("us-east-1", &[("ami-0new".into(), 15)], &[], &book);
+    assert_eq!(item(&e, "ami-0new"), [('+', 0.9)], "15 GiB x $0.06, not the table's $0.05");
+    assert_eq!(e.items[0].source, "AWS Price List API, 2026-11-29T15:40:12Z");
+    assert_eq!(e.source, "AWS Price List API, 2026-11-29T15:40:12Z");
+    // A region outside the table is still priced from what the API answered.
+    let e = cost::snapshots_with("ap-southeast-2", &[("ami-0new".into(), 10)], &[], &book);
+    assert_eq!(item(&e, "ami-0new"), [('+', 0.6)]);
+    assert!(e.unpriced.is_empty(), "{:?}", e.unpriced);
+}
