@@ -28,8 +28,10 @@ pub struct LogLine {
     pub line: String,
 }
 
-/// What has been shown: the newest timestamp, and the lines shown with exactly that timestamp
-/// (`docker logs --since` includes entries at the instant itself, so they come again).
+/// What has been shown: the newest timestamp, and the lines shown with exactly that timestamp.
+/// `--since` takes the RFC3339Nano stamp `--timestamps` prints (moby `api/types/time`
+/// GetTimestamp: "layouts for use ... with --since and --until parameters for `docker logs`")
+/// and keeps entries not before it, so those at the instant itself come again.
 #[derive(Debug, Default, Clone)]
 pub struct Follower {
     since: Option<String>,
