@@ -59,6 +59,12 @@ pub struct GlobalArgs {
     /// Only errors on stderr.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
+
+    /// Prices of the monthly cost deploy and bake show: `auto` asks the AWS Price List API
+    /// (bounded to a few seconds) and takes the dated table shipped with imgbuild for what it
+    /// does not answer; `table` makes no call [default: `prices:` in the config, else auto].
+    #[arg(long, global = true, value_enum, value_name = "SOURCE")]
+    pub prices: Option<crate::config::PriceSource>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,7 +122,7 @@ pub enum Command {
     /// Diagnostics without SSH: cloud-init, chroma.service's journal, compose and the container,
     /// the EFS mount, the writer lock and the boot guard (through SSM Run Command), the first
     /// failing stack event and a failed bake's failing step. --out DIR writes a bundle for a bug
-    /// report, credentials and tokens masked.
+    /// report, credentials and tokens masked. --follow follows Chroma's container log instead.
     Logs(LogsArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
@@ -506,7 +512,36 @@ pub struct LogsArgs {
     /// Collect from this instance [default: the stack's running instance, the newest of several].
     #[arg(long, value_name = "INSTANCE_ID")]
     pub instance: Option<String>,
-    /// Longest wait for the Run Command on the instance, in seconds.
+    /// Longest wait for the Run Command on the instance, in seconds (with --follow: each poll's).
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     pub timeout: u64,
+    /// Follow Chroma's container log (the last --lines first, then new lines as they come) through
+    /// SSM Run Command until Ctrl-C or --for; with --output json, one JSON object a line.
+    #[arg(long, short = 'f', conflicts_with = "out")]
+    pub follow: bool,
+    /// With --follow: seconds between polls (each poll is one Run Command).
+    #[arg(long, default_value_t = 5, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300), requires = "follow")]
+    pub interval: u64,
+    /// With --follow: stop after this long (90s, 10m, 2h) instead of at Ctrl-C.
+    #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration, requires = "follow")]
+    pub duration: Option<std::time::Duration>,
+}
+
+/// `90`, `90s`, `10m` or `2h`: a positive whole number of seconds, minutes or hours, at most a day.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = match s.trim().char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.trim().split_at(i),
+        None => (s.trim(), "s"),
+    };
+    let n: u64 = n.parse().map_err(|_| format!("`{s}` is not a duration (a whole number and s, m or h: 90s, 10m, 2h)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => return Err(format!("`{s}`: the unit must be s, m or h (90s, 10m, 2h)")),
+    };
+    if secs == 0 || secs > 86_400 {
+        return Err(format!("`{s}`: between 1 second and 24 hours"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }

@@ -12,7 +12,7 @@
 //! - `stack`: the CloudFormation engine (template, change set, events, waits, outputs).
 //! - `bake`, `smoke`, `backup`: the image pipeline and images; the acceptance test; Chroma's data
 //!   (consistent copies, AWS Backup jobs, recovery points). `cost`, beside them: the monthly cost
-//!   of a change set, from a dated price table (pure).
+//!   of a change set, at the AWS Price List API's prices (asked, bounded) or a dated table's.
 //! - `cli`: the raw arguments; `cmd`: one file per command, the only layer that sees both.
 
 pub mod aws;

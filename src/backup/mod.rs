@@ -1,10 +1,12 @@
 //! Chroma's data kept safe: the consistent copy taken on the instance through SSM Run Command
 //! (the quiesce script), the on-demand AWS Backup job of the file system that carries it, the
 //! tags every recovery point gets, and the listing of recovery points. `diagnose` is the other
-//! read-only script run the same way, for `imgbuild logs`. No command line here: the `cmd` layer
+//! read-only script run the same way, for `imgbuild logs`; `follow` polls Chroma's container log
+//! the same way for `imgbuild logs --follow`. No command line here: the `cmd` layer
 //! turns flags into these calls.
 
 pub mod diagnose;
+pub mod follow;
 pub mod inventory;
 pub mod restore;
 pub mod runcommand;

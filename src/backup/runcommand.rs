@@ -17,6 +17,12 @@ pub struct Invocation {
 /// `timeout` plus a minute for delivery. A status other than Success is an error carrying the
 /// script's own stderr, so the reason the instance gave reaches the user.
 pub async fn run(clients: &Clients, instance: &str, commands: Vec<String>, comment: &str, timeout: Duration, poll: Duration) -> Result<Invocation> {
+    let command_id = send(clients, instance, commands, comment, timeout).await?;
+    wait(clients, instance, &command_id, timeout, poll).await
+}
+
+/// Sends `commands` and returns the command's id at once, so a caller can cancel it.
+pub async fn send(clients: &Clients, instance: &str, commands: Vec<String>, comment: &str, timeout: Duration) -> Result<String> {
     let secs = timeout.as_secs().max(30);
     let sent = clients
         .ssm
@@ -30,7 +36,13 @@ pub async fn run(clients: &Clients, instance: &str, commands: Vec<String>, comme
         .send()
         .await
         .map_err(|e| aws::err("SendCommand", instance.to_string(), e))?;
-    let command_id = sent.command().and_then(|c| c.command_id()).ok_or_else(|| Error::Tool("SendCommand answered without a CommandId".into()))?.to_string();
+    Ok(sent.command().and_then(|c| c.command_id()).ok_or_else(|| Error::Tool("SendCommand answered without a CommandId".into()))?.to_string())
+}
+
+/// Polls a sent command's invocation until it ends, at most `timeout` plus a minute for delivery.
+pub async fn wait(clients: &Clients, instance: &str, command_id: &str, timeout: Duration, poll: Duration) -> Result<Invocation> {
+    let command_id = command_id.to_string();
+    let secs = timeout.as_secs().max(30);
     let deadline = Duration::from_secs(secs + 60);
     let started = Instant::now();
     loop {
@@ -64,4 +76,18 @@ pub async fn run(clients: &Clients, instance: &str, commands: Vec<String>, comme
         }
         tokio::time::sleep(poll).await;
     }
+}
+
+/// Cancels a command still running on the instance (CancelCommand): nothing imgbuild started may
+/// outlive it. AWS does not promise the command stops; the request is what can be made.
+pub async fn cancel(clients: &Clients, instance: &str, command_id: &str) -> Result<()> {
+    clients
+        .ssm
+        .cancel_command()
+        .command_id(command_id)
+        .instance_ids(instance)
+        .send()
+        .await
+        .map_err(|e| aws::err("CancelCommand", format!("{command_id} on {instance}"), e))?;
+    Ok(())
 }

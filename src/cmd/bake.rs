@@ -314,7 +314,7 @@ pub async fn bake_flow(
 
     let parameter = bake::hand_off(clients, config, &ami).await?;
     progress.line(&format!("{parameter} = {ami}"));
-    let cost = bake_cost(&document, region, &ami, fresh, &progress);
+    let cost = bake_cost(clients, config.prices, &document, region, &ami, fresh, &progress).await;
     let mut copies = BTreeMap::new();
     let mut regions: Vec<String> = config.bake.regions.iter().chain(args.regions.iter()).cloned().collect();
     regions.sort();
@@ -347,10 +347,24 @@ pub async fn bake_flow(
 }
 
 /// What the new image's snapshots add a month: at most the build instance's volumes, which the
-/// automation document sizes. Pure: a bake makes no call for it.
-fn bake_cost(document: &str, region: &str, ami: &str, fresh: bool, progress: &Progress) -> crate::cost::Estimate {
+/// automation document sizes, at the snapshot price of the Price List API (bounded, asked only
+/// for a new image) or the table.
+async fn bake_cost(
+    clients: &Clients,
+    source: crate::config::PriceSource,
+    document: &str,
+    region: &str,
+    ami: &str,
+    fresh: bool,
+    progress: &Progress,
+) -> crate::cost::Estimate {
     let added: Vec<(String, i64)> = if fresh { vec![(ami.to_string(), crate::cost::volume_gib(document))] } else { Vec::new() };
-    let cost = crate::cost::snapshots(region, &added, &[]);
+    let book = if fresh {
+        crate::cost::book(&clients.pricing, source, region, &[crate::cost::Product::SnapshotGbMonth].into()).await
+    } else {
+        crate::cost::Book::table()
+    };
+    let cost = crate::cost::snapshots_with(region, &added, &[], &book);
     if fresh {
         for l in crate::cost::lines(&cost) {
             progress.line(&l);

@@ -12,7 +12,7 @@ use crate::aws::{self, Clients};
 use crate::bake::images::{self, Choice};
 use crate::check::userdata as validate;
 use crate::cli::DeployArgs;
-use crate::config::{Config, Context, NatGateways};
+use crate::config::{Config, Context, NatGateways, PriceSource};
 use crate::error::{Error, Result};
 use crate::render::{self, Format, Inputs};
 use crate::stack;
@@ -144,7 +144,8 @@ pub async fn deploy_flow(
         annotate: None,
     };
     let cost_inputs = cost_inputs(clients, &template, &plan.parameters, deployed.as_ref()).await;
-    plan.annotate = Some(cost_annotation(cost_inputs.clone()));
+    let prices: PriceSlot = PriceSlot::default();
+    plan.annotate = Some(cost_annotation(clients, config.prices, cost_inputs.clone(), prices.clone()));
 
     for (resource, secs) in template.signal_waits() {
         progress.line(&format!(
@@ -188,7 +189,9 @@ pub async fn deploy_flow(
     };
     notices.append(&mut outcome.notices);
     outcome.notices = notices;
-    let cost = (!outcome.no_changes).then(|| crate::cost::estimate(&outcome.changes, &cost_inputs));
+    // The prices the diff was shown with: the Price List is asked once a deploy.
+    let book = prices.lock().expect("prices").take().unwrap_or_default();
+    let cost = (!outcome.no_changes).then(|| crate::cost::estimate_with(&outcome.changes, &cost_inputs, &book));
     let took = progress.elapsed();
     drop(progress);
 
@@ -233,8 +236,23 @@ async fn cost_inputs(
     inputs
 }
 
-fn cost_annotation(inputs: crate::cost::Inputs) -> changeset::Annotate {
-    changeset::Annotate(std::sync::Arc::new(move |changes| crate::cost::lines(&crate::cost::estimate(changes, &inputs))))
+/// The prices a deploy's cost was shown with, kept for its JSON.
+type PriceSlot = std::sync::Arc<std::sync::Mutex<Option<crate::cost::Book>>>;
+
+/// The cost under the diff: the prices of exactly the products the change set's changes are
+/// priced by, from the Price List API (bounded) unless `prices: table`.
+fn cost_annotation(clients: &Clients, source: PriceSource, inputs: crate::cost::Inputs, slot: PriceSlot) -> changeset::Annotate {
+    let pricing = clients.pricing.clone();
+    changeset::Annotate(std::sync::Arc::new(move |changes| {
+        let (pricing, inputs, slot) = (pricing.clone(), inputs.clone(), slot.clone());
+        Box::pin(async move {
+            let products = crate::cost::products(&changes, &inputs);
+            let book = crate::cost::book(&pricing, source, &inputs.region, &products).await;
+            let lines = crate::cost::lines(&crate::cost::estimate_with(&changes, &inputs, &book));
+            *slot.lock().expect("prices") = Some(book);
+            lines
+        })
+    }))
 }
 
 /// Stock AL2023 moves on whenever AWS publishes a release; moving replaces Chroma's instance.

@@ -5,8 +5,8 @@
 use serde_json::json;
 
 use super::*;
-use crate::backup::diagnose;
 use crate::backup::runcommand;
+use crate::backup::{diagnose, follow};
 use crate::cli::LogsArgs;
 use crate::config::Context;
 use crate::error::{Error, Result};
@@ -14,6 +14,15 @@ use crate::ui::Ui;
 
 pub(super) fn logs(args: LogsArgs, ctx: &Context, ui: Ui) -> Result<()> {
     let config = ctx.config.clone();
+    if args.follow {
+        // Like run_flow, but the output is the stream itself: no document at the end.
+        return block_on(async {
+            let interrupt: Interrupt = Box::pin(interrupt_listener()?);
+            let conf = aws::load(&aws_settings(ctx)).await?;
+            follow_flow(&Clients::from_conf(&conf), &config, &args, ui, interrupt, &mut std::io::stdout()).await
+        })
+        .map(|_| ());
+    }
     let doc = with_clients(ctx, |clients| async move { logs_flow(&clients, &config, &args, ui).await })?;
     if ui.json() {
         ui.emit_json(&doc);
@@ -26,12 +35,7 @@ pub(super) fn logs(args: LogsArgs, ctx: &Context, ui: Ui) -> Result<()> {
 
 /// Collects every part and writes the bundle when asked; returns the redacted report.
 pub async fn logs_flow(clients: &Clients, config: &Config, args: &LogsArgs, ui: Ui) -> Result<serde_json::Value> {
-    if let Some(id) = &args.instance {
-        let hex = id.strip_prefix("i-").unwrap_or_default();
-        if !(matches!(hex.len(), 8 | 17) && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
-            return Err(Error::Invalid(format!("--instance: `{id}` is not an EC2 instance id (i- and 8 or 17 hex digits)")));
-        }
-    }
+    check_instance_arg(args)?;
     let stack = config.stack_name().to_string();
     let mut notes: Vec<String> = Vec::new();
 
@@ -99,6 +103,88 @@ pub async fn logs_flow(clients: &Clients, config: &Config, args: &LogsArgs, ui: 
         ui.info(format!("bundle written to {} (credentials and tokens masked; read it before you share it)", dir.display()));
     }
     Ok(doc)
+}
+
+fn check_instance_arg(args: &LogsArgs) -> Result<()> {
+    if let Some(id) = &args.instance {
+        let hex = id.strip_prefix("i-").unwrap_or_default();
+        if !(matches!(hex.len(), 8 | 17) && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
+            return Err(Error::Invalid(format!("--instance: `{id}` is not an EC2 instance id (i- and 8 or 17 hex digits)")));
+        }
+    }
+    Ok(())
+}
+
+/// `logs --follow`: Chroma's container log on the stack's newest running instance (or
+/// `--instance`), new lines as they come, redacted like the bundle, on `out`: as text, or one
+/// JSON object a line (NDJSON) with `--output json`. Ends at Ctrl-C (`interrupt`), `--for`, or a
+/// closed output; a poll in flight is cancelled. What is not the log goes to stderr.
+pub async fn follow_flow(
+    clients: &Clients,
+    config: &Config,
+    args: &LogsArgs,
+    ui: Ui,
+    interrupt: impl Future<Output = ()>,
+    out: &mut dyn Write,
+) -> Result<follow::Ended> {
+    check_instance_arg(args)?;
+    let instance = match &args.instance {
+        Some(i) => i.clone(),
+        None => diagnose::stack_instances(clients, config.stack_name()).await?.into_iter().next().expect("stack_instances returns at least one"),
+    };
+    let opts = follow::Options {
+        interval: Duration::from_secs(args.interval),
+        until: args.duration,
+        tail: args.lines,
+        command_timeout: Duration::from_secs(args.timeout),
+        invocation_poll: Duration::from_secs(1),
+    };
+    ui.info(format!(
+        "following Chroma's container log on {instance} through SSM Run Command, a poll every {}s; {} stops",
+        args.interval,
+        match args.duration {
+            Some(d) => format!("Ctrl-C or the end of {}s", d.as_secs()),
+            None => "Ctrl-C".into(),
+        }
+    ));
+    let json = ui.json();
+    let write = |out: &mut dyn Write, text: String| {
+        let r = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+        let ok = r.is_ok();
+        crate::ui::note_write(r);
+        ok
+    };
+    let ended = follow::follow(clients, &instance, &opts, interrupt, |event| match event {
+        follow::Event::Lines(lines) => {
+            let mut text = String::new();
+            for l in lines {
+                let line = diagnose::redact(&l.line);
+                if json {
+                    text.push_str(&json!({ "instance": instance, "time": l.time, "line": line }).to_string());
+                } else if l.time.is_empty() {
+                    text.push_str(&line);
+                } else {
+                    text.push_str(&format!("{} {line}", l.time));
+                }
+                text.push('\n');
+            }
+            write(out, text)
+        }
+        follow::Event::PollFailed { attempt, error, retry_in } => {
+            let error = diagnose::redact(&error);
+            ui.warn(format!("poll {attempt} of at most {} in a row failed, retrying in {}s: {error}", follow::MAX_FAILED_POLLS, retry_in.as_secs()));
+            !json || write(out, json!({ "instance": instance, "error": error, "attempt": attempt, "retry_in_secs": retry_in.as_secs() }).to_string() + "\n")
+        }
+    })
+    .await?;
+    if let Some(id) = &ended.cancelled {
+        match &ended.cancel_error {
+            None => ui.info(format!("cancelled the poll in flight (Run Command {id})")),
+            Some(e) => ui.warn(format!("could not cancel Run Command {id}; it ends at its own timeout ({}s): {e}", args.timeout)),
+        }
+    }
+    ui.info(format!("stopped following ({})", ended.reason));
+    Ok(ended)
 }
 
 struct FailedRedacted;

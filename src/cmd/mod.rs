@@ -24,7 +24,7 @@ pub use backup::backup_flow;
 pub use bake::{PREREQS_TEMPLATE, bake_flow};
 pub use deploy::{deploy_flow, stack_parameters};
 pub use fleet::{fleet_deploy_flow, fleet_destroy_flow, fleet_status_flow};
-pub use logs::logs_flow;
+pub use logs::{follow_flow, logs_flow};
 pub use restore::{reattach_context, restore_flow};
 pub use upgrade::{after_smoke, rollback_flow, rollback_path, upgrade_flow};
 
@@ -82,7 +82,11 @@ pub fn run(cli: Cli, ui: Ui) -> Result<()> {
 /// The validated context every config-reading command works from: the config file (or the
 /// built-in defaults) and the global flags, each checked.
 pub fn context(global: &GlobalArgs) -> Result<Context> {
-    Context::load(global.config.as_deref(), global.region.as_deref(), global.profile.as_deref(), global.endpoint_url.as_deref())
+    let mut ctx = Context::load(global.config.as_deref(), global.region.as_deref(), global.profile.as_deref(), global.endpoint_url.as_deref())?;
+    if let Some(p) = global.prices {
+        ctx.config.prices = p;
+    }
+    Ok(ctx)
 }
 
 pub fn tools(args: &ToolArgs) -> Tools {

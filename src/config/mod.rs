@@ -45,6 +45,19 @@ pub struct Config {
     pub fleet: FleetConfig,
     pub backup: BackupConfig,
     pub api: ApiConfig,
+    /// Where the monthly cost shown by deploy and bake takes its prices: `auto` asks the AWS Price
+    /// List API and falls back to the dated table shipped with imgbuild; `table` makes no call.
+    pub prices: PriceSource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PriceSource {
+    /// The AWS Price List API (GetProducts), the shipped table for any price it does not give.
+    #[default]
+    Auto,
+    /// Only the price table shipped with imgbuild: no call.
+    Table,
 }
 
 /// `imgbuild backup` and the stack's daily AWS Backup plan.
@@ -244,6 +257,7 @@ impl Default for Config {
             fleet: FleetConfig::default(),
             backup: BackupConfig::default(),
             api: ApiConfig::default(),
+            prices: PriceSource::Auto,
         }
     }
 }

@@ -1,12 +1,15 @@
-//! The monthly cost of what a change set adds and removes, from the dated price table in
-//! [`prices`]. Pure: the change set's resource changes, the template, the parameters and the
-//! sizes looked up by the caller go in; line items come out. Only the fixed, always-on charges
+//! The monthly cost of what a change set adds and removes, at the prices of a [`Book`]: the AWS
+//! Price List API's where it answered ([`pricelist`], asked by the caller for exactly the
+//! products [`products`] names), else the dated table in [`prices`]. The estimate itself is pure:
+//! the change set's resource changes, the template, the parameters, the sizes and the prices
+//! looked up by the caller go in; line items, each with the source of its price, come out. Only the fixed, always-on charges
 //! are priced (hours, storage at its current size); traffic-based ones (NAT and endpoint data
 //! processing, NLCUs, API Gateway requests) depend on use and are said to be left out.
 
+pub mod pricelist;
 pub mod prices;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 use serde_yaml::Value;
@@ -14,7 +17,19 @@ use serde_yaml::Value;
 use crate::stack::Change;
 use crate::stack::template::Template;
 
+pub use pricelist::{Book, Product};
 pub use prices::Prices;
+
+use crate::config::PriceSource;
+
+/// The prices for `products`: the Price List API's (bounded by [`pricelist::LOOKUP_LIMIT`]) with
+/// `auto`, none with `table`, which makes no call.
+pub async fn book(pricing: &aws_sdk_pricing::Client, source: PriceSource, region: &str, products: &BTreeSet<Product>) -> Book {
+    match source {
+        PriceSource::Table => Book::table(),
+        PriceSource::Auto => pricelist::fetch(pricing, region, products, pricelist::LOOKUP_LIMIT).await,
+    }
+}
 
 const GIB: i128 = 1 << 30;
 
@@ -146,20 +161,25 @@ pub struct Item {
     pub resource_type: String,
     pub what: String,
     pub monthly_usd: f64,
+    /// Where this figure's price comes from: "AWS Price List API, <time>" or "price table dated <date>".
+    pub source: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EfsStorage {
     pub size_bytes: u64,
     pub monthly_usd: f64,
+    pub source: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Estimate {
     pub region: String,
     pub currency: &'static str,
-    /// Where the prices come from, and their date.
+    /// Where the prices come from, and their date or time.
     pub source: String,
+    /// Why prices came from the table although the Price List API was asked (said once).
+    pub fallback: Option<String>,
     pub date: &'static str,
     pub items: Vec<Item>,
     /// The net monthly change of the priced items.
@@ -172,7 +192,13 @@ pub struct Estimate {
     pub excludes: &'static str,
 }
 
-const SOURCE: &str = "price table shipped with imgbuild (on-demand list prices)";
+fn table_source() -> String {
+    format!("price table dated {}", prices::DATE)
+}
+
+fn api_source(at: &str) -> String {
+    format!("AWS Price List API, {at}")
+}
 const EXCLUDES: &str = "usage-based charges (NAT and endpoint data processing, NLB capacity units, API Gateway requests, data transfer) and taxes";
 
 fn usd(micro: i64) -> f64 {
@@ -181,24 +207,72 @@ fn usd(micro: i64) -> f64 {
     cents as f64 / 100.0
 }
 
-struct Builder {
+struct Builder<'a> {
     items: Vec<(Item, i64)>,
     unpriced: Vec<String>,
+    table: Option<&'static Prices>,
+    book: &'a Book,
+    /// Every product a price was looked up for: what the Price List is asked about.
+    asked: BTreeSet<Product>,
 }
 
-impl Builder {
-    fn push(&mut self, sign: i64, c: &Change, what: String, micro: i64) {
+impl Builder<'_> {
+    /// The price of a product and where it comes from: the Price List's answer, else the table.
+    fn rate(&mut self, p: Product) -> Option<(i64, String)> {
+        self.asked.insert(p.clone());
+        if let (Some(m), Some(at)) = (self.book.live.get(&p), &self.book.asked_at) {
+            return Some((*m, api_source(at)));
+        }
+        let t = self.table?;
+        let m = match &p {
+            Product::Instance(kind) => t.instance_hour(kind)?,
+            Product::NatGatewayHour => t.nat_gateway_hour,
+            Product::InterfaceEndpointHour => t.interface_endpoint_az_hour,
+            Product::NlbHour => t.nlb_hour,
+            Product::EfsStandardGbMonth => t.efs_standard_gb_month,
+            Product::SnapshotGbMonth => t.snapshot_gb_month,
+            Product::Gp3GbMonth => t.gp3_gb_month,
+            Product::AlarmMonth => t.cloudwatch_alarm_month,
+        };
+        Some((m, table_source()))
+    }
+
+    fn push(&mut self, sign: i64, c: &Change, what: String, micro: i64, source: String) {
         let micro = sign * micro;
-        self.items
-            .push((Item { change: c.action, resource: c.logical_id.clone(), resource_type: c.resource_type.clone(), what, monthly_usd: usd(micro) }, micro));
+        self.items.push((
+            Item { change: c.action, resource: c.logical_id.clone(), resource_type: c.resource_type.clone(), what, monthly_usd: usd(micro), source },
+            micro,
+        ));
+    }
+
+    /// Prices `units` of a product, or says it could not.
+    fn priced(&mut self, sign: i64, c: &Change, p: Product, what: String, units: i64) {
+        match self.rate(p.clone()) {
+            Some((m, source)) => self.push(sign, c, what, units * m, source),
+            None => self.unpriced.push(format!(
+                "{what} ({}): no price for it in the price table dated {}, and none from the AWS Price List API",
+                c.logical_id,
+                prices::DATE
+            )),
+        }
     }
 
     fn finish(self, region: &str, efs_storage: Option<EfsStorage>) -> Estimate {
         let net = self.items.iter().map(|(_, m)| *m).sum();
+        let sources: Vec<&str> = self.items.iter().map(|(i, _)| i.source.as_str()).chain(efs_storage.iter().map(|e| e.source.as_str())).collect();
+        let live = sources.iter().any(|s| s.starts_with("AWS Price List"));
+        let table = sources.iter().any(|s| !s.starts_with("AWS Price List"));
+        let source = match (&self.book.asked_at, live, table) {
+            (Some(at), true, true) => format!("{}; {} where the API gave none", api_source(at), table_source()),
+            (Some(at), true, false) => api_source(at),
+            (Some(at), false, false) if self.book.fallback.is_none() => api_source(at),
+            _ => table_source(),
+        };
         Estimate {
             region: region.to_string(),
             currency: "USD",
-            source: SOURCE.to_string(),
+            source,
+            fallback: self.book.fallback.clone(),
             date: prices::DATE,
             items: self.items.into_iter().map(|(i, _)| i).collect(),
             monthly_usd: usd(net),
@@ -209,19 +283,36 @@ impl Builder {
     }
 }
 
-/// The monthly cost of a change set's additions and removals (modifications that keep a
-/// resource cost what they cost; an instance type change is priced as the old out, the new in).
+/// The monthly cost of a change set's additions and removals at the table's prices (modifications
+/// that keep a resource cost what they cost; an instance type change is priced as the old out,
+/// the new in).
 pub fn estimate(changes: &[Change], inputs: &Inputs) -> Estimate {
-    let mut b = Builder { items: Vec::new(), unpriced: inputs.notes.clone() };
-    let Some(p) = prices::for_region(&inputs.region) else {
+    estimate_with(changes, inputs, &Book::table())
+}
+
+/// The same at the prices of `book`, the table filling in what it lacks.
+pub fn estimate_with(changes: &[Change], inputs: &Inputs, book: &Book) -> Estimate {
+    build(changes, inputs, book).0
+}
+
+/// The products an estimate of these changes prices: what to ask the Price List for.
+pub fn products(changes: &[Change], inputs: &Inputs) -> BTreeSet<Product> {
+    // Walked over a table that exists, so a region outside the table is asked about too.
+    build(changes, &Inputs { region: prices::TABLE[0].region.into(), ..inputs.clone() }, &Book::table()).1
+}
+
+fn build(changes: &[Change], inputs: &Inputs, book: &Book) -> (Estimate, BTreeSet<Product>) {
+    let table = prices::for_region(&inputs.region);
+    let mut b = Builder { items: Vec::new(), unpriced: inputs.notes.clone(), table, book, asked: BTreeSet::new() };
+    if table.is_none() && book.live.is_empty() {
         b.unpriced.push(format!(
             "region {} is not in the price table of {} (it has {}): no figures",
             if inputs.region.is_empty() { "(none)" } else { &inputs.region },
             prices::DATE,
             prices::TABLE.iter().map(|p| p.region).collect::<Vec<_>>().join(", ")
         ));
-        return b.finish(&inputs.region, None);
-    };
+        return (b.finish(&inputs.region, None), BTreeSet::new());
+    }
     let month = prices::HOURS_PER_MONTH;
     let asg_touched = changes.iter().any(|c| c.resource_type == "AWS::AutoScaling::AutoScalingGroup" && matches!(c.action, '+' | '-'));
     for c in changes {
@@ -229,58 +320,79 @@ pub fn estimate(changes: &[Change], inputs: &Inputs) -> Estimate {
             '+' => 1,
             '-' => -1,
             '~' if !asg_touched && c.resource_type == "AWS::AutoScaling::AutoScalingGroup" => {
-                instance_type_change(&mut b, p, c, inputs);
+                instance_type_change(&mut b, c, inputs);
                 continue;
             }
             _ => continue,
         };
         match c.resource_type.as_str() {
-            "AWS::EC2::NatGateway" => b.push(sign, c, "NAT gateway".into(), p.nat_gateway_hour * month),
-            "AWS::EC2::EIP" => b.push(sign, c, "public IPv4 address".into(), p.public_ipv4_hour * month),
+            "AWS::EC2::NatGateway" => b.priced(sign, c, Product::NatGatewayHour, "NAT gateway".into(), month),
+            // Not a Price List product here: always the table's.
+            "AWS::EC2::EIP" => match b.table {
+                Some(t) => b.push(sign, c, "public IPv4 address".into(), t.public_ipv4_hour * month, table_source()),
+                None => b.unpriced.push(format!("public IPv4 address ({}): region {} is not in the price table", c.logical_id, inputs.region)),
+            },
             "AWS::EC2::VPCEndpoint" => {
                 if let Some(azs) = inputs.endpoint_azs.get(&c.logical_id) {
-                    b.push(sign, c, format!("interface endpoint in {azs} AZ{}", if *azs == 1 { "" } else { "s" }), azs * p.interface_endpoint_az_hour * month);
+                    let what = format!("interface endpoint in {azs} AZ{}", if *azs == 1 { "" } else { "s" });
+                    b.priced(sign, c, Product::InterfaceEndpointHour, what, azs * month);
                 }
             }
-            "AWS::ElasticLoadBalancingV2::LoadBalancer" => b.push(sign, c, "load balancer (hourly)".into(), p.nlb_hour * month),
+            "AWS::ElasticLoadBalancingV2::LoadBalancer" => b.priced(sign, c, Product::NlbHour, "load balancer (hourly)".into(), month),
             "AWS::AutoScaling::AutoScalingGroup" => {
                 let n = inputs.asg_capacity.get(&c.logical_id).copied().unwrap_or(1);
                 // A removal takes away what runs now, an addition brings what this deploy sets.
                 let kind = if sign < 0 { inputs.previous_instance_type.as_deref().unwrap_or(&inputs.instance_type) } else { &inputs.instance_type };
-                match p.instance_hour(kind) {
-                    Some(h) => b.push(sign, c, format!("{n} x {kind} instance"), n * h * month),
-                    None => b.unpriced.push(format!("instance type {kind} ({}) is not in the price table for {}", c.logical_id, p.region)),
+                match b.rate(Product::Instance(kind.to_string())) {
+                    Some((h, source)) => b.push(sign, c, format!("{n} x {kind} instance"), n * h * month, source),
+                    None => b.unpriced.push(format!("instance type {kind} ({}) is not in the price table for {}", c.logical_id, inputs.region)),
                 }
                 if inputs.root_volume_gb > 0 {
-                    b.push(sign, c, format!("{n} x {} GiB gp3 root volume", inputs.root_volume_gb), n * inputs.root_volume_gb * p.gp3_gb_month);
+                    b.priced(sign, c, Product::Gp3GbMonth, format!("{n} x {} GiB gp3 root volume", inputs.root_volume_gb), n * inputs.root_volume_gb);
                 }
             }
-            "AWS::EFS::FileSystem" if sign > 0 => {
-                b.push(sign, c, format!("EFS Standard storage, empty at first (${:.2}/GB-month as it fills)", usd(p.efs_standard_gb_month)), 0)
-            }
+            "AWS::EFS::FileSystem" if sign > 0 => match b.rate(Product::EfsStandardGbMonth) {
+                Some((gb, source)) => b.push(sign, c, format!("EFS Standard storage, empty at first (${:.2}/GB-month as it fills)", usd(gb)), 0, source),
+                None => b.push(sign, c, "EFS Standard storage, empty at first".into(), 0, table_source()),
+            },
             // The template retains the file system (DeletionPolicy Retain): leaving the stack
             // does not end its bill.
-            "AWS::EFS::FileSystem" => b.push(sign, c, "file system retained (DeletionPolicy: Retain): its storage is still billed".into(), 0),
+            "AWS::EFS::FileSystem" => b.push(sign, c, "file system retained (DeletionPolicy: Retain): its storage is still billed".into(), 0, table_source()),
+            // A standard-resolution metric alarm is billed per alarm-month (Amazon CloudWatch
+            // pricing: $0.10 per alarm metric a month).
+            "AWS::CloudWatch::Alarm" => b.priced(sign, c, Product::AlarmMonth, "CloudWatch alarm (standard resolution)".into(), 1),
+            // A topic costs nothing by itself; its requests and deliveries are usage.
+            "AWS::SNS::Topic" => b.push(sign, c, "SNS topic (free; billed per request and delivery)".into(), 0, table_source()),
             _ => {}
         }
     }
-    let efs = inputs.efs_bytes.map(|bytes| EfsStorage { size_bytes: bytes, monthly_usd: usd((bytes as i128 * p.efs_standard_gb_month as i128 / GIB) as i64) });
-    b.finish(&inputs.region, efs)
+    let efs = inputs.efs_bytes.and_then(|bytes| {
+        let (gb, source) = b.rate(Product::EfsStandardGbMonth)?;
+        Some(EfsStorage { size_bytes: bytes, monthly_usd: usd((bytes as i128 * gb as i128 / GIB) as i64), source })
+    });
+    let asked = std::mem::take(&mut b.asked);
+    (b.finish(&inputs.region, efs), asked)
 }
 
 /// The monthly cost of AMI snapshots: images added (a bake) and removed (`images prune`), each
 /// as (image id, GiB of the volumes snapshotted). EBS snapshots bill the blocks they store, at
 /// most the volume's size, so the figures are an upper bound and said so.
 pub fn snapshots(region: &str, added: &[(String, i64)], removed: &[(String, i64)]) -> Estimate {
-    let mut b = Builder { items: Vec::new(), unpriced: Vec::new() };
-    let Some(p) = prices::for_region(region) else {
+    snapshots_with(region, added, removed, &Book::table())
+}
+
+/// The same at the prices of `book` (the one product: [`Product::SnapshotGbMonth`]).
+pub fn snapshots_with(region: &str, added: &[(String, i64)], removed: &[(String, i64)], book: &Book) -> Estimate {
+    let table = prices::for_region(region);
+    let mut b = Builder { items: Vec::new(), unpriced: Vec::new(), table, book, asked: BTreeSet::new() };
+    if table.is_none() && book.live.is_empty() {
         b.unpriced.push(format!("region {region} is not in the price table of {}: no figures", prices::DATE));
         return b.finish(region, None);
-    };
+    }
     for (action, sign, list) in [('+', 1, added), ('-', -1, removed)] {
         for (ami, gib) in list {
             let c = Change { action, logical_id: ami.clone(), resource_type: "AWS::EC2::Image".into(), replacement: None };
-            b.push(sign, &c, format!("EBS snapshots of at most {gib} GiB"), gib * p.snapshot_gb_month);
+            b.priced(sign, &c, Product::SnapshotGbMonth, format!("EBS snapshots of at most {gib} GiB"), *gib);
         }
     }
     b.finish(region, None)
@@ -307,18 +419,16 @@ pub fn volume_gib(yaml: &str) -> i64 {
     serde_yaml::from_str::<Value>(yaml).map(|v| walk(&v)).unwrap_or(0)
 }
 
-fn instance_type_change(b: &mut Builder, p: &Prices, c: &Change, inputs: &Inputs) {
+fn instance_type_change(b: &mut Builder, c: &Change, inputs: &Inputs) {
     let Some(old) = inputs.previous_instance_type.as_deref().filter(|o| *o != inputs.instance_type) else { return };
     let n = inputs.asg_capacity.get(&c.logical_id).copied().unwrap_or(1);
-    match (p.instance_hour(old), p.instance_hour(&inputs.instance_type)) {
-        (Some(o), Some(new)) => {
+    match (b.rate(Product::Instance(old.to_string())), b.rate(Product::Instance(inputs.instance_type.clone()))) {
+        (Some((o, os)), Some((new, ns))) => {
             let month = prices::HOURS_PER_MONTH;
-            b.push(-1, c, format!("{n} x {old} instance (replaced)"), n * o * month);
-            b.push(1, c, format!("{n} x {} instance", inputs.instance_type), n * new * month);
+            b.push(-1, c, format!("{n} x {old} instance (replaced)"), n * o * month, os);
+            b.push(1, c, format!("{n} x {} instance", inputs.instance_type), n * new * month, ns);
         }
-        _ => {
-            b.unpriced.push(format!("instance type change {old} -> {} ({}): not both in the price table for {}", inputs.instance_type, c.logical_id, p.region))
-        }
+        _ => b.unpriced.push(format!("instance type change {old} -> {} ({}): not both priced for {}", inputs.instance_type, c.logical_id, inputs.region)),
     }
 }
 
@@ -332,9 +442,15 @@ fn money(v: f64) -> String {
 
 /// The estimate as the lines printed under the change set.
 pub fn lines(e: &Estimate) -> Vec<String> {
-    let mut out = vec![format!("monthly cost of this change ({}, {}, {} of {}):", e.region, e.currency, e.source, e.date)];
+    let mut out = vec![format!("monthly cost of this change ({}, {}, prices: {}):", e.region, e.currency, e.source)];
+    // One source says itself in the heading; with two, each figure says which it is.
+    let mixed = e.items.iter().any(|i| i.source != e.items[0].source);
     for i in &e.items {
-        out.push(format!("  {} {} ({}): {}  {}", i.change, i.resource, i.resource_type, i.what, money(i.monthly_usd)));
+        let tag = if mixed { format!("  [{}]", i.source) } else { String::new() };
+        out.push(format!("  {} {} ({}): {}  {}{tag}", i.change, i.resource, i.resource_type, i.what, money(i.monthly_usd)));
+    }
+    if let Some(f) = &e.fallback {
+        out.push(format!("  note: {f}"));
     }
     if let Some(s) = &e.efs_storage {
         out.push(format!("  the stack's file system holds {}: ${:.2}/month of EFS Standard storage", size(s.size_bytes), s.monthly_usd));

@@ -9,6 +9,20 @@
 //! - NLB $0.0225/hour, EBS snapshots $0.05/GB-month, gp3 $0.08/GB-month, EC2 on-demand rates:
 //!   list prices as of 2026-11-29, unverified here (the AWS pages were not in the corpus).
 //! - The regions besides us-east-1: list prices as of 2026-11-29, unverified here.
+//! - CloudWatch standard-resolution alarm $0.10/alarm-month: quoted by third-party guides (2026);
+//!   the AWS pricing page's text in the corpus shows only the free tier (10 standard alarm
+//!   metrics a month, not taken off here): unverified. High-resolution alarms cost more
+//!   (CloudWatch API Reference, PutMetricAlarm `Period`); the template has none.
+//!
+//! Checked again on 2026-11-29 (issue 15) against what the `search` corpora hold: AWS's pricing
+//! pages there (Amazon VPC, PrivateLink, ELB, EBS, CloudWatch) carry their rate tables as dynamic
+//! placeholders, so no hourly or GB-month figure above could be read from AWS itself; the marks
+//! stay. What AWS pages did confirm is the shape of what is billed: NLB hours and LCUs are
+//! separate usage types (`region-LoadBalancerUsage`, `region-LCUUsage`: ELB User Guide,
+//! "Understand codes for Elastic Load Balancing in billing and usage reports"), endpoints bill
+//! per AZ while provisioned (AWS PrivateLink pricing page), and EBS snapshots bill the GB-months
+//! stored (AWS Knowledge Center, "EBS snapshot billing"). `prices: auto` asks the Price List API
+//! for the live figures and uses these only where it does not answer.
 //!
 //! Rates are in micro-dollars so monthly figures come out exact to the cent.
 
@@ -27,6 +41,8 @@ pub struct Prices {
     pub efs_standard_gb_month: i64,
     pub snapshot_gb_month: i64,
     pub gp3_gb_month: i64,
+    /// A standard-resolution CloudWatch metric alarm, a month (unverified, see above).
+    pub cloudwatch_alarm_month: i64,
     /// (instance type, µ$ an hour), Linux on-demand.
     pub instances: &'static [(&'static str, i64)],
 }
@@ -58,6 +74,7 @@ const US: Prices = Prices {
     efs_standard_gb_month: 300_000,
     snapshot_gb_month: 50_000,
     gp3_gb_month: 80_000,
+    cloudwatch_alarm_month: 100_000,
     instances: US_INSTANCES,
 };
 
@@ -74,6 +91,7 @@ pub const TABLE: &[Prices] = &[
         efs_standard_gb_month: 330_000,
         snapshot_gb_month: 50_000,
         gp3_gb_month: 88_000,
+        cloudwatch_alarm_month: 100_000,
         instances: &[
             ("t3.micro", 11_400),
             ("t3.small", 22_800),

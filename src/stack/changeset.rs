@@ -43,12 +43,12 @@ pub struct Plan {
     pub annotate: Option<Annotate>,
 }
 
-/// What the caller says about a computed change set; sync and pure, it runs between the diff and
-/// the confirmation.
+/// What the caller says about a computed change set; it runs between the diff and the
+/// confirmation, and may ask AWS (the cost's prices), so it must bound its own time.
 #[derive(Clone)]
 pub struct Annotate(pub Arc<AnnotateFn>);
 
-pub type AnnotateFn = dyn Fn(&[Change]) -> Vec<String> + Send + Sync;
+pub type AnnotateFn = dyn Fn(Vec<Change>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<String>> + Send>> + Send + Sync;
 
 impl std::fmt::Debug for Annotate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -270,7 +270,7 @@ pub async fn run_protected(
         progress.line(&c.line());
     }
     if let Some(annotate) = &plan.annotate {
-        for l in (annotate.0)(&changes) {
+        for l in (annotate.0)(changes.clone()).await {
             progress.line(&l);
         }
     }

@@ -1315,3 +1315,127 @@ async fn destroy_without_permission_to_list_file_systems_still_reports_the_stack
     assert_eq!(d.file_systems, vec![FS_RETAINED.to_string()]);
     assert_eq!(del.num_calls(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Deploy's cost: the Price List asked once, for exactly what the change set prices
+
+/// `deploy --no-execute` of a change set adding a NAT gateway and an alarm, with `prices:` as
+/// given; returns deploy's JSON and the GetProducts requests. GetProducts answers in its
+/// documented shape (tests/it/cost.rs, `entry`): $0.05 a NAT gateway hour (not the table's
+/// $0.045, so whose figure is used shows), $0.10 a standard alarm.
+async fn priced_no_execute(prices: &str) -> (serde_json::Value, Vec<aws_sdk_pricing::operation::get_products::GetProductsInput>) {
+    use aws_sdk_cloudformation::types::{ChangeAction, ChangeSetStatus, ExecutionStatus, ResourceChange};
+    let config = crate::support::parse(&format!("name: vectordb\nprices: {prices}\n"));
+    let ctx =
+        imgbuild::config::Context { config, source: imgbuild::config::Source::Defaults, region: Some("us-east-1".into()), profile: None, endpoint_url: None };
+    let handoff = mock!(aws_sdk_ssm::Client::get_parameter).match_requests(|r| r.name() == Some("/imgbuild/vectordb/ami")).then_error(|| {
+        aws_sdk_ssm::operation::get_parameter::GetParameterError::ParameterNotFound(
+            aws_sdk_ssm::types::error::ParameterNotFound::builder().meta(meta("ParameterNotFound", "")).build(),
+        )
+    });
+    // aws-cli `examples/ssm/get-parameter.rst`: `Parameter` with `Name`, `Type`, `Value`.
+    let stock = mock!(aws_sdk_ssm::Client::get_parameter).match_requests(|r| r.name().is_some_and(|n| n.starts_with("/aws/service/"))).then_output(|| {
+        aws_sdk_ssm::operation::get_parameter::GetParameterOutput::builder()
+            .parameter(
+                aws_sdk_ssm::types::Parameter::builder()
+                    .name("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64")
+                    .r#type(aws_sdk_ssm::types::ParameterType::String)
+                    .value(STOCK)
+                    .build(),
+            )
+            .build()
+    });
+    let ds = describe_stacks(vec![None]);
+    // CreateChangeSet answers `Id` and `StackId` (CloudFormation API reference, CreateChangeSet).
+    let create = mock!(aws_sdk_cloudformation::Client::create_change_set)
+        .then_output(|| aws_sdk_cloudformation::operation::create_change_set::CreateChangeSetOutput::builder().id(CS).stack_id(STACK_ID).build());
+    // DescribeChangeSet (CloudFormation API reference): CREATE_COMPLETE, AVAILABLE, `Changes[]`.
+    let described = mock!(aws_sdk_cloudformation::Client::describe_change_set).then_output(|| {
+        let add = |id: &str, kind: &str| {
+            aws_sdk_cloudformation::types::Change::builder()
+                .r#type(aws_sdk_cloudformation::types::ChangeType::Resource)
+                .resource_change(ResourceChange::builder().action(ChangeAction::Add).logical_resource_id(id).resource_type(kind).build())
+                .build()
+        };
+        aws_sdk_cloudformation::operation::describe_change_set::DescribeChangeSetOutput::builder()
+            .change_set_id(CS)
+            .change_set_name("imgbuild-1")
+            .stack_id(STACK_ID)
+            .stack_name(STACK)
+            .status(ChangeSetStatus::CreateComplete)
+            .execution_status(ExecutionStatus::Available)
+            .creation_time(aws_smithy_types::DateTime::from_secs(1_700_000_000))
+            .changes(add("NatGatewayA", "AWS::EC2::NatGateway"))
+            .changes(add("ChromaUnhealthyAlarm", "AWS::CloudWatch::Alarm"))
+            .build()
+    });
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = seen.clone();
+    let price_list = mock!(aws_sdk_pricing::Client::get_products).then_compute_output(move |r| {
+        keep.lock().unwrap().push(r.clone());
+        let family = r.filters().iter().find(|f| f.field() == "productFamily").map(|f| f.value().to_string()).unwrap_or_default();
+        let loc = "US East (N. Virginia)";
+        let list = match family.as_str() {
+            "NAT Gateway" => vec![crate::cost::entry("NATH", "NAT Gateway", "NatGateway-Hours", loc, "Hrs", "0.0500000000")],
+            "Alarm" => vec![crate::cost::entry("ALRM", "Alarm", "CW:AlarmMonitorUsage", loc, "Alarms", "0.1000000000")],
+            _ => vec![],
+        };
+        aws_sdk_pricing::operation::get_products::GetProductsOutput::builder().format_version("aws_v1").set_price_list(Some(list)).build()
+    });
+    let mut clients = Aws::default().ssm(&[&handoff, &stock]).cfn(&[&ds, &create, &described]).with_api_gateway_account().clients();
+    clients.pricing = mocked!(aws_sdk_pricing, [price_list], RetryConfig::disabled());
+    let args = imgbuild::cli::DeployArgs {
+        ami: None,
+        mode: None,
+        update_base: false,
+        disable_rollback: false,
+        no_drift_check: false,
+        template: None,
+        yes: false,
+        no_execute: true,
+        wait: imgbuild::cli::WaitArgs { wait: false, timeout: Some(30) },
+        tools: imgbuild::cli::ToolArgs { require_tools: false, no_tools: true },
+    };
+    struct Never;
+    impl imgbuild::stack::changeset::Confirmer for Never {
+        fn confirm<'a>(&'a self, q: &'a str) -> std::pin::Pin<Box<dyn std::future::Future<Output = imgbuild::Result<bool>> + Send + 'a>> {
+            panic!("--no-execute asks nothing, asked {q}")
+        }
+    }
+    let ui = imgbuild::ui::Ui::new(imgbuild::cli::OutputFormat::Text, 0, true);
+    let doc = imgbuild::cmd::deploy_flow(&clients, &args, &ctx, ui, &Never, std::future::pending()).await.unwrap();
+    let sent = seen.lock().unwrap().clone();
+    (doc, sent)
+}
+
+fn cost_item<'a>(doc: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    doc["cost"]["items"].as_array().unwrap().iter().find(|i| i["resource"] == id).unwrap_or_else(|| panic!("{id} not in {doc}"))
+}
+
+/// The diff's cost asks GetProducts once a deploy, for the two products the change set prices
+/// (not the template's every product), and the JSON carries the API's figures with their source.
+#[tokio::test]
+async fn deploy_prices_its_change_set_from_the_price_list_once() {
+    let (doc, sent) = priced_no_execute("auto").await;
+    let asked: Vec<(String, String)> = sent
+        .iter()
+        .map(|r| (r.service_code().unwrap().to_string(), r.filters().iter().find(|f| f.field() == "productFamily").unwrap().value().to_string()))
+        .collect();
+    assert_eq!(asked.len(), 2, "once each, the diff's lines and the JSON from one lookup: {asked:?}");
+    assert!(asked.contains(&("AmazonEC2".into(), "NAT Gateway".into())) && asked.contains(&("AmazonCloudWatch".into(), "Alarm".into())), "{asked:?}");
+    assert_eq!(cost_item(&doc, "NatGatewayA")["monthly_usd"], 36.5);
+    assert!(cost_item(&doc, "NatGatewayA")["source"].as_str().unwrap().starts_with("AWS Price List API, "), "{doc}");
+    assert_eq!(cost_item(&doc, "ChromaUnhealthyAlarm")["monthly_usd"], 0.1);
+    assert!(doc["cost"]["source"].as_str().unwrap().starts_with("AWS Price List API, "));
+    assert!(doc["cost"]["fallback"].is_null(), "{doc}");
+}
+
+/// `prices: table` asks nothing: the table's figures, said as such.
+#[tokio::test]
+async fn deploy_with_the_table_choice_makes_no_price_list_call() {
+    let (doc, sent) = priced_no_execute("table").await;
+    assert!(sent.is_empty(), "{sent:?}");
+    assert_eq!(cost_item(&doc, "NatGatewayA")["monthly_usd"], 32.85);
+    assert_eq!(cost_item(&doc, "NatGatewayA")["source"], "price table dated 2026-11-29");
+    assert_eq!(doc["cost"]["source"], "price table dated 2026-11-29");
+}

@@ -285,3 +285,302 @@ fn images_prune_says_what_it_saves() {
         rt.block_on(ec2.deregister_image().image_id(ami).send()).unwrap();
     }
 }
+
+// ---- Prices from the AWS Price List API (GetProducts) ----
+//
+// Answers in GetProducts' documented shape: Billing and Cost Management API Reference,
+// "GetProducts" (FormatVersion aws_v1; PriceList: an array of strings, each one product's JSON),
+// and aws-cli awscli/examples/pricing/get-products.rst (product.productFamily and
+// product.attributes with location, usagetype and servicecode; terms.OnDemand.<sku>.<term>
+// .priceDimensions.<rate>.unit, beginRange/endRange, pricePerUnit.USD as a ten-decimal string).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_pricing::operation::get_products::{GetProductsError, GetProductsInput, GetProductsOutput};
+use aws_smithy_mocks::{Rule, mock};
+use imgbuild::cost::pricelist::{self, Product};
+use imgbuild::cost::{Book, products};
+
+/// One PriceList entry as the example prints it (only the fields read; the rest as documented).
+pub(crate) fn entry(sku: &str, family: &str, usagetype: &str, location: &str, unit: &str, usd: &str) -> String {
+    serde_json::json!({
+        "product": {
+            "productFamily": family,
+            "attributes": { "usagetype": usagetype, "locationType": "AWS Region", "location": location, "operation": "" },
+            "sku": sku
+        },
+        "serviceCode": "AmazonEC2",
+        "terms": { "OnDemand": { format!("{sku}.JRTCKXETXF"): {
+            "priceDimensions": { format!("{sku}.JRTCKXETXF.6YS6EN2CT7"): {
+                "unit": unit, "endRange": "Inf", "description": format!("${usd} per {unit}"), "appliesTo": [],
+                "rateCode": format!("{sku}.JRTCKXETXF.6YS6EN2CT7"), "beginRange": "0", "pricePerUnit": { "USD": usd }
+            }},
+            "sku": sku, "effectiveDate": "2026-11-01T00:00:00Z", "offerTermCode": "JRTCKXETXF", "termAttributes": {}
+        }}},
+        "version": "20261101000000",
+        "publicationDate": "2026-11-01T00:00:00Z"
+    })
+    .to_string()
+}
+
+type Requests = Arc<Mutex<Vec<GetProductsInput>>>;
+
+fn filters(r: &GetProductsInput) -> Vec<(String, String)> {
+    r.filters().iter().map(|f| (f.field().to_string(), f.value().to_string())).collect()
+}
+
+fn pricing(rules: &[Rule]) -> aws_sdk_pricing::Client {
+    mocked!(aws_sdk_pricing, rules, aws_smithy_types::retry::RetryConfig::disabled())
+}
+
+/// Answers each product the diff of a new stack with an alarm asks about, with prices other than
+/// the table's so the test sees whose figures are used; EFS gets no product. A NAT gateway's
+/// family also holds its per-GB product, an NLB's its LCU-hour, the alarms the high-resolution
+/// one: none of them may be taken.
+fn answer_for(r: &GetProductsInput) -> GetProductsOutput {
+    let f = filters(r);
+    let has = |k: &str, v: &str| f.iter().any(|(a, b)| a == k && b == v);
+    let loc = "US East (N. Virginia)";
+    let list: Vec<String> = if has("productFamily", "NAT Gateway") {
+        vec![
+            entry("NATH", "NAT Gateway", "NatGateway-Hours", loc, "Hrs", "0.0500000000"),
+            entry("NATB", "NAT Gateway", "NatGateway-Bytes", loc, "GB", "0.0450000000"),
+        ]
+    } else if has("productFamily", "Compute Instance") {
+        vec![entry("T3AS", "Compute Instance", "BoxUsage:t3a.small", loc, "Hrs", "0.0200000000")]
+    } else if has("productFamily", "VpcEndpoint") {
+        vec![entry("VPCE", "VpcEndpoint", "VpcEndpoint-Hours", loc, "Hrs", "0.0110000000")]
+    } else if has("productFamily", "Load Balancer-Network") {
+        vec![
+            entry("NLBH", "Load Balancer-Network", "LoadBalancerUsage", loc, "Hrs", "0.0250000000"),
+            entry("NLCU", "Load Balancer-Network", "LCUUsage", loc, "LCU-Hrs", "0.0060000000"),
+        ]
+    } else if has("productFamily", "Storage") && has("volumeApiName", "gp3") {
+        vec![entry("GP3S", "Storage", "EBS:VolumeUsage.gp3", loc, "GB-Mo", "0.0800000000")]
+    } else if has("productFamily", "Alarm") {
+        vec![
+            entry("ALRM", "Alarm", "CW:AlarmMonitorUsage", loc, "Alarms", "0.1000000000"),
+            entry("HRAL", "Alarm", "CW:HighResAlarmMonitorUsage", loc, "Alarms", "0.3000000000"),
+        ]
+    } else {
+        vec![]
+    };
+    GetProductsOutput::builder().format_version("aws_v1").set_price_list(Some(list)).build()
+}
+
+fn scripted(seen: Requests) -> Rule {
+    mock!(aws_sdk_pricing::Client::get_products)
+        .match_requests(move |r| {
+            seen.lock().unwrap().push(r.clone());
+            true
+        })
+        .then_output(|| GetProductsOutput::builder().build())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// A change set adding what a new stack with one NAT gateway prices, plus an alarm and a topic.
+fn new_stack_changes() -> Vec<Change> {
+    let mut c = create_change_set(&["NatPerAz", "HasAllowedClientCidr"]);
+    c.push(change('+', "ChromaUnhealthyAlarm", "AWS::CloudWatch::Alarm"));
+    c.push(change('+', "AlarmTopic", "AWS::SNS::Topic"));
+    c
+}
+
+#[test]
+fn the_price_list_is_asked_with_exact_filters_for_exactly_the_products_the_diff_prices() {
+    let changes = new_stack_changes();
+    let want = products(&changes, &inputs("us-east-1"));
+    assert_eq!(
+        want,
+        BTreeSet::from([
+            Product::Instance("t3a.small".into()),
+            Product::NatGatewayHour,
+            Product::InterfaceEndpointHour,
+            Product::NlbHour,
+            Product::EfsStandardGbMonth,
+            Product::Gp3GbMonth,
+            Product::AlarmMonth,
+        ])
+    );
+    let seen: Requests = Arc::default();
+    let seen2 = seen.clone();
+    let rule = mock!(aws_sdk_pricing::Client::get_products)
+        .match_requests(move |r| {
+            seen2.lock().unwrap().push(r.clone());
+            true
+        })
+        .then_compute_output(answer_for);
+    let client = pricing(&[rule]);
+    let book = rt().block_on(pricelist::fetch(&client, "us-east-1", &want, Duration::from_secs(5)));
+    let sent = seen.lock().unwrap().clone();
+    assert_eq!(sent.len(), want.len(), "one question a product");
+    let tm = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let instance = sent.iter().find(|r| r.service_code() == Some("AmazonEC2") && filters(r).contains(&tm("productFamily", "Compute Instance"))).unwrap();
+    assert_eq!(
+        filters(instance),
+        [
+            tm("productFamily", "Compute Instance"),
+            tm("location", "US East (N. Virginia)"),
+            tm("instanceType", "t3a.small"),
+            tm("operatingSystem", "Linux"),
+            tm("tenancy", "Shared"),
+            tm("preInstalledSw", "NA"),
+            tm("licenseModel", "No License required"),
+            tm("capacitystatus", "Used"),
+        ]
+    );
+    for r in &sent {
+        assert!(r.filters().iter().all(|f| f.r#type() == &aws_sdk_pricing::types::FilterType::TermMatch));
+        assert_eq!(r.format_version(), Some("aws_v1"));
+    }
+    let services: BTreeSet<(String, Vec<(String, String)>)> = sent.iter().map(|r| (r.service_code().unwrap().to_string(), filters(r))).collect();
+    let loc = tm("location", "US East (N. Virginia)");
+    for (svc, family, extra) in [
+        ("AmazonEC2", "NAT Gateway", None),
+        ("AmazonVPC", "VpcEndpoint", None),
+        ("AWSELB", "Load Balancer-Network", None),
+        ("AmazonEFS", "Storage", Some(tm("storageClass", "General Purpose"))),
+        ("AmazonEC2", "Storage", Some(tm("volumeApiName", "gp3"))),
+        ("AmazonCloudWatch", "Alarm", None),
+    ] {
+        let mut f = vec![tm("productFamily", family), loc.clone()];
+        f.extend(extra);
+        assert!(services.contains(&(svc.to_string(), f.clone())), "{svc} {f:?} not asked: {services:?}");
+    }
+
+    // EFS had no product in the answer: its price (and only it) comes from the table, said once.
+    assert_eq!(book.live.get(&Product::NatGatewayHour), Some(&50_000), "the hourly product, not the per-GB one");
+    assert_eq!(book.live.get(&Product::NlbHour), Some(&25_000), "the hour, not the LCU-hour");
+    assert_eq!(book.live.get(&Product::AlarmMonth), Some(&100_000), "the standard alarm, not the high-resolution one");
+    assert!(!book.live.contains_key(&Product::EfsStandardGbMonth));
+    let fallback = book.fallback.clone().unwrap();
+    assert!(
+        fallback.contains("1 of 7 prices from the price table dated 2026-11-29") && fallback.contains("EFS Standard GB-month: no product matched"),
+        "{fallback}"
+    );
+
+    let e = cost::estimate_with(&changes, &inputs("us-east-1"), &book);
+    assert_eq!(item(&e, "NatGatewayA"), [('+', 36.5)], "$0.05 x 730 from the API, not the table's $32.85");
+    assert_eq!(item(&e, "AutoScalingGroup"), [('+', 14.6), ('+', 1.2)]);
+    assert_eq!(item(&e, "ChromaUnhealthyAlarm"), [('+', 0.1)]);
+    assert_eq!(item(&e, "AlarmTopic"), [('+', 0.0)]);
+    let nat = e.items.iter().find(|i| i.resource == "NatGatewayA").unwrap();
+    assert!(nat.source.starts_with("AWS Price List API, 20"), "{}", nat.source);
+    let eip = e.items.iter().find(|i| i.resource == "NatEipA").unwrap();
+    assert_eq!(eip.source, "price table dated 2026-11-29");
+    let text = cost::lines(&e).join("\n");
+    assert!(text.contains("prices: AWS Price List API, 20") && text.contains("price table dated 2026-11-29 where the API gave none"), "{text}");
+    assert!(text.contains("NatGatewayA (AWS::EC2::NatGateway): NAT gateway  +$36.50  [AWS Price List API, 20"), "{text}");
+    assert_eq!(text.matches("note: 1 of 7 prices from the price table").count(), 1, "{text}");
+    let json = serde_json::to_value(&e).unwrap();
+    assert!(json["items"][0]["source"].is_string() && json["fallback"].is_string(), "{json}");
+}
+
+/// AccessDeniedException is how GetProducts refuses a caller without pricing:GetProducts (API
+/// Reference, GetProducts, Errors): every price comes from the table, and the estimate says why
+/// once.
+#[test]
+fn access_denied_falls_back_to_the_table_and_says_so_once() {
+    let rule = mock!(aws_sdk_pricing::Client::get_products).then_error(|| {
+        let msg = "User: arn:aws:iam::123456789012:user/dev is not authorized to perform: pricing:GetProducts";
+        GetProductsError::AccessDeniedException(
+            aws_sdk_pricing::types::error::AccessDeniedException::builder()
+                .message(msg)
+                .meta(aws_smithy_types::error::ErrorMetadata::builder().code("AccessDeniedException").message(msg).build())
+                .build(),
+        )
+    });
+    let client = pricing(&[rule]);
+    let changes = new_stack_changes();
+    let i = inputs("us-east-1");
+    let book = rt().block_on(cost::book(&client, imgbuild::config::PriceSource::Auto, "us-east-1", &products(&changes, &i)));
+    assert!(book.live.is_empty());
+    let e = cost::estimate_with(&changes, &i, &book);
+    assert_eq!(e.monthly_usd, 82.55, "the table's $82.45 and a $0.10 alarm");
+    assert_eq!(e.source, "price table dated 2026-11-29");
+    assert!(e.items.iter().all(|i| i.source == "price table dated 2026-11-29"));
+    let text = cost::lines(&e).join("\n");
+    assert_eq!(text.matches("note:").count(), 1, "{text}");
+    assert!(text.contains("every price from the price table dated 2026-11-29") && text.contains("AccessDeniedException"), "{text}");
+}
+
+/// A Price List that does not answer (a firewall that swallows the connection) must not hold up
+/// deploy: the lookup gives up at its bound and the table prices everything.
+#[test]
+fn a_price_list_that_does_not_answer_is_given_up_on_in_time() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let client = aws_sdk_pricing::Client::from_conf(
+        aws_sdk_pricing::config::Builder::new()
+            .behavior_version(aws_sdk_pricing::config::BehaviorVersion::latest())
+            .region(aws_sdk_pricing::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_pricing::config::Credentials::new("testing", "testing", None, None, "tests"))
+            .endpoint_url(url)
+            .build(),
+    );
+    let started = std::time::Instant::now();
+    let wanted = BTreeSet::from([Product::NatGatewayHour, Product::NlbHour]);
+    let book = rt().block_on(pricelist::fetch(&client, "us-east-1", &wanted, Duration::from_millis(400)));
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(book.live.is_empty());
+    let f = book.fallback.unwrap();
+    assert!(f.contains("not answering in time") && f.contains("no answer within"), "{f}");
+    drop(listener);
+}
+
+/// `prices: table` (or `--prices table`) asks nothing.
+#[test]
+fn the_table_choice_makes_no_call() {
+    let seen: Requests = Arc::default();
+    let client = pricing(&[scripted(seen.clone())]);
+    let changes = new_stack_changes();
+    let i = inputs("us-east-1");
+    let book = rt().block_on(cost::book(&client, imgbuild::config::PriceSource::Table, "us-east-1", &products(&changes, &i)));
+    assert!(seen.lock().unwrap().is_empty(), "no GetProducts call");
+    assert_eq!(book, Book::table());
+    assert_eq!(cost::estimate_with(&changes, &i, &book).source, "price table dated 2026-11-29");
+    // And the same choice from the command line parses, with the config's as the default.
+    use clap::Parser;
+    let cli = imgbuild::cli::Cli::try_parse_from(["imgbuild", "--prices", "table", "deploy"]).unwrap();
+    assert_eq!(cli.global.prices, Some(imgbuild::config::PriceSource::Table));
+    assert!(imgbuild::cli::Cli::try_parse_from(["imgbuild", "--prices", "live", "deploy"]).is_err());
+}
+
+/// Two different prices for one question (a filter too loose) are no answer: the table's is used.
+#[test]
+fn an_ambiguous_answer_is_no_answer() {
+    let q = Product::NatGatewayHour.query("US East (N. Virginia)");
+    let loc = "US East (N. Virginia)";
+    let two = [entry("A", "NAT Gateway", "NatGateway-Hours", loc, "Hrs", "0.045"), entry("B", "NAT Gateway", "USE1-NatGateway-Hours", loc, "Hrs", "0.050")];
+    assert!(pricelist::price_of(&two, &q).unwrap_err().contains("2 different prices"));
+    assert!(pricelist::price_of(&[], &q).unwrap_err().contains("no product matched"));
+    // Another region's prefix on the usage type still matches; another usage type does not.
+    let ohio = [entry("C", "NAT Gateway", "USE2-NatGateway-Hours", "US East (Ohio)", "Hrs", "0.0450000000")];
+    assert_eq!(pricelist::price_of(&ohio, &q), Ok(45_000));
+    assert_eq!(pricelist::micro("0.0188000000"), Some(18_800));
+    assert_eq!(pricelist::micro("0.00000045"), Some(0));
+    assert_eq!(pricelist::micro("0.0000005"), Some(1));
+    assert_eq!(pricelist::micro("12"), Some(12_000_000));
+    assert_eq!(pricelist::micro("1e-3"), None);
+    assert_eq!(pricelist::location("eu-west-1"), Some("EU (Ireland)"));
+}
+
+/// bake's snapshots at the Price List's GB-month when it answered, said as such.
+#[test]
+fn snapshots_are_priced_from_the_book_when_it_has_them() {
+    let mut book = Book { asked_at: Some("2026-11-29T15:40:12Z".into()), ..Book::default() };
+    book.live.insert(Product::SnapshotGbMonth, 60_000);
+    let e = cost::snapshots_with("us-east-1", &[("ami-0new".into(), 15)], &[], &book);
+    assert_eq!(item(&e, "ami-0new"), [('+', 0.9)], "15 GiB x $0.06, not the table's $0.05");
+    assert_eq!(e.items[0].source, "AWS Price List API, 2026-11-29T15:40:12Z");
+    assert_eq!(e.source, "AWS Price List API, 2026-11-29T15:40:12Z");
+    // A region outside the table is still priced from what the API answered.
+    let e = cost::snapshots_with("ap-southeast-2", &[("ami-0new".into(), 10)], &[], &book);
+    assert_eq!(item(&e, "ami-0new"), [('+', 0.6)]);
+    assert!(e.unpriced.is_empty(), "{:?}", e.unpriced);
+}

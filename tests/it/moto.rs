@@ -183,6 +183,7 @@ fn interrupt_while_the_change_set_is_pending_removes_it() {
         output: imgbuild::cli::OutputFormat::Text,
         verbose: 0,
         quiet: true,
+        prices: None,
     })
     .unwrap();
     let args = DeployArgs {

@@ -55,6 +55,14 @@ const NEEDS_AWS: &[(&str, &str)] = &[
         "needs a stack in UPDATE_ROLLBACK_FAILED, which moto never reaches; tests/it/protection.rs scripts it",
     ),
     (
+        "imgbuild logs --follow --for 10m",
+        "moto runs no SSM Run Command script; tests/it/logs.rs scripts the polls and runs the poll's shell under a stand-in docker",
+    ),
+    (
+        "imgbuild --output json logs -f | jq -r .line",
+        "moto runs no SSM Run Command script; tests/it/logs.rs scripts the polls (NDJSON) and runs the poll's shell under a stand-in docker",
+    ),
+    (
         "imgbuild logs --out bug-report",
         "moto runs no SSM Run Command script and has no Automation executions; tests/it/logs.rs scripts them and boot.rs runs the script",
     ),
