@@ -3,11 +3,13 @@
 //! and the validated [`Context`] commands work from (`plan`). Imports only `error` and the Chroma
 //! table: never render, AWS, or the command line.
 
+mod alarms;
 mod api;
 mod fleet;
 pub mod lines;
 mod plan;
 
+pub use alarms::AlarmsConfig;
 pub use api::{ApiAuth, ApiConfig};
 pub use fleet::{Amount, FleetConfig, FleetOverride, OrgTarget, PermissionModel, RegionConcurrency, check_account_id, org_target};
 
@@ -45,6 +47,7 @@ pub struct Config {
     pub fleet: FleetConfig,
     pub backup: BackupConfig,
     pub api: ApiConfig,
+    pub alarms: AlarmsConfig,
 }
 
 /// `imgbuild backup` and the stack's daily AWS Backup plan.
@@ -244,6 +247,7 @@ impl Default for Config {
             fleet: FleetConfig::default(),
             backup: BackupConfig::default(),
             api: ApiConfig::default(),
+            alarms: AlarmsConfig::default(),
         }
     }
 }
@@ -734,6 +738,7 @@ impl Config {
         }
         out.extend(fleet::check(&self.fleet, self.bake.kms_key_id.is_some()));
         out.extend(api::check(&self.api));
+        out.extend(alarms::check(&self.alarms));
         out
     }
 }
