@@ -148,6 +148,11 @@ pub async fn deploy_flow(
         waits: waits(config, &args.wait),
         token: run_token(),
         annotate: None,
+        rollback: if config.alarms.enabled {
+            stack::alarms::Rollback::Watch { minutes: config.alarms.rollback_monitoring_minutes }
+        } else {
+            stack::alarms::Rollback::Off
+        },
     };
     let cost_inputs = cost_inputs(clients, &template, &plan.parameters, deployed.as_ref()).await;
     plan.annotate = Some(cost_annotation(cost_inputs.clone()));
