@@ -148,7 +148,7 @@ pub async fn deploy_flow(
         waits: waits(config, &args.wait),
         token: run_token(),
         annotate: None,
-        rollback: if config.alarms.enabled {
+        rollback: if config.alarms.enabled && !args.no_rollback_triggers {
             stack::alarms::Rollback::Watch { minutes: config.alarms.rollback_monitoring_minutes }
         } else {
             stack::alarms::Rollback::Off

@@ -21,8 +21,9 @@ pub enum Rollback {
     /// (the bake's prerequisites stack, which has no alarms).
     #[default]
     Untouched,
-    /// `alarms.enabled: false`: an empty trigger list, which removes saved triggers (an empty
-    /// list "removes all currently specified triggers", RollbackConfiguration).
+    /// `alarms.enabled: false` or `--no-rollback-triggers`: an empty trigger list, which removes
+    /// saved triggers (an empty list "removes all currently specified triggers",
+    /// RollbackConfiguration).
     Off,
     /// Watch the stack's alarms during the update and this long after it.
     Watch { minutes: u32 },
@@ -80,6 +81,12 @@ pub async fn plan(clients: &Clients, existing: Option<&Stack>, is_create: bool, 
             }
             let triggers = match states(clients, &arns).await {
                 Ok(found) => {
+                    for s in found.iter().filter(|s| s.state == "ALARM") {
+                        say(format!(
+                            "warning: alarm {} is in ALARM now ({}): as a rollback trigger it rolls this update back unless it recovers first; `--no-rollback-triggers` deploys without the triggers",
+                            s.name, s.reason
+                        ));
+                    }
                     let (present, missing): (Vec<String>, Vec<String>) = arns.into_iter().partition(|a| found.iter().any(|s| s.arn == *a || s.name == name_of(a)));
                     for a in &missing {
                         say(format!(

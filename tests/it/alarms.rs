@@ -464,3 +464,31 @@ fn the_alarms_config_refuses_bad_values_naming_the_field() {
     let ok: imgbuild::config::Config = serde_yaml::from_str("alarms:\n  email: ops@example.com\n  rollback_monitoring_minutes: 180\n").unwrap();
     assert!(ok.check().is_empty(), "{:?}", ok.check());
 }
+
+/// A trigger already in ALARM would roll the update back at once: deploy warns before asking,
+/// naming the alarm and the way out (`--no-rollback-triggers`).
+#[tokio::test]
+async fn a_trigger_already_in_alarm_is_warned_about_before_the_update() {
+    let wire = Wire::default();
+    let ds = describe_stacks(&[Some(("UPDATE_COMPLETE", true)), Some(("UPDATE_COMPLETE", true))]);
+    let (create, dcs, exec, ev) = (create_change_set(), change_set_ready(), execute(), events(Vec::new()));
+    let da = describe_alarms(&NAMES, StateValue::Alarm);
+    let c = clients(&[&ds, &create, &dcs, &exec, &ev], &[&da], &wire);
+
+    let out = changeset::run_protected(&c, &plan(Rollback::Watch { minutes: 10 }), &bare(), &quiet(), &Cleanup::default(), &Never).await.unwrap();
+
+    let warned: Vec<&String> = out.notices.iter().filter(|n| n.contains("is in ALARM now") && n.contains("--no-rollback-triggers")).collect();
+    assert_eq!(warned.len(), 5, "{:?}", out.notices);
+    assert!(warned[1].contains("alarm vectordb-memory is in ALARM now (Threshold Crossed"), "{}", warned[1]);
+}
+
+/// The flag and what the alarms do are in `--help`.
+#[test]
+fn deploy_and_status_help_name_the_alarms() {
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = crate::support::imgbuild(dir.path()).args(["deploy", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&deploy.stdout);
+    assert!(text.contains("--no-rollback-triggers") && text.contains("rollback triggers"), "{text}");
+    let status = crate::support::imgbuild(dir.path()).args(["status", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&status.stdout).contains("alarms' states"), "{}", String::from_utf8_lossy(&status.stdout));
+}
