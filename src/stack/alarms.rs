@@ -60,7 +60,14 @@ pub fn name_of(arn: &str) -> &str {
 /// rolled back" (RollbackTrigger, CloudFormation API reference). So a create (the alarms are made
 /// by it) and an update of a stack that has no alarms yet watch nothing, and an alarm that was
 /// deleted by hand is left out, each said in `notices`.
-pub async fn plan(clients: &Clients, existing: Option<&Stack>, is_create: bool, rollback: Rollback, progress: &Progress, notices: &mut Vec<String>) -> Option<Watch> {
+pub async fn plan(
+    clients: &Clients,
+    existing: Option<&Stack>,
+    is_create: bool,
+    rollback: Rollback,
+    progress: &Progress,
+    notices: &mut Vec<String>,
+) -> Option<Watch> {
     let mut say = |s: String| {
         progress.line(&s);
         notices.push(s);
@@ -87,7 +94,8 @@ pub async fn plan(clients: &Clients, existing: Option<&Stack>, is_create: bool, 
                             s.name, s.reason
                         ));
                     }
-                    let (present, missing): (Vec<String>, Vec<String>) = arns.into_iter().partition(|a| found.iter().any(|s| s.arn == *a || s.name == name_of(a)));
+                    let (present, missing): (Vec<String>, Vec<String>) =
+                        arns.into_iter().partition(|a| found.iter().any(|s| s.arn == *a || s.name == name_of(a)));
                     for a in &missing {
                         say(format!(
                             "warning: alarm {} is gone (deleted outside the stack?); it is not a rollback trigger for this update, as a missing trigger fails the whole update; this update puts it back",

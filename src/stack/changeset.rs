@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use crate::aws::{self, Clients, code};
 use crate::error::{Error, Result};
-use crate::stack::protect::{self, Protection};
 use crate::stack::alarms::{self, Watch};
+use crate::stack::protect::{self, Protection};
 use crate::stack::{self, Change, ChangeSetReady, EventFollower, Phase, Waits};
 use crate::ui::progress::Progress;
 

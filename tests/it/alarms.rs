@@ -389,7 +389,9 @@ async fn without_the_alarm_in_the_events_the_triggers_in_alarm_are_named() {
     let err = changeset::run_protected(&c, &plan(Rollback::Watch { minutes: 10 }), &bare(), &quiet(), &Cleanup::default(), &Never).await.unwrap_err();
 
     match &err {
-        Error::StackFailed { failures, .. } => assert!(failures.iter().any(|f| f.contains("alarm vectordb-unhealthy-hosts (Threshold Crossed) went to ALARM")), "{failures:?}"),
+        Error::StackFailed { failures, .. } => {
+            assert!(failures.iter().any(|f| f.contains("alarm vectordb-unhealthy-hosts (Threshold Crossed) went to ALARM")), "{failures:?}")
+        }
         e => panic!("{e:?}"),
     }
 }
