@@ -70,5 +70,8 @@ else
   echo "no refusal"
 fi
 if systemctl is-active --quiet chroma.service; then echo "chroma.service: active"; else echo "chroma.service: not active"; fi
+# The boot's verdict on the CloudWatch agent sits next to the refusal (render::AGENT_STATUS_FILE).
+agent_status="${refused%/*}/cloudwatch-agent"
+if [[ -s "${agent_status}" ]]; then echo "cloudwatch agent: $(head -n 1 "${agent_status}")"; else echo "cloudwatch agent: not started by the boot (alarms off, or the boot has not reached it)"; fi
 
 echo "IMGBUILD_LOGS_END token=${token}"

@@ -77,8 +77,9 @@ pub enum Command {
     /// Check the config, every user-data variant it renders, and the stack template.
     Validate(ValidateArgs),
     /// Deploy the stack: change set, diff with its monthly cost, confirm, execute, follow events, print outputs.
+    /// An update is watched by the stack's CloudWatch alarms: one in ALARM rolls it back (alarms.*).
     Deploy(DeployArgs),
-    /// Show the stack: state, outputs, recent events, instance and target health.
+    /// Show the stack: state, outputs, its CloudWatch alarms' states, recent events, instance and target health.
     Status(StatusArgs),
     /// Delete the stack. The EFS file system and its data stay unless --delete-data.
     Destroy(DestroyArgs),
@@ -291,6 +292,11 @@ pub struct DeployArgs {
     /// the change set would overwrite).
     #[arg(long)]
     pub no_drift_check: bool,
+    /// Do not make the stack's alarms this update's rollback triggers (by default an alarm in
+    /// ALARM during the update, or alarms.rollback_monitoring_minutes after it, rolls it back):
+    /// for the update that fixes what an alarm is about.
+    #[arg(long)]
+    pub no_rollback_triggers: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
     #[command(flatten)]

@@ -21,10 +21,10 @@ imds() {
     "${imds_endpoint}/latest/meta-data/$1"
 }
 
-# The readiness signal the stack's CreationPolicy waits for: once per boot, from the EXIT trap
-# when the boot gives up. The CLI exits 255 when the request did not get through and 254 when
-# CloudFormation answered with an error; only the first is worth another try (AWS CLI user
-# guide, "Command line return codes").
+{# The readiness signal the stack's CreationPolicy waits for: once per boot, from the EXIT trap
+   when the boot gives up. The CLI exits 255 when the request did not get through and 254 when
+   CloudFormation answered with an error; only the first is worth another try (AWS CLI user guide,
+   "Command line return codes"). -#}
 region="{{ region }}" instance_id="" stack_name="" signal_resource="" signalled=""
 signal() {
   [[ -z "${signalled}" ]] || return 0
@@ -61,8 +61,8 @@ signal_resource=$(imds tags/instance/{{ signal_tag }}) || signal_resource=""
   || die "the install did not complete ({{ install_marker }} is missing): not starting Chroma; see /var/log/cloud-init-output.log"
 [[ -n "${region}" ]] || die "could not read the region from instance metadata"
 
-# Deploy-time values: taken from the config when it names them, otherwise read at boot
-# from instance metadata (the stack tags the instance with its file system id).
+{# Deploy-time values: taken from the config when it names them, otherwise read at boot from
+   instance metadata (the stack tags the instance with its file system id). -#}
 file_system_id="{{ file_system_id }}"
 if [[ -z "${file_system_id}" ]]; then
   file_system_id=$(imds tags/instance/{{ efs_tag }}) \
@@ -71,8 +71,8 @@ fi
 [[ "${file_system_id}" =~ ^fs-[0-9a-f]{8,40}$ ]] || die "'${file_system_id}' is not an EFS file system id"
 domain=$(imds services/domain) || domain=amazonaws.com
 
-# EFS on the host in both modes: the writer lock and the guards live there. nofail: a boot never
-# waits on EFS; chroma.service mounts it, retrying, on every start.
+{# EFS on the host in both modes: the writer lock and the guards live there. nofail: a boot never
+   waits on EFS; chroma.service mounts it, retrying, on every start. -#}
 readonly mount_point="{{ mount_point }}"
 install -d -m 0755 "${root}${mount_point}"
 {%- if efs_tls %}
@@ -93,6 +93,21 @@ EOF_ENV
 
 systemctl daemon-reload
 systemctl enable --now chroma.service
+{%- if cloudwatch_agent %}
+
+# The CloudWatch agent feeds the memory and disk alarms; Chroma serves without it.
+agent_ctl="${root}{{ agent_ctl }}"
+if [[ ! -x "${agent_ctl}" ]]; then
+  agent="warning: missing (no ${agent_ctl#"${root}"})"
+elif agent=$(timeout 120 "${agent_ctl}" -a fetch-config -m ec2 -s -c "file:${root}{{ agent_config }}" 2>&1); then
+  agent="running, configured from {{ agent_config }}"
+else
+  agent="warning: failed (exit $?: ${agent##*$'\n'})"
+fi
+[[ "${agent}" == running* ]] || agent+="; the memory and disk alarms get no data"
+log "CloudWatch agent: ${agent}"
+if mkdir -p "${root}{{ status_dir }}"; then echo "${agent}" > "${root}{{ agent_status }}"; fi
+{%- endif %}
 
 attempt=0
 while ((SECONDS < deadline)); do

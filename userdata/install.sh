@@ -1,6 +1,6 @@
 #!/bin/bash
-# imgbuild install: docker, docker compose {{ compose_version }}, {{ storage_package }} and the
-# Chroma image {{ image }}. Run by full-mode user-data and by the AMI bake; safe to run again.
+# imgbuild install: docker, docker compose {{ compose_version }}, {{ storage_package }}, the
+# CloudWatch agent and the Chroma image {{ image }}. Full-mode user-data and the bake run it.
 set -euo pipefail
 
 log() { echo "imgbuild-install: $*" >&2; }
@@ -19,11 +19,11 @@ dnf_install() {
   die "dnf install $* kept failing"
 }
 
-dnf_install docker {{ storage_package }}
+dnf_install docker {{ storage_package }} amazon-cloudwatch-agent
 systemctl enable --now docker.service
 
-# docker compose has no package on Amazon Linux 2023: a pinned release, checked against its
-# published sha256 before it is installed.
+{# docker compose has no package on Amazon Linux 2023: a pinned release, checked against its
+   published sha256 before it is installed. -#}
 readonly compose_version="{{ compose_version }}"
 case "$(uname -m)" in
   x86_64) compose_arch=x86_64; compose_sha256="{{ compose_sha256_x86_64 }}" ;;
@@ -51,8 +51,8 @@ until docker pull --quiet "${image}"; do
   sleep $((attempt * 10))
   attempt=$((attempt + 1))
 done
-# Written last: the boot refuses to start Chroma without it, because cloud-init runs a MIME
-# boot part even after this part failed.
+{# Written last: the boot refuses to start Chroma without it, because cloud-init runs a MIME boot
+   part even after this part failed. -#}
 install -d -m 0755 "${IMGBUILD_ROOT:-}{{ marker_dir }}"
 echo "${image}" > "${IMGBUILD_ROOT:-}{{ install_marker }}"
 log "installed docker, docker compose ${compose_version} and ${image}"

@@ -13,8 +13,8 @@ readonly version="{{ chroma_version }}"
 readonly refused="${root}{{ refused_file }}"
 
 log() { echo "imgbuild-start: $*" >&2; }
-# A guard's refusal needs a person: exit 3 stops systemd's retries (RestartPreventExitStatus) and
-# the reason is left where the boot script reads it to signal the stack.
+{# A guard's refusal needs a person: exit 3 stops systemd's retries (RestartPreventExitStatus) and
+   the reason is left where the boot script reads it to signal the stack. -#}
 refuse() {
   log "refusing to start Chroma: $*"
   install -d -m 0755 "${refused%/*}"
@@ -25,8 +25,8 @@ rm -f "${refused}"
 
 [[ -f "${root}{{ install_marker }}" ]] || refuse "the install did not complete ({{ install_marker }} is missing)"
 
-# The fstab line has nofail, so a boot never waits on EFS; a new mount target or a slow EFS after
-# a reboot answers in minutes. Retry with back-off, then fail: Restart= starts this script again.
+{# The fstab line has nofail, so a boot never waits on EFS; a new mount target or a slow EFS after
+   a reboot answers in minutes. Retry with back-off, then fail: Restart= starts this script again. -#}
 attempt=1
 until mountpoint -q "${mount_point}"; do
   if [[ ${attempt} -gt 8 ]]; then
@@ -40,8 +40,8 @@ until mountpoint -q "${mount_point}"; do
   attempt=$((attempt + 1))
 done
 
-# One Chroma writer per file system, in both storage modes: SQLite on NFS takes one writer. The
-# lock stays held by compose (fd 9) for as long as Chroma runs; NFSv4 leases free a dead holder's.
+{# One Chroma writer per file system, in both storage modes: SQLite on NFS takes one writer. The
+   lock stays held by compose (fd 9) for as long as Chroma runs; NFSv4 leases free a dead holder's. -#}
 exec 9>>"${lock_file}"
 if ! flock -n 9; then
   log "another instance holds ${lock_file}; waiting up to 600s"
@@ -67,7 +67,7 @@ fi
 printf '%s\n' "${version}" > "${version_file}"
 
 log "EFS mounted on ${mount_point}, writer lock held, serving Chroma ${version} from ${data_dir}"
-# --force-recreate: a container left from before a restart never keeps serving whatever was under
-# the mount point when it started.
+{# --force-recreate: a container left from before a restart never keeps serving whatever was under
+   the mount point when it started. -#}
 exec docker compose --project-name chroma --env-file "${root}{{ env_file }}" -f "${root}{{ compose_path }}" \
   up --force-recreate --remove-orphans

@@ -12,6 +12,7 @@ pub const RULE_FILES: &[(&str, &str)] = &[
     ("launch_template.guard", include_str!("../../infra/guard/launch_template.guard")),
     ("security_groups.guard", include_str!("../../infra/guard/security_groups.guard")),
     ("service.guard", include_str!("../../infra/guard/service.guard")),
+    ("alarms.guard", include_str!("../../infra/guard/alarms.guard")),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -47,6 +47,7 @@ async fn prereqs(clients: &Clients, ctx: &Context, progress: &Progress) -> Resul
         waits: waits(&ctx.config, &WaitArgs { wait: true, timeout: None }),
         token: run_token(),
         annotate: None,
+        rollback: Default::default(),
     };
     progress.line(&format!(
         "bake prerequisites: stack {name} (subnet with egress, security group, instance profile, automation role); it stays for the next bake, `imgbuild destroy --bake-prereqs` removes it"

@@ -49,6 +49,12 @@ pub fn stack_parameters(template: &Template, config: &Config, choice: &Choice) -
         ("ChromaVersion", config.chroma.version.strip_prefix('v').unwrap_or(&config.chroma.version).to_string()),
         ("ApiAuth", config.api.auth.authorization_type().to_string()),
         ("ApiAllowedPrincipals", config.api.allowed_principals.join(",")),
+        ("AlarmsEnabled", config.alarms.enabled.to_string()),
+        ("AlarmEmail", config.alarms.email.clone().unwrap_or_default()),
+        ("MemoryAlarmPercent", config.alarms.memory_percent.to_string()),
+        ("DiskAlarmPercent", config.alarms.disk_percent.to_string()),
+        ("EfsBurstCreditAlarmBytes", config.alarms.efs_burst_credit_bytes.to_string()),
+        ("EfsIoLimitAlarmPercent", config.alarms.efs_io_limit_percent.to_string()),
     ];
     let declared = template.parameter_names();
     Ok(wanted.into_iter().filter(|(k, _)| declared.iter().any(|d| d == k)).map(|(k, v)| (k.to_string(), v)).collect())
@@ -142,6 +148,11 @@ pub async fn deploy_flow(
         waits: waits(config, &args.wait),
         token: run_token(),
         annotate: None,
+        rollback: if config.alarms.enabled && !args.no_rollback_triggers {
+            stack::alarms::Rollback::Watch { minutes: config.alarms.rollback_monitoring_minutes }
+        } else {
+            stack::alarms::Rollback::Off
+        },
     };
     let cost_inputs = cost_inputs(clients, &template, &plan.parameters, deployed.as_ref()).await;
     let prices: PriceSlot = PriceSlot::default();

@@ -1,4 +1,4 @@
-//! `imgbuild status`: the stack's state, outputs, events and targets, as text or JSON.
+//! `imgbuild status`: the stack's state, outputs, alarms, events and targets, as text or JSON.
 
 use serde_json::json;
 
@@ -56,6 +56,15 @@ pub(super) fn status(args: StatusArgs, ctx: &Context, ui: Ui) -> Result<()> {
                 t.image_id.as_deref().unwrap_or("")
             ));
         }
+    }
+    if !st.alarms.is_empty() {
+        ui.info("alarms (CloudWatch):");
+        for a in &st.alarms {
+            ui.info(format!("  {:<17} {}{}", a.state, a.name, if a.reason.is_empty() { String::new() } else { format!(": {}", a.reason) }));
+        }
+    }
+    if let Some(e) = &st.alarms_error {
+        ui.info(format!("alarms: could not read their states: {e}"));
     }
     if !st.events.is_empty() {
         ui.info("recent events (newest first):");

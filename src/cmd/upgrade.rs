@@ -125,6 +125,7 @@ pub async fn upgrade_flow(
         update_base: false,
         disable_rollback: false,
         no_drift_check: false,
+        no_rollback_triggers: false,
         yes: args.yes,
         no_execute: false,
         wait: crate::cli::WaitArgs { wait: false, timeout: args.wait.timeout },

@@ -3,11 +3,13 @@
 //! and the validated [`Context`] commands work from (`plan`). Imports only `error` and the Chroma
 //! table: never render, AWS, or the command line.
 
+mod alarms;
 mod api;
 mod fleet;
 pub mod lines;
 mod plan;
 
+pub use alarms::AlarmsConfig;
 pub use api::{ApiAuth, ApiConfig};
 pub use fleet::{Amount, FleetConfig, FleetOverride, OrgTarget, PermissionModel, RegionConcurrency, check_account_id, org_target};
 
@@ -45,6 +47,7 @@ pub struct Config {
     pub fleet: FleetConfig,
     pub backup: BackupConfig,
     pub api: ApiConfig,
+    pub alarms: AlarmsConfig,
     /// Where the monthly cost shown by deploy and bake takes its prices: `auto` asks the AWS Price
     /// List API and falls back to the dated table shipped with imgbuild; `table` makes no call.
     pub prices: PriceSource,
@@ -258,6 +261,7 @@ impl Default for Config {
             backup: BackupConfig::default(),
             api: ApiConfig::default(),
             prices: PriceSource::Auto,
+            alarms: AlarmsConfig::default(),
         }
     }
 }
@@ -748,6 +752,7 @@ impl Config {
         }
         out.extend(fleet::check(&self.fleet, self.bake.kms_key_id.is_some()));
         out.extend(api::check(&self.api));
+        out.extend(alarms::check(&self.alarms));
         out
     }
 }

@@ -36,6 +36,14 @@ pub const INSTALL_MARKER: &str = "/var/lib/imgbuild/installed";
 pub const REFUSED_FILE: &str = "/run/imgbuild/refused";
 /// On EFS: the Chroma version that last opened the data (its migrations only go forward).
 pub const VERSION_MARKER: &str = ".imgbuild-chroma-version";
+/// The CloudWatch agent's configuration, written by the boot when `alarms.enabled`: memory and
+/// root-disk use for the stack's alarms (no credentials: the agent uses the instance role).
+pub const AGENT_CONFIG: &str = "/etc/imgbuild/cloudwatch-agent.json";
+/// Where the AL2023 package puts the agent's control script (CloudWatch User Guide, "Start the
+/// CloudWatch agent": `/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl`).
+pub const AGENT_CTL: &str = "/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl";
+/// The boot's verdict on the agent (running, missing, failed), which `imgbuild logs` shows.
+pub const AGENT_STATUS_FILE: &str = "/run/imgbuild/cloudwatch-agent";
 /// The boot script gives up (and signals FAILURE) this long after it starts: longer than the
 /// start script's mount retries and its wait for another instance's writer lock (600 s).
 pub const BOOT_BUDGET_SECS: u32 = 900;
@@ -134,13 +142,14 @@ fn boot_budget(inputs: &Inputs) -> BootBudget {
     if inputs.mode == Mode::Full {
         downloads.push(Download { kind: "package", what: "docker (and its dependencies)".into(), from: "Amazon Linux 2023 repositories (dnf)".into() });
         downloads.push(Download { kind: "package", what: storage_package.into(), from: "Amazon Linux 2023 repositories (dnf)".into() });
+        downloads.push(Download { kind: "package", what: "amazon-cloudwatch-agent".into(), from: "Amazon Linux 2023 repositories (dnf)".into() });
         downloads.push(Download {
             kind: "binary",
             what: format!("docker compose {} (sha256-checked)", c.compose.version),
             from: format!("https://github.com/docker/compose/releases/download/v{}/", c.compose.version),
         });
         downloads.push(Download { kind: "image", what: image.clone(), from: registry });
-        steps.push(format!("dnf install docker {storage_package} (retried on the RPM lock)"));
+        steps.push(format!("dnf install docker {storage_package} amazon-cloudwatch-agent (retried on the RPM lock)"));
         steps.push("systemctl enable --now docker".into());
         steps.push("download docker compose, check its sha256, install it".into());
         steps.push(format!("docker pull {image}"));
@@ -157,6 +166,11 @@ fn boot_budget(inputs: &Inputs) -> BootBudget {
     steps.push("  guard: no chroma.sqlite3 elsewhere on EFS while the data directory has none, else refuse".into());
     steps.push(format!("  guard: {mp}/{VERSION_MARKER} names no newer Chroma than {}, else refuse; then record it", c.chroma.version));
     steps.push("  docker compose up --force-recreate (restart: no, systemd is the only supervisor)".into());
+    if c.alarms.enabled {
+        steps.push(format!(
+            "start the CloudWatch agent with {AGENT_CONFIG} (memory, root disk; 120 s at most); missing or failing, it is a warning in the boot log and {AGENT_STATUS_FILE}, never a reason to stop Chroma"
+        ));
+    }
     steps.push(format!("wait for {} (the boot ends within {BOOT_BUDGET_SECS} s)", inputs.profile.heartbeat_path));
     steps.push(format!(
         "signal the stack once: aws cloudformation signal-resource SUCCESS when Chroma answers, FAILURE with the reason in the journal when the boot gives up (skipped without the {STACK_TAG} / {SIGNAL_TAG} tags)"
@@ -229,6 +243,11 @@ struct BootScript<'a> {
     port: u16,
     heartbeat_path: &'a str,
     chroma_version: &'a str,
+    cloudwatch_agent: bool,
+    agent_ctl: &'a str,
+    agent_config: &'a str,
+    agent_status: &'a str,
+    status_dir: &'a str,
 }
 
 #[derive(Template)]
@@ -384,6 +403,11 @@ pub fn render(inputs: &Inputs) -> Result<Rendered> {
             port: c.chroma.port,
             heartbeat_path: inputs.profile.heartbeat_path,
             chroma_version: &c.chroma.version,
+            cloudwatch_agent: c.alarms.enabled,
+            agent_ctl: AGENT_CTL,
+            agent_config: AGENT_CONFIG,
+            agent_status: AGENT_STATUS_FILE,
+            status_dir: AGENT_STATUS_FILE.rsplit_once('/').map_or("/", |(dir, _)| dir),
         },
     )?;
 
@@ -399,6 +423,9 @@ pub fn render(inputs: &Inputs) -> Result<Rendered> {
         WriteFile { path: UNIT_PATH.into(), owner: "root:root", permissions: "0644", content: unit.clone() },
         WriteFile { path: START_SCRIPT.into(), owner: "root:root", permissions: "0755", content: start.clone() },
     ];
+    if c.alarms.enabled {
+        files.push(WriteFile { path: AGENT_CONFIG.into(), owner: "root:root", permissions: "0644", content: agent_config() });
+    }
     let mut runcmd = Vec::new();
     if inputs.format == Format::CloudConfig {
         let mut paths = Vec::new();
@@ -444,6 +471,28 @@ pub fn render(inputs: &Inputs) -> Result<Rendered> {
         deploy_notes,
         budget: boot_budget(inputs),
     })
+}
+
+/// The agent's configuration (CloudWatch User Guide, "Manually create or edit the CloudWatch
+/// agent configuration file"): `mem_used_percent` and the root volume's `disk_used_percent` in
+/// the CWAgent namespace, each with the instance's group and id appended, plus an aggregate by
+/// AutoScalingGroupName alone: the stack's alarms address the group, which outlives instances.
+pub fn agent_config() -> String {
+    let doc = serde_json::json!({
+        "metrics": {
+            "namespace": "CWAgent",
+            "append_dimensions": { "AutoScalingGroupName": "${aws:AutoScalingGroupName}", "InstanceId": "${aws:InstanceId}" },
+            "aggregation_dimensions": [["AutoScalingGroupName"]],
+            "metrics_collected": {
+                "mem": { "measurement": ["mem_used_percent"] },
+                "disk": { "measurement": ["used_percent"], "resources": ["/"] },
+            },
+        },
+    });
+    // One line: the user-data's 16 KiB leave no room for indentation.
+    let mut text = serde_json::to_string(&doc).expect("JSON values serialise");
+    text.push('\n');
+    text
 }
 
 fn deploy_notes(inputs: &Inputs) -> Vec<String> {

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::aws::{self, Clients, code};
 use crate::error::{Error, Result};
+use crate::stack::alarms::{self, Watch};
 use crate::stack::protect::{self, Protection};
 use crate::stack::{self, Change, ChangeSetReady, EventFollower, Phase, Waits};
 use crate::ui::progress::Progress;
@@ -41,6 +42,8 @@ pub struct Plan {
     /// Lines printed under the diff, before the question (the cost of the change, from a layer
     /// above this one).
     pub annotate: Option<Annotate>,
+    /// The stack's alarms as the update's rollback triggers (`alarms`).
+    pub rollback: alarms::Rollback,
 }
 
 /// What the caller says about a computed change set; it runs between the diff and the
@@ -82,6 +85,8 @@ pub struct Outcome {
     pub outputs: BTreeMap<String, String>,
     /// Notices given on the way (e.g. a failed empty stack was replaced).
     pub notices: Vec<String>,
+    /// The rollback configuration the change set carried (null: none was sent).
+    pub rollback: Option<Watch>,
 }
 
 /// Asks the user; separate so tests can answer. Async, so Ctrl-C is heard while it waits.
@@ -194,6 +199,7 @@ pub async fn run_protected(
     };
     let creates_stack = existing.is_none();
     let is_create = kind == ChangeSetType::Create;
+    let watch = alarms::plan(clients, existing.as_ref(), is_create, plan.rollback, progress, &mut notices).await;
 
     // 2. The change set, recorded as soon as it exists.
     progress.set(&format!("creating {} change set for {}", kind.as_str(), plan.stack));
@@ -216,6 +222,7 @@ pub async fn run_protected(
         .capabilities(Capability::CapabilityIam)
         .set_tags(Some(plan.tags.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect()))
         .client_token(&plan.token)
+        .set_rollback_configuration(watch.as_ref().map(Watch::configuration))
         .description("imgbuild deploy")
         .send()
         .await
@@ -240,6 +247,7 @@ pub async fn run_protected(
             executed: false,
             outputs: stack::outputs_of(s),
             notices,
+            rollback: None,
         }
     };
     let changes = match stack::wait_change_set(cfn, &id, plan.waits, progress).await? {
@@ -312,6 +320,7 @@ pub async fn run_protected(
                 executed: false,
                 outputs: existing.as_ref().map(stack::outputs_of).unwrap_or_default(),
                 notices,
+                rollback: watch,
             });
         }
         Confirm::Prompt => {
@@ -349,7 +358,15 @@ pub async fn run_protected(
                 plan.stack
             ));
         }
-        return Err(Error::StackFailed { stack: plan.stack.clone(), status, failures: follower.failures });
+        let mut failures = follower.failures;
+        if let Some(w) = watch.as_ref().filter(|w| !w.triggers.is_empty() && status == "UPDATE_ROLLBACK_COMPLETE") {
+            for alarm in alarms::fired(clients, w, &follower.stack_reasons).await {
+                let said = format!("rollback trigger: alarm {alarm} went to ALARM, so CloudFormation rolled the update back");
+                progress.line(&said);
+                failures.push(said);
+            }
+        }
+        return Err(Error::StackFailed { stack: plan.stack.clone(), status, failures });
     }
     let done = stack::describe(cfn, &plan.stack).await?;
     if is_create {
@@ -366,6 +383,7 @@ pub async fn run_protected(
         executed: true,
         outputs: done.as_ref().map(stack::outputs_of).unwrap_or_default(),
         notices,
+        rollback: watch,
     })
 }
 

@@ -1,8 +1,10 @@
 //! The CloudFormation engine, shared by deploy, bake's prerequisites stack and status/destroy:
 //! reading a stack's state, change sets and their diff, following events, bounded waits (this
 //! file); the template and its one edit (`template`); the change-set flow with its cleanup
-//! (`changeset`); status and destroy (`ops`). Knows AWS and the UI's progress, not the CLI.
+//! (`changeset`); status and destroy (`ops`); the alarms that are an update's rollback triggers
+//! (`alarms`). Knows AWS and the UI's progress, not the CLI.
 
+pub mod alarms;
 pub mod changeset;
 pub mod drift;
 pub mod efs;
@@ -200,12 +202,14 @@ pub struct EventFollower {
     seen: HashSet<String>,
     /// Resources that failed, with CloudFormation's reason.
     pub failures: Vec<String>,
+    /// The reasons the stack's own events gave (a rollback trigger's alarm is named there).
+    pub stack_reasons: Vec<String>,
 }
 
 impl EventFollower {
     /// Marks every event that already exists as seen, so only this operation's are shown.
     pub async fn start(cfn: &Client, stack: &str) -> Result<Self> {
-        let mut f = Self { stack: stack.into(), seen: HashSet::new(), failures: Vec::new() };
+        let mut f = Self { stack: stack.into(), seen: HashSet::new(), failures: Vec::new(), stack_reasons: Vec::new() };
         for e in f.fetch(cfn).await? {
             if let Some(id) = e.event_id() {
                 f.seen.insert(id.to_string());
@@ -241,6 +245,9 @@ impl EventFollower {
             }
             progress.line(&line);
             let is_stack_itself = kind == "AWS::CloudFormation::Stack";
+            if is_stack_itself && !reason.is_empty() {
+                self.stack_reasons.push(reason.to_string());
+            }
             if status.ends_with("_FAILED") && !is_stack_itself && !reason.is_empty() {
                 self.failures.push(format!("{logical} ({kind}): {reason}"));
             }

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::aws::{self, Clients, code};
 use crate::error::{Error, Result};
+use crate::stack::alarms;
 use crate::stack::{self, Phase, Waits};
 use crate::ui::progress::Progress;
 
@@ -40,6 +41,11 @@ pub struct Status {
     pub outputs: BTreeMap<String, String>,
     pub events: Vec<Event>,
     pub targets: Vec<Target>,
+    /// The stack's alarms (its `AlarmArns` output) with their states; `missing` for one that no
+    /// longer exists.
+    pub alarms: Vec<alarms::AlarmState>,
+    /// Why the alarms' states could not be read (a refused DescribeAlarms); the rest still shows.
+    pub alarms_error: Option<String>,
 }
 
 pub async fn status(clients: &Clients, name: &str, events: usize) -> Result<Status> {
@@ -53,6 +59,8 @@ pub async fn status(clients: &Clients, name: &str, events: usize) -> Result<Stat
             outputs: BTreeMap::new(),
             events: Vec::new(),
             targets: Vec::new(),
+            alarms: Vec::new(),
+            alarms_error: None,
         });
     };
     let outputs = stack::outputs_of(&s);
@@ -73,6 +81,28 @@ pub async fn status(clients: &Clients, name: &str, events: usize) -> Result<Stat
         Some(arn) => targets(clients, arn).await?,
         None => Vec::new(),
     };
+    let arns = alarms::arns_of(&s);
+    let (alarms, alarms_error) = if arns.is_empty() {
+        (Vec::new(), None)
+    } else {
+        match alarms::states(clients, &arns).await {
+            Ok(found) => (
+                arns.iter()
+                    .map(|a| {
+                        found.iter().find(|f| f.arn == *a || f.name == alarms::name_of(a)).cloned().unwrap_or_else(|| alarms::AlarmState {
+                            name: alarms::name_of(a).to_string(),
+                            arn: a.clone(),
+                            state: "missing".into(),
+                            reason: "DescribeAlarms does not know it (deleted outside the stack?); the next deploy puts it back".into(),
+                            updated: None,
+                        })
+                    })
+                    .collect(),
+                None,
+            ),
+            Err(e) => (Vec::new(), Some(e.to_string())),
+        }
+    };
     Ok(Status {
         stack: name.into(),
         exists: true,
@@ -82,6 +112,8 @@ pub async fn status(clients: &Clients, name: &str, events: usize) -> Result<Stat
         outputs,
         events,
         targets,
+        alarms,
+        alarms_error,
     })
 }
 

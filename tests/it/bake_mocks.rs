@@ -868,6 +868,10 @@ async fn the_bake_script_waits_for_cloud_init_and_leaves_no_machine_id_and_verif
     assert!(!verify.iter().any(|c| c.contains("||") && c.contains("rpm")), "no either-package check: {verify:?}");
     assert!(verify.contains(&"systemctl is-enabled chroma.service"), "{verify:?}");
     assert!(verify.contains(&"test ! -s /etc/machine-id"), "{verify:?}");
+    // The stack's memory and disk alarms need the CloudWatch agent, which a baked boot cannot
+    // download: the install step puts it in and verify proves it is there.
+    assert!(at("dnf_install docker amazon-efs-utils amazon-cloudwatch-agent") > at("cloud-init status --wait"), "{script}");
+    assert!(verify.contains(&"rpm -q amazon-cloudwatch-agent"), "{verify:?}");
 
     for (mode, package) in [(imgbuild::config::StorageMode::EfsTls, "amazon-efs-utils"), (imgbuild::config::StorageMode::DockerNfs, "nfs-utils")] {
         cfg.storage.mode = mode;

@@ -124,11 +124,24 @@ impl Instance {
         Instance { _dir: dir, root, state, mount_point, port }
     }
 
-    /// What a baked image carries: the install marker written by the bake's install step.
+    /// What a baked image carries: the install marker written by the bake's install step, and
+    /// the CloudWatch agent the install step puts in.
     fn baked(self) -> Self {
         let marker = self.path(imgbuild::render::INSTALL_MARKER);
         std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
         std::fs::write(marker, "ghcr.io/chroma-core/chroma:1.5.9\n").unwrap();
+        self.with_agent()
+    }
+
+    fn with_agent(self) -> Self {
+        let ctl = self.path(imgbuild::render::AGENT_CTL);
+        std::fs::create_dir_all(ctl.parent().unwrap()).unwrap();
+        std::fs::copy(stubs().join("../agent/amazon-cloudwatch-agent-ctl"), &ctl).unwrap();
+        self
+    }
+
+    fn without_agent(self) -> Self {
+        std::fs::remove_file(self.path(imgbuild::render::AGENT_CTL)).unwrap();
         self
     }
 
@@ -994,7 +1007,10 @@ fn diagnose_reports_mount_lock_guard_and_logs_of_a_serving_instance_with_credent
         );
         assert_eq!(s["mount"], "mounted: /mnt/chroma\n");
         assert_eq!(s["writer-lock"], "held: /mnt/chroma/.imgbuild-writer.lock\ndata last opened by Chroma 1.5.9\n");
-        assert_eq!(s["boot-guard"], "install: complete (ghcr.io/chroma-core/chroma:1.5.9)\nno refusal\nchroma.service: active\n");
+        assert_eq!(
+            s["boot-guard"],
+            "install: complete (ghcr.io/chroma-core/chroma:1.5.9)\nno refusal\nchroma.service: active\ncloudwatch agent: running, configured from /etc/imgbuild/cloudwatch-agent.json\n"
+        );
         assert_eq!(s["compose-ps"], "chroma-chroma-1  running\n");
         assert_eq!(s["chroma-container"], "chroma-1  | Listening on 0.0.0.0:8000\n");
         assert!(s["chroma-journal"].contains("imgbuild-start: EFS mounted on"), "{}", s["chroma-journal"]);
@@ -1008,7 +1024,7 @@ fn diagnose_reports_mount_lock_guard_and_logs_of_a_serving_instance_with_credent
         assert_eq!(vm.stop(), 0);
         let s = diagnose(&vm, &config, "tok-l2");
         assert_eq!(s["writer-lock"], "free: /mnt/chroma/.imgbuild-writer.lock (no writer holds it)\ndata last opened by Chroma 1.5.9\n");
-        assert!(s["boot-guard"].ends_with("chroma.service: not active\n"));
+        assert!(s["boot-guard"].contains("chroma.service: not active\n"), "{}", s["boot-guard"]);
         assert_eq!(s["compose-ps"], "chroma-chroma-1  exited\n");
     }
 }
@@ -1028,6 +1044,98 @@ fn diagnose_reports_the_boot_guards_refusal() {
     let guard = &s["boot-guard"];
     assert!(guard.starts_with("install: complete"), "{guard}");
     assert!(guard.contains("refused: ") && guard.contains("last opened by Chroma 1.10.0, newer than this image's 1.5.9"), "{guard}");
-    assert!(guard.ends_with("chroma.service: not active\n"), "{guard}");
+    assert!(guard.contains("chroma.service: not active\n"), "{guard}");
     assert!(s["writer-lock"].starts_with("free: "), "{}", s["writer-lock"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CloudWatch agent (issue 15, alarms): started by the boot, never in Chroma's way.
+
+fn agent_call(vm: &Instance) -> Option<String> {
+    vm.calls().into_iter().find(|c| c.starts_with("amazon-cloudwatch-agent-ctl "))
+}
+
+/// Happy path, both formats: the boot writes the agent's config (memory, root disk, the group
+/// dimension; no credentials) and starts the agent with fetch-config in ec2 mode (CloudWatch
+/// User Guide, "Start the CloudWatch agent using the command line": `amazon-cloudwatch-agent-ctl
+/// -a fetch-config -m ec2 -s -c file:PATH`); Chroma serves and the verdict says running.
+#[test]
+fn the_boot_starts_the_cloudwatch_agent_with_its_config_and_chroma_serves() {
+    for format in FORMATS {
+        let config = Config::default();
+        let efs = efs_dir();
+        let vm = Instance::new(&config, efs.path(), stack_metadata()).baked();
+        let results = vm.cloud_init(&render_with(&config, None, Mode::Baked, format, false));
+        let (_, status, err) = boot_status(&results);
+        assert!(status.success(), "{err}");
+        assert!(vm.serving());
+        assert_eq!(vm.signals(), [signal("SUCCESS")]);
+        let cfg = vm.path(imgbuild::render::AGENT_CONFIG);
+        assert_eq!(agent_call(&vm).unwrap(), format!("amazon-cloudwatch-agent-ctl -a fetch-config -m ec2 -s -c file:{}", cfg.display()));
+        let doc: serde_json::Value = serde_json::from_str(&read(&vm.state.join("agent-config.json"))).unwrap();
+        assert_eq!(doc["metrics"]["namespace"], "CWAgent");
+        assert_eq!(doc["metrics"]["metrics_collected"]["mem"]["measurement"], serde_json::json!(["mem_used_percent"]));
+        assert_eq!(doc["metrics"]["metrics_collected"]["disk"]["measurement"], serde_json::json!(["used_percent"]));
+        assert_eq!(doc["metrics"]["metrics_collected"]["disk"]["resources"], serde_json::json!(["/"]));
+        assert_eq!(doc["metrics"]["append_dimensions"]["AutoScalingGroupName"], "${aws:AutoScalingGroupName}");
+        assert_eq!(doc["metrics"]["aggregation_dimensions"], serde_json::json!([["AutoScalingGroupName"]]));
+        let text = doc.to_string().to_lowercase();
+        assert!(!text.contains("credential") && !text.contains("access_key") && !text.contains("secret"), "{text}");
+        assert_eq!(read(&vm.path(imgbuild::render::AGENT_STATUS_FILE)), "running, configured from /etc/imgbuild/cloudwatch-agent.json\n");
+        assert!(err.contains("imgbuild-boot: CloudWatch agent: running"), "{err}");
+        assert_eq!(vm.stop(), 0);
+    }
+}
+
+/// A missing agent (an image baked before it was added) or a failing one (no route to
+/// CloudWatch, a bad config) must not keep Chroma from serving: the boot still signals SUCCESS,
+/// says why the alarms get no data in the boot log (cloud-init-output.log) and leaves the verdict
+/// `imgbuild logs` shows under the boot guard.
+#[test]
+fn a_missing_or_failing_cloudwatch_agent_is_reported_and_chroma_still_serves() {
+    let config = Config::default();
+    for case in ["missing", "failing"] {
+        let efs = efs_dir();
+        let vm = Instance::new(&config, efs.path(), stack_metadata()).baked();
+        let vm = if case == "missing" { vm.without_agent() } else { vm };
+        if case == "failing" {
+            std::fs::write(vm.state.join("agent-fails"), "").unwrap();
+        }
+        let results = vm.cloud_init(&render_with(&config, None, Mode::Baked, Format::CloudConfig, false));
+        let (_, status, err) = boot_status(&results);
+        assert!(status.success(), "{case}: {err}");
+        assert!(vm.serving(), "{case}");
+        assert_eq!(vm.signals(), [signal("SUCCESS")], "{case}");
+        let verdict = read(&vm.path(imgbuild::render::AGENT_STATUS_FILE));
+        let expected = match case {
+            "missing" => "warning: missing (no /opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl); the memory and disk alarms get no data\n",
+            _ => "warning: failed (exit 1: E! could not reach the CloudWatch endpoint); the memory and disk alarms get no data\n",
+        };
+        assert_eq!(verdict, expected, "{case}");
+        assert!(err.contains(&format!("imgbuild-boot: CloudWatch agent: {}", expected.trim_end())), "{case}: {err}");
+        assert_eq!(agent_call(&vm).is_some(), case == "failing");
+        let s = diagnose(&vm, &config, "tok-cw");
+        assert!(s["boot-guard"].ends_with(&format!("cloudwatch agent: {expected}")), "{case}: {}", s["boot-guard"]);
+        assert_eq!(vm.stop(), 0);
+    }
+}
+
+/// `alarms.enabled: false`: no agent config is written, the agent is not started, and nothing
+/// about it in the boot log.
+#[test]
+fn with_alarms_off_the_boot_leaves_the_agent_alone() {
+    let config = parse("alarms:\n  enabled: false\n");
+    let efs = efs_dir();
+    let vm = Instance::new(&config, efs.path(), stack_metadata()).baked();
+    let r = render_with(&config, None, Mode::Baked, Format::CloudConfig, false);
+    assert!(!r.cloud_config.contains(imgbuild::render::AGENT_CONFIG));
+    let results = vm.cloud_init(&r);
+    let (_, status, err) = boot_status(&results);
+    assert!(status.success(), "{err}");
+    assert!(agent_call(&vm).is_none());
+    assert!(!vm.path(imgbuild::render::AGENT_STATUS_FILE).exists());
+    assert!(!err.contains("CloudWatch agent"), "{err}");
+    let s = diagnose(&vm, &config, "tok-cw-off");
+    assert!(s["boot-guard"].contains("cloudwatch agent: not started by the boot"), "{}", s["boot-guard"]);
+    assert_eq!(vm.stop(), 0);
 }

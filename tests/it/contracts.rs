@@ -643,7 +643,7 @@ const STOCK: &str = "ami-0fedcba9876543210";
 async fn captured_create_change_set() -> (aws_sdk_cloudformation::operation::create_change_set::CreateChangeSetInput, Config) {
     use aws_sdk_cloudformation::types::{ChangeAction, ChangeSetStatus, ExecutionStatus, ResourceChange};
     let config = crate::support::parse(
-        "name: vectordb\nchroma:\n  version: 0.4.13\n  port: 8080\nstorage:\n  mode: docker-nfs\nstack:\n  instance_type: m7i.large\n  nat_gateways: per-az\n  vpc_cidr: 10.20.0.0/16\n  allowed_client_cidr: 192.168.10.0/24\n  log_retention_days: 90\n  integration_timeout_ms: 15000\nbackup:\n  retention_days: 14\n  schedule: rate(12 hours)\napi:\n  auth: iam\n  allowed_principals: [\"arn:aws:iam::123456789012:role/rag-app\"]\n",
+        "name: vectordb\nchroma:\n  version: 0.4.13\n  port: 8080\nstorage:\n  mode: docker-nfs\nstack:\n  instance_type: m7i.large\n  nat_gateways: per-az\n  vpc_cidr: 10.20.0.0/16\n  allowed_client_cidr: 192.168.10.0/24\n  log_retention_days: 90\n  integration_timeout_ms: 15000\nbackup:\n  retention_days: 14\n  schedule: rate(12 hours)\napi:\n  auth: iam\n  allowed_principals: [\"arn:aws:iam::123456789012:role/rag-app\"]\nalarms:\n  email: ops@example.com\n  memory_percent: 80\n  disk_percent: 70\n  efs_burst_credit_bytes: 1000000000\n  efs_io_limit_percent: 90\n",
     );
     let ctx = imgbuild::config::Context {
         config: config.clone(),
@@ -711,6 +711,7 @@ async fn captured_create_change_set() -> (aws_sdk_cloudformation::operation::cre
         update_base: false,
         disable_rollback: false,
         no_drift_check: false,
+        no_rollback_triggers: false,
         template: None,
         yes: false,
         no_execute: true,
@@ -759,6 +760,13 @@ async fn deploy_sends_every_parameter_and_the_rendered_user_data_in_the_real_tem
         // api.auth: iam puts AWS_IAM on the proxy method and names the principals.
         ("ApiAuth", "AWS_IAM"),
         ("ApiAllowedPrincipals", "arn:aws:iam::123456789012:role/rag-app"),
+        // alarms: the thresholds, and the address the stack's topic mails.
+        ("AlarmsEnabled", "true"),
+        ("AlarmEmail", "ops@example.com"),
+        ("MemoryAlarmPercent", "80"),
+        ("DiskAlarmPercent", "70"),
+        ("EfsBurstCreditAlarmBytes", "1000000000"),
+        ("EfsIoLimitAlarmPercent", "90"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -766,6 +774,8 @@ async fn deploy_sends_every_parameter_and_the_rendered_user_data_in_the_real_tem
     assert_eq!(params, expected);
     assert_eq!(input.stack_name(), Some(STACK));
     assert_eq!(input.change_set_type(), Some(&aws_sdk_cloudformation::types::ChangeSetType::Create));
+    // A first create has no alarms to watch yet (RollbackTrigger: a missing trigger fails the operation).
+    assert!(input.rollback_configuration().is_none());
     assert!(input.tags().iter().any(|t| t.key() == Some("imgbuild:project") && t.value() == Some("vectordb")));
 
     // Every launch template in the body carries the user-data deploy rendered for this image:
@@ -815,6 +825,7 @@ async fn deploy_yes_with(cfn: &[&Rule], template: Option<std::path::PathBuf>) ->
         update_base: false,
         disable_rollback: false,
         no_drift_check: false,
+        no_rollback_triggers: false,
         template,
         yes: true,
         no_execute: false,

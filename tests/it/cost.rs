@@ -194,8 +194,8 @@ fn a_new_stack_is_the_templates_resources_whose_condition_holds() {
     let ids = |c: Vec<Change>| c.into_iter().map(|c| c.logical_id).collect::<std::collections::BTreeSet<_>>();
     let params = |nat: &str| std::collections::BTreeMap::from([("NatGateways".to_string(), nat.to_string())]);
     let t = Template::reference();
-    assert_eq!(ids(cost::new_stack(&t, &params("One"))), ids(create_change_set(&["NatPerAz", "HasAllowedClientCidr"])));
-    assert_eq!(ids(cost::new_stack(&t, &params("PerAz"))), ids(create_change_set(&["HasAllowedClientCidr"])));
+    assert_eq!(ids(cost::new_stack(&t, &params("One"))), ids(create_change_set(&["NatPerAz", "HasAllowedClientCidr", "AlarmMail"])));
+    assert_eq!(ids(cost::new_stack(&t, &params("PerAz"))), ids(create_change_set(&["HasAllowedClientCidr", "AlarmMail"])));
     let with_fs = std::collections::BTreeMap::from([("FileSystemId".to_string(), "fs-0123456789abcdef0".to_string())]);
     assert!(!ids(cost::new_stack(&t, &with_fs)).contains("FileSystem"), "a given file system is not created");
 }

@@ -3,6 +3,7 @@
 #[macro_use]
 mod mock_client;
 
+mod alarms;
 mod api_auth;
 mod backup;
 mod bake_mocks;

@@ -136,6 +136,7 @@ fn plan(confirm: Confirm) -> Plan {
         waits: fast(),
         token: TOKEN.into(),
         annotate: None,
+        rollback: Default::default(),
     }
 }
 

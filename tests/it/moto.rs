@@ -195,6 +195,7 @@ fn interrupt_while_the_change_set_is_pending_removes_it() {
         update_base: false,
         disable_rollback: false,
         no_drift_check: false,
+        no_rollback_triggers: false,
         wait: WaitArgs { wait: false, timeout: Some(120) },
         tools: ToolArgs { require_tools: false, no_tools: true },
     };

@@ -74,6 +74,7 @@ fn plan() -> Plan {
         waits: fast(),
         token: "tok15".into(),
         annotate: None,
+        rollback: Default::default(),
     }
 }
 

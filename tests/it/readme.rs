@@ -49,6 +49,7 @@ const NEEDS_AWS: &[(&str, &str)] = &[
     ),
     ("imgbuild fleet status --drift", "needs a deployed StackSet; moto fails DetectStackSetDrift"),
     ("imgbuild deploy --disable-rollback", "moto cannot execute the real template; tests/it/protection.rs scripts DisableRollback"),
+    ("imgbuild deploy --no-rollback-triggers", "moto cannot execute the real template; tests/it/alarms.rs scripts the triggers"),
     ("imgbuild continue-rollback", "needs a stack in UPDATE_ROLLBACK_FAILED, which moto never reaches; tests/it/protection.rs scripts it"),
     (
         "imgbuild continue-rollback --skip AutoScalingGroup",

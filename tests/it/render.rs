@@ -184,8 +184,10 @@ fn boot_budget_lists_what_each_mode_downloads() {
     let config = Config::default();
     let full = render_with(&config, None, Mode::Full, Format::CloudConfig, false);
     let kinds: Vec<&str> = full.budget.downloads.iter().map(|d| d.kind).collect();
-    assert_eq!(kinds, ["package", "package", "binary", "image"]);
-    let image = &full.budget.downloads[3].what;
+    assert_eq!(kinds, ["package", "package", "package", "binary", "image"]);
+    assert_eq!(full.budget.downloads[2].what, "amazon-cloudwatch-agent", "full mode installs the agent the alarms need");
+    assert!(full.scripts[0].text.contains("dnf_install docker amazon-efs-utils amazon-cloudwatch-agent\n"));
+    let image = &full.budget.downloads[4].what;
     assert_eq!(image, &full.compose.service().unwrap().image, "the budget names the image the compose file runs");
     assert!(full.scripts[0].text.contains(&format!("readonly image=\"{image}\"")));
     for (_, config, region) in configs() {

@@ -180,6 +180,7 @@ fn args() -> DeployArgs {
         update_base: false,
         disable_rollback: false,
         no_drift_check: false,
+        no_rollback_triggers: false,
         wait: WaitArgs { wait: false, timeout: Some(60) },
         tools: ToolArgs { require_tools: false, no_tools: true },
     }

@@ -97,7 +97,7 @@ fn every_policy_passes_on_the_stack_as_deploy_sends_it() {
         let body = t.body().unwrap();
         assert!(body.len() < template::BODY_LIMIT, "{} bytes", body.len());
         let outcomes = t.check_policies().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(outcomes.len(), 20, "{outcomes:?}");
+        assert_eq!(outcomes.len(), 21, "{outcomes:?}");
         assert!(outcomes.iter().all(|o| o.verdict == Verdict::Pass), "{outcomes:?}");
     }
 }
