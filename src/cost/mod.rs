@@ -361,6 +361,12 @@ fn build(changes: &[Change], inputs: &Inputs, book: &Book) -> (Estimate, BTreeSe
             // A standard-resolution metric alarm is billed per alarm-month (Amazon CloudWatch
             // pricing: $0.10 per alarm metric a month).
             "AWS::CloudWatch::Alarm" => b.priced(sign, c, Product::AlarmMonth, "CloudWatch alarm (standard resolution)".into(), 1),
+            // A customer managed key bills a month while it exists; the template's keys are for
+            // the backups and the alarm mail. Not a Price List product here: the table's.
+            "AWS::KMS::Key" => match b.table {
+                Some(t) => b.push(sign, c, "KMS customer managed key".into(), t.kms_key_month, table_source()),
+                None => b.unpriced.push(format!("KMS key ({}): region {} is not in the price table", c.logical_id, inputs.region)),
+            },
             // A topic costs nothing by itself; its requests and deliveries are usage.
             "AWS::SNS::Topic" => b.push(sign, c, "SNS topic (free; billed per request and delivery)".into(), 0, table_source()),
             _ => {}

@@ -13,6 +13,10 @@
 //!   the AWS pricing page's text in the corpus shows only the free tier (10 standard alarm
 //!   metrics a month, not taken off here): unverified. High-resolution alarms cost more
 //!   (CloudWatch API Reference, PutMetricAlarm `Period`); the template has none.
+//! - A customer managed KMS key $1/month, the same in every region: the AWS KMS Developer Guide
+//!   ("AWS KMS keys") says customer managed keys carry a monthly fee and AWS managed keys none;
+//!   the figure is quoted by third-party guides: unverified. Requests beyond the free tier are
+//!   usage, not counted.
 //!
 //! Checked again on 2026-11-29 (issue 15) against what the `search` corpora hold: AWS's pricing
 //! pages there (Amazon VPC, PrivateLink, ELB, EBS, CloudWatch) carry their rate tables as dynamic
@@ -43,6 +47,8 @@ pub struct Prices {
     pub gp3_gb_month: i64,
     /// A standard-resolution CloudWatch metric alarm, a month (unverified, see above).
     pub cloudwatch_alarm_month: i64,
+    /// A customer managed KMS key, a month (unverified, see above).
+    pub kms_key_month: i64,
     /// (instance type, µ$ an hour), Linux on-demand.
     pub instances: &'static [(&'static str, i64)],
 }
@@ -75,6 +81,7 @@ const US: Prices = Prices {
     snapshot_gb_month: 50_000,
     gp3_gb_month: 80_000,
     cloudwatch_alarm_month: 100_000,
+    kms_key_month: 1_000_000,
     instances: US_INSTANCES,
 };
 
@@ -92,6 +99,7 @@ pub const TABLE: &[Prices] = &[
         snapshot_gb_month: 50_000,
         gp3_gb_month: 88_000,
         cloudwatch_alarm_month: 100_000,
+        kms_key_month: 1_000_000,
         instances: &[
             ("t3.micro", 11_400),
             ("t3.small", 22_800),

@@ -291,7 +291,19 @@ fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
 
 /// Runs a command to its end, killing it past the bound.
 fn bounded(mut cmd: Command) -> (ExitStatus, String) {
-    let mut child = cmd.spawn().unwrap();
+    // A script another test thread wrote a moment ago can still be open for writing in a child
+    // that thread is forking (the fd lives until that child's exec closes it): exec then fails
+    // with ETXTBSY. The window is short: retry briefly.
+    let mut tries = 0;
+    let mut child = loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => break other.unwrap(),
+        }
+    };
     let mut stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut s = String::new();

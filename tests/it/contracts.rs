@@ -1401,6 +1401,7 @@ async fn priced_no_execute(prices: &str) -> (serde_json::Value, Vec<aws_sdk_pric
         update_base: false,
         disable_rollback: false,
         no_drift_check: false,
+        no_rollback_triggers: false,
         template: None,
         yes: false,
         no_execute: true,

@@ -143,7 +143,8 @@ fn json_items(doc: &serde_json::Value, id: &str) -> Vec<f64> {
 
 /// moto lists every resource of the template in a CREATE change set, conditions or not; real
 /// CloudFormation leaves out those whose condition is false. With NAT gateways per AZ every
-/// priced resource is in, so the two agree; the one-gateway case is the pure test below.
+/// priced resource but the alarm mail's is in; moto adds the mail's key ($1) too, which real
+/// CloudFormation creates only with `alarms.email`. The pure tests below use the conditions.
 #[test]
 fn deploy_prices_the_change_set_moto_computes_for_the_real_template() {
     if services::moto().is_none() {
@@ -163,7 +164,11 @@ fn deploy_prices_the_change_set_moto_computes_for_the_real_template() {
     assert_eq!(json_items(&doc, "LoadBalancer"), [16.43]);
     assert_eq!(json_items(&doc, "AutoScalingGroup"), [13.72, 1.2], "t3a.small and its 15 GiB gp3 root volume");
     assert_eq!(json_items(&doc, "FileSystem"), [0.0], "a new file system starts empty");
-    assert_eq!(cost["monthly_usd"], 118.95);
+    assert_eq!(json_items(&doc, "UnhealthyHostsAlarm"), [0.1]);
+    assert_eq!(json_items(&doc, "BackupKey"), [1.0]);
+    assert_eq!(json_items(&doc, "AlarmTopicKey"), [1.0], "moto lists it without its condition");
+    // 118.95 + five alarms + two keys.
+    assert_eq!(cost["monthly_usd"], 121.45);
     let item = &cost["items"][0];
     for k in ["change", "resource", "resource_type", "what", "monthly_usd"] {
         assert!(item.get(k).is_some(), "{k} missing from {item}");
@@ -171,7 +176,7 @@ fn deploy_prices_the_change_set_moto_computes_for_the_real_template() {
     // Said under the diff, before the change set is left for review.
     let at = |s: &str| err.find(s).unwrap_or_else(|| panic!("{s:?} not in {err}"));
     assert!(at("+ ApiVpcEndpoint (AWS::EC2::VPCEndpoint)") < at("monthly cost of this change"));
-    assert!(at("net: +$118.95/month") < at("--no-execute: change set"));
+    assert!(at("net: +$121.45/month") < at("--no-execute: change set"));
 }
 
 /// A CREATE change set of the real template as CloudFormation computes it: every resource
@@ -202,21 +207,31 @@ fn a_new_stack_is_the_templates_resources_whose_condition_holds() {
 
 #[test]
 fn a_new_stack_costs_one_nat_gateway_or_one_per_az() {
-    let one = cost::estimate(&create_change_set(&["NatPerAz", "HasAllowedClientCidr"]), &inputs("us-east-1"));
+    // The defaults: one NAT gateway, no allowed client CIDR, no alarm mail.
+    let one = cost::estimate(&create_change_set(&["NatPerAz", "HasAllowedClientCidr", "AlarmMail"]), &inputs("us-east-1"));
     assert_eq!(item(&one, "NatGatewayA"), [('+', 32.85)]);
     assert_eq!(item(&one, "NatEipA"), [('+', 3.65)]);
     assert!(item(&one, "NatGatewayB").is_empty());
     assert_eq!(item(&one, "ApiVpcEndpoint"), [('+', 14.6)]);
     assert_eq!(item(&one, "LoadBalancer"), [('+', 16.43)]);
     assert_eq!(item(&one, "AutoScalingGroup"), [('+', 13.72), ('+', 1.2)]);
-    assert_eq!(one.monthly_usd, 82.45);
-    let per_az = cost::estimate(&create_change_set(&["HasAllowedClientCidr"]), &inputs("us-east-1"));
+    for alarm in ["UnhealthyHostsAlarm", "MemoryAlarm", "DiskAlarm", "EfsBurstCreditAlarm", "EfsIoLimitAlarm"] {
+        assert_eq!(item(&one, alarm), [('+', 0.1)], "{alarm}");
+    }
+    assert_eq!(item(&one, "BackupKey"), [('+', 1.0)], "a customer managed key");
+    assert!(item(&one, "AlarmTopicKey").is_empty(), "no alarm mail, no key for it");
+    assert_eq!(one.monthly_usd, 83.95);
+    let per_az = cost::estimate(&create_change_set(&["HasAllowedClientCidr", "AlarmMail"]), &inputs("us-east-1"));
     assert_eq!(item(&per_az, "NatGatewayB"), [('+', 32.85)]);
     assert_eq!(item(&per_az, "NatEipB"), [('+', 3.65)]);
-    assert_eq!(per_az.monthly_usd, 118.95);
+    assert_eq!(per_az.monthly_usd, 120.45);
+    // With alarms.email: the mail's own key, and a topic that costs nothing by itself.
+    let mail = cost::estimate(&create_change_set(&["NatPerAz", "HasAllowedClientCidr"]), &inputs("us-east-1"));
+    assert_eq!((item(&mail, "AlarmTopicKey"), item(&mail, "AlarmTopic")), (vec![('+', 1.0)], vec![('+', 0.0)]));
+    assert_eq!(mail.monthly_usd, 84.95);
     // The JSON `cost` carries the same figures.
     let json = serde_json::to_value(&one).unwrap();
-    assert_eq!(json["monthly_usd"], 82.45);
+    assert_eq!(json["monthly_usd"], 83.95);
     assert_eq!(json["items"].as_array().unwrap().len(), one.items.len());
     assert_eq!(json["items"][0]["change"], "+");
 }
@@ -383,12 +398,9 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
-/// A change set adding what a new stack with one NAT gateway prices, plus an alarm and a topic.
+/// A change set adding what a new stack with one NAT gateway and the alarm mail prices.
 fn new_stack_changes() -> Vec<Change> {
-    let mut c = create_change_set(&["NatPerAz", "HasAllowedClientCidr"]);
-    c.push(change('+', "ChromaUnhealthyAlarm", "AWS::CloudWatch::Alarm"));
-    c.push(change('+', "AlarmTopic", "AWS::SNS::Topic"));
-    c
+    create_change_set(&["NatPerAz", "HasAllowedClientCidr"])
 }
 
 #[test]
@@ -467,7 +479,7 @@ fn the_price_list_is_asked_with_exact_filters_for_exactly_the_products_the_diff_
     let e = cost::estimate_with(&changes, &inputs("us-east-1"), &book);
     assert_eq!(item(&e, "NatGatewayA"), [('+', 36.5)], "$0.05 x 730 from the API, not the table's $32.85");
     assert_eq!(item(&e, "AutoScalingGroup"), [('+', 14.6), ('+', 1.2)]);
-    assert_eq!(item(&e, "ChromaUnhealthyAlarm"), [('+', 0.1)]);
+    assert_eq!(item(&e, "UnhealthyHostsAlarm"), [('+', 0.1)]);
     assert_eq!(item(&e, "AlarmTopic"), [('+', 0.0)]);
     let nat = e.items.iter().find(|i| i.resource == "NatGatewayA").unwrap();
     assert!(nat.source.starts_with("AWS Price List API, 20"), "{}", nat.source);
@@ -501,7 +513,7 @@ fn access_denied_falls_back_to_the_table_and_says_so_once() {
     let book = rt().block_on(cost::book(&client, imgbuild::config::PriceSource::Auto, "us-east-1", &products(&changes, &i)));
     assert!(book.live.is_empty());
     let e = cost::estimate_with(&changes, &i, &book);
-    assert_eq!(e.monthly_usd, 82.55, "the table's $82.45 and a $0.10 alarm");
+    assert_eq!(e.monthly_usd, 84.95, "the table's $82.45, five $0.10 alarms and two $1 keys");
     assert_eq!(e.source, "price table dated 2026-11-29");
     assert!(e.items.iter().all(|i| i.source == "price table dated 2026-11-29"));
     let text = cost::lines(&e).join("\n");

@@ -375,11 +375,12 @@ async fn cross_account_fleet_shares_the_image_and_partial_success_is_success() {
     assert!(updates.lock().unwrap().is_empty(), "no second operation for the overrides");
     assert_eq!(doc["operations"][0]["results"][2]["status"], "FAILED", "partial success is reported");
     // Cost (issue 15, item 1): each target created is a whole new stack (one NAT gateway,
-    // t3a.small) in us-east-1, $82.45 a month in the price table of 2026-11-29.
+    // t3a.small, five alarms, the backup key) in us-east-1, $83.95 a month in the price table of
+    // 2026-11-29.
     let cost = &doc["cost"];
     assert_eq!(cost["targets"].as_array().map(Vec::len), Some(3), "{cost}");
-    assert_eq!(cost["targets"][0]["estimate"]["monthly_usd"], 82.45);
-    assert_eq!(cost["monthly_usd"], 247.35);
+    assert_eq!(cost["targets"][0]["estimate"]["monthly_usd"], 83.95);
+    assert_eq!(cost["monthly_usd"], 251.85);
     assert_eq!(doc["executed"], true);
 }
 
