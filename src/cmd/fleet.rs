@@ -207,11 +207,12 @@ fn desired_overrides(
 /// accounts that want the same values.
 fn override_groups(wanted: &BTreeMap<(String, String), BTreeMap<String, String>>, only: &BTreeSet<(String, String)>) -> Vec<Override> {
     let mut groups: BTreeMap<(String, Values), Vec<String>> = BTreeMap::new();
-    for ((account, region), params) in wanted {
-        if !only.contains(&(account.clone(), region.clone())) {
-            continue;
-        }
-        let key = (region.clone(), params.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    // A target in `only` that wants no override gets an empty list: "To set an overridden
+    // parameter back to the value specified in the stack set, specify a parameter list but do
+    // not include the parameter in the list" (UpdateStackInstances, ParameterOverrides).
+    for (account, region) in only {
+        let params = wanted.get(&(account.clone(), region.clone())).cloned().unwrap_or_default();
+        let key = (region.clone(), params.into_iter().collect());
         groups.entry(key).or_default().push(account.clone());
     }
     groups.into_iter().map(|((region, params), accounts)| Override { accounts, regions: vec![region], parameters: params.into_iter().collect() }).collect()
@@ -326,11 +327,18 @@ pub async fn fleet_deploy_flow(
     };
     let mut wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, cross_account.then_some(&image_by_region));
     let existing: BTreeSet<(String, String)> = instances.iter().map(|i| (i.account.clone(), i.region.clone())).collect();
-    // Only instances that exist and have overrides wanted are asked what they have now.
+    // Every existing target is asked what overrides it has now: one whose override was deleted
+    // from the config wants none, and only DescribeStackInstance says it still has one.
     let mut changed_overrides = BTreeSet::new();
-    for ((account, region), want) in &wanted {
-        if existing.contains(&(account.clone(), region.clone())) && fleet::instance_overrides(&clients.cfn, &f.name, account, region).await? != *want {
-            changed_overrides.insert((account.clone(), region.clone()));
+    for i in &instances {
+        let key = (i.account.clone(), i.region.clone());
+        let targeted = f.regions.contains(&i.region)
+            && match f.permission {
+                Permission::SelfManaged { .. } => f.accounts.contains(&i.account),
+                Permission::ServiceManaged => i.organizational_unit.as_ref().is_some_and(|o| f.organizational_units.contains(o)),
+            };
+        if targeted && fleet::instance_overrides(&clients.cfn, &f.name, &i.account, &i.region).await? != wanted.get(&key).cloned().unwrap_or_default() {
+            changed_overrides.insert(key);
         }
     }
     let plan = fleet::plan(&spec, set.as_ref(), &instances, &changed_overrides);
@@ -372,8 +380,8 @@ pub async fn fleet_deploy_flow(
         ui.info(format!("stack set {}: no changes", f.name));
         return Ok(doc(&images, &plan, &[], false));
     }
-    if args.dry_run {
-        ui.info("dry run: nothing changed");
+    if args.dry_run || args.no_execute {
+        ui.info(if args.no_execute { "--no-execute: the plan above was not started" } else { "dry run: nothing changed" });
         return Ok(doc(&images, &plan, &[], false));
     }
     if !args.yes {

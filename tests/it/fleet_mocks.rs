@@ -14,6 +14,7 @@ use aws_smithy_types::retry::RetryConfig;
 use aws_sdk_cloudformation::operation::create_stack_instances::{CreateStackInstancesInput, CreateStackInstancesOutput};
 use aws_sdk_cloudformation::operation::create_stack_set::{CreateStackSetInput, CreateStackSetOutput};
 use aws_sdk_cloudformation::operation::describe_stack_set::{DescribeStackSetError, DescribeStackSetOutput};
+use aws_sdk_cloudformation::operation::describe_stack_instance::DescribeStackInstanceOutput;
 use aws_sdk_cloudformation::operation::describe_stack_set_operation::DescribeStackSetOperationOutput;
 use aws_sdk_cloudformation::operation::detect_stack_set_drift::{DetectStackSetDriftInput, DetectStackSetDriftOutput};
 use aws_sdk_cloudformation::operation::list_stack_instances::ListStackInstancesOutput;
@@ -99,7 +100,7 @@ fn targets() -> FleetTargetArgs {
 }
 
 fn deploy_args(t: FleetTargetArgs) -> FleetDeployArgs {
-    FleetDeployArgs { targets: t, template: None, yes: true, dry_run: false, tools: ToolArgs { require_tools: false, no_tools: true } }
+    FleetDeployArgs { targets: t, template: None, yes: true, dry_run: false, no_execute: false, tools: ToolArgs { require_tools: false, no_tools: true } }
 }
 
 struct Never;
@@ -666,4 +667,89 @@ async fn ctrl_c_during_an_operation_says_what_was_started() {
     let text = err.to_string();
     let id = creates.lock().unwrap()[0].operation_id().unwrap().to_string();
     assert!(text.contains("stack set vectordb was created") && text.contains(&format!("operation {id} (creating instances in us-east-1)")), "{text}");
+}
+
+/// A StackSet as DescribeStackSet answers it (StackSet: StackSetName, StackSetARN, Status
+/// ACTIVE, TemplateBody, Parameters; DescribeStackSet, API Reference), administered by OWNER.
+fn existing_set(template_body: &'static str) -> Rule {
+    mock!(aws_sdk_cloudformation::Client::describe_stack_set).then_output(move || {
+        DescribeStackSetOutput::builder()
+            .stack_set(
+                StackSet::builder()
+                    .stack_set_name(SET)
+                    .stack_set_arn(format!("arn:aws:cloudformation:us-east-1:{OWNER}:stackset/{SET}:8d0f160b"))
+                    .status(StackSetStatus::Active)
+                    .template_body(template_body)
+                    .build(),
+            )
+            .build()
+    })
+}
+
+/// DescribeStackInstance: the instance with its ParameterOverrides (StackInstance: StackSetId,
+/// Region, Account, StackId, ParameterOverrides, Status; DescribeStackInstance, API Reference).
+fn described_instance(overrides: &'static [(&'static str, &'static str)]) -> Rule {
+    mock!(aws_sdk_cloudformation::Client::describe_stack_instance).then_output(move || {
+        DescribeStackInstanceOutput::builder()
+            .stack_instance(
+                aws_sdk_cloudformation::types::StackInstance::builder()
+                    .stack_set_id(format!("{SET}:8d0f160b"))
+                    .account(OWNER)
+                    .region("us-east-1")
+                    .status(StackInstanceStatus::Current)
+                    .set_parameter_overrides(Some(
+                        overrides.iter().map(|(k, v)| aws_sdk_cloudformation::types::Parameter::builder().parameter_key(*k).parameter_value(*v).build()).collect(),
+                    ))
+                    .build(),
+            )
+            .build()
+    })
+}
+
+/// A target whose override was deleted from the config still has it in CloudFormation (only
+/// DescribeStackInstance says so): it is an update, and UpdateStackInstances gets an empty
+/// ParameterOverrides list for it ("To set an overridden parameter back to the value specified
+/// in the stack set, specify a parameter list but do not include the parameter in the list",
+/// UpdateStackInstances, API Reference). Failed before the fix: no UpdateStackInstances at all.
+#[tokio::test]
+async fn an_override_removed_from_the_config_is_removed_from_the_instance() {
+    let (_d, ctx) = context(&format!("fleet:\n  accounts: [\"{OWNER}\"]\n  regions: [us-east-1]\n"));
+    let updates: Seen<UpdateStackInstancesInput> = Default::default();
+    let set_update = mock!(aws_sdk_cloudformation::Client::update_stack_set)
+        .then_output(|| aws_sdk_cloudformation::operation::update_stack_set::UpdateStackSetOutput::builder().operation_id("imgbuild-update").build());
+    let op = operation(vec![("UPDATE", StackSetOperationStatus::Succeeded, None, 0)]);
+    let res = results(vec![result(OWNER, "us-east-1", "SUCCEEDED", None)]);
+    let list = list_instances(vec![instance(OWNER, "us-east-1", None, StackDriftStatus::NotChecked)]);
+    let described = described_instance(&[("AllowedClientCidr", "10.8.0.0/16")]);
+    let (images, snapshots) = image(KEY);
+    let clients = clients(
+        &[&existing_set("an older template"), &list, &described, &set_update, &update_instances(&updates), &op, &res],
+        &[&images, &snapshots],
+        &[&handoff()],
+    );
+    let doc = imgbuild::cmd::fleet_deploy_flow(&clients, &deploy_args(targets()), &ctx, quiet(), &Never, never()).await.unwrap_or_else(|e| panic!("{e}"));
+    let updates = updates.lock().unwrap().clone();
+    assert_eq!(updates.len(), 1, "{updates:?}");
+    assert_eq!((updates[0].accounts(), updates[0].regions()), (&[OWNER.to_string()][..], &["us-east-1".to_string()][..]));
+    assert_eq!(updates[0].parameter_overrides(), &[], "an empty list, not none (none would keep the override)");
+    assert!(updates[0].parameter_overrides.is_some());
+    assert_eq!(doc["targets"][0]["action"], "update");
+}
+
+/// `fleet deploy --no-execute` (which the refusal without a terminal names): the plan is shown
+/// and in the JSON, nothing is asked and nothing is started.
+#[tokio::test]
+async fn no_execute_shows_the_plan_and_starts_nothing() {
+    let (_d, ctx) = context(&format!("fleet:\n  accounts: [\"{OWNER}\"]\n  regions: [us-east-1, eu-west-1]\n"));
+    let sets: Seen<CreateStackSetInput> = Default::default();
+    let creates: Seen<CreateStackInstancesInput> = Default::default();
+    let (images, snapshots) = image(KEY);
+    let (create_set, create_instances) = (create_set(&sets), create_instances(&creates));
+    let clients = clients(&[&no_set(), &create_set, &create_instances], &[&images, &snapshots], &[&handoff()]);
+    let args = FleetDeployArgs { yes: false, no_execute: true, ..deploy_args(targets()) };
+    let doc = imgbuild::cmd::fleet_deploy_flow(&clients, &args, &ctx, quiet(), &Never, never()).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(doc["executed"], false);
+    assert_eq!(doc["targets"].as_array().map(Vec::len), Some(2), "{doc:#}");
+    assert_eq!(doc["targets"][0]["action"], "create");
+    assert_eq!(create_set.num_calls() + create_instances.num_calls(), 0);
 }
