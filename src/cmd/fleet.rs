@@ -289,12 +289,23 @@ pub async fn fleet_deploy_flow(
     }
     // Other accounts launch only an image under the fleet's key: this one, or the copy of it an
     // earlier deploy made; the rest are copied once confirmed.
-    let kms = config.bake.kms_key_id.clone().unwrap_or_default();
+    // KMS keys are regional: each region's image is under that region's key (bake.kms_key_ids,
+    // a multi-region key's replica, or an alias of that region).
+    let home = ctx.region.clone().unwrap_or_else(|| f.regions[0].clone());
+    let mut keys: BTreeMap<String, String> = BTreeMap::new();
+    if cross_account {
+        for r in &f.regions {
+            if let Some(k) = config.bake.kms_key_in(r, &home).map_err(Error::Invalid)? {
+                keys.insert(r.clone(), k);
+            }
+        }
+    }
+    let key_of = |region: &str| keys.get(region).cloned().unwrap_or_default();
     let mut images = images;
     let mut needs_copy = Vec::new();
     if cross_account {
         for img in images.iter_mut() {
-            match share::under_key(&clients_in(clients, &img.region), &img.image, &kms).await? {
+            match share::under_key(&clients_in(clients, &img.region), &img.image, &key_of(&img.region)).await? {
                 share::UnderKey::Ready(id) => img.image = id,
                 share::UnderKey::NeedsCopy => needs_copy.push(img.region.clone()),
             }
@@ -410,6 +421,7 @@ pub async fn fleet_deploy_flow(
             for img in images.iter_mut().filter(|i| needs_copy.contains(&i.region)) {
                 progress.set(&format!("copying {} in {} under the fleet's key", img.image, img.region));
                 let here = clients_in(clients, &img.region);
+                let kms = key_of(&img.region);
                 let copy = tokio::select! {
                     r = share::copy_under_key(&here, &img.image, &img.region, &kms, &token, f.waits, &progress) => r?,
                     _ = &mut interrupt => return Err(Error::Interrupted { cleaned: vec!["nothing: an image copy under way goes on in EC2 and is found by the next deploy".into()] }),
@@ -617,7 +629,7 @@ pub async fn fleet_status_flow(clients: &Clients, args: &FleetStatusArgs, ctx: &
     let image_parameter = set.parameters.get("ImageParameter").cloned().filter(|p| !p.is_empty());
     let set_image = set.parameters.get("ImageId").cloned().filter(|i| !i.is_empty());
     let own = set.account().map(String::from);
-    let kms = ctx.config.bake.kms_key_id.clone();
+    let home = ctx.region.clone().unwrap_or_default();
     // Deploy gives every instance of a fleet that spans accounts the shared image as ImageId.
     let cross_account = instances.iter().any(|x| Some(x.account.as_str()) != own.as_deref());
     let mut by_region: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
@@ -631,6 +643,7 @@ pub async fn fleet_status_flow(clients: &Clients, args: &FleetStatusArgs, ctx: &
             (None, Some(p)) => images::get_parameter(&here, p).await?,
             (None, None) => None,
         };
+        let kms = ctx.config.bake.kms_key_in(&i.region, &home).ok().flatten();
         let shared = match (&image, &kms) {
             (Some(img), Some(k)) if cross_account => match share::under_key(&here, img, k).await? {
                 share::UnderKey::Ready(id) => Some(id),
