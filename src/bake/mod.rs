@@ -6,9 +6,11 @@
 //! `Made`), and on failure or Ctrl-C removes it in reverse: stops the execution, confirms the
 //! build instance is gone, and deregisters a half-made image with its snapshots.
 //!
-//! `images` owns which AMI an instance boots and the project's images (list, prune, in use).
+//! `images` owns which AMI an instance boots and the project's images (list, prune, in use);
+//! `share` hands the image to other accounts and `grants` lets their Auto Scaling groups use its key.
 
 pub mod gc;
+pub mod grants;
 pub mod images;
 pub mod share;
 

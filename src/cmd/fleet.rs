@@ -14,7 +14,7 @@ use serde_json::json;
 use super::*;
 use crate::aws::Clients;
 use crate::bake::images::{self, Choice, Source};
-use crate::bake::share;
+use crate::bake::{grants, share};
 use crate::check::userdata as validate;
 use crate::cli::{FleetCommand, FleetDeployArgs, FleetDestroyArgs, FleetStatusArgs, FleetTargetArgs};
 use crate::config::{Amount, Context, OrgTarget, PermissionModel, RegionConcurrency, check_account_id, check_region, org_target};
@@ -312,6 +312,20 @@ pub async fn fleet_deploy_flow(
         }
     }
 
+    // The other accounts' Auto Scaling groups need a grant on each region's key (bake::grants).
+    // A service-managed fleet's accounts are known once deployed: those ListStackInstances
+    // reports get one; accounts that join an organizational unit later need the key policy
+    // (README, Fleet).
+    let mut grant_plan: Vec<grants::Grant> = Vec::new();
+    if cross_account && !other_accounts.is_empty() {
+        for r in &f.regions {
+            if let Some(k) = keys.get(r) {
+                let key = grants::read(&clients_in(clients, r), k, r).await?;
+                grant_plan.extend(grants::plan(&key, &f.name, r, &other_accounts));
+            }
+        }
+    }
+
     let choice = Choice { ami: String::new(), source: Source::Baked { parameter: images[0].parameter.clone() }, mode: Mode::Baked };
     let mut parameters = stack_parameters(&template, config, &choice)?;
     if declared.iter().any(|d| d == "ImageParameter") {
@@ -375,8 +389,10 @@ pub async fn fleet_deploy_flow(
     }
     let set_changed = set.as_ref().is_none_or(|s| s.template_body != spec.template_body || s.parameters != spec.parameters);
     let to_create: Vec<&TargetPlan> = plan.iter().filter(|p| p.action == Action::Create).collect();
-    let doc = |images: &[RegionImage], plan: &[TargetPlan], ops: &[OperationOutcome], executed: bool| {
+    show_grants(&grant_plan, &progress);
+    let doc = |images: &[RegionImage], plan: &[TargetPlan], ops: &[OperationOutcome], grants: &[grants::Grant], executed: bool| {
         json!({
+            "grants": grants,
             "ok": true,
             "stack_set": f.name,
             "images": images,
@@ -387,22 +403,24 @@ pub async fn fleet_deploy_flow(
             "cost": cost,
         })
     };
-    if plan.iter().all(|p| p.action == Action::NoChange) {
+    let grants_to_make = grant_plan.iter().filter(|g| g.state == "create").count();
+    if plan.iter().all(|p| p.action == Action::NoChange) && grants_to_make == 0 {
         ui.info(format!("stack set {}: no changes", f.name));
-        return Ok(doc(&images, &plan, &[], false));
+        return Ok(doc(&images, &plan, &[], &grant_plan, false));
     }
     if args.dry_run || args.no_execute {
         ui.info(if args.no_execute { "--no-execute: the plan above was not started" } else { "dry run: nothing changed" });
-        return Ok(doc(&images, &plan, &[], false));
+        return Ok(doc(&images, &plan, &[], &grant_plan, false));
     }
     if !args.yes {
         let n = |a: Action| plan.iter().filter(|p| p.action == a).count();
         let question = format!(
-            "Stack set {}: create {} target(s), update {}, leave {} unchanged. Go ahead?",
+            "Stack set {}: create {} target(s), update {}, leave {} unchanged{}. Go ahead?",
             f.name,
             n(Action::Create),
             n(Action::Update),
-            n(Action::NoChange)
+            n(Action::NoChange),
+            if grants_to_make > 0 { format!("; {grants_to_make} KMS grant(s) to other accounts' Auto Scaling role") } else { String::new() }
         );
         progress.pause();
         let yes = tokio::select! {
@@ -431,6 +449,11 @@ pub async fn fleet_deploy_flow(
             }
             image_by_region = images.iter().map(|i| (i.region.clone(), i.image.clone())).collect();
             wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, Some(&image_by_region));
+        }
+        for g in grant_plan.iter_mut().filter(|g| g.state == "create") {
+            progress.set(&format!("granting {} use of {} in {}", g.account, g.key, g.region));
+            grants::create(&clients_in(clients, &g.region), g).await?;
+            progress.line(&format!("granted {}'s Auto Scaling role use of {} in {} (grant {})", g.account, g.key, g.region, g.grant_id.as_deref().unwrap_or("?")));
         }
         let grantees: Vec<String> = match f.permission {
             Permission::SelfManaged { .. } => other_accounts.clone(),
@@ -556,9 +579,30 @@ pub async fn fleet_deploy_flow(
     let took = progress.elapsed();
     drop(progress);
     ui.info(format!("stack set {}: {} operation(s) in {}s", f.name, ops.len(), took.as_secs()));
-    let mut d = doc(&images, &plan, &ops, true);
+    let mut d = doc(&images, &plan, &ops, &grant_plan, true);
     d["calls"] = json!(calls);
     Ok(d)
+}
+
+/// The grants the run makes (those already there are counted, not listed).
+fn show_grants(plan: &[grants::Grant], progress: &Progress) {
+    const LISTED: usize = 10;
+    let mut regions: Vec<&str> = plan.iter().map(|g| g.region.as_str()).collect();
+    regions.dedup();
+    for r in regions {
+        let new: Vec<&grants::Grant> = plan.iter().filter(|g| g.region == r && g.state == "create").collect();
+        let there = plan.iter().filter(|g| g.region == r && g.state == "exists").count();
+        if new.len() <= LISTED {
+            for g in &new {
+                progress.line(&format!("+ grant  {} in {r}: use of {} to its AWSServiceRoleForAutoScaling", g.account, g.key));
+            }
+        } else {
+            progress.line(&format!("+ grant  {} accounts in {r} ({}, ... {}): use of {}", new.len(), new[0].account, new[new.len() - 1].account, new[0].key));
+        }
+        if there > 0 {
+            progress.line(&format!("  {there} grant(s) in {r} already there"));
+        }
+    }
 }
 
 /// What each target gets: a line per target, or per region and action past a few targets, so a
@@ -753,6 +797,34 @@ pub async fn fleet_destroy_flow(
         let fs = if own.as_deref() == Some(i.account.as_str()) { file_system_of(clients, i).await } else { None };
         kept.push(Kept { account: i.account.clone(), region: i.region.clone(), file_system: fs });
     }
+    // What other accounts lose with their last instance in a region: the image (the one each
+    // removed instance was given, its ImageId override, read before the instance goes) and the
+    // grant on that region's key. The baking account keeps both.
+    let removed_alone: Vec<&Instance> = chosen
+        .iter()
+        .copied()
+        .filter(|c| own.as_deref() != Some(c.account.as_str()))
+        .filter(|c| !instances.iter().any(|i| i.account == c.account && i.region == c.region && !chosen.iter().any(|x| std::ptr::eq(*x, i))))
+        .collect();
+    // Self-managed fleets share with each account; service-managed ones with the organizational
+    // units, which lose it when the whole StackSet goes.
+    let service_managed = f.permission_model == PermissionModel::ServiceManaged;
+    let ou_unshare = everything && service_managed && !args.keep_sharing;
+    let mut shared_images: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    if !args.keep_sharing {
+        for c in &chosen {
+            let alone = !service_managed && removed_alone.iter().any(|x| std::ptr::eq(*x, *c));
+            if !alone && !ou_unshare {
+                continue;
+            }
+            if let Some(ami) = fleet::instance_overrides(&clients.cfn, &name, &c.account, &c.region).await?.get("ImageId").filter(|a| !a.is_empty()) {
+                let accounts = shared_images.entry((c.region.clone(), ami.clone())).or_default();
+                if alone {
+                    accounts.push(c.account.clone());
+                }
+            }
+        }
+    }
     let prefs = Prefs {
         max_concurrent: Amount::parse(t.max_concurrent.as_deref().unwrap_or(&f.max_concurrent), 1)
             .map_err(|m| Error::Invalid(format!("--max-concurrent: {m}")))?,
@@ -820,6 +892,37 @@ pub async fn fleet_destroy_flow(
         )] }),
     };
     result?;
+    // Only once the instances are gone: their Auto Scaling groups no longer launch anything.
+    let mut unshared = Vec::new();
+    // A service-managed fleet shared each image with its organizational units: taken back when
+    // the whole StackSet goes.
+    let orgs: Vec<OrgTarget> = if ou_unshare { f.organizational_units.iter().filter_map(|o| org_target(o).ok()).collect() } else { Vec::new() };
+    for ((region, image), accounts) in &shared_images {
+        let done = share::unshare(&clients_in(clients, region), image, accounts, &orgs).await?;
+        if !done.is_empty() {
+            progress.line(&format!("{image} in {region}: launch and create-volume permission revoked for {}", done.join(", ")));
+            unshared.push(json!({ "region": region, "image": image, "revoked_from": done }));
+        }
+    }
+    let mut revoked = Vec::new();
+    if !args.keep_grants {
+        let home = ctx.region.clone().unwrap_or_default();
+        let mut regions: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for c in &removed_alone {
+            regions.entry(c.region.as_str()).or_default().push(c.account.clone());
+        }
+        for (region, accounts) in regions {
+            let Some(k) = ctx.config.bake.kms_key_in(region, &home).ok().flatten() else { continue };
+            let here = clients_in(clients, region);
+            let key = grants::read(&here, &k, region).await?;
+            for a in &accounts {
+                if let Some(g) = grants::revoke(&here, &key, &name, region, a).await? {
+                    progress.line(&format!("revoked grant {} ({}'s Auto Scaling role) on {} in {region}", g.grant_id.as_deref().unwrap_or("?"), a, g.key));
+                    revoked.push(g);
+                }
+            }
+        }
+    }
     drop(progress);
     for k in &kept {
         match &k.file_system {
@@ -830,7 +933,16 @@ pub async fn fleet_destroy_flow(
             )),
         }
     }
-    Ok(json!({ "ok": true, "stack_set": name, "existed": true, "deleted_stack_set": everything, "operations": ops, "kept": kept }))
+    Ok(json!({
+        "ok": true,
+        "stack_set": name,
+        "existed": true,
+        "deleted_stack_set": everything,
+        "operations": ops,
+        "kept": kept,
+        "unshared": unshared,
+        "revoked_grants": revoked,
+    }))
 }
 
 /// What the targets the plan creates add a month: each a whole new stack in its region, priced

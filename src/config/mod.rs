@@ -773,6 +773,18 @@ impl Config {
                 bad(&format!("bake.kms_key_ids.{r}"), m);
             }
         }
+        // A key ARN says its region: every region the image goes to (bake's copies, the
+        // fleet's regions) needs its own key there, found before anything is baked.
+        if let Some(key_region) = self.bake.kms_key_id.as_deref().and_then(|k| k.strip_prefix("arn:")).and_then(|k| k.split(':').nth(2)) {
+            let mut regions: Vec<&String> = self.bake.regions.iter().chain(self.fleet.regions.iter()).collect();
+            regions.sort();
+            regions.dedup();
+            for r in regions {
+                if let Err(m) = self.bake.kms_key_in(r, key_region) {
+                    bad(&format!("bake.kms_key_ids.{r}"), m);
+                }
+            }
+        }
         if !self.bake.kms_key_ids.is_empty() && self.bake.kms_key_id.is_none() {
             bad("bake.kms_key_ids", "set bake.kms_key_id too: it is the key of the region bake runs in, and what the fleet checks for".into());
         }

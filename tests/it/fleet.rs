@@ -223,6 +223,23 @@ fn validate_refuses_a_cross_account_fleet_without_a_customer_managed_key() {
     let config = imgbuild::config::parse(&format!("{fleet}{key}"), "t.yaml").unwrap();
     assert_eq!(config.fleet.accounts, ["012345678901", "222222222222"]);
 
+    // KMS keys are regional: a single-region key of us-east-1 cannot encrypt the image in
+    // eu-west-1; that region's key goes in bake.kms_key_ids (a multi-region key needs none).
+    let two_regions = "fleet:\n  accounts: [012345678901, 222222222222]\n  regions: [us-east-1, eu-west-1]\n";
+    std::fs::write(dir.path().join("imgbuild.yaml"), format!("{two_regions}{key}")).unwrap();
+    let out = imgbuild(dir.path()).args(["validate", "--no-tools"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("bake.kms_key_ids.eu-west-1") && err.contains("KMS keys are regional"), "{err}");
+    let per_region = "  kms_key_ids:\n    eu-west-1: arn:aws:kms:eu-west-1:111111111111:key/0e0e0e0e-aaaa-bbbb-cccc-dddddddddddd\n";
+    std::fs::write(dir.path().join("imgbuild.yaml"), format!("{two_regions}{key}{per_region}")).unwrap();
+    let out = imgbuild(dir.path()).args(["validate", "--no-tools"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mrk = "bake:\n  kms_key_id: arn:aws:kms:us-east-1:111111111111:key/mrk-1234abcd12ab34cd56ef1234567890ab\n";
+    std::fs::write(dir.path().join("imgbuild.yaml"), format!("{two_regions}{mrk}")).unwrap();
+    let out = imgbuild(dir.path()).args(["validate", "--no-tools"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
     let aws_managed = "bake:\n  kms_key_id: alias/aws/ebs\n";
     std::fs::write(dir.path().join("imgbuild.yaml"), format!("{fleet}{aws_managed}")).unwrap();
     let out = imgbuild(dir.path()).args(["validate", "--no-tools"]).output().unwrap();
