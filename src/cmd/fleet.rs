@@ -167,25 +167,23 @@ async fn region_images(clients: &Clients, ctx: &Context, regions: &[String]) -> 
 }
 
 /// The parameter overrides each (account, region) should have; targets with none are absent.
-/// `image_by_region`: set when the fleet spans accounts, where the handoff parameter does not
-/// exist and the shared image id goes in ImageId instead.
+/// `image_by_region`: set when the fleet spans accounts, where the shared image id goes in
+/// ImageId; `owner`: the account that baked it.
 fn desired_overrides(
     ctx: &Context,
     declared: &[String],
     accounts: &[String],
     regions: &[String],
     image_by_region: Option<&BTreeMap<String, String>>,
+    owner: Option<&str>,
 ) -> BTreeMap<(String, String), BTreeMap<String, String>> {
     let mut out: BTreeMap<(String, String), BTreeMap<String, String>> = BTreeMap::new();
     for region in regions {
         for account in accounts {
-            let mut m = BTreeMap::new();
-            if let Some(images) = image_by_region
-                && let Some(ami) = images.get(region)
-                && declared.iter().any(|d| d == "ImageId")
-            {
-                m.insert("ImageId".to_string(), ami.clone());
-            }
+            let mut m = match image_by_region.and_then(|i| i.get(region)) {
+                Some(ami) => image_overrides(ctx, declared, ami, Some(account.as_str()) != owner),
+                None => BTreeMap::new(),
+            };
             for o in &ctx.config.fleet.overrides {
                 let hits = o.accounts.contains(account) && (o.regions.is_empty() || o.regions.contains(region));
                 if hits
@@ -201,6 +199,29 @@ fn desired_overrides(
         }
     }
     out
+}
+
+/// How an instance of a fleet that spans accounts gets its image: the shared id as ImageId. In
+/// another account the handoff parameter does not exist, and CloudFormation resolves a Systems
+/// Manager parameter type (the value is a Parameter Store key, read in the stack's own account
+/// and region when the stack is created or updated: "Specify existing resources at runtime with
+/// CloudFormation-supplied parameter types", CloudFormation User Guide) before it creates
+/// anything, so ImageParameter there names AWS's public AL2023 parameter (it exists in every
+/// account and region, and is not used while ImageId is set), and ImageParameterName has the stack write the handoff
+/// parameter in that account (the template's ImageHandoff). The baking account's own parameter,
+/// written by bake, is never claimed by a stack.
+fn image_overrides(ctx: &Context, declared: &[String], ami: &str, other_account: bool) -> BTreeMap<String, String> {
+    let has = |p: &str| declared.iter().any(|d| d == p);
+    let mut m = BTreeMap::new();
+    if !has("ImageId") {
+        return m;
+    }
+    m.insert("ImageId".to_string(), ami.to_string());
+    if other_account && has("ImageParameterName") && has("ImageParameter") {
+        m.insert("ImageParameter".to_string(), images::base_parameter(images::arch_of(&ctx.config.stack.instance_type)).to_string());
+        m.insert("ImageParameterName".to_string(), images::handoff_parameter(&ctx.config));
+    }
+    m
 }
 
 /// Overrides grouped into as few UpdateStackInstances calls as possible: per region, the
@@ -350,7 +371,7 @@ pub async fn fleet_deploy_flow(
         Permission::SelfManaged { .. } => f.accounts.clone(),
         Permission::ServiceManaged => instances.iter().map(|i| i.account.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
     };
-    let mut wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, cross_account.then_some(&image_by_region));
+    let mut wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, cross_account.then_some(&image_by_region), owner.as_deref());
     let existing: BTreeSet<(String, String)> = instances.iter().map(|i| (i.account.clone(), i.region.clone())).collect();
     // Every existing target is asked what overrides it has now: one whose override was deleted
     // from the config wants none, and only DescribeStackInstance says it still has one.
@@ -448,7 +469,7 @@ pub async fn fleet_deploy_flow(
                 img.image = copy;
             }
             image_by_region = images.iter().map(|i| (i.region.clone(), i.image.clone())).collect();
-            wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, Some(&image_by_region));
+            wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, Some(&image_by_region), owner.as_deref());
         }
         for g in grant_plan.iter_mut().filter(|g| g.state == "create") {
             progress.set(&format!("granting {} use of {} in {}", g.account, g.key, g.region));
@@ -496,9 +517,13 @@ pub async fn fleet_deploy_flow(
         // New instances get their overrides in the create call itself. Per region, the accounts
         // that want the same values; then regions that want the same for the same accounts go
         // together (one operation for a fleet without overrides).
+        // A service-managed StackSet never deploys to the management account, where it runs
+        // ("StackSets doesn't deploy stack instances to the organization management account",
+        // DeploymentTargets, API Reference): every account of an organizational unit is another
+        // account.
         let region_level = |region: &str| -> BTreeMap<String, String> {
             match (cross_account, image_by_region.get(region)) {
-                (true, Some(ami)) if declared.iter().any(|d| d == "ImageId") => BTreeMap::from([("ImageId".to_string(), ami.clone())]),
+                (true, Some(ami)) => image_overrides(ctx, &declared, ami, true),
                 _ => BTreeMap::new(),
             }
         };
@@ -544,7 +569,7 @@ pub async fn fleet_deploy_flow(
         if f.permission == Permission::ServiceManaged && !to_create.is_empty() && !ctx.config.fleet.overrides.is_empty() {
             let now = fleet::list_instances(&clients.cfn, &f.name).await?;
             let accounts: Vec<String> = now.iter().map(|i| i.account.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-            wanted = desired_overrides(ctx, &declared, &accounts, &f.regions, cross_account.then_some(&image_by_region));
+            wanted = desired_overrides(ctx, &declared, &accounts, &f.regions, cross_account.then_some(&image_by_region), owner.as_deref());
             for i in &now {
                 let key = (i.account.clone(), i.region.clone());
                 if !existing.contains(&key) && wanted.get(&key).cloned().unwrap_or_default() != region_level(&i.region) {

@@ -438,20 +438,29 @@ async fn cross_account_fleet_shares_the_image_and_partial_success_is_success() {
     let v = volumes.lock().unwrap()[0].clone();
     assert_eq!(v.snapshot_id(), Some(SNAPSHOT));
     assert_eq!(v.create_volume_permission().unwrap().add().iter().filter_map(|p| p.user_id()).collect::<Vec<_>>(), ["222222222222", "333333333333"]);
-    // The other accounts have no handoff parameter: each instance is created with the region's
-    // shared image as its ImageId, in the create call itself; the account with its own client
-    // network gets that too, in a call of its own (ParameterOverrides apply to every account and
-    // region of a CreateStackInstances call, API Reference).
+    // Each instance is created with the region's shared image as its ImageId, in the create call
+    // itself. The other accounts have no handoff parameter: their ImageParameter names AWS's
+    // public AL2023 parameter (CloudFormation resolves it in that account before anything is
+    // made) and ImageParameterName has their stack write /imgbuild/<name>/ami there; the baking
+    // account's own parameter is bake's, never a stack's. The account with its own client
+    // network gets a call of its own (ParameterOverrides apply to every account and region of a
+    // CreateStackInstances call, API Reference).
     let creates = creates.lock().unwrap().clone();
     let overrides = |c: &CreateStackInstancesInput| -> Vec<(String, String)> {
         c.parameter_overrides().iter().map(|p| (p.parameter_key().unwrap().to_string(), p.parameter_value().unwrap().to_string())).collect()
     };
-    assert_eq!(creates.len(), 2, "{creates:?}");
+    assert_eq!(creates.len(), 3, "{creates:?}");
     let by_accounts = |a: &[&str]| creates.iter().find(|c| c.accounts() == a).unwrap_or_else(|| panic!("no create for {a:?}: {creates:?}"));
-    assert_eq!(overrides(by_accounts(&[OWNER, "222222222222"])), [("ImageId".to_string(), AMI.to_string())]);
+    let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let public = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
+    assert_eq!(overrides(by_accounts(&[OWNER])), [kv("ImageId", AMI)]);
+    assert_eq!(
+        overrides(by_accounts(&["222222222222"])),
+        [kv("ImageId", AMI), kv("ImageParameter", public), kv("ImageParameterName", "/imgbuild/vectordb/ami")]
+    );
     assert_eq!(
         overrides(by_accounts(&["333333333333"])),
-        [("AllowedClientCidr".to_string(), "10.8.0.0/16".to_string()), ("ImageId".to_string(), AMI.to_string())]
+        [kv("AllowedClientCidr", "10.8.0.0/16"), kv("ImageId", AMI), kv("ImageParameter", public), kv("ImageParameterName", "/imgbuild/vectordb/ami")]
     );
     assert!(updates.lock().unwrap().is_empty(), "no second operation for the overrides");
     assert_eq!(doc["operations"][0]["results"][2]["status"], "FAILED", "partial success is reported");
