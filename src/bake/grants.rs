@@ -19,7 +19,8 @@ use crate::aws::{self, Clients};
 use crate::error::{Error, Result};
 
 /// What the grant lets the role do: the operations of the User Guide's cross-account example.
-pub const OPERATIONS: [&str; 8] = ["Encrypt", "Decrypt", "ReEncryptFrom", "ReEncryptTo", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "DescribeKey", "CreateGrant"];
+pub const OPERATIONS: [&str; 8] =
+    ["Encrypt", "Decrypt", "ReEncryptFrom", "ReEncryptTo", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "DescribeKey", "CreateGrant"];
 
 /// The Auto Scaling service-linked role of `account`, in the key's partition.
 pub fn grantee(partition: &str, account: &str) -> String {
@@ -145,14 +146,7 @@ pub async fn create(clients: &Clients, g: &mut Grant) -> Result<()> {
 /// specified grant", KMS API Reference). Returns what was revoked.
 pub async fn revoke(clients: &Clients, key: &KeyGrants, stack_set: &str, region: &str, account: &str) -> Result<Option<Grant>> {
     let Some(id) = key.find(stack_set, account) else { return Ok(None) };
-    clients
-        .kms
-        .revoke_grant()
-        .key_id(&key.arn)
-        .grant_id(id)
-        .send()
-        .await
-        .map_err(|e| aws::err("RevokeGrant", format!("grant {id} on key {}", key.arn), e))?;
+    clients.kms.revoke_grant().key_id(&key.arn).grant_id(id).send().await.map_err(|e| aws::err("RevokeGrant", format!("grant {id} on key {}", key.arn), e))?;
     Ok(Some(Grant {
         account: account.to_string(),
         region: region.to_string(),

@@ -328,7 +328,13 @@ outputs: [image.ImageId]
 
     #[test]
     fn a_key_without_encryption_is_named() {
-        let with = |ebs: &str| GOOD.replacen("inputs: {ImageId: '{{ Ami }}'}", &format!("inputs: {{ImageId: '{{{{ Ami }}}}', BlockDeviceMappings: [{{DeviceName: /dev/xvda, Ebs: {ebs}}}]}}"), 1);
+        let with = |ebs: &str| {
+            GOOD.replacen(
+                "inputs: {ImageId: '{{ Ami }}'}",
+                &format!("inputs: {{ImageId: '{{{{ Ami }}}}', BlockDeviceMappings: [{{DeviceName: /dev/xvda, Ebs: {ebs}}}]}}"),
+                1,
+            )
+        };
         assert_eq!(check(&with("{Encrypted: true, KmsKeyId: alias/fleet}")), Vec::<Finding>::new());
         let f = check(&with("{KmsKeyId: alias/fleet}"));
         assert_eq!(f.len(), 1, "{f:?}");

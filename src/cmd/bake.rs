@@ -334,7 +334,7 @@ pub async fn bake_flow(
     for r in &copy_regions {
         config::check_region(r).map_err(|m| Error::Invalid(format!("--regions: {m}")))?;
         let key = copy_keys.get(r).cloned().flatten();
-        let copy = copy_to(clients, ctx, &ami, region, r, &digest, key.as_deref(), &progress).await?;
+        let copy = copy_to(clients, ctx, (&ami, region), r, &digest, key.as_deref(), &progress).await?;
         copies.insert(r.clone(), copy);
     }
     let manifest = bake::Manifest {
@@ -384,16 +384,9 @@ const COPY_TIMEOUT_SECS: u64 = 5400;
 /// With `kms_key` (that region's key: KMS keys are regional), the copy's snapshots are encrypted
 /// under it ("KmsKeyId ... If you specify a KMS key, you must also set the encrypted state to
 /// true", CopyImage, EC2 API Reference).
-async fn copy_to(
-    here: &Clients,
-    ctx: &Context,
-    ami: &str,
-    from: &str,
-    to: &str,
-    digest: &str,
-    kms_key: Option<&str>,
-    progress: &Progress,
-) -> Result<String> {
+/// `source`: the image and its region.
+async fn copy_to(here: &Clients, ctx: &Context, source: (&str, &str), to: &str, digest: &str, kms_key: Option<&str>, progress: &Progress) -> Result<String> {
+    let (ami, from) = source;
     // The same credentials and endpoint, in the other region.
     let clients = super::fleet::clients_in(here, to);
     let copy = match crate::bake::find_cached(&clients, &ctx.config.name, digest).await? {

@@ -474,7 +474,13 @@ pub async fn fleet_deploy_flow(
         for g in grant_plan.iter_mut().filter(|g| g.state == "create") {
             progress.set(&format!("granting {} use of {} in {}", g.account, g.key, g.region));
             grants::create(&clients_in(clients, &g.region), g).await?;
-            progress.line(&format!("granted {}'s Auto Scaling role use of {} in {} (grant {})", g.account, g.key, g.region, g.grant_id.as_deref().unwrap_or("?")));
+            progress.line(&format!(
+                "granted {}'s Auto Scaling role use of {} in {} (grant {})",
+                g.account,
+                g.key,
+                g.region,
+                g.grant_id.as_deref().unwrap_or("?")
+            ));
         }
         let grantees: Vec<String> = match f.permission {
             Permission::SelfManaged { .. } => other_accounts.clone(),

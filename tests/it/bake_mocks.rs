@@ -2191,10 +2191,7 @@ async fn a_region_copy_is_encrypted_under_that_regions_replica_of_a_multi_region
     let out = bake_flow(&b, &cfg, &a, std::future::pending()).await.unwrap_or_else(|e| panic!("{e}"));
     let c = all(&copies);
     assert_eq!(c.len(), 1, "{c:?}");
-    assert_eq!(
-        (c[0].encrypted(), c[0].kms_key_id()),
-        (Some(true), Some("arn:aws:kms:eu-west-1:123456789012:key/mrk-1234abcd12ab34cd56ef1234567890ab"))
-    );
+    assert_eq!((c[0].encrypted(), c[0].kms_key_id()), (Some(true), Some("arn:aws:kms:eu-west-1:123456789012:key/mrk-1234abcd12ab34cd56ef1234567890ab")));
     assert_eq!(out["manifest"]["copies"]["eu-west-1"], COPY);
 }
 

@@ -13,8 +13,8 @@ use aws_smithy_types::retry::RetryConfig;
 
 use aws_sdk_cloudformation::operation::create_stack_instances::{CreateStackInstancesInput, CreateStackInstancesOutput};
 use aws_sdk_cloudformation::operation::create_stack_set::{CreateStackSetInput, CreateStackSetOutput};
-use aws_sdk_cloudformation::operation::describe_stack_set::{DescribeStackSetError, DescribeStackSetOutput};
 use aws_sdk_cloudformation::operation::describe_stack_instance::DescribeStackInstanceOutput;
+use aws_sdk_cloudformation::operation::describe_stack_set::{DescribeStackSetError, DescribeStackSetOutput};
 use aws_sdk_cloudformation::operation::describe_stack_set_operation::DescribeStackSetOperationOutput;
 use aws_sdk_cloudformation::operation::detect_stack_set_drift::{DetectStackSetDriftInput, DetectStackSetDriftOutput};
 use aws_sdk_cloudformation::operation::list_stack_instances::ListStackInstancesOutput;
@@ -793,7 +793,10 @@ fn described_instance(overrides: &'static [(&'static str, &'static str)]) -> Rul
                     .region("us-east-1")
                     .status(StackInstanceStatus::Current)
                     .set_parameter_overrides(Some(
-                        overrides.iter().map(|(k, v)| aws_sdk_cloudformation::types::Parameter::builder().parameter_key(*k).parameter_value(*v).build()).collect(),
+                        overrides
+                            .iter()
+                            .map(|(k, v)| aws_sdk_cloudformation::types::Parameter::builder().parameter_key(*k).parameter_value(*v).build())
+                            .collect(),
                     ))
                     .build(),
             )
