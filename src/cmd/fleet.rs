@@ -497,6 +497,15 @@ pub async fn fleet_deploy_flow(
     let mut ops = Vec::new();
     let token = run_token();
     // What this run started, for the word on Ctrl-C: nothing here can be undone from the client.
+    // The grants and sharing made before it stay too: `fleet destroy` takes them back.
+    let mut prepared: Vec<String> = Vec::new();
+    let made = grant_plan.iter().filter(|g| g.state == "created").count();
+    if made > 0 {
+        prepared.push(format!("{made} KMS grant(s) to other accounts were made"));
+    }
+    if cross_account {
+        prepared.push("the image was shared with the fleet's other accounts".into());
+    }
     let started: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let note = |what: String| started.lock().expect("started lock").push(what);
     let run = async {
@@ -595,7 +604,7 @@ pub async fn fleet_deploy_flow(
         r = run => r,
         _ = &mut interrupt => {
             let started = started.lock().expect("started lock").clone();
-            let cleaned = if started.is_empty() {
+            let mut cleaned = if started.is_empty() {
                 vec!["nothing: no StackSet operation had started".to_string()]
             } else {
                 vec![format!(
@@ -603,6 +612,9 @@ pub async fn fleet_deploy_flow(
                     started.join("; ")
                 )]
             };
+            if !prepared.is_empty() {
+                cleaned.push(format!("kept: {} (`imgbuild fleet destroy` takes them back)", prepared.join("; ")));
+            }
             Err(Error::Interrupted { cleaned })
         }
     };

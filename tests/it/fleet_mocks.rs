@@ -976,3 +976,28 @@ async fn destroying_an_accounts_instances_revokes_its_sharing_and_grant_unless_k
     assert_eq!(doc["unshared"], serde_json::json!([]));
     assert_eq!(doc["revoked_grants"], serde_json::json!([]));
 }
+
+/// Ctrl-C in a fleet that spans accounts: the grants and the sharing made before the operations
+/// stay (they are not undone from here), and the exit says so and what takes them back.
+#[tokio::test]
+async fn ctrl_c_after_grants_says_they_were_kept() {
+    let (_d, ctx) = context(&format!("bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [\"{OWNER}\", \"222222222222\"]\n  regions: [us-east-1]\n"));
+    let sets: Seen<CreateStackSetInput> = Default::default();
+    let creates: Seen<CreateStackInstancesInput> = Default::default();
+    let op = operation(vec![("CREATE", StackSetOperationStatus::Running, None, 0)]);
+    let (images, snapshots) = image(KEY);
+    let modify_image = mock!(aws_sdk_ec2::Client::modify_image_attribute).then_output(|| ModifyImageAttributeOutput::builder().build());
+    let modify_snapshot = mock!(aws_sdk_ec2::Client::modify_snapshot_attribute).then_output(|| ModifySnapshotAttributeOutput::builder().build());
+    let clients =
+        clients(&[&no_set(), &create_set(&sets), &create_instances(&creates), &op], &[&images, &snapshots, &modify_image, &modify_snapshot], &[&handoff()]);
+    let polled = op.clone();
+    let interrupt = async move {
+        while polled.num_calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let err = imgbuild::cmd::fleet_deploy_flow(&clients, &deploy_args(targets()), &ctx, quiet(), &Never, interrupt).await.unwrap_err();
+    assert_eq!(err.exit_code(), 130, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("kept: 1 KMS grant(s) to other accounts were made; the image was shared") && text.contains("`imgbuild fleet destroy`"), "{text}");
+}
