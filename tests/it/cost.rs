@@ -194,15 +194,15 @@ fn a_new_stack_is_the_templates_resources_whose_condition_holds() {
     let ids = |c: Vec<Change>| c.into_iter().map(|c| c.logical_id).collect::<std::collections::BTreeSet<_>>();
     let params = |nat: &str| std::collections::BTreeMap::from([("NatGateways".to_string(), nat.to_string())]);
     let t = Template::reference();
-    assert_eq!(ids(cost::new_stack(&t, &params("One"))), ids(create_change_set(&["NatPerAz", "HasAllowedClientCidr"])));
-    assert_eq!(ids(cost::new_stack(&t, &params("PerAz"))), ids(create_change_set(&["HasAllowedClientCidr"])));
+    assert_eq!(ids(cost::new_stack(&t, &params("One"))), ids(create_change_set(&["NatPerAz", "HasAllowedClientCidr", "WritesImage"])));
+    assert_eq!(ids(cost::new_stack(&t, &params("PerAz"))), ids(create_change_set(&["HasAllowedClientCidr", "WritesImage"])));
     let with_fs = std::collections::BTreeMap::from([("FileSystemId".to_string(), "fs-0123456789abcdef0".to_string())]);
     assert!(!ids(cost::new_stack(&t, &with_fs)).contains("FileSystem"), "a given file system is not created");
 }
 
 #[test]
 fn a_new_stack_costs_one_nat_gateway_or_one_per_az() {
-    let one = cost::estimate(&create_change_set(&["NatPerAz", "HasAllowedClientCidr"]), &inputs("us-east-1"));
+    let one = cost::estimate(&create_change_set(&["NatPerAz", "HasAllowedClientCidr", "WritesImage"]), &inputs("us-east-1"));
     assert_eq!(item(&one, "NatGatewayA"), [('+', 32.85)]);
     assert_eq!(item(&one, "NatEipA"), [('+', 3.65)]);
     assert!(item(&one, "NatGatewayB").is_empty());
@@ -210,7 +210,7 @@ fn a_new_stack_costs_one_nat_gateway_or_one_per_az() {
     assert_eq!(item(&one, "LoadBalancer"), [('+', 16.43)]);
     assert_eq!(item(&one, "AutoScalingGroup"), [('+', 13.72), ('+', 1.2)]);
     assert_eq!(one.monthly_usd, 82.45);
-    let per_az = cost::estimate(&create_change_set(&["HasAllowedClientCidr"]), &inputs("us-east-1"));
+    let per_az = cost::estimate(&create_change_set(&["HasAllowedClientCidr", "WritesImage"]), &inputs("us-east-1"));
     assert_eq!(item(&per_az, "NatGatewayB"), [('+', 32.85)]);
     assert_eq!(item(&per_az, "NatEipB"), [('+', 3.65)]);
     assert_eq!(per_az.monthly_usd, 118.95);
