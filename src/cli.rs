@@ -204,11 +204,15 @@ pub struct FleetDeployArgs {
     #[arg(long, value_name = "FILE")]
     pub template: Option<PathBuf>,
     /// Run without asking.
-    #[arg(long, short = 'y', conflicts_with = "dry_run")]
+    #[arg(long, short = 'y', conflicts_with_all = ["dry_run", "no_execute"])]
     pub yes: bool,
     /// Show what each target would get and change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Like deploy's: show the plan (and put it in --output json) but start nothing, for review;
+    /// a StackSet has no change set to leave behind, so nothing is made either.
+    #[arg(long)]
+    pub no_execute: bool,
     #[command(flatten)]
     pub tools: ToolArgs,
 }
@@ -230,6 +234,14 @@ pub struct FleetDestroyArgs {
     /// Delete without asking.
     #[arg(long, short = 'y')]
     pub yes: bool,
+    /// Keep the image's launch and create-volume permissions for the accounts removed (by
+    /// default they are revoked where no remaining stack instance of that account uses the image).
+    #[arg(long)]
+    pub keep_sharing: bool,
+    /// Keep the KMS grants to the removed accounts' Auto Scaling service-linked role (by default
+    /// revoked where no remaining stack instance of that account needs the key).
+    #[arg(long)]
+    pub keep_grants: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,9 +6,11 @@
 //! `Made`), and on failure or Ctrl-C removes it in reverse: stops the execution, confirms the
 //! build instance is gone, and deregisters a half-made image with its snapshots.
 //!
-//! `images` owns which AMI an instance boots and the project's images (list, prune, in use).
+//! `images` owns which AMI an instance boots and the project's images (list, prune, in use);
+//! `share` hands the image to other accounts and `grants` lets their Auto Scaling groups use its key.
 
 pub mod gc;
+pub mod grants;
 pub mod images;
 pub mod share;
 
@@ -72,6 +74,10 @@ pub struct Recipe {
     pub compose_yaml: String,
     /// The automation document exactly as registered.
     pub document: String,
+    /// `bake.kms_key_id` as the build volume (and so the image's snapshots) is encrypted under.
+    /// Left out when unset, so images baked without a key keep their digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kms_key_id: Option<String>,
 }
 
 impl Recipe {
@@ -152,6 +158,35 @@ pub fn document(script: &str) -> Result<String> {
         return Err(Error::Invalid(format!("{DOCUMENT_TEMPLATE_NAME}: step {SCRIPT_STEP}'s commands must be [{SCRIPT_PLACEHOLDER}]")));
     }
     *slot = serde_yaml::Value::Sequence(commands);
+    Ok(serde_yaml::to_string(&doc).expect("YAML values serialise"))
+}
+
+/// The document with the build instance's root volume encrypted under `kms_key`, so the image
+/// made from it is too: RunInstances takes `KmsKeyId` in a block device mapping ("Identifier
+/// (key ID, key alias, key ARN, or alias ARN) of the customer managed KMS key to use for EBS
+/// encryption. This parameter is only supported on BlockDeviceMapping objects called by
+/// CreateFleet, RequestSpotInstances, and RunInstances", EbsBlockDevice, EC2 API Reference), and
+/// a snapshot of an encrypted volume is encrypted under the volume's key, so CreateImage needs
+/// nothing more. A copy under the key afterwards would cost a second image and its snapshots.
+pub fn encrypt_build_volume(document: &str, kms_key: &str) -> Result<String> {
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(document).map_err(|e| Error::Invalid(format!("{DOCUMENT_TEMPLATE_NAME}: not valid YAML: {e}")))?;
+    let where_ = format!("{DOCUMENT_TEMPLATE_NAME}: step {LAUNCH_STEP}'s inputs.BlockDeviceMappings[0].Ebs");
+    let ebs = doc
+        .get_mut("mainSteps")
+        .and_then(|s| s.as_sequence_mut())
+        .and_then(|steps| steps.iter_mut().find(|s| s.get("name").and_then(|n| n.as_str()) == Some(LAUNCH_STEP)))
+        .and_then(|step| step.get_mut("inputs"))
+        .and_then(|i| i.get_mut("BlockDeviceMappings"))
+        .and_then(|m| m.as_sequence_mut())
+        .and_then(|m| m.first_mut())
+        .and_then(|m| m.get_mut("Ebs"))
+        .and_then(|e| e.as_mapping_mut())
+        .ok_or_else(|| Error::Invalid(format!("{where_} is missing")))?;
+    // "If KmsKeyId is specified, the encrypted state must be true" (EC2 API Reference).
+    if ebs.get("Encrypted").and_then(|e| e.as_bool()) != Some(true) {
+        return Err(Error::Invalid(format!("{where_}.Encrypted must be true for the volume to be encrypted under bake.kms_key_id")));
+    }
+    ebs.insert("KmsKeyId".into(), kms_key.into());
     Ok(serde_yaml::to_string(&doc).expect("YAML values serialise"))
 }
 

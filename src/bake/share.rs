@@ -95,6 +95,70 @@ pub async fn share(clients: &Clients, image: &str, accounts: &[String], orgs: &[
     Ok(accounts)
 }
 
+/// Takes back what `share` gave `accounts` on `image`: launch permission, and create-volume
+/// permission on each of its snapshots (the same calls with `Remove`, "Modify AMI permissions" /
+/// ModifySnapshotAttribute OperationType remove). An image already gone has nothing to revoke.
+/// `orgs`: organizational units (or organizations) to take launch permission back from too.
+pub async fn unshare(clients: &Clients, image: &str, accounts: &[String], orgs: &[OrgTarget]) -> Result<Vec<String>> {
+    if accounts.is_empty() && orgs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let snapshots = match snapshots_of(clients, image).await {
+        Ok(s) => s,
+        Err(Error::Invalid(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    if !orgs.is_empty() {
+        let mut perms = LaunchPermissionModifications::builder();
+        for o in orgs {
+            let p = if o.organization {
+                LaunchPermission::builder().organization_arn(&o.share_arn)
+            } else {
+                LaunchPermission::builder().organizational_unit_arn(&o.share_arn)
+            };
+            perms = perms.remove(p.build());
+        }
+        clients
+            .ec2
+            .modify_image_attribute()
+            .image_id(image)
+            .launch_permission(perms.build())
+            .send()
+            .await
+            .map_err(|e| aws::err("ModifyImageAttribute", format!("image {image}"), e))?;
+    }
+    for chunk in accounts.chunks(100) {
+        let mut perms = LaunchPermissionModifications::builder();
+        for a in chunk {
+            perms = perms.remove(LaunchPermission::builder().user_id(a).build());
+        }
+        clients
+            .ec2
+            .modify_image_attribute()
+            .image_id(image)
+            .launch_permission(perms.build())
+            .send()
+            .await
+            .map_err(|e| aws::err("ModifyImageAttribute", format!("image {image}"), e))?;
+        for sid in &snapshots {
+            let mut vols = CreateVolumePermissionModifications::builder();
+            for a in chunk {
+                vols = vols.remove(CreateVolumePermission::builder().user_id(a).build());
+            }
+            clients
+                .ec2
+                .modify_snapshot_attribute()
+                .snapshot_id(sid)
+                .attribute(SnapshotAttributeName::CreateVolumePermission)
+                .create_volume_permission(vols.build())
+                .send()
+                .await
+                .map_err(|e| aws::err("ModifySnapshotAttribute", format!("snapshot {sid} of image {image}"), e))?;
+        }
+    }
+    Ok(accounts.iter().cloned().chain(orgs.iter().map(|o| o.share_arn.clone())).collect())
+}
+
 async fn snapshots_of(clients: &Clients, image: &str) -> Result<Vec<String>> {
     let out = clients.ec2.describe_images().image_ids(image).send().await.map_err(|e| aws::err("DescribeImages", format!("image {image}"), e))?;
     let img = out.images().first().ok_or_else(|| Error::Invalid(format!("image {image} does not exist or is not visible to this account")))?;

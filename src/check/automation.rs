@@ -243,6 +243,17 @@ pub fn check(text: &str) -> Vec<Finding> {
                 format!("timeoutSeconds {step_secs} is not larger than the command's executionTimeout {command_secs}: the step would time out first"),
             );
         }
+        // A block device mapping that names a key must ask for encryption too: "If KmsKeyId is
+        // specified, the encrypted state must be true" (EbsBlockDevice, EC2 API Reference), or
+        // the launch fails once the instance is asked for, an hour into nothing.
+        for (j, m) in inputs.get("BlockDeviceMappings").and_then(Value::as_sequence).into_iter().flatten().enumerate() {
+            if let Some(ebs) = m.get("Ebs")
+                && ebs.get("KmsKeyId").is_some()
+                && ebs.get("Encrypted").and_then(Value::as_bool) != Some(true)
+            {
+                bad(&at, f(&format!("inputs.BlockDeviceMappings[{j}].Ebs")), "KmsKeyId is set but Encrypted is not true (EC2 requires both)".into());
+            }
+        }
         if let Some(next) = step.get("nextStep").and_then(Value::as_str)
             && !all.contains(next)
         {
@@ -313,6 +324,22 @@ outputs: [image.ImageId]
         let doc = GOOD.replacen(edit.0, edit.1, 1);
         assert_ne!(doc, GOOD, "the edit {edit:?} must apply");
         check(&doc).into_iter().map(|f| format!("{}: {}", f.at, f.message)).collect()
+    }
+
+    #[test]
+    fn a_key_without_encryption_is_named() {
+        let with = |ebs: &str| {
+            GOOD.replacen(
+                "inputs: {ImageId: '{{ Ami }}'}",
+                &format!("inputs: {{ImageId: '{{{{ Ami }}}}', BlockDeviceMappings: [{{DeviceName: /dev/xvda, Ebs: {ebs}}}]}}"),
+                1,
+            )
+        };
+        assert_eq!(check(&with("{Encrypted: true, KmsKeyId: alias/fleet}")), Vec::<Finding>::new());
+        let f = check(&with("{KmsKeyId: alias/fleet}"));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].field, "mainSteps[0].inputs.BlockDeviceMappings[0].Ebs");
+        assert!(f[0].message.contains("Encrypted is not true"), "{f:?}");
     }
 
     #[test]

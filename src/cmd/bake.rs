@@ -88,6 +88,16 @@ pub async fn bake_flow(
     for r in &args.regions {
         config::check_region(r).map_err(|m| Error::Invalid(format!("--regions: {m}")))?;
     }
+    // The key of each region the image goes to, checked before anything is looked up or made.
+    let mut copy_regions: Vec<String> = config.bake.regions.iter().chain(args.regions.iter()).cloned().collect();
+    copy_regions.sort();
+    copy_regions.dedup();
+    copy_regions.retain(|r| r != region);
+    let kms_key = config.bake.kms_key_in(region, region).map_err(Error::Invalid)?;
+    let mut copy_keys: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for r in &copy_regions {
+        copy_keys.insert(r.clone(), config.bake.kms_key_in(r, region).map_err(Error::Invalid)?);
+    }
     let profile = profile_of(config)?;
     // One base image and one recipe serve every type tried, so they share an architecture.
     let types = config.bake_instance_types();
@@ -105,6 +115,10 @@ pub async fn bake_flow(
 
     let (script, compose_yaml) = bake::bake_script(config, profile)?;
     let document = bake::document(&script)?;
+    let document = match &kms_key {
+        Some(k) => bake::encrypt_build_volume(&document, k)?,
+        None => document,
+    };
     let findings = crate::check::automation::check(&document);
     if !findings.is_empty() {
         let lines: Vec<String> = findings.iter().map(|f| format!("{}: {}", f.at, f.message)).collect();
@@ -128,6 +142,7 @@ pub async fn bake_flow(
         bake_script: script.clone(),
         compose_yaml,
         document: document.clone(),
+        kms_key_id: kms_key.clone(),
     };
     let digest = recipe.digest();
     let cached = if args.force {
@@ -317,13 +332,10 @@ pub async fn bake_flow(
     progress.line(&format!("{parameter} = {ami}"));
     let cost = bake_cost(clients, config.prices, &document, region, &ami, fresh, &progress).await;
     let mut copies = BTreeMap::new();
-    let mut regions: Vec<String> = config.bake.regions.iter().chain(args.regions.iter()).cloned().collect();
-    regions.sort();
-    regions.dedup();
-    regions.retain(|r| r != region);
-    for r in &regions {
+    for r in &copy_regions {
         config::check_region(r).map_err(|m| Error::Invalid(format!("--regions: {m}")))?;
-        let copy = copy_to(ctx, &ami, region, r, &digest, &progress).await?;
+        let key = copy_keys.get(r).cloned().flatten();
+        let copy = copy_to(clients, ctx, (&ami, region), r, &digest, key.as_deref(), &progress).await?;
         copies.insert(r.clone(), copy);
     }
     let manifest = bake::Manifest {
@@ -375,12 +387,6 @@ async fn bake_cost(
     cost
 }
 
-async fn clients_in(ctx: &Context, region: &str) -> Result<Clients> {
-    let mut there = ctx.clone();
-    there.region = Some(region.to_string());
-    Ok(Clients::from_conf(&aws::load(&aws_settings(&there)).await?))
-}
-
 /// How long EC2 may take to see a new instance profile (IAM is eventually consistent; minutes
 /// at worst in practice).
 const PROFILE_WAIT_SECS: u64 = 300;
@@ -390,8 +396,14 @@ const COPY_TIMEOUT_SECS: u64 = 5400;
 
 /// Copies the image into another region (or finds the copy made before), waits until it is
 /// available, and points that region's handoff parameter at it.
-async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, progress: &Progress) -> Result<String> {
-    let clients = clients_in(ctx, to).await?;
+/// With `kms_key` (that region's key: KMS keys are regional), the copy's snapshots are encrypted
+/// under it ("KmsKeyId ... If you specify a KMS key, you must also set the encrypted state to
+/// true", CopyImage, EC2 API Reference).
+/// `source`: the image and its region.
+async fn copy_to(here: &Clients, ctx: &Context, source: (&str, &str), to: &str, digest: &str, kms_key: Option<&str>, progress: &Progress) -> Result<String> {
+    let (ami, from) = source;
+    // The same credentials and endpoint, in the other region.
+    let clients = super::fleet::clients_in(here, to);
     let copy = match crate::bake::find_cached(&clients, &ctx.config.name, digest).await? {
         Some(i) => i.image_id().unwrap_or_default().to_string(),
         None => {
@@ -403,13 +415,14 @@ async fn copy_to(ctx: &Context, ami: &str, from: &str, to: &str, digest: &str, p
                 .name(format!("imgbuild-{}-{}", ctx.config.name, &digest[7..19]))
                 .copy_image_tags(true)
                 .encrypted(true)
+                .set_kms_key_id(kms_key.map(String::from))
                 .send()
                 .await
                 .map_err(|e| aws::err("CopyImage", format!("image {ami} to {to}"), e))?;
             let copy = out.image_id().unwrap_or_default().to_string();
             // The digest tag is what finds this copy next time: set the source's tags
             // explicitly rather than trusting CopyImageTags alone.
-            let source = clients_in(ctx, from).await?;
+            let source = super::fleet::clients_in(here, from);
             let described = source.ec2.describe_images().image_ids(ami).send().await.map_err(|e| aws::err("DescribeImages", format!("image {ami}"), e))?;
             let tags: Vec<aws_sdk_ec2::types::Tag> = described.images().iter().flat_map(|i| i.tags()).cloned().collect();
             if !tags.is_empty() {

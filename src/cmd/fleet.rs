@@ -14,7 +14,7 @@ use serde_json::json;
 use super::*;
 use crate::aws::Clients;
 use crate::bake::images::{self, Choice, Source};
-use crate::bake::share;
+use crate::bake::{grants, share};
 use crate::check::userdata as validate;
 use crate::cli::{FleetCommand, FleetDeployArgs, FleetDestroyArgs, FleetStatusArgs, FleetTargetArgs};
 use crate::config::{Amount, Context, OrgTarget, PermissionModel, RegionConcurrency, check_account_id, check_region, org_target};
@@ -167,25 +167,23 @@ async fn region_images(clients: &Clients, ctx: &Context, regions: &[String]) -> 
 }
 
 /// The parameter overrides each (account, region) should have; targets with none are absent.
-/// `image_by_region`: set when the fleet spans accounts, where the handoff parameter does not
-/// exist and the shared image id goes in ImageId instead.
+/// `image_by_region`: set when the fleet spans accounts, where the shared image id goes in
+/// ImageId; `owner`: the account that baked it.
 fn desired_overrides(
     ctx: &Context,
     declared: &[String],
     accounts: &[String],
     regions: &[String],
     image_by_region: Option<&BTreeMap<String, String>>,
+    owner: Option<&str>,
 ) -> BTreeMap<(String, String), BTreeMap<String, String>> {
     let mut out: BTreeMap<(String, String), BTreeMap<String, String>> = BTreeMap::new();
     for region in regions {
         for account in accounts {
-            let mut m = BTreeMap::new();
-            if let Some(images) = image_by_region
-                && let Some(ami) = images.get(region)
-                && declared.iter().any(|d| d == "ImageId")
-            {
-                m.insert("ImageId".to_string(), ami.clone());
-            }
+            let mut m = match image_by_region.and_then(|i| i.get(region)) {
+                Some(ami) => image_overrides(ctx, declared, ami, Some(account.as_str()) != owner),
+                None => BTreeMap::new(),
+            };
             for o in &ctx.config.fleet.overrides {
                 let hits = o.accounts.contains(account) && (o.regions.is_empty() || o.regions.contains(region));
                 if hits
@@ -203,15 +201,39 @@ fn desired_overrides(
     out
 }
 
+/// How an instance of a fleet that spans accounts gets its image: the shared id as ImageId. In
+/// another account the handoff parameter does not exist, and CloudFormation resolves a Systems
+/// Manager parameter type (the value is a Parameter Store key, read in the stack's own account
+/// and region when the stack is created or updated: "Specify existing resources at runtime with
+/// CloudFormation-supplied parameter types", CloudFormation User Guide) before it creates
+/// anything, so ImageParameter there names AWS's public AL2023 parameter (it exists in every
+/// account and region, and is not used while ImageId is set), and ImageParameterName has the stack write the handoff
+/// parameter in that account (the template's ImageHandoff). The baking account's own parameter,
+/// written by bake, is never claimed by a stack.
+fn image_overrides(ctx: &Context, declared: &[String], ami: &str, other_account: bool) -> BTreeMap<String, String> {
+    let has = |p: &str| declared.iter().any(|d| d == p);
+    let mut m = BTreeMap::new();
+    if !has("ImageId") {
+        return m;
+    }
+    m.insert("ImageId".to_string(), ami.to_string());
+    if other_account && has("ImageParameterName") && has("ImageParameter") {
+        m.insert("ImageParameter".to_string(), images::base_parameter(images::arch_of(&ctx.config.stack.instance_type)).to_string());
+        m.insert("ImageParameterName".to_string(), images::handoff_parameter(&ctx.config));
+    }
+    m
+}
+
 /// Overrides grouped into as few UpdateStackInstances calls as possible: per region, the
 /// accounts that want the same values.
 fn override_groups(wanted: &BTreeMap<(String, String), BTreeMap<String, String>>, only: &BTreeSet<(String, String)>) -> Vec<Override> {
     let mut groups: BTreeMap<(String, Values), Vec<String>> = BTreeMap::new();
-    for ((account, region), params) in wanted {
-        if !only.contains(&(account.clone(), region.clone())) {
-            continue;
-        }
-        let key = (region.clone(), params.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    // A target in `only` that wants no override gets an empty list: "To set an overridden
+    // parameter back to the value specified in the stack set, specify a parameter list but do
+    // not include the parameter in the list" (UpdateStackInstances, ParameterOverrides).
+    for (account, region) in only {
+        let params = wanted.get(&(account.clone(), region.clone())).cloned().unwrap_or_default();
+        let key = (region.clone(), params.into_iter().collect());
         groups.entry(key).or_default().push(account.clone());
     }
     groups.into_iter().map(|((region, params), accounts)| Override { accounts, regions: vec![region], parameters: params.into_iter().collect() }).collect()
@@ -288,14 +310,39 @@ pub async fn fleet_deploy_flow(
     }
     // Other accounts launch only an image under the fleet's key: this one, or the copy of it an
     // earlier deploy made; the rest are copied once confirmed.
-    let kms = config.bake.kms_key_id.clone().unwrap_or_default();
+    // KMS keys are regional: each region's image is under that region's key (bake.kms_key_ids,
+    // a multi-region key's replica, or an alias of that region).
+    let home = ctx.region.clone().unwrap_or_else(|| f.regions[0].clone());
+    let mut keys: BTreeMap<String, String> = BTreeMap::new();
+    if cross_account {
+        for r in &f.regions {
+            if let Some(k) = config.bake.kms_key_in(r, &home).map_err(Error::Invalid)? {
+                keys.insert(r.clone(), k);
+            }
+        }
+    }
+    let key_of = |region: &str| keys.get(region).cloned().unwrap_or_default();
     let mut images = images;
     let mut needs_copy = Vec::new();
     if cross_account {
         for img in images.iter_mut() {
-            match share::under_key(&clients_in(clients, &img.region), &img.image, &kms).await? {
+            match share::under_key(&clients_in(clients, &img.region), &img.image, &key_of(&img.region)).await? {
                 share::UnderKey::Ready(id) => img.image = id,
                 share::UnderKey::NeedsCopy => needs_copy.push(img.region.clone()),
+            }
+        }
+    }
+
+    // The other accounts' Auto Scaling groups need a grant on each region's key (bake::grants).
+    // A service-managed fleet's accounts are known once deployed: those ListStackInstances
+    // reports get one; accounts that join an organizational unit later need the key policy
+    // (README, Fleet).
+    let mut grant_plan: Vec<grants::Grant> = Vec::new();
+    if cross_account && !other_accounts.is_empty() {
+        for r in &f.regions {
+            if let Some(k) = keys.get(r) {
+                let key = grants::read(&clients_in(clients, r), k, r).await?;
+                grant_plan.extend(grants::plan(&key, &f.name, r, &other_accounts));
             }
         }
     }
@@ -324,13 +371,20 @@ pub async fn fleet_deploy_flow(
         Permission::SelfManaged { .. } => f.accounts.clone(),
         Permission::ServiceManaged => instances.iter().map(|i| i.account.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
     };
-    let mut wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, cross_account.then_some(&image_by_region));
+    let mut wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, cross_account.then_some(&image_by_region), owner.as_deref());
     let existing: BTreeSet<(String, String)> = instances.iter().map(|i| (i.account.clone(), i.region.clone())).collect();
-    // Only instances that exist and have overrides wanted are asked what they have now.
+    // Every existing target is asked what overrides it has now: one whose override was deleted
+    // from the config wants none, and only DescribeStackInstance says it still has one.
     let mut changed_overrides = BTreeSet::new();
-    for ((account, region), want) in &wanted {
-        if existing.contains(&(account.clone(), region.clone())) && fleet::instance_overrides(&clients.cfn, &f.name, account, region).await? != *want {
-            changed_overrides.insert((account.clone(), region.clone()));
+    for i in &instances {
+        let key = (i.account.clone(), i.region.clone());
+        let targeted = f.regions.contains(&i.region)
+            && match f.permission {
+                Permission::SelfManaged { .. } => f.accounts.contains(&i.account),
+                Permission::ServiceManaged => i.organizational_unit.as_ref().is_some_and(|o| f.organizational_units.contains(o)),
+            };
+        if targeted && fleet::instance_overrides(&clients.cfn, &f.name, &i.account, &i.region).await? != wanted.get(&key).cloned().unwrap_or_default() {
+            changed_overrides.insert(key);
         }
     }
     let plan = fleet::plan(&spec, set.as_ref(), &instances, &changed_overrides);
@@ -356,8 +410,10 @@ pub async fn fleet_deploy_flow(
     }
     let set_changed = set.as_ref().is_none_or(|s| s.template_body != spec.template_body || s.parameters != spec.parameters);
     let to_create: Vec<&TargetPlan> = plan.iter().filter(|p| p.action == Action::Create).collect();
-    let doc = |images: &[RegionImage], plan: &[TargetPlan], ops: &[OperationOutcome], executed: bool| {
+    show_grants(&grant_plan, &progress);
+    let doc = |images: &[RegionImage], plan: &[TargetPlan], ops: &[OperationOutcome], grants: &[grants::Grant], executed: bool| {
         json!({
+            "grants": grants,
             "ok": true,
             "stack_set": f.name,
             "images": images,
@@ -368,22 +424,24 @@ pub async fn fleet_deploy_flow(
             "cost": cost,
         })
     };
-    if plan.iter().all(|p| p.action == Action::NoChange) {
+    let grants_to_make = grant_plan.iter().filter(|g| g.state == "create").count();
+    if plan.iter().all(|p| p.action == Action::NoChange) && grants_to_make == 0 {
         ui.info(format!("stack set {}: no changes", f.name));
-        return Ok(doc(&images, &plan, &[], false));
+        return Ok(doc(&images, &plan, &[], &grant_plan, false));
     }
-    if args.dry_run {
-        ui.info("dry run: nothing changed");
-        return Ok(doc(&images, &plan, &[], false));
+    if args.dry_run || args.no_execute {
+        ui.info(if args.no_execute { "--no-execute: the plan above was not started" } else { "dry run: nothing changed" });
+        return Ok(doc(&images, &plan, &[], &grant_plan, false));
     }
     if !args.yes {
         let n = |a: Action| plan.iter().filter(|p| p.action == a).count();
         let question = format!(
-            "Stack set {}: create {} target(s), update {}, leave {} unchanged. Go ahead?",
+            "Stack set {}: create {} target(s), update {}, leave {} unchanged{}. Go ahead?",
             f.name,
             n(Action::Create),
             n(Action::Update),
-            n(Action::NoChange)
+            n(Action::NoChange),
+            if grants_to_make > 0 { format!("; {grants_to_make} KMS grant(s) to other accounts' Auto Scaling role") } else { String::new() }
         );
         progress.pause();
         let yes = tokio::select! {
@@ -402,6 +460,7 @@ pub async fn fleet_deploy_flow(
             for img in images.iter_mut().filter(|i| needs_copy.contains(&i.region)) {
                 progress.set(&format!("copying {} in {} under the fleet's key", img.image, img.region));
                 let here = clients_in(clients, &img.region);
+                let kms = key_of(&img.region);
                 let copy = tokio::select! {
                     r = share::copy_under_key(&here, &img.image, &img.region, &kms, &token, f.waits, &progress) => r?,
                     _ = &mut interrupt => return Err(Error::Interrupted { cleaned: vec!["nothing: an image copy under way goes on in EC2 and is found by the next deploy".into()] }),
@@ -410,7 +469,18 @@ pub async fn fleet_deploy_flow(
                 img.image = copy;
             }
             image_by_region = images.iter().map(|i| (i.region.clone(), i.image.clone())).collect();
-            wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, Some(&image_by_region));
+            wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, Some(&image_by_region), owner.as_deref());
+        }
+        for g in grant_plan.iter_mut().filter(|g| g.state == "create") {
+            progress.set(&format!("granting {} use of {} in {}", g.account, g.key, g.region));
+            grants::create(&clients_in(clients, &g.region), g).await?;
+            progress.line(&format!(
+                "granted {}'s Auto Scaling role use of {} in {} (grant {})",
+                g.account,
+                g.key,
+                g.region,
+                g.grant_id.as_deref().unwrap_or("?")
+            ));
         }
         let grantees: Vec<String> = match f.permission {
             Permission::SelfManaged { .. } => other_accounts.clone(),
@@ -427,6 +497,15 @@ pub async fn fleet_deploy_flow(
     let mut ops = Vec::new();
     let token = run_token();
     // What this run started, for the word on Ctrl-C: nothing here can be undone from the client.
+    // The grants and sharing made before it stay too: `fleet destroy` takes them back.
+    let mut prepared: Vec<String> = Vec::new();
+    let made = grant_plan.iter().filter(|g| g.state == "created").count();
+    if made > 0 {
+        prepared.push(format!("{made} KMS grant(s) to other accounts were made"));
+    }
+    if cross_account {
+        prepared.push("the image was shared with the fleet's other accounts".into());
+    }
     let started: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let note = |what: String| started.lock().expect("started lock").push(what);
     let run = async {
@@ -453,9 +532,13 @@ pub async fn fleet_deploy_flow(
         // New instances get their overrides in the create call itself. Per region, the accounts
         // that want the same values; then regions that want the same for the same accounts go
         // together (one operation for a fleet without overrides).
+        // A service-managed StackSet never deploys to the management account, where it runs
+        // ("StackSets doesn't deploy stack instances to the organization management account",
+        // DeploymentTargets, API Reference): every account of an organizational unit is another
+        // account.
         let region_level = |region: &str| -> BTreeMap<String, String> {
             match (cross_account, image_by_region.get(region)) {
-                (true, Some(ami)) if declared.iter().any(|d| d == "ImageId") => BTreeMap::from([("ImageId".to_string(), ami.clone())]),
+                (true, Some(ami)) => image_overrides(ctx, &declared, ami, true),
                 _ => BTreeMap::new(),
             }
         };
@@ -501,7 +584,7 @@ pub async fn fleet_deploy_flow(
         if f.permission == Permission::ServiceManaged && !to_create.is_empty() && !ctx.config.fleet.overrides.is_empty() {
             let now = fleet::list_instances(&clients.cfn, &f.name).await?;
             let accounts: Vec<String> = now.iter().map(|i| i.account.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-            wanted = desired_overrides(ctx, &declared, &accounts, &f.regions, cross_account.then_some(&image_by_region));
+            wanted = desired_overrides(ctx, &declared, &accounts, &f.regions, cross_account.then_some(&image_by_region), owner.as_deref());
             for i in &now {
                 let key = (i.account.clone(), i.region.clone());
                 if !existing.contains(&key) && wanted.get(&key).cloned().unwrap_or_default() != region_level(&i.region) {
@@ -521,7 +604,7 @@ pub async fn fleet_deploy_flow(
         r = run => r,
         _ = &mut interrupt => {
             let started = started.lock().expect("started lock").clone();
-            let cleaned = if started.is_empty() {
+            let mut cleaned = if started.is_empty() {
                 vec!["nothing: no StackSet operation had started".to_string()]
             } else {
                 vec![format!(
@@ -529,6 +612,9 @@ pub async fn fleet_deploy_flow(
                     started.join("; ")
                 )]
             };
+            if !prepared.is_empty() {
+                cleaned.push(format!("kept: {} (`imgbuild fleet destroy` takes them back)", prepared.join("; ")));
+            }
             Err(Error::Interrupted { cleaned })
         }
     };
@@ -536,9 +622,30 @@ pub async fn fleet_deploy_flow(
     let took = progress.elapsed();
     drop(progress);
     ui.info(format!("stack set {}: {} operation(s) in {}s", f.name, ops.len(), took.as_secs()));
-    let mut d = doc(&images, &plan, &ops, true);
+    let mut d = doc(&images, &plan, &ops, &grant_plan, true);
     d["calls"] = json!(calls);
     Ok(d)
+}
+
+/// The grants the run makes (those already there are counted, not listed).
+fn show_grants(plan: &[grants::Grant], progress: &Progress) {
+    const LISTED: usize = 10;
+    let mut regions: Vec<&str> = plan.iter().map(|g| g.region.as_str()).collect();
+    regions.dedup();
+    for r in regions {
+        let new: Vec<&grants::Grant> = plan.iter().filter(|g| g.region == r && g.state == "create").collect();
+        let there = plan.iter().filter(|g| g.region == r && g.state == "exists").count();
+        if new.len() <= LISTED {
+            for g in &new {
+                progress.line(&format!("+ grant  {} in {r}: use of {} to its AWSServiceRoleForAutoScaling", g.account, g.key));
+            }
+        } else {
+            progress.line(&format!("+ grant  {} accounts in {r} ({}, ... {}): use of {}", new.len(), new[0].account, new[new.len() - 1].account, new[0].key));
+        }
+        if there > 0 {
+            progress.line(&format!("  {there} grant(s) in {r} already there"));
+        }
+    }
 }
 
 /// What each target gets: a line per target, or per region and action past a few targets, so a
@@ -609,7 +716,7 @@ pub async fn fleet_status_flow(clients: &Clients, args: &FleetStatusArgs, ctx: &
     let image_parameter = set.parameters.get("ImageParameter").cloned().filter(|p| !p.is_empty());
     let set_image = set.parameters.get("ImageId").cloned().filter(|i| !i.is_empty());
     let own = set.account().map(String::from);
-    let kms = ctx.config.bake.kms_key_id.clone();
+    let home = ctx.region.clone().unwrap_or_default();
     // Deploy gives every instance of a fleet that spans accounts the shared image as ImageId.
     let cross_account = instances.iter().any(|x| Some(x.account.as_str()) != own.as_deref());
     let mut by_region: BTreeMap<String, (Option<String>, Option<String>)> = BTreeMap::new();
@@ -623,6 +730,7 @@ pub async fn fleet_status_flow(clients: &Clients, args: &FleetStatusArgs, ctx: &
             (None, Some(p)) => images::get_parameter(&here, p).await?,
             (None, None) => None,
         };
+        let kms = ctx.config.bake.kms_key_in(&i.region, &home).ok().flatten();
         let shared = match (&image, &kms) {
             (Some(img), Some(k)) if cross_account => match share::under_key(&here, img, k).await? {
                 share::UnderKey::Ready(id) => Some(id),
@@ -732,6 +840,34 @@ pub async fn fleet_destroy_flow(
         let fs = if own.as_deref() == Some(i.account.as_str()) { file_system_of(clients, i).await } else { None };
         kept.push(Kept { account: i.account.clone(), region: i.region.clone(), file_system: fs });
     }
+    // What other accounts lose with their last instance in a region: the image (the one each
+    // removed instance was given, its ImageId override, read before the instance goes) and the
+    // grant on that region's key. The baking account keeps both.
+    let removed_alone: Vec<&Instance> = chosen
+        .iter()
+        .copied()
+        .filter(|c| own.as_deref() != Some(c.account.as_str()))
+        .filter(|c| !instances.iter().any(|i| i.account == c.account && i.region == c.region && !chosen.iter().any(|x| std::ptr::eq(*x, i))))
+        .collect();
+    // Self-managed fleets share with each account; service-managed ones with the organizational
+    // units, which lose it when the whole StackSet goes.
+    let service_managed = f.permission_model == PermissionModel::ServiceManaged;
+    let ou_unshare = everything && service_managed && !args.keep_sharing;
+    let mut shared_images: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    if !args.keep_sharing {
+        for c in &chosen {
+            let alone = !service_managed && removed_alone.iter().any(|x| std::ptr::eq(*x, *c));
+            if !alone && !ou_unshare {
+                continue;
+            }
+            if let Some(ami) = fleet::instance_overrides(&clients.cfn, &name, &c.account, &c.region).await?.get("ImageId").filter(|a| !a.is_empty()) {
+                let accounts = shared_images.entry((c.region.clone(), ami.clone())).or_default();
+                if alone {
+                    accounts.push(c.account.clone());
+                }
+            }
+        }
+    }
     let prefs = Prefs {
         max_concurrent: Amount::parse(t.max_concurrent.as_deref().unwrap_or(&f.max_concurrent), 1)
             .map_err(|m| Error::Invalid(format!("--max-concurrent: {m}")))?,
@@ -799,6 +935,37 @@ pub async fn fleet_destroy_flow(
         )] }),
     };
     result?;
+    // Only once the instances are gone: their Auto Scaling groups no longer launch anything.
+    let mut unshared = Vec::new();
+    // A service-managed fleet shared each image with its organizational units: taken back when
+    // the whole StackSet goes.
+    let orgs: Vec<OrgTarget> = if ou_unshare { f.organizational_units.iter().filter_map(|o| org_target(o).ok()).collect() } else { Vec::new() };
+    for ((region, image), accounts) in &shared_images {
+        let done = share::unshare(&clients_in(clients, region), image, accounts, &orgs).await?;
+        if !done.is_empty() {
+            progress.line(&format!("{image} in {region}: launch and create-volume permission revoked for {}", done.join(", ")));
+            unshared.push(json!({ "region": region, "image": image, "revoked_from": done }));
+        }
+    }
+    let mut revoked = Vec::new();
+    if !args.keep_grants {
+        let home = ctx.region.clone().unwrap_or_default();
+        let mut regions: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for c in &removed_alone {
+            regions.entry(c.region.as_str()).or_default().push(c.account.clone());
+        }
+        for (region, accounts) in regions {
+            let Some(k) = ctx.config.bake.kms_key_in(region, &home).ok().flatten() else { continue };
+            let here = clients_in(clients, region);
+            let key = grants::read(&here, &k, region).await?;
+            for a in &accounts {
+                if let Some(g) = grants::revoke(&here, &key, &name, region, a).await? {
+                    progress.line(&format!("revoked grant {} ({}'s Auto Scaling role) on {} in {region}", g.grant_id.as_deref().unwrap_or("?"), a, g.key));
+                    revoked.push(g);
+                }
+            }
+        }
+    }
     drop(progress);
     for k in &kept {
         match &k.file_system {
@@ -809,7 +976,16 @@ pub async fn fleet_destroy_flow(
             )),
         }
     }
-    Ok(json!({ "ok": true, "stack_set": name, "existed": true, "deleted_stack_set": everything, "operations": ops, "kept": kept }))
+    Ok(json!({
+        "ok": true,
+        "stack_set": name,
+        "existed": true,
+        "deleted_stack_set": everything,
+        "operations": ops,
+        "kept": kept,
+        "unshared": unshared,
+        "revoked_grants": revoked,
+    }))
 }
 
 /// What the targets the plan creates add a month: each a whole new stack in its region, priced

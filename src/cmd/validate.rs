@@ -68,7 +68,19 @@ fn check_document(path: Option<&Path>, ctx: &Context, ui: Ui, tools: validate::T
             })?,
             format!("document {}", p.display()),
         ),
-        None => (crate::bake::document(&script)?, format!("document {}", crate::bake::DOCUMENT_TEMPLATE_NAME)),
+        None => {
+            let doc = crate::bake::document(&script)?;
+            // Without a region the key is shown as configured; bake resolves it for its region.
+            let key = match ctx.region.as_deref() {
+                Some(home) => ctx.config.bake.kms_key_in(home, home).map_err(Error::Invalid)?,
+                None => ctx.config.bake.kms_key_id.clone(),
+            };
+            let doc = match key {
+                Some(k) => crate::bake::encrypt_build_volume(&doc, &k)?,
+                None => doc,
+            };
+            (doc, format!("document {}", crate::bake::DOCUMENT_TEMPLATE_NAME))
+        }
     };
     let findings = crate::check::automation::check(&document);
     for f in &findings {

@@ -109,6 +109,47 @@ pub struct BakeConfig {
     /// encrypted with the AWS managed `aws/ebs` key cannot be shared with another account, so a
     /// fleet that spans accounts needs one.
     pub kms_key_id: Option<String>,
+    /// The key to use in a region where `kms_key_id` does not exist: KMS keys are regional, so
+    /// a single-region key needs a key of its own in each other region (a multi-region key,
+    /// `mrk-...`, has a replica with the same id instead, and an alias name is looked up in each
+    /// region). Region to key id, ARN or alias.
+    pub kms_key_ids: BTreeMap<String, String>,
+}
+
+impl BakeConfig {
+    /// The key that encrypts the image in `region` (bake runs in `home`), or None without
+    /// `kms_key_id`. Errors name the field to set.
+    pub fn kms_key_in(&self, region: &str, home: &str) -> std::result::Result<Option<String>, String> {
+        if let Some(k) = self.kms_key_ids.get(region) {
+            return Ok(Some(k.clone()));
+        }
+        let Some(k) = &self.kms_key_id else { return Ok(None) };
+        let missing = |in_region: &str| {
+            format!(
+                "bake.kms_key_id is a key of {in_region}, and KMS keys are regional: set bake.kms_key_ids.{region} to the key for {region} \
+                 (or use a multi-region key, mrk-..., replicated there)"
+            )
+        };
+        let parts: Vec<&str> = k.split(':').collect();
+        if parts.len() == 6 && parts[0] == "arn" {
+            let key_region = parts[3];
+            if key_region == region {
+                return Ok(Some(k.clone()));
+            }
+            // A multi-region key's replicas share its id; only the ARN's region differs.
+            if parts[5].starts_with("key/mrk-") {
+                let mut p = parts.clone();
+                p[3] = region;
+                return Ok(Some(p.join(":")));
+            }
+            return Err(missing(key_region));
+        }
+        // An alias name is resolved in each region; a multi-region key id is the same in each.
+        if k.starts_with("alias/") || k.starts_with("mrk-") || region == home {
+            return Ok(Some(k.clone()));
+        }
+        Err(missing(home))
+    }
 }
 
 impl Default for BakeConfig {
@@ -125,6 +166,7 @@ impl Default for BakeConfig {
             regions: Vec::new(),
             manifest: "imgbuild.bake.json".into(),
             kms_key_id: None,
+            kms_key_ids: BTreeMap::new(),
         }
     }
 }
@@ -740,6 +782,29 @@ impl Config {
             && let Err(m) = check_kms_key(k)
         {
             bad("bake.kms_key_id", m);
+        }
+        for (r, k) in &self.bake.kms_key_ids {
+            if let Err(m) = check_region(r) {
+                bad(&format!("bake.kms_key_ids.{r}"), m);
+            }
+            if let Err(m) = check_kms_key(k) {
+                bad(&format!("bake.kms_key_ids.{r}"), m);
+            }
+        }
+        // A key ARN says its region: every region the image goes to (bake's copies, the
+        // fleet's regions) needs its own key there, found before anything is baked.
+        if let Some(key_region) = self.bake.kms_key_id.as_deref().and_then(|k| k.strip_prefix("arn:")).and_then(|k| k.split(':').nth(2)) {
+            let mut regions: Vec<&String> = self.bake.regions.iter().chain(self.fleet.regions.iter()).collect();
+            regions.sort();
+            regions.dedup();
+            for r in regions {
+                if let Err(m) = self.bake.kms_key_in(r, key_region) {
+                    bad(&format!("bake.kms_key_ids.{r}"), m);
+                }
+            }
+        }
+        if !self.bake.kms_key_ids.is_empty() && self.bake.kms_key_id.is_none() {
+            bad("bake.kms_key_ids", "set bake.kms_key_id too: it is the key of the region bake runs in, and what the fleet checks for".into());
         }
         // AWS Backup's lifecycle takes whole days; a century is far beyond any real retention.
         if !(1..=36_500).contains(&self.backup.retention_days) {

@@ -358,6 +358,7 @@ struct Bake {
     puts: Seen<PutParameterInput>,
     /// Rules for anything else a test needs (other executions).
     extra_ssm: Vec<Rule>,
+    extra_ec2: Vec<Rule>,
     // EC2
     find_cached: Rule,
     cache_lookups: Seen<DescribeImagesInput>,
@@ -501,6 +502,7 @@ impl Bake {
             put_parameter: capturing!(mock!(aws_sdk_ssm::Client::put_parameter), puts).then_output(|| PutParameterOutput::builder().version(1).build()),
             puts,
             extra_ssm: Vec::new(),
+            extra_ec2: Vec::new(),
             find_cached: find_cached(&cache_lookups, first, then),
             cache_lookups,
             describe_instances: capturing!(mock!(aws_sdk_ec2::Client::describe_instances), instance_lookups)
@@ -564,23 +566,22 @@ impl Bake {
             &self.put_parameter,
         ];
         ssm.extend(self.extra_ssm.iter());
-        clients(
-            &[
-                &self.find_cached,
-                &self.describe_instances,
-                &self.terminate,
-                &self.describe_image,
-                &self.deregister,
-                &self.delete_snapshot,
-                &self.untag,
-                &self.mark,
-                &self.tag_chroma,
-                &self.token_images,
-                &self.token_snapshots,
-                &self.dry_run,
-            ],
-            &ssm,
-        )
+        let mut ec2 = vec![
+            &self.find_cached,
+            &self.describe_instances,
+            &self.terminate,
+            &self.describe_image,
+            &self.deregister,
+            &self.delete_snapshot,
+            &self.untag,
+            &self.mark,
+            &self.tag_chroma,
+            &self.token_images,
+            &self.token_snapshots,
+            &self.dry_run,
+        ];
+        ec2.extend(self.extra_ec2.iter());
+        clients(&ec2, &ssm)
     }
 
     fn start_request(&self) -> StartAutomationExecutionInput {
@@ -2124,4 +2125,91 @@ async fn bad_instance_type_lists_are_refused_naming_the_field() {
     assert_eq!(err.exit_code(), 2, "{err}");
     assert!(err.to_string().contains("bake.instance_types") && err.to_string().contains("t4g.small"), "{err}");
     assert_eq!(b.get_parameter.num_calls() + b.find_cached.num_calls(), 0, "nothing looked up");
+}
+
+// ---------------------------------------------------------------------------------------------
+// bake.kms_key_id (issue 14): the image is baked under the key, not copied under it afterwards.
+
+const KEY: &str = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+
+fn launch_ebs(document: &str) -> serde_yaml::Value {
+    let doc: serde_yaml::Value = serde_yaml::from_str(document).unwrap();
+    let launch = doc["mainSteps"].as_sequence().unwrap().iter().find(|s| s["name"].as_str() == Some("launchInstance")).unwrap().clone();
+    launch["inputs"]["BlockDeviceMappings"][0]["Ebs"].clone()
+}
+
+/// With bake.kms_key_id the build instance's root volume is encrypted under the key (RunInstances
+/// BlockDeviceMappings[].Ebs.KmsKeyId, "Identifier (key ID, key alias, key ARN, or alias ARN) of
+/// the customer managed KMS key to use for EBS encryption", with Encrypted true: "If KmsKeyId is
+/// specified, the encrypted state must be true", EC2 API Reference), so the image's snapshots
+/// are; the key is part of the digest, so an image baked under another key (or none) is not
+/// reused. Without the key, the document and the digest are what they were.
+#[tokio::test]
+async fn with_a_kms_key_the_build_volume_is_encrypted_under_it_and_the_key_is_in_the_digest() {
+    let plain = Bake::new(None, successful_execution());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    bake_flow(&plain, &cfg, &args(false, 3600), std::future::pending()).await.unwrap();
+    let plain_doc = all(&plain.created)[0].content().unwrap().to_string();
+    assert!(launch_ebs(&plain_doc).get("KmsKeyId").is_none(), "no key configured: the account's default EBS key, as before");
+
+    let keyed = Bake::new(None, successful_execution());
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut cfg2 = config(&dir2);
+    cfg2.bake.kms_key_id = Some(KEY.into());
+    bake_flow(&keyed, &cfg2, &args(false, 3600), std::future::pending()).await.unwrap();
+    let doc = all(&keyed.created)[0].content().unwrap().to_string();
+    let ebs = launch_ebs(&doc);
+    assert_eq!((ebs["KmsKeyId"].as_str(), ebs["Encrypted"].as_bool()), (Some(KEY), Some(true)), "{ebs:?}");
+    assert!(imgbuild::check::automation::check(&doc).is_empty(), "the document with the key passes its checker");
+    assert_ne!(looked_up_digest(&keyed.cache_lookups), looked_up_digest(&plain.cache_lookups), "the key is part of the digest");
+    assert_eq!(param(&keyed.start_request(), "Digest"), looked_up_digest(&keyed.cache_lookups));
+}
+
+/// `bake --regions` copies the image under that region's key: KMS keys are regional, and a
+/// multi-region key's replica has the same key id with its own region in the ARN (CopyImage
+/// Encrypted and KmsKeyId: "If you specify a KMS key, you must also set the encrypted state to
+/// true", EC2 API Reference; the answer's shape: aws-cli examples/ec2/copy-image.rst).
+#[tokio::test]
+async fn a_region_copy_is_encrypted_under_that_regions_replica_of_a_multi_region_key() {
+    const COPY: &str = "ami-0c0c0c0c0c0c0c0c0";
+    const MRK: &str = "arn:aws:kms:us-east-1:123456789012:key/mrk-1234abcd12ab34cd56ef1234567890ab";
+    let mut b = Bake::new(Some(image(AMI, "sha256:whatever-the-filter-asked")), vec![execution("Pending", vec![], None)]);
+    // Cached in us-east-1; nothing with the digest in eu-west-1 yet.
+    b.find_cached = find_cached(&b.cache_lookups, vec![image(AMI, "sha256:cached")], vec![]);
+    let copies: Seen<aws_sdk_ec2::operation::copy_image::CopyImageInput> = seen();
+    b.extra_ec2 = vec![
+        capturing!(mock!(aws_sdk_ec2::Client::copy_image), copies)
+            .then_output(|| aws_sdk_ec2::operation::copy_image::CopyImageOutput::builder().image_id(COPY).build()),
+        mock!(aws_sdk_ec2::Client::create_tags)
+            .match_requests(|r| r.resources() == [COPY])
+            .then_output(|| aws_sdk_ec2::operation::create_tags::CreateTagsOutput::builder().build()),
+        mock!(aws_sdk_ec2::Client::describe_images).match_requests(|r| r.image_ids() == [COPY]).then_output(|| {
+            DescribeImagesOutput::builder().images(Image::builder().image_id(COPY).state(aws_sdk_ec2::types::ImageState::Available).build()).build()
+        }),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.bake.kms_key_id = Some(MRK.into());
+    let a = BakeArgs { regions: vec!["eu-west-1".into()], ..args(false, 3600) };
+    let out = bake_flow(&b, &cfg, &a, std::future::pending()).await.unwrap_or_else(|e| panic!("{e}"));
+    let c = all(&copies);
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!((c[0].encrypted(), c[0].kms_key_id()), (Some(true), Some("arn:aws:kms:eu-west-1:123456789012:key/mrk-1234abcd12ab34cd56ef1234567890ab")));
+    assert_eq!(out["manifest"]["copies"]["eu-west-1"], COPY);
+}
+
+/// A single-region key cannot encrypt a copy in another region: bake refuses before anything is
+/// looked up, naming the field that gives that region its key.
+#[tokio::test]
+async fn a_single_region_key_and_another_region_without_its_key_is_refused_first() {
+    let b = Bake::new(None, successful_execution());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir);
+    cfg.bake.kms_key_id = Some(KEY.into());
+    let a = BakeArgs { regions: vec!["eu-west-1".into()], ..args(false, 3600) };
+    let err = bake_flow(&b, &cfg, &a, std::future::pending()).await.unwrap_err();
+    assert_eq!(err.exit_code(), 2, "{err}");
+    assert!(err.to_string().contains("bake.kms_key_ids.eu-west-1"), "{err}");
+    assert_eq!(b.get_parameter.num_calls() + b.find_cached.num_calls() + b.start.num_calls(), 0);
 }

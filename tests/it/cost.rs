@@ -199,8 +199,8 @@ fn a_new_stack_is_the_templates_resources_whose_condition_holds() {
     let ids = |c: Vec<Change>| c.into_iter().map(|c| c.logical_id).collect::<std::collections::BTreeSet<_>>();
     let params = |nat: &str| std::collections::BTreeMap::from([("NatGateways".to_string(), nat.to_string())]);
     let t = Template::reference();
-    assert_eq!(ids(cost::new_stack(&t, &params("One"))), ids(create_change_set(&["NatPerAz", "HasAllowedClientCidr", "AlarmMail"])));
-    assert_eq!(ids(cost::new_stack(&t, &params("PerAz"))), ids(create_change_set(&["HasAllowedClientCidr", "AlarmMail"])));
+    assert_eq!(ids(cost::new_stack(&t, &params("One"))), ids(create_change_set(&["NatPerAz", "HasAllowedClientCidr", "AlarmMail", "WritesImage"])));
+    assert_eq!(ids(cost::new_stack(&t, &params("PerAz"))), ids(create_change_set(&["HasAllowedClientCidr", "AlarmMail", "WritesImage"])));
     let with_fs = std::collections::BTreeMap::from([("FileSystemId".to_string(), "fs-0123456789abcdef0".to_string())]);
     assert!(!ids(cost::new_stack(&t, &with_fs)).contains("FileSystem"), "a given file system is not created");
 }
@@ -208,7 +208,7 @@ fn a_new_stack_is_the_templates_resources_whose_condition_holds() {
 #[test]
 fn a_new_stack_costs_one_nat_gateway_or_one_per_az() {
     // The defaults: one NAT gateway, no allowed client CIDR, no alarm mail.
-    let one = cost::estimate(&create_change_set(&["NatPerAz", "HasAllowedClientCidr", "AlarmMail"]), &inputs("us-east-1"));
+    let one = cost::estimate(&create_change_set(&["NatPerAz", "HasAllowedClientCidr", "AlarmMail", "WritesImage"]), &inputs("us-east-1"));
     assert_eq!(item(&one, "NatGatewayA"), [('+', 32.85)]);
     assert_eq!(item(&one, "NatEipA"), [('+', 3.65)]);
     assert!(item(&one, "NatGatewayB").is_empty());
@@ -221,12 +221,12 @@ fn a_new_stack_costs_one_nat_gateway_or_one_per_az() {
     assert_eq!(item(&one, "BackupKey"), [('+', 1.0)], "a customer managed key");
     assert!(item(&one, "AlarmTopicKey").is_empty(), "no alarm mail, no key for it");
     assert_eq!(one.monthly_usd, 83.95);
-    let per_az = cost::estimate(&create_change_set(&["HasAllowedClientCidr", "AlarmMail"]), &inputs("us-east-1"));
+    let per_az = cost::estimate(&create_change_set(&["HasAllowedClientCidr", "AlarmMail", "WritesImage"]), &inputs("us-east-1"));
     assert_eq!(item(&per_az, "NatGatewayB"), [('+', 32.85)]);
     assert_eq!(item(&per_az, "NatEipB"), [('+', 3.65)]);
     assert_eq!(per_az.monthly_usd, 120.45);
     // With alarms.email: the mail's own key, and a topic that costs nothing by itself.
-    let mail = cost::estimate(&create_change_set(&["NatPerAz", "HasAllowedClientCidr"]), &inputs("us-east-1"));
+    let mail = cost::estimate(&create_change_set(&["NatPerAz", "HasAllowedClientCidr", "WritesImage"]), &inputs("us-east-1"));
     assert_eq!((item(&mail, "AlarmTopicKey"), item(&mail, "AlarmTopic")), (vec![('+', 1.0)], vec![('+', 0.0)]));
     assert_eq!(mail.monthly_usd, 84.95);
     // The JSON `cost` carries the same figures.
@@ -400,7 +400,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 /// A change set adding what a new stack with one NAT gateway and the alarm mail prices.
 fn new_stack_changes() -> Vec<Change> {
-    create_change_set(&["NatPerAz", "HasAllowedClientCidr"])
+    create_change_set(&["NatPerAz", "HasAllowedClientCidr", "WritesImage"])
 }
 
 #[test]

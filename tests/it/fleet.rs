@@ -181,6 +181,92 @@ fn deploy_no_change_update_status_and_destroy_in_three_regions() {
     assert_eq!(doc["exists"], false);
 }
 
+/// A customer-managed key in `region` (KMS keys are regional); its ARN.
+fn create_key(url: &str, region: &str) -> String {
+    rt().block_on(async {
+        let kms = aws_sdk_kms::Client::new(&sdk(url, region).await);
+        kms.create_key().description("imgbuild fleet test").send().await.unwrap().key_metadata().unwrap().arn().unwrap().to_string()
+    })
+}
+
+/// The handoff parameter in `region` as `account` sees it (moto maps credentials from an
+/// AssumeRole into that account to it).
+fn parameter_in(url: &str, account: &str, region: &str, name: &str) -> Option<String> {
+    rt().block_on(async {
+        let sts = aws_sdk_sts::Client::new(&sdk(url, region).await);
+        let role = format!("arn:aws:iam::{account}:role/imgbuild-fleet-test");
+        let c = sts.assume_role().role_arn(role).role_session_name("imgbuild-test").send().await.unwrap();
+        let c = c.credentials().unwrap();
+        let creds = aws_sdk_ssm::config::Credentials::new(c.access_key_id(), c.secret_access_key(), Some(c.session_token().to_string()), None, "assumed");
+        let conf = aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(url)
+            .region(aws_config::Region::new(region.to_string()))
+            .credentials_provider(creds)
+            .load()
+            .await;
+        let ssm = aws_sdk_ssm::Client::new(&conf);
+        ssm.get_parameter().name(name).send().await.ok().and_then(|o| o.parameter().and_then(|p| p.value()).map(String::from))
+    })
+}
+
+/// The image in every account (issue 14): in a fleet of moto's account and another one, the
+/// other account's instance in each region gets the shared image as ImageId and writes the
+/// handoff parameter there itself (the template's ImageHandoff, under WritesImage, which only
+/// fleet overrides for other accounts set); the baking account's parameter stays bake's. Each
+/// region's key (one per region, bake.kms_key_ids) grants the other account's Auto Scaling role.
+/// moto runs the instance stacks in the target account (SELF_MANAGED instances are created in
+/// that account's CloudFormation), with tests/fixtures/moto-fleet.yaml, which carries the
+/// product's three pieces unchanged (checked below).
+#[test]
+fn a_cross_account_fleet_writes_the_handoff_parameter_in_the_other_account() {
+    const OTHER: &str = "222222222222";
+    // The fixture's ImageHandoff pieces are the product's.
+    let product: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/stack.yaml")).unwrap()).unwrap();
+    let fixture: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(FIXTURE).unwrap()).unwrap();
+    for (section, key) in [("Parameters", "ImageParameterName"), ("Conditions", "WritesImage"), ("Resources", "ImageHandoff")] {
+        assert_eq!(fixture[section][key], product[section][key], "{section}.{key}");
+        assert!(!product[section][key].is_null(), "{section}.{key}");
+    }
+
+    let Some(moto) = services::moto() else { return };
+    let url = &moto.url;
+    let name = "fleet-x";
+    let images: Vec<String> = REGIONS.iter().map(|r| bake_into(url, r, name)).collect();
+    let keys: Vec<String> = REGIONS.iter().map(|r| create_key(url, r)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "name: {name}\nregion: us-east-1\naws:\n  poll_interval_secs: 1\nbake:\n  kms_key_id: {}\n  kms_key_ids:\n    {}: {}\n    {}: {}\n\
+         fleet:\n  accounts: [\"{ACCOUNT}\", \"{OTHER}\"]\n  regions: [{}]\n  max_concurrent: 2\n  failure_tolerance: 1\n",
+        keys[0],
+        REGIONS[1],
+        keys[1],
+        REGIONS[2],
+        keys[2],
+        REGIONS.join(", ")
+    );
+    std::fs::write(dir.path().join("imgbuild.yaml"), config).unwrap();
+
+    let (ok, doc, err) = fleet(dir.path(), url, &["deploy", "--yes", "--no-tools", "--template", FIXTURE]);
+    assert!(ok, "{err}");
+    let grants = doc["grants"].as_array().unwrap();
+    assert_eq!(grants.len(), 3, "{doc:#}");
+    for (g, key) in grants.iter().zip(&keys) {
+        assert_eq!((g["account"].as_str(), g["state"].as_str(), g["key"].as_str()), (Some(OTHER), Some("created"), Some(key.as_str())), "{doc:#}");
+    }
+    for (i, r) in REGIONS.iter().enumerate() {
+        let shared = doc["images"][i]["image"].as_str().unwrap().to_string();
+        assert_eq!(doc["images"][i]["region"], *r);
+        assert_eq!(parameter_in(url, OTHER, r, &format!("/imgbuild/{name}/ami")), Some(shared), "{r}: the other account's stack wrote it");
+        assert_eq!(parameter_in(url, ACCOUNT, r, &format!("/imgbuild/{name}/ami")), Some(images[i].clone()), "{r}: bake's own parameter is untouched");
+    }
+
+    // Removing the other account takes back what it was given.
+    let (ok, doc, err) = fleet(dir.path(), url, &["destroy", "--yes", "--accounts", OTHER]);
+    assert!(ok, "{err}");
+    assert_eq!(doc["revoked_grants"].as_array().map(Vec::len), Some(3), "{doc:#}");
+    assert_eq!(doc["unshared"].as_array().map(Vec::len), Some(3), "{doc:#}");
+}
+
 /// Without a baked image in one region, nothing is created: the parameter `bake --regions`
 /// writes is missing there, and the error names the region and the command that fixes it.
 #[test]
@@ -222,6 +308,23 @@ fn validate_refuses_a_cross_account_fleet_without_a_customer_managed_key() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let config = imgbuild::config::parse(&format!("{fleet}{key}"), "t.yaml").unwrap();
     assert_eq!(config.fleet.accounts, ["012345678901", "222222222222"]);
+
+    // KMS keys are regional: a single-region key of us-east-1 cannot encrypt the image in
+    // eu-west-1; that region's key goes in bake.kms_key_ids (a multi-region key needs none).
+    let two_regions = "fleet:\n  accounts: [012345678901, 222222222222]\n  regions: [us-east-1, eu-west-1]\n";
+    std::fs::write(dir.path().join("imgbuild.yaml"), format!("{two_regions}{key}")).unwrap();
+    let out = imgbuild(dir.path()).args(["validate", "--no-tools"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("bake.kms_key_ids.eu-west-1") && err.contains("KMS keys are regional"), "{err}");
+    let per_region = "  kms_key_ids:\n    eu-west-1: arn:aws:kms:eu-west-1:111111111111:key/0e0e0e0e-aaaa-bbbb-cccc-dddddddddddd\n";
+    std::fs::write(dir.path().join("imgbuild.yaml"), format!("{two_regions}{key}{per_region}")).unwrap();
+    let out = imgbuild(dir.path()).args(["validate", "--no-tools"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mrk = "bake:\n  kms_key_id: arn:aws:kms:us-east-1:111111111111:key/mrk-1234abcd12ab34cd56ef1234567890ab\n";
+    std::fs::write(dir.path().join("imgbuild.yaml"), format!("{two_regions}{mrk}")).unwrap();
+    let out = imgbuild(dir.path()).args(["validate", "--no-tools"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let aws_managed = "bake:\n  kms_key_id: alias/aws/ebs\n";
     std::fs::write(dir.path().join("imgbuild.yaml"), format!("{fleet}{aws_managed}")).unwrap();

@@ -13,6 +13,7 @@ use aws_smithy_types::retry::RetryConfig;
 
 use aws_sdk_cloudformation::operation::create_stack_instances::{CreateStackInstancesInput, CreateStackInstancesOutput};
 use aws_sdk_cloudformation::operation::create_stack_set::{CreateStackSetInput, CreateStackSetOutput};
+use aws_sdk_cloudformation::operation::describe_stack_instance::DescribeStackInstanceOutput;
 use aws_sdk_cloudformation::operation::describe_stack_set::{DescribeStackSetError, DescribeStackSetOutput};
 use aws_sdk_cloudformation::operation::describe_stack_set_operation::DescribeStackSetOperationOutput;
 use aws_sdk_cloudformation::operation::detect_stack_set_drift::{DetectStackSetDriftInput, DetectStackSetDriftOutput};
@@ -32,9 +33,15 @@ use aws_sdk_ec2::operation::modify_snapshot_attribute::{ModifySnapshotAttributeI
 use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice, Image, Snapshot};
 use aws_sdk_ssm::operation::get_parameter::GetParameterOutput;
 
+use aws_sdk_kms::operation::create_grant::{CreateGrantInput, CreateGrantOutput};
+use aws_sdk_kms::operation::describe_key::DescribeKeyOutput;
+use aws_sdk_kms::operation::list_grants::ListGrantsOutput;
+use aws_sdk_kms::operation::revoke_grant::{RevokeGrantInput, RevokeGrantOutput};
+use aws_sdk_kms::types::{GrantListEntry, KeyManagerType, KeyMetadata};
+
 use imgbuild::Error;
 use imgbuild::aws::Clients;
-use imgbuild::cli::{FleetDeployArgs, FleetStatusArgs, FleetTargetArgs, ToolArgs};
+use imgbuild::cli::{FleetDeployArgs, FleetDestroyArgs, FleetStatusArgs, FleetTargetArgs, ToolArgs};
 use imgbuild::config::Context;
 use imgbuild::stack::changeset::Confirmer;
 
@@ -55,10 +62,18 @@ const OWNER: &str = "111111111111";
 const OU: &str = "ou-ab12-cd34ef56";
 const OU_ARN: &str = "arn:aws:organizations::111111111111:ou/o-abcd1234ef/ou-ab12-cd34ef56";
 const KEY: &str = "arn:aws:kms:us-east-1:111111111111:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+/// A multi-region key: its replica in each region has the same id (a fleet of several regions
+/// needs a key in each: KMS keys are regional).
+const MRK: &str = "arn:aws:kms:us-east-1:111111111111:key/mrk-1234abcd12ab34cd56ef1234567890ab";
 const AMI: &str = "ami-0123456789abcdef0";
 const SNAPSHOT: &str = "snap-0123456789abcdef0";
 
 fn clients(cfn: &[&Rule], ec2: &[&Rule], ssm: &[&Rule]) -> Clients {
+    let grants: Seen<CreateGrantInput> = Default::default();
+    clients_kms(cfn, ec2, ssm, &[&describe_key(), &list_grants(vec![]), &create_grant(&grants)])
+}
+
+fn clients_kms(cfn: &[&Rule], ec2: &[&Rule], ssm: &[&Rule], kms: &[&Rule]) -> Clients {
     let own = |rules: &[&Rule]| rules.iter().map(|r| (*r).clone()).collect::<Vec<Rule>>();
     let retry = RetryConfig::standard().with_initial_backoff(Duration::from_millis(1));
     let none: Vec<Rule> = Vec::new();
@@ -69,7 +84,8 @@ fn clients(cfn: &[&Rule], ec2: &[&Rule], ssm: &[&Rule]) -> Clients {
         ssm: mocked!(aws_sdk_ssm, own(ssm), retry.clone()),
         elb: mocked!(aws_sdk_elasticloadbalancingv2, none, retry.clone()),
         apigw: mocked!(aws_sdk_apigateway, none, retry.clone()),
-        backup: mocked!(aws_sdk_backup, Vec::<Rule>::new(), retry),
+        backup: mocked!(aws_sdk_backup, Vec::<Rule>::new(), retry.clone()),
+        kms: mocked!(aws_sdk_kms, own(kms), retry),
         ..crate::mock_client::unscripted()
     }
 }
@@ -99,7 +115,7 @@ fn targets() -> FleetTargetArgs {
 }
 
 fn deploy_args(t: FleetTargetArgs) -> FleetDeployArgs {
-    FleetDeployArgs { targets: t, template: None, yes: true, dry_run: false, tools: ToolArgs { require_tools: false, no_tools: true } }
+    FleetDeployArgs { targets: t, template: None, yes: true, dry_run: false, no_execute: false, tools: ToolArgs { require_tools: false, no_tools: true } }
 }
 
 struct Never;
@@ -115,6 +131,71 @@ fn never() -> std::future::Pending<()> {
 
 // ---------------------------------------------------------------------------------------------
 // Answers
+
+/// DescribeKey of the fleet's key: customer managed, with its ARN (KeyMetadata: AWSAccountId,
+/// KeyId, Arn, KeyManager CUSTOMER; aws-cli examples/kms/describe-key.rst).
+fn describe_key() -> Rule {
+    mock!(aws_sdk_kms::Client::describe_key).then_output(|| {
+        DescribeKeyOutput::builder()
+            .key_metadata(
+                KeyMetadata::builder()
+                    .aws_account_id(OWNER)
+                    .key_id("1234abcd-12ab-34cd-56ef-1234567890ab")
+                    .arn(KEY)
+                    .enabled(true)
+                    .key_manager(KeyManagerType::Customer)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+    })
+}
+
+/// The Auto Scaling service-linked role of `account`, the grantee of the User Guide's example.
+fn slr(account: &str) -> String {
+    format!("arn:aws:iam::{account}:role/aws-service-role/autoscaling.amazonaws.com/AWSServiceRoleForAutoScaling")
+}
+
+/// ListGrants on the key, one page (Truncated false): a grant this fleet made for each
+/// (account, grant id), and one another service made (Grants[]: KeyId, GrantId, Name,
+/// GranteePrincipal, IssuingAccount, Operations; aws-cli examples/kms/list-grants.rst).
+fn list_grants(ours: Vec<(&'static str, &'static str)>) -> Rule {
+    mock!(aws_sdk_kms::Client::list_grants).then_output(move || {
+        let mut b = ListGrantsOutput::builder().truncated(false).grants(
+            GrantListEntry::builder()
+                .key_id(KEY)
+                .grant_id("1667b97d27cf748cf05b487217dd4179526c949d14fb3903858e25193253fe59")
+                .name("8276b9a6-6cf0-46f1-b2f0-7993a7f8c89a")
+                .grantee_principal("dynamodb.us-east-1.amazonaws.com")
+                .issuing_account(format!("arn:aws:iam::{OWNER}:root"))
+                .build(),
+        );
+        for (account, id) in &ours {
+            b = b.grants(
+                GrantListEntry::builder()
+                    .key_id(KEY)
+                    .grant_id(*id)
+                    .name(format!("imgbuild-{SET}-{account}"))
+                    .grantee_principal(slr(account))
+                    .issuing_account(format!("arn:aws:iam::{OWNER}:root"))
+                    .build(),
+            );
+        }
+        b.build()
+    })
+}
+
+/// CreateGrant answers GrantId and GrantToken (aws-cli examples/kms/create-grant.rst).
+fn create_grant(seen: &Seen<CreateGrantInput>) -> Rule {
+    capturing!(mock!(aws_sdk_kms::Client::create_grant), seen).then_output(|| {
+        CreateGrantOutput::builder().grant_id("1a2b3c4d2f5e69f440bae30eaec9570bb1fb7358824f9ddfa1aa5a0dab1a59b2").grant_token("<grant token here>").build()
+    })
+}
+
+/// RevokeGrant "produces no output" (aws-cli examples/kms/revoke-grant.rst).
+fn revoke_grant(seen: &Seen<RevokeGrantInput>) -> Rule {
+    capturing!(mock!(aws_sdk_kms::Client::revoke_grant), seen).then_output(|| RevokeGrantOutput::builder().build())
+}
 
 /// GetParameter for the handoff parameter, in any region.
 fn handoff() -> Rule {
@@ -247,7 +328,7 @@ fn list_instances(rows: Vec<StackInstanceSummary>) -> Rule {
 #[tokio::test]
 async fn service_managed_operation_beyond_the_tolerance_exits_3_naming_each_failed_target() {
     let yaml = format!(
-        "bake:\n  kms_key_id: {KEY}\nfleet:\n  permission_model: service-managed\n  organizational_units: [\"{OU_ARN}\"]\n  regions: [us-east-1, eu-west-1]\n  failure_tolerance: 1\n  max_concurrent: 2\n"
+        "bake:\n  kms_key_id: {MRK}\nfleet:\n  permission_model: service-managed\n  organizational_units: [\"{OU_ARN}\"]\n  regions: [us-east-1, eu-west-1]\n  failure_tolerance: 1\n  max_concurrent: 2\n"
     );
     let (_d, ctx) = context(&yaml);
     let sets: Seen<CreateStackSetInput> = Default::default();
@@ -274,7 +355,7 @@ async fn service_managed_operation_beyond_the_tolerance_exits_3_naming_each_fail
         result("444444444444", "us-east-1", "SUCCEEDED", None),
         result("555555555555", "us-east-1", "CANCELLED", Some("Cancelled since failure tolerance has exceeded")),
     ]);
-    let (images, snapshots) = image(KEY);
+    let (images, snapshots) = image(MRK);
     let launch: Seen<ModifyImageAttributeInput> = Default::default();
     let modify_image = capturing!(mock!(aws_sdk_ec2::Client::modify_image_attribute), launch).then_output(|| ModifyImageAttributeOutput::builder().build());
     let clients = clients(&[&no_set(), &create_set(&sets), &create_instances(&creates), &op, &res], &[&images, &snapshots, &modify_image], &[&handoff()]);
@@ -357,20 +438,29 @@ async fn cross_account_fleet_shares_the_image_and_partial_success_is_success() {
     let v = volumes.lock().unwrap()[0].clone();
     assert_eq!(v.snapshot_id(), Some(SNAPSHOT));
     assert_eq!(v.create_volume_permission().unwrap().add().iter().filter_map(|p| p.user_id()).collect::<Vec<_>>(), ["222222222222", "333333333333"]);
-    // The other accounts have no handoff parameter: each instance is created with the region's
-    // shared image as its ImageId, in the create call itself; the account with its own client
-    // network gets that too, in a call of its own (ParameterOverrides apply to every account and
-    // region of a CreateStackInstances call, API Reference).
+    // Each instance is created with the region's shared image as its ImageId, in the create call
+    // itself. The other accounts have no handoff parameter: their ImageParameter names AWS's
+    // public AL2023 parameter (CloudFormation resolves it in that account before anything is
+    // made) and ImageParameterName has their stack write /imgbuild/<name>/ami there; the baking
+    // account's own parameter is bake's, never a stack's. The account with its own client
+    // network gets a call of its own (ParameterOverrides apply to every account and region of a
+    // CreateStackInstances call, API Reference).
     let creates = creates.lock().unwrap().clone();
     let overrides = |c: &CreateStackInstancesInput| -> Vec<(String, String)> {
         c.parameter_overrides().iter().map(|p| (p.parameter_key().unwrap().to_string(), p.parameter_value().unwrap().to_string())).collect()
     };
-    assert_eq!(creates.len(), 2, "{creates:?}");
+    assert_eq!(creates.len(), 3, "{creates:?}");
     let by_accounts = |a: &[&str]| creates.iter().find(|c| c.accounts() == a).unwrap_or_else(|| panic!("no create for {a:?}: {creates:?}"));
-    assert_eq!(overrides(by_accounts(&[OWNER, "222222222222"])), [("ImageId".to_string(), AMI.to_string())]);
+    let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let public = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
+    assert_eq!(overrides(by_accounts(&[OWNER])), [kv("ImageId", AMI)]);
+    assert_eq!(
+        overrides(by_accounts(&["222222222222"])),
+        [kv("ImageId", AMI), kv("ImageParameter", public), kv("ImageParameterName", "/imgbuild/vectordb/ami")]
+    );
     assert_eq!(
         overrides(by_accounts(&["333333333333"])),
-        [("AllowedClientCidr".to_string(), "10.8.0.0/16".to_string()), ("ImageId".to_string(), AMI.to_string())]
+        [kv("AllowedClientCidr", "10.8.0.0/16"), kv("ImageId", AMI), kv("ImageParameter", public), kv("ImageParameterName", "/imgbuild/vectordb/ami")]
     );
     assert!(updates.lock().unwrap().is_empty(), "no second operation for the overrides");
     assert_eq!(doc["operations"][0]["results"][2]["status"], "FAILED", "partial success is reported");
@@ -516,7 +606,7 @@ async fn status_with_drift_runs_detection_and_reports_each_instance() {
 async fn two_hundred_accounts_in_four_regions_stay_bounded() {
     let accounts: Vec<String> = (0..200).map(|i| format!("{:012}", 100_000_000_000u64 + i)).collect();
     let regions = ["us-east-1", "us-west-2", "eu-west-1", "ap-southeast-2"];
-    let yaml = format!("bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [{}]\n  regions: [{}]\n", accounts.join(", "), regions.join(", "));
+    let yaml = format!("bake:\n  kms_key_id: {MRK}\nfleet:\n  accounts: [{}]\n  regions: [{}]\n", accounts.join(", "), regions.join(", "));
     let (_d, ctx) = context(&yaml);
     let sets: Seen<CreateStackSetInput> = Default::default();
     let creates: Seen<CreateStackInstancesInput> = Default::default();
@@ -551,7 +641,7 @@ async fn two_hundred_accounts_in_four_regions_stay_bounded() {
                 .then_output(move || ListStackInstancesOutput::builder().set_summaries(Some(inst.clone())).set_next_token(next.clone()).build()),
         );
     }
-    let (images, snapshots) = image(KEY);
+    let (images, snapshots) = image(MRK);
     let modify_image = mock!(aws_sdk_ec2::Client::modify_image_attribute).then_output(|| ModifyImageAttributeOutput::builder().build());
     let modify_snapshot = mock!(aws_sdk_ec2::Client::modify_snapshot_attribute).then_output(|| ModifySnapshotAttributeOutput::builder().build());
     // Each region's own copy of the image, in the order the regions are read.
@@ -567,7 +657,9 @@ async fn two_hundred_accounts_in_four_regions_stay_bounded() {
     let (no_set, create_set, create_instances, update_instances) = (no_set(), create_set(&sets), create_instances(&creates), update_instances(&updates));
     let mut cfn: Vec<&Rule> = vec![&no_set, &create_set, &create_instances, &update_instances, &op];
     cfn.extend(page_rules.iter());
-    let clients = clients(&cfn, &[&images, &snapshots, &modify_image, &modify_snapshot], &[&handoff]);
+    let grants_made: Seen<CreateGrantInput> = Default::default();
+    let (key, listed, grant) = (describe_key(), list_grants(vec![]), create_grant(&grants_made));
+    let clients = clients_kms(&cfn, &[&images, &snapshots, &modify_image, &modify_snapshot], &[&handoff], &[&key, &listed, &grant]);
     let t = FleetTargetArgs { max_concurrent: Some("20".into()), failure_tolerance: Some("5%".into()), ..targets() };
 
     let started = Instant::now();
@@ -598,8 +690,12 @@ async fn two_hundred_accounts_in_four_regions_stay_bounded() {
     // ModifySnapshotAttribute; one more DescribeImages for the owner.
     assert_eq!(ec2_calls, 1 + 4 * (3 + 2 * 2), "ec2 calls");
     assert_eq!(ssm_calls, 4, "one handoff parameter per region");
+    // Per region: DescribeKey and one page of ListGrants, then one CreateGrant per other account
+    // (a grant names one grantee principal: CreateGrant, KMS API Reference).
+    let kms_calls = key.num_calls() + listed.num_calls() + grant.num_calls();
+    assert_eq!((key.num_calls(), listed.num_calls(), grant.num_calls()), (4, 4, 4 * 200), "kms calls: the image owner is none of the 200");
     eprintln!(
-        "fleet scale: 200 accounts x 4 regions: {operations} operations, cfn {cfn_calls} calls, ec2 {ec2_calls}, ssm {ssm_calls}, \
+        "fleet scale: 200 accounts x 4 regions: {operations} operations, cfn {cfn_calls} calls, ec2 {ec2_calls}, ssm {ssm_calls}, kms {kms_calls}, \
          DescribeStackSetOperation {}, result pages {}, in {:.1}s (1 s poll interval)",
         doc["calls"]["describe_operation"],
         doc["calls"]["list_results_pages"],
@@ -667,4 +763,242 @@ async fn ctrl_c_during_an_operation_says_what_was_started() {
     let text = err.to_string();
     let id = creates.lock().unwrap()[0].operation_id().unwrap().to_string();
     assert!(text.contains("stack set vectordb was created") && text.contains(&format!("operation {id} (creating instances in us-east-1)")), "{text}");
+}
+
+/// A StackSet as DescribeStackSet answers it (StackSet: StackSetName, StackSetARN, Status
+/// ACTIVE, TemplateBody, Parameters; DescribeStackSet, API Reference), administered by OWNER.
+fn existing_set(template_body: &'static str) -> Rule {
+    mock!(aws_sdk_cloudformation::Client::describe_stack_set).then_output(move || {
+        DescribeStackSetOutput::builder()
+            .stack_set(
+                StackSet::builder()
+                    .stack_set_name(SET)
+                    .stack_set_arn(format!("arn:aws:cloudformation:us-east-1:{OWNER}:stackset/{SET}:8d0f160b"))
+                    .status(StackSetStatus::Active)
+                    .template_body(template_body)
+                    .build(),
+            )
+            .build()
+    })
+}
+
+/// DescribeStackInstance: the instance with its ParameterOverrides (StackInstance: StackSetId,
+/// Region, Account, StackId, ParameterOverrides, Status; DescribeStackInstance, API Reference).
+fn described_instance(overrides: &'static [(&'static str, &'static str)]) -> Rule {
+    mock!(aws_sdk_cloudformation::Client::describe_stack_instance).then_output(move || {
+        DescribeStackInstanceOutput::builder()
+            .stack_instance(
+                aws_sdk_cloudformation::types::StackInstance::builder()
+                    .stack_set_id(format!("{SET}:8d0f160b"))
+                    .account(OWNER)
+                    .region("us-east-1")
+                    .status(StackInstanceStatus::Current)
+                    .set_parameter_overrides(Some(
+                        overrides
+                            .iter()
+                            .map(|(k, v)| aws_sdk_cloudformation::types::Parameter::builder().parameter_key(*k).parameter_value(*v).build())
+                            .collect(),
+                    ))
+                    .build(),
+            )
+            .build()
+    })
+}
+
+/// A target whose override was deleted from the config still has it in CloudFormation (only
+/// DescribeStackInstance says so): it is an update, and UpdateStackInstances gets an empty
+/// ParameterOverrides list for it ("To set an overridden parameter back to the value specified
+/// in the stack set, specify a parameter list but do not include the parameter in the list",
+/// UpdateStackInstances, API Reference). Failed before the fix: no UpdateStackInstances at all.
+#[tokio::test]
+async fn an_override_removed_from_the_config_is_removed_from_the_instance() {
+    let (_d, ctx) = context(&format!("fleet:\n  accounts: [\"{OWNER}\"]\n  regions: [us-east-1]\n"));
+    let updates: Seen<UpdateStackInstancesInput> = Default::default();
+    let set_update = mock!(aws_sdk_cloudformation::Client::update_stack_set)
+        .then_output(|| aws_sdk_cloudformation::operation::update_stack_set::UpdateStackSetOutput::builder().operation_id("imgbuild-update").build());
+    let op = operation(vec![("UPDATE", StackSetOperationStatus::Succeeded, None, 0)]);
+    let res = results(vec![result(OWNER, "us-east-1", "SUCCEEDED", None)]);
+    let list = list_instances(vec![instance(OWNER, "us-east-1", None, StackDriftStatus::NotChecked)]);
+    let described = described_instance(&[("AllowedClientCidr", "10.8.0.0/16")]);
+    let (images, snapshots) = image(KEY);
+    let clients = clients(
+        &[&existing_set("an older template"), &list, &described, &set_update, &update_instances(&updates), &op, &res],
+        &[&images, &snapshots],
+        &[&handoff()],
+    );
+    let doc = imgbuild::cmd::fleet_deploy_flow(&clients, &deploy_args(targets()), &ctx, quiet(), &Never, never()).await.unwrap_or_else(|e| panic!("{e}"));
+    let updates = updates.lock().unwrap().clone();
+    assert_eq!(updates.len(), 1, "{updates:?}");
+    assert_eq!((updates[0].accounts(), updates[0].regions()), (&[OWNER.to_string()][..], &["us-east-1".to_string()][..]));
+    assert_eq!(updates[0].parameter_overrides(), &[], "an empty list, not none (none would keep the override)");
+    assert!(updates[0].parameter_overrides.is_some());
+    assert_eq!(doc["targets"][0]["action"], "update");
+}
+
+/// `fleet deploy --no-execute` (which the refusal without a terminal names): the plan is shown
+/// and in the JSON, nothing is asked and nothing is started.
+#[tokio::test]
+async fn no_execute_shows_the_plan_and_starts_nothing() {
+    let (_d, ctx) = context(&format!("fleet:\n  accounts: [\"{OWNER}\"]\n  regions: [us-east-1, eu-west-1]\n"));
+    let sets: Seen<CreateStackSetInput> = Default::default();
+    let creates: Seen<CreateStackInstancesInput> = Default::default();
+    let (images, snapshots) = image(KEY);
+    let (create_set, create_instances) = (create_set(&sets), create_instances(&creates));
+    let clients = clients(&[&no_set(), &create_set, &create_instances], &[&images, &snapshots], &[&handoff()]);
+    let args = FleetDeployArgs { yes: false, no_execute: true, ..deploy_args(targets()) };
+    let doc = imgbuild::cmd::fleet_deploy_flow(&clients, &args, &ctx, quiet(), &Never, never()).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(doc["executed"], false);
+    assert_eq!(doc["targets"].as_array().map(Vec::len), Some(2), "{doc:#}");
+    assert_eq!(doc["targets"][0]["action"], "create");
+    assert_eq!(create_set.num_calls() + create_instances.num_calls(), 0);
+}
+
+/// A fleet that spans accounts grants each other account's Auto Scaling service-linked role use
+/// of the region's key, with the operations of the User Guide's cross-account example ("Required
+/// AWS KMS key policy for use with encrypted volumes", Amazon EC2 Auto Scaling User Guide,
+/// `aws kms create-grant ... --grantee-principal arn:aws:iam::111122223333:role/aws-service-role/
+/// autoscaling.amazonaws.com/AWSServiceRoleForAutoScaling --operations "Encrypt" "Decrypt"
+/// "ReEncryptFrom" "ReEncryptTo" "GenerateDataKey" "GenerateDataKeyWithoutPlaintext"
+/// "DescribeKey" "CreateGrant"`), once: a grant ListGrants shows (found by its Name and grantee)
+/// is not made again, and the baking account gets none. A dry run plans the same and makes none.
+#[tokio::test]
+async fn a_cross_account_fleet_grants_each_other_accounts_auto_scaling_role_use_of_the_key_once() {
+    let yaml = format!("bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [\"{OWNER}\", \"222222222222\", \"333333333333\"]\n  regions: [us-east-1]\n");
+    let (_d, ctx) = context(&yaml);
+    let run = |dry_run: bool| {
+        let made: Seen<CreateGrantInput> = Default::default();
+        let (sets, creates): (Seen<CreateStackSetInput>, Seen<CreateStackInstancesInput>) = Default::default();
+        let op = operation(vec![("CREATE", StackSetOperationStatus::Succeeded, None, 0)]);
+        let res = results(vec![result(OWNER, "us-east-1", "SUCCEEDED", None)]);
+        let (images, snapshots) = image(KEY);
+        let modify_image = mock!(aws_sdk_ec2::Client::modify_image_attribute).then_output(|| ModifyImageAttributeOutput::builder().build());
+        let modify_snapshot = mock!(aws_sdk_ec2::Client::modify_snapshot_attribute).then_output(|| ModifySnapshotAttributeOutput::builder().build());
+        let clients = clients_kms(
+            &[&no_set(), &create_set(&sets), &create_instances(&creates), &op, &res],
+            &[&images, &snapshots, &modify_image, &modify_snapshot],
+            &[&handoff()],
+            &[&describe_key(), &list_grants(vec![("222222222222", "0c0c0c0c")]), &create_grant(&made)],
+        );
+        let args = FleetDeployArgs { dry_run, yes: !dry_run, ..deploy_args(targets()) };
+        let ctx = &ctx;
+        async move {
+            let doc = imgbuild::cmd::fleet_deploy_flow(&clients, &args, ctx, quiet(), &Never, never()).await.unwrap_or_else(|e| panic!("{e}"));
+            (doc, made.lock().unwrap().clone())
+        }
+    };
+
+    let (plan, none) = run(true).await;
+    assert!(none.is_empty(), "a dry run makes no grant");
+    assert_eq!(plan["grants"].as_array().map(Vec::len), Some(2), "{plan:#}");
+    assert_eq!((plan["grants"][0]["account"].as_str(), plan["grants"][0]["state"].as_str()), (Some("222222222222"), Some("exists")));
+    assert_eq!((plan["grants"][1]["account"].as_str(), plan["grants"][1]["state"].as_str()), (Some("333333333333"), Some("create")));
+
+    let (doc, made) = run(false).await;
+    assert_eq!(made.len(), 1, "only the account without a grant: {made:?}");
+    let g = &made[0];
+    assert_eq!(g.key_id(), Some(KEY), "the key's ARN, as DescribeKey gave it");
+    assert_eq!(g.grantee_principal(), Some(slr("333333333333").as_str()));
+    let ops: Vec<&str> = g.operations().iter().map(|o| o.as_str()).collect();
+    assert_eq!(ops, ["Encrypt", "Decrypt", "ReEncryptFrom", "ReEncryptTo", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "DescribeKey", "CreateGrant"]);
+    assert_eq!(g.name(), Some("imgbuild-vectordb-333333333333"));
+    assert!(g.constraints().is_none() && g.retiring_principal().is_none() && g.grant_tokens().is_empty(), "{g:?}");
+    assert_eq!(doc["grants"][1]["state"], "created");
+    assert_eq!(doc["grants"][1]["grant_id"], "1a2b3c4d2f5e69f440bae30eaec9570bb1fb7358824f9ddfa1aa5a0dab1a59b2");
+    assert_eq!(doc["grants"][0]["grant_id"], "0c0c0c0c");
+}
+
+fn destroy_args(accounts: &[&str], keep: bool) -> FleetDestroyArgs {
+    FleetDestroyArgs {
+        targets: FleetTargetArgs { accounts: accounts.iter().map(|a| a.to_string()).collect(), ..targets() },
+        yes: true,
+        keep_sharing: keep,
+        keep_grants: keep,
+    }
+}
+
+/// `fleet destroy --accounts 333333333333`: once that account's last instance in the region is
+/// gone, the image it was given (its ImageId override, read before the deletion) is no longer
+/// shared with it (ModifyImageAttribute / ModifySnapshotAttribute with Remove) and its grant on
+/// the key is revoked (RevokeGrant with the key ARN and the GrantId ListGrants gave); the other
+/// accounts keep theirs. With --keep-sharing and --keep-grants nothing is taken back.
+#[tokio::test]
+async fn destroying_an_accounts_instances_revokes_its_sharing_and_grant_unless_kept() {
+    let yaml = format!("bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [\"{OWNER}\", \"222222222222\", \"333333333333\"]\n  regions: [us-east-1]\n");
+    let (_d, ctx) = context(&yaml);
+    let run = |keep: bool| {
+        let launch: Seen<ModifyImageAttributeInput> = Default::default();
+        let volumes: Seen<ModifySnapshotAttributeInput> = Default::default();
+        let revokes: Seen<RevokeGrantInput> = Default::default();
+        let list = list_instances(vec![
+            instance(OWNER, "us-east-1", None, StackDriftStatus::NotChecked),
+            instance("222222222222", "us-east-1", None, StackDriftStatus::NotChecked),
+            instance("333333333333", "us-east-1", None, StackDriftStatus::NotChecked),
+        ]);
+        let delete = mock!(aws_sdk_cloudformation::Client::delete_stack_instances).then_output(|| {
+            aws_sdk_cloudformation::operation::delete_stack_instances::DeleteStackInstancesOutput::builder().operation_id("imgbuild-delete").build()
+        });
+        let op = operation(vec![("DELETE", StackSetOperationStatus::Succeeded, None, 0)]);
+        let res = results(vec![result("333333333333", "us-east-1", "SUCCEEDED", None)]);
+        let (images, snapshots) = image(KEY);
+        let modify_image = capturing!(mock!(aws_sdk_ec2::Client::modify_image_attribute), launch).then_output(|| ModifyImageAttributeOutput::builder().build());
+        let modify_snapshot =
+            capturing!(mock!(aws_sdk_ec2::Client::modify_snapshot_attribute), volumes).then_output(|| ModifySnapshotAttributeOutput::builder().build());
+        let clients = clients_kms(
+            &[&existing_set("the template"), &list, &described_instance(&[("ImageId", AMI)]), &delete, &op, &res],
+            &[&images, &snapshots, &modify_image, &modify_snapshot],
+            &[],
+            &[&describe_key(), &list_grants(vec![("222222222222", "0c0c0c0c"), ("333333333333", "0d0d0d0d")]), &revoke_grant(&revokes)],
+        );
+        let ctx = &ctx;
+        async move {
+            let doc = imgbuild::cmd::fleet_destroy_flow(&clients, &destroy_args(&["333333333333"], keep), ctx, quiet(), &Never, never())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            (doc, launch.lock().unwrap().clone(), volumes.lock().unwrap().clone(), revokes.lock().unwrap().clone())
+        }
+    };
+
+    let (doc, launch, volumes, revokes) = run(false).await;
+    assert_eq!(launch.len(), 1, "{launch:?}");
+    assert_eq!(launch[0].image_id(), Some(AMI));
+    let lp = launch[0].launch_permission().unwrap();
+    assert!(lp.add().is_empty());
+    assert_eq!(lp.remove().iter().filter_map(|p| p.user_id()).collect::<Vec<_>>(), ["333333333333"]);
+    assert_eq!(volumes[0].snapshot_id(), Some(SNAPSHOT));
+    assert_eq!(volumes[0].create_volume_permission().unwrap().remove().iter().filter_map(|p| p.user_id()).collect::<Vec<_>>(), ["333333333333"]);
+    assert_eq!(revokes.len(), 1);
+    assert_eq!((revokes[0].key_id(), revokes[0].grant_id()), (Some(KEY), Some("0d0d0d0d")));
+    assert_eq!(doc["unshared"][0]["revoked_from"][0], "333333333333");
+    assert_eq!(doc["revoked_grants"][0]["grant_id"], "0d0d0d0d");
+    assert_eq!(doc["deleted_stack_set"], false);
+
+    let (doc, launch, volumes, revokes) = run(true).await;
+    assert!(launch.is_empty() && volumes.is_empty() && revokes.is_empty(), "--keep-sharing --keep-grants");
+    assert_eq!(doc["unshared"], serde_json::json!([]));
+    assert_eq!(doc["revoked_grants"], serde_json::json!([]));
+}
+
+/// Ctrl-C in a fleet that spans accounts: the grants and the sharing made before the operations
+/// stay (they are not undone from here), and the exit says so and what takes them back.
+#[tokio::test]
+async fn ctrl_c_after_grants_says_they_were_kept() {
+    let (_d, ctx) = context(&format!("bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [\"{OWNER}\", \"222222222222\"]\n  regions: [us-east-1]\n"));
+    let sets: Seen<CreateStackSetInput> = Default::default();
+    let creates: Seen<CreateStackInstancesInput> = Default::default();
+    let op = operation(vec![("CREATE", StackSetOperationStatus::Running, None, 0)]);
+    let (images, snapshots) = image(KEY);
+    let modify_image = mock!(aws_sdk_ec2::Client::modify_image_attribute).then_output(|| ModifyImageAttributeOutput::builder().build());
+    let modify_snapshot = mock!(aws_sdk_ec2::Client::modify_snapshot_attribute).then_output(|| ModifySnapshotAttributeOutput::builder().build());
+    let clients =
+        clients(&[&no_set(), &create_set(&sets), &create_instances(&creates), &op], &[&images, &snapshots, &modify_image, &modify_snapshot], &[&handoff()]);
+    let polled = op.clone();
+    let interrupt = async move {
+        while polled.num_calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let err = imgbuild::cmd::fleet_deploy_flow(&clients, &deploy_args(targets()), &ctx, quiet(), &Never, interrupt).await.unwrap_err();
+    assert_eq!(err.exit_code(), 130, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("kept: 1 KMS grant(s) to other accounts were made; the image was shared") && text.contains("`imgbuild fleet destroy`"), "{text}");
 }

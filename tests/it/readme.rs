@@ -68,6 +68,11 @@ const NEEDS_AWS: &[(&str, &str)] = &[
         "moto runs no SSM Run Command script and has no Automation executions; tests/it/logs.rs scripts them and boot.rs runs the script",
     ),
     ("imgbuild fleet destroy", "needs a deployed StackSet and a `fleet:` section; tests/it/fleet.rs covers it against moto"),
+    ("imgbuild fleet deploy --no-execute", "needs a `fleet:` section and a baked image in each region; tests/it/fleet_mocks.rs scripts --no-execute"),
+    (
+        "imgbuild fleet destroy --accounts 333333333333 --keep-grants",
+        "needs a deployed StackSet with that account; tests/it/fleet_mocks.rs scripts the revocation and --keep-grants, fleet.rs the revocation against moto",
+    ),
 ];
 
 #[test]
