@@ -389,7 +389,7 @@ pub async fn fleet_deploy_flow(
     }
     let plan = fleet::plan(&spec, set.as_ref(), &instances, &changed_overrides);
     show_plan(&plan, &progress);
-    let cost = fleet_cost(&template, &spec.parameters, &plan, &progress);
+    let cost = fleet_cost(&clients.pricing, ctx.config.prices, &template, &spec.parameters, &plan, &progress).await;
     // Instances the config no longer names stay as they are (and follow StackSet updates):
     // removing them is destroy's to do, asked for by name.
     let left_alone: Vec<&Instance> = instances
@@ -989,26 +989,45 @@ pub async fn fleet_destroy_flow(
 }
 
 /// What the targets the plan creates add a month: each a whole new stack in its region, priced
-/// from the resources its CREATE change set would add. Updates of existing targets are not
-/// priced (a stack set shows no per-resource diff).
-fn fleet_cost(template: &Template, parameters: &BTreeMap<String, String>, plan: &[TargetPlan], progress: &Progress) -> serde_json::Value {
+/// from the resources its CREATE change set would add, at the Price List API's prices (bounded,
+/// asked once a region however many accounts go there) unless `prices: table`, the table filling
+/// in. Updates of existing targets are not priced (a stack set shows no per-resource diff).
+async fn fleet_cost(
+    pricing: &aws_sdk_pricing::Client,
+    source: crate::config::PriceSource,
+    template: &Template,
+    parameters: &BTreeMap<String, String>,
+    plan: &[TargetPlan],
+    progress: &Progress,
+) -> serde_json::Value {
     let adds = crate::cost::new_stack(template, parameters);
     let instance_type = parameters.get("InstanceType").map(String::as_str).unwrap_or_default();
+    let creates: Vec<&TargetPlan> = plan.iter().filter(|p| p.action == Action::Create).collect();
+    let mut by_region = BTreeMap::new();
+    for region in creates.iter().map(|p| p.region.as_str()).collect::<BTreeSet<_>>() {
+        let inputs = crate::cost::Inputs::from_template(template, region, instance_type);
+        let book = crate::cost::book(pricing, source, region, &crate::cost::products(&adds, &inputs)).await;
+        let e = crate::cost::estimate_with(&adds, &inputs, &book);
+        if let Some(why) = &e.fallback {
+            progress.line(&format!("prices for {region}: {why}"));
+        }
+        by_region.insert(region, e);
+    }
     let mut targets = Vec::new();
     let mut cents = 0i64;
-    for p in plan.iter().filter(|p| p.action == Action::Create) {
-        let e = crate::cost::estimate(&adds, &crate::cost::Inputs::from_template(template, &p.region, instance_type));
+    for p in creates {
+        let e = &by_region[p.region.as_str()];
         cents += (e.monthly_usd * 100.0).round() as i64;
         progress.line(&format!(
-            "{} in {}: a new stack, {} a month ({} list prices of {}){}",
+            "{} in {}: a new stack, ${:.2} a month ({}){}",
             p.target,
             p.region,
-            format_args!("${:.2}", e.monthly_usd),
-            e.region,
-            e.date,
+            e.monthly_usd,
+            e.source,
             if e.unpriced.is_empty() { String::new() } else { format!("; not priced: {}", e.unpriced.join("; ")) }
         ));
         targets.push(json!({ "target": p.target, "region": p.region, "estimate": e }));
     }
-    json!({ "targets": targets, "monthly_usd": cents as f64 / 100.0, "currency": "USD", "date": crate::cost::prices::DATE })
+    let sources: BTreeMap<&str, &str> = by_region.iter().map(|(r, e)| (*r, e.source.as_str())).collect();
+    json!({ "targets": targets, "monthly_usd": cents as f64 / 100.0, "currency": "USD", "date": crate::cost::prices::DATE, "sources": sources })
 }

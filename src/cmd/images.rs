@@ -43,7 +43,7 @@ pub(super) fn images_cmd(cmd: crate::cli::ImagesCommand, ctx: &Context, ui: Ui) 
                 if kept_in_use > 0 {
                     ui.info(format!("keeping {kept_in_use} older image(s) that are in use"));
                 }
-                let saving = prune_saving(&clients, &doomed);
+                let saving = prune_saving(&clients, config.prices, &doomed).await;
                 if !doomed.is_empty() {
                     for l in crate::cost::lines(&saving) {
                         ui.info(l);
@@ -86,9 +86,15 @@ pub(super) fn images_cmd(cmd: crate::cli::ImagesCommand, ctx: &Context, ui: Ui) 
     Ok(())
 }
 
-/// What removing these images' snapshots saves a month, in the region the clients talk to.
-pub(super) fn prune_saving(clients: &crate::aws::Clients, doomed: &[images::Row]) -> crate::cost::Estimate {
+/// What removing these images' snapshots saves a month, in the region the clients talk to, at the
+/// snapshot price of the Price List API (bounded, asked only when something goes) or the table.
+pub(super) async fn prune_saving(clients: &crate::aws::Clients, source: crate::config::PriceSource, doomed: &[images::Row]) -> crate::cost::Estimate {
     let region = clients.ec2.config().region().map(|r| r.to_string()).unwrap_or_default();
     let removed: Vec<(String, i64)> = doomed.iter().map(|r| (r.ami.clone(), r.snapshot_gib)).collect();
-    crate::cost::snapshots(&region, &[], &removed)
+    let book = if removed.is_empty() {
+        crate::cost::Book::table()
+    } else {
+        crate::cost::book(&clients.pricing, source, &region, &[crate::cost::Product::SnapshotGbMonth].into()).await
+    };
+    crate::cost::snapshots_with(&region, &[], &removed, &book)
 }

@@ -354,7 +354,7 @@ fn pricing(rules: &[Rule]) -> aws_sdk_pricing::Client {
 /// the table's so the test sees whose figures are used; EFS gets no product. A NAT gateway's
 /// family also holds its per-GB product, an NLB's its LCU-hour, the alarms the high-resolution
 /// one: none of them may be taken.
-fn answer_for(r: &GetProductsInput) -> GetProductsOutput {
+pub(crate) fn answer_for(r: &GetProductsInput) -> GetProductsOutput {
     let f = filters(r);
     let has = |k: &str, v: &str| f.iter().any(|(a, b)| a == k && b == v);
     let loc = "US East (N. Virginia)";

@@ -93,7 +93,9 @@ fn clients_kms(cfn: &[&Rule], ec2: &[&Rule], ssm: &[&Rule], kms: &[&Rule]) -> Cl
 fn context(yaml: &str) -> (tempfile::TempDir, Context) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("imgbuild.yaml");
-    std::fs::write(&path, format!("aws:\n  poll_interval_secs: 1\n{yaml}")).unwrap();
+    // The table's prices unless a test scripts the Price List and says `prices: auto`.
+    let prices = if yaml.contains("prices:") { "" } else { "prices: table\n" };
+    std::fs::write(&path, format!("aws:\n  poll_interval_secs: 1\n{prices}{yaml}")).unwrap();
     let ctx = Context::load(Some(&path), Some("us-east-1"), None, None).unwrap_or_else(|e| panic!("{e}"));
     (dir, ctx)
 }
@@ -606,7 +608,7 @@ async fn status_with_drift_runs_detection_and_reports_each_instance() {
 async fn two_hundred_accounts_in_four_regions_stay_bounded() {
     let accounts: Vec<String> = (0..200).map(|i| format!("{:012}", 100_000_000_000u64 + i)).collect();
     let regions = ["us-east-1", "us-west-2", "eu-west-1", "ap-southeast-2"];
-    let yaml = format!("bake:\n  kms_key_id: {MRK}\nfleet:\n  accounts: [{}]\n  regions: [{}]\n", accounts.join(", "), regions.join(", "));
+    let yaml = format!("prices: auto\nbake:\n  kms_key_id: {MRK}\nfleet:\n  accounts: [{}]\n  regions: [{}]\n", accounts.join(", "), regions.join(", "));
     let (_d, ctx) = context(&yaml);
     let sets: Seen<CreateStackSetInput> = Default::default();
     let creates: Seen<CreateStackInstancesInput> = Default::default();
@@ -659,7 +661,10 @@ async fn two_hundred_accounts_in_four_regions_stay_bounded() {
     cfn.extend(page_rules.iter());
     let grants_made: Seen<CreateGrantInput> = Default::default();
     let (key, listed, grant) = (describe_key(), list_grants(vec![]), create_grant(&grants_made));
-    let clients = clients_kms(&cfn, &[&images, &snapshots, &modify_image, &modify_snapshot], &[&handoff], &[&key, &listed, &grant]);
+    let mut clients = clients_kms(&cfn, &[&images, &snapshots, &modify_image, &modify_snapshot], &[&handoff], &[&key, &listed, &grant]);
+    // The Price List answers in its documented shape (see cost::answer_for).
+    let prices = mock!(aws_sdk_pricing::Client::get_products).then_compute_output(crate::cost::answer_for);
+    clients.pricing = mocked!(aws_sdk_pricing, [prices.clone()], RetryConfig::disabled());
     let t = FleetTargetArgs { max_concurrent: Some("20".into()), failure_tolerance: Some("5%".into()), ..targets() };
 
     let started = Instant::now();
@@ -694,9 +699,15 @@ async fn two_hundred_accounts_in_four_regions_stay_bounded() {
     // (a grant names one grantee principal: CreateGrant, KMS API Reference).
     let kms_calls = key.num_calls() + listed.num_calls() + grant.num_calls();
     assert_eq!((key.num_calls(), listed.num_calls(), grant.num_calls()), (4, 4, 4 * 200), "kms calls: the image owner is none of the 200");
+    // The cost of 800 new stacks: the Price List asked once a region for each product a stack
+    // prices (instance, NAT gateway, endpoint, NLB, EFS, gp3, alarm), not once a target.
+    assert_eq!(prices.num_calls(), 4 * 7, "GetProducts calls");
+    assert_eq!(doc["cost"]["targets"].as_array().map(Vec::len), Some(800));
+    assert!(doc["cost"]["sources"]["us-east-1"].as_str().unwrap().starts_with("AWS Price List API, "), "{}", doc["cost"]["sources"]);
     eprintln!(
         "fleet scale: 200 accounts x 4 regions: {operations} operations, cfn {cfn_calls} calls, ec2 {ec2_calls}, ssm {ssm_calls}, kms {kms_calls}, \
-         DescribeStackSetOperation {}, result pages {}, in {:.1}s (1 s poll interval)",
+         pricing {}, DescribeStackSetOperation {}, result pages {}, in {:.1}s (1 s poll interval)",
+        prices.num_calls(),
         doc["calls"]["describe_operation"],
         doc["calls"]["list_results_pages"],
         took.as_secs_f64()
