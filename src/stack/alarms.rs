@@ -9,6 +9,10 @@ use crate::aws::{self, Clients};
 use crate::error::Result;
 use crate::ui::progress::Progress;
 
+/// CloudFormation takes at most five rollback triggers ("Monitor and Roll Back Stack
+/// Operations", CloudFormation User Guide: "You can add a maximum of five rollback triggers").
+pub const MAX_TRIGGERS: usize = 5;
+
 /// The stack output listing the alarms' ARNs, comma-separated (`infra/stack.yaml`).
 pub const OUTPUT: &str = "AlarmArns";
 /// The trigger type for a metric alarm (RollbackTrigger, CloudFormation API reference).
@@ -110,6 +114,17 @@ pub async fn plan(
                     arns
                 }
             };
+            // A template of the user's may list more alarms than CloudFormation takes: a sixth
+            // trigger would make CreateChangeSet fail, so the first five watch, and it is said.
+            let mut triggers = triggers;
+            if triggers.len() > MAX_TRIGGERS {
+                let left: Vec<String> = triggers.split_off(MAX_TRIGGERS).iter().map(|a| name_of(a).to_string()).collect();
+                say(format!(
+                    "warning: the stack names {} alarms; CloudFormation takes at most {MAX_TRIGGERS} rollback triggers, so {} do not watch this update",
+                    MAX_TRIGGERS + left.len(),
+                    left.join(", ")
+                ));
+            }
             let names: Vec<&str> = triggers.iter().map(|a| name_of(a)).collect();
             progress.line(&format!(
                 "rollback triggers: {} (an alarm in ALARM during the update or {minutes} min after it rolls the update back)",

@@ -494,3 +494,38 @@ fn deploy_and_status_help_name_the_alarms() {
     let status = crate::support::imgbuild(dir.path()).args(["status", "--help"]).output().unwrap();
     assert!(String::from_utf8_lossy(&status.stdout).contains("alarms' states"), "{}", String::from_utf8_lossy(&status.stdout));
 }
+
+/// A template of the user's that lists six alarms in AlarmArns: CloudFormation takes at most five
+/// rollback triggers ("You can add a maximum of five rollback triggers", "Monitor and Roll Back
+/// Stack Operations", CloudFormation User Guide), so a sixth would fail CreateChangeSet. The
+/// first five watch; the sixth is named in a warning.
+#[tokio::test]
+async fn more_alarms_than_cloudformation_takes_watch_with_the_first_five() {
+    static SIX: [&str; 6] =
+        ["vectordb-unhealthy-hosts", "vectordb-memory", "vectordb-disk", "vectordb-efs-burst-credits", "vectordb-efs-io-limit", "vectordb-latency"];
+    let six = || {
+        aws_sdk_cloudformation::types::Stack::builder()
+            .stack_name(STACK)
+            .stack_id(STACK_ID)
+            .stack_status(StackStatus::UpdateComplete)
+            .outputs(
+                aws_sdk_cloudformation::types::Output::builder()
+                    .output_key("AlarmArns")
+                    .output_value(SIX.iter().map(|n| arn(n)).collect::<Vec<_>>().join(","))
+                    .build(),
+            )
+            .build()
+    };
+    let ds = mock!(aws_sdk_cloudformation::Client::describe_stacks).then_output(move || DescribeStacksOutput::builder().stacks(six()).build());
+    let wire = Wire::default();
+    let (create, dcs, exec, ev) = (create_change_set(), change_set_ready(), execute(), events(Vec::new()));
+    let da = describe_alarms(&SIX, StateValue::Ok);
+    let c = clients(&[&ds, &create, &dcs, &exec, &ev], &[&da], &wire);
+
+    let out = changeset::run_protected(&c, &plan(Rollback::Watch { minutes: 10 }), &bare(), &quiet(), &Cleanup::default(), &Never).await.unwrap();
+
+    let sent = wire.0.lock().unwrap().clone();
+    assert!(sent[0].contains(&rollback_wire(&SIX[..5], 10)), "{}", sent[0]);
+    assert!(!sent[0].contains("vectordb-latency") && !sent[0].contains("member.6"), "{}", sent[0]);
+    assert!(out.notices.iter().any(|n| n.contains("at most 5 rollback triggers") && n.contains("vectordb-latency")), "{:?}", out.notices);
+}
