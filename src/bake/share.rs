@@ -44,54 +44,7 @@ pub async fn share(clients: &Clients, image: &str, accounts: &[String], orgs: &[
         return Ok(Vec::new());
     }
     let snapshots = snapshots_of(clients, image).await?;
-    if !orgs.is_empty() {
-        let mut perms = LaunchPermissionModifications::builder();
-        for o in orgs {
-            let p = if o.organization {
-                LaunchPermission::builder().organization_arn(&o.share_arn)
-            } else {
-                LaunchPermission::builder().organizational_unit_arn(&o.share_arn)
-            };
-            perms = perms.add(p.build());
-        }
-        clients
-            .ec2
-            .modify_image_attribute()
-            .image_id(image)
-            .launch_permission(perms.build())
-            .send()
-            .await
-            .map_err(|e| aws::err("ModifyImageAttribute", format!("image {image}"), e))?;
-    }
-    for chunk in accounts.chunks(100) {
-        let mut perms = LaunchPermissionModifications::builder();
-        for a in chunk {
-            perms = perms.add(LaunchPermission::builder().user_id(a).build());
-        }
-        clients
-            .ec2
-            .modify_image_attribute()
-            .image_id(image)
-            .launch_permission(perms.build())
-            .send()
-            .await
-            .map_err(|e| aws::err("ModifyImageAttribute", format!("image {image}"), e))?;
-        for sid in &snapshots {
-            let mut vols = CreateVolumePermissionModifications::builder();
-            for a in chunk {
-                vols = vols.add(CreateVolumePermission::builder().user_id(a).build());
-            }
-            clients
-                .ec2
-                .modify_snapshot_attribute()
-                .snapshot_id(sid)
-                .attribute(SnapshotAttributeName::CreateVolumePermission)
-                .create_volume_permission(vols.build())
-                .send()
-                .await
-                .map_err(|e| aws::err("ModifySnapshotAttribute", format!("snapshot {sid} of image {image}"), e))?;
-        }
-    }
+    modify(clients, image, &snapshots, &accounts, orgs, Op::Add).await?;
     Ok(accounts)
 }
 
@@ -108,43 +61,56 @@ pub async fn unshare(clients: &Clients, image: &str, accounts: &[String], orgs: 
         Err(Error::Invalid(_)) => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    if !orgs.is_empty() {
-        let mut perms = LaunchPermissionModifications::builder();
-        for o in orgs {
-            let p = if o.organization {
-                LaunchPermission::builder().organization_arn(&o.share_arn)
-            } else {
-                LaunchPermission::builder().organizational_unit_arn(&o.share_arn)
-            };
-            perms = perms.remove(p.build());
-        }
+    modify(clients, image, &snapshots, accounts, orgs, Op::Remove).await?;
+    Ok(accounts.iter().cloned().chain(orgs.iter().map(|o| o.share_arn.clone())).collect())
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Add,
+    Remove,
+}
+
+/// The permission calls of `share` and `unshare`, which differ only in Add or Remove: launch
+/// permission for the organizations in one call, then per 100 accounts launch permission on the
+/// image and create-volume permission on each snapshot.
+async fn modify(clients: &Clients, image: &str, snapshots: &[String], accounts: &[String], orgs: &[OrgTarget], op: Op) -> Result<()> {
+    let launch = |p: Vec<LaunchPermission>| match op {
+        Op::Add => LaunchPermissionModifications::builder().set_add(Some(p)),
+        Op::Remove => LaunchPermissionModifications::builder().set_remove(Some(p)),
+    };
+    let modify_image = |perms: LaunchPermissionModifications| async move {
         clients
             .ec2
             .modify_image_attribute()
             .image_id(image)
-            .launch_permission(perms.build())
+            .launch_permission(perms)
             .send()
             .await
-            .map_err(|e| aws::err("ModifyImageAttribute", format!("image {image}"), e))?;
+            .map_err(|e| aws::err("ModifyImageAttribute", format!("image {image}"), e))
+    };
+    if !orgs.is_empty() {
+        let perms = orgs
+            .iter()
+            .map(|o| {
+                if o.organization {
+                    LaunchPermission::builder().organization_arn(&o.share_arn).build()
+                } else {
+                    LaunchPermission::builder().organizational_unit_arn(&o.share_arn).build()
+                }
+            })
+            .collect();
+        modify_image(launch(perms).build()).await?;
     }
     for chunk in accounts.chunks(100) {
-        let mut perms = LaunchPermissionModifications::builder();
-        for a in chunk {
-            perms = perms.remove(LaunchPermission::builder().user_id(a).build());
-        }
-        clients
-            .ec2
-            .modify_image_attribute()
-            .image_id(image)
-            .launch_permission(perms.build())
-            .send()
-            .await
-            .map_err(|e| aws::err("ModifyImageAttribute", format!("image {image}"), e))?;
-        for sid in &snapshots {
-            let mut vols = CreateVolumePermissionModifications::builder();
-            for a in chunk {
-                vols = vols.remove(CreateVolumePermission::builder().user_id(a).build());
-            }
+        let perms = chunk.iter().map(|a| LaunchPermission::builder().user_id(a).build()).collect();
+        modify_image(launch(perms).build()).await?;
+        for sid in snapshots {
+            let vols: Vec<CreateVolumePermission> = chunk.iter().map(|a| CreateVolumePermission::builder().user_id(a).build()).collect();
+            let vols = match op {
+                Op::Add => CreateVolumePermissionModifications::builder().set_add(Some(vols)),
+                Op::Remove => CreateVolumePermissionModifications::builder().set_remove(Some(vols)),
+            };
             clients
                 .ec2
                 .modify_snapshot_attribute()
@@ -156,7 +122,7 @@ pub async fn unshare(clients: &Clients, image: &str, accounts: &[String], orgs: 
                 .map_err(|e| aws::err("ModifySnapshotAttribute", format!("snapshot {sid} of image {image}"), e))?;
         }
     }
-    Ok(accounts.iter().cloned().chain(orgs.iter().map(|o| o.share_arn.clone())).collect())
+    Ok(())
 }
 
 async fn snapshots_of(clients: &Clients, image: &str) -> Result<Vec<String>> {
