@@ -60,9 +60,10 @@ pub struct GlobalArgs {
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
 
-    /// Prices of the monthly cost deploy and bake show: `auto` asks the AWS Price List API
-    /// (bounded to a few seconds) and takes the dated table shipped with imgbuild for what it
-    /// does not answer; `table` makes no call [default: `prices:` in the config, else auto].
+    /// Prices of the monthly cost deploy, bake, fleet deploy and images prune show: `auto` asks
+    /// the AWS Price List API (bounded to a few seconds) and takes the dated table shipped with
+    /// imgbuild for what it does not answer; `table` makes no call [default: `prices:` in the
+    /// config, else auto].
     #[arg(long, global = true, value_enum, value_name = "SOURCE")]
     pub prices: Option<crate::config::PriceSource>,
 }
