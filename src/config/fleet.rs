@@ -326,6 +326,16 @@ mod tests {
     }
 
     #[test]
+    fn grants_from_defaults_to_the_target_account_where_a_role_can_be_assumed() {
+        let mut f = FleetConfig::default();
+        assert_eq!((f.grants_from(), f.execution_role()), (GrantsFrom::TargetAccount, "AWSCloudFormationStackSetExecutionRole"));
+        f.permission_model = PermissionModel::ServiceManaged;
+        assert_eq!(f.grants_from(), GrantsFrom::KeyAccount);
+        f.grants_from = Some(GrantsFrom::TargetAccount);
+        assert!(check(&f, true).iter().any(|(field, m)| field == "fleet.grants_from" && m.contains("key-account")));
+    }
+
+    #[test]
     fn organizational_units() {
         let ou = org_target("arn:aws:organizations::111111111111:ou/o-abcd1234ef/ou-ab12-cd34ef56").unwrap();
         assert_eq!((ou.id.as_str(), ou.organization), ("ou-ab12-cd34ef56", false));
