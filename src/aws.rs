@@ -53,7 +53,10 @@ pub struct Clients {
 /// AssumeRole). A factory rather than a client, so tests hand in a scripted client per account
 /// and see which account made each call.
 #[derive(Clone)]
-pub struct KmsAs(Arc<dyn Fn(&str, &str, aws_sdk_kms::config::Credentials) -> aws_sdk_kms::Client + Send + Sync>);
+pub struct KmsAs(Arc<MakeKms>);
+
+/// (account, region, credentials) to a KMS client.
+type MakeKms = dyn Fn(&str, &str, aws_sdk_kms::config::Credentials) -> aws_sdk_kms::Client + Send + Sync;
 
 impl KmsAs {
     pub fn new(f: impl Fn(&str, &str, aws_sdk_kms::config::Credentials) -> aws_sdk_kms::Client + Send + Sync + 'static) -> Self {

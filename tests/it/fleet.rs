@@ -258,6 +258,11 @@ fn a_cross_account_fleet_writes_the_handoff_parameter_in_the_other_account() {
         assert_eq!((g["account"].as_str(), g["state"].as_str(), g["key"].as_str()), (Some(OTHER), Some("created"), Some(key.as_str())), "{doc:#}");
         assert_eq!(g["from_account"].as_str(), Some(ACCOUNT), "{doc:#}");
     }
+    // The plan says from where each grant is made.
+    assert!(
+        err.contains(&format!("+ grant  {OTHER} in us-east-1: use of {} to its AWSServiceRoleForAutoScaling, from the key's account {ACCOUNT}", keys[0])),
+        "{err}"
+    );
     for (i, r) in REGIONS.iter().enumerate() {
         let shared = doc["images"][i]["image"].as_str().unwrap().to_string();
         assert_eq!(doc["images"][i]["region"], *r);
