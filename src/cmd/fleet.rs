@@ -659,9 +659,11 @@ pub async fn fleet_deploy_flow(
 }
 
 /// Credentials of `role` in `account`, to make that account's grant from it: STS AssumeRole
-/// with a session named after the StackSet (RoleSessionName: 2 to 64 of `[\w+=,.@-]`) for 900
-/// seconds, the least DurationSeconds takes (AssumeRole, STS API Reference): a few CreateGrant
-/// calls need no more. A refusal (AccessDenied) says what to fix.
+/// with a session named after the StackSet (cut to RoleSessionName's 64 characters; StackSet
+/// names are letters, digits and hyphens, which it takes) for 900 seconds: "The value specified
+/// can range from 900 seconds (15 minutes) up to the maximum session duration set for the role"
+/// (AssumeRole, DurationSeconds), and a few CreateGrant calls need no more. A refusal
+/// (AccessDenied) says what to fix.
 async fn assume_for_grant(sts: &aws_sdk_sts::Client, role: &str, account: &str, set: &str) -> Result<aws_sdk_kms::config::Credentials> {
     let session: String = format!("imgbuild-grant-{set}").chars().take(64).collect();
     let out = sts.assume_role().role_arn(role).role_session_name(session).duration_seconds(900).send().await.map_err(|e| {

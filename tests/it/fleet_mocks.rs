@@ -1094,9 +1094,10 @@ async fn existing_grants_need_no_assume_role() {
     assert_eq!(doc["executed"], true);
 }
 
-/// The execution role refuses (STS answers AccessDenied: "An error occurred (AccessDenied) when
-/// calling the AssumeRole operation: User: ... is not authorized to perform: sts:AssumeRole on
-/// resource: ...", IAM User Guide, "Troubleshoot IAM roles"): the error names the account and the
+/// The execution role refuses (STS answers the code AccessDenied: "An error occurred
+/// (AccessDenied) when calling the AssumeRole operation", AWS Knowledge Center
+/// iam-assume-role-error, with the "User: ... is not authorized to perform: sts:AssumeRole on
+/// resource: ..." message aws-sdk-go users quote for it): the error names the account and the
 /// role, says what to fix or that key-account is the other way, and nothing was started: no
 /// grant, no sharing, no StackSet.
 #[tokio::test]
