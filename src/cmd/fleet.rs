@@ -1112,3 +1112,31 @@ async fn fleet_cost(
     let sources: BTreeMap<&str, &str> = by_region.iter().map(|(r, e)| (*r, e.source.as_str())).collect();
     json!({ "targets": targets, "monthly_usd": cents as f64 / 100.0, "currency": "USD", "date": crate::cost::prices::DATE, "sources": sources })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(from_account: &str, from_role: Option<&str>) -> grants::Grant {
+        grants::Grant {
+            account: "333333333333".into(),
+            region: "us-east-1".into(),
+            key: "arn:aws:kms:us-east-1:111111111111:key/1234abcd-12ab-34cd-56ef-1234567890ab".into(),
+            grantee: grants::grantee("aws", "333333333333"),
+            name: grants::grant_name("vectordb", "333333333333"),
+            from_account: from_account.into(),
+            from_role: from_role.map(String::from),
+            state: "create".into(),
+            grant_id: None,
+        }
+    }
+
+    /// The plan line says from which account a grant is made, and as which role.
+    #[test]
+    fn the_plan_says_from_where_a_grant_is_made() {
+        let role = grants::execution_role_arn("aws", "333333333333", "AWSCloudFormationStackSetExecutionRole");
+        assert_eq!(role, "arn:aws:iam::333333333333:role/AWSCloudFormationStackSetExecutionRole");
+        assert_eq!(made_from(&grant("333333333333", Some(&role))), "from 333333333333 as AWSCloudFormationStackSetExecutionRole");
+        assert_eq!(made_from(&grant("111111111111", None)), "from the key's account 111111111111");
+    }
+}
