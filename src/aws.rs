@@ -1,6 +1,7 @@
 //! The AWS side, built in one place: profile, region, endpoint URL, retries, timeouts. Clients
 //! are made here, at the edge, and passed down, so tests hand in moto-backed or mocked clients.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
@@ -41,6 +42,46 @@ pub struct Clients {
     /// The Price List API, which answers only in a few regions: made for the nearest of them, never
     /// from the stack's region (see `pricing_region`).
     pub pricing: aws_sdk_pricing::Client,
+    /// STS, to act in another account (`fleet deploy` makes each target account's KMS grant
+    /// from that account, through its StackSet execution role).
+    pub sts: aws_sdk_sts::Client,
+    /// KMS clients with another account's credentials (from `sts`).
+    pub kms_as: KmsAs,
+}
+
+/// Makes a KMS client in `region` acting with `credentials`, which are `account`'s (from STS
+/// AssumeRole). A factory rather than a client, so tests hand in a scripted client per account
+/// and see which account made each call.
+#[derive(Clone)]
+pub struct KmsAs(Arc<MakeKms>);
+
+/// (account, region, credentials) to a KMS client.
+type MakeKms = dyn Fn(&str, &str, aws_sdk_kms::config::Credentials) -> aws_sdk_kms::Client + Send + Sync;
+
+impl KmsAs {
+    pub fn new(f: impl Fn(&str, &str, aws_sdk_kms::config::Credentials) -> aws_sdk_kms::Client + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// The caller's own KMS client settings (endpoint, retries, timeouts) with the other
+    /// account's credentials and the key's region.
+    pub fn from_config(base: aws_sdk_kms::Config) -> Self {
+        Self::new(move |_account, region, credentials| {
+            aws_sdk_kms::Client::from_conf(
+                base.to_builder().region(aws_sdk_kms::config::Region::new(region.to_string())).credentials_provider(credentials).build(),
+            )
+        })
+    }
+
+    pub fn client(&self, account: &str, region: &str, credentials: aws_sdk_kms::config::Credentials) -> aws_sdk_kms::Client {
+        (self.0)(account, region, credentials)
+    }
+}
+
+impl std::fmt::Debug for KmsAs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KmsAs(..)")
+    }
 }
 
 impl Clients {
@@ -58,11 +99,14 @@ impl Clients {
             backup: aws_sdk_backup::Client::from_conf(self.backup.config().to_builder().retry_config(retry.clone()).build()),
             kms: aws_sdk_kms::Client::from_conf(self.kms.config().to_builder().retry_config(retry.clone()).build()),
             cloudwatch: aws_sdk_cloudwatch::Client::from_conf(self.cloudwatch.config().to_builder().retry_config(retry.clone()).build()),
-            pricing: aws_sdk_pricing::Client::from_conf(self.pricing.config().to_builder().retry_config(retry).build()),
+            pricing: aws_sdk_pricing::Client::from_conf(self.pricing.config().to_builder().retry_config(retry.clone()).build()),
+            sts: aws_sdk_sts::Client::from_conf(self.sts.config().to_builder().retry_config(retry).build()),
+            kms_as: self.kms_as.clone(),
         }
     }
 
     pub fn from_conf(conf: &aws_config::SdkConfig) -> Self {
+        let kms = aws_sdk_kms::Client::new(conf);
         Self {
             cfn: aws_sdk_cloudformation::Client::new(conf),
             ec2: aws_sdk_ec2::Client::new(conf),
@@ -71,8 +115,10 @@ impl Clients {
             elb: aws_sdk_elasticloadbalancingv2::Client::new(conf),
             apigw: aws_sdk_apigateway::Client::new(conf),
             backup: aws_sdk_backup::Client::new(conf),
-            kms: aws_sdk_kms::Client::new(conf),
+            kms_as: KmsAs::from_config(kms.config().clone()),
+            kms,
             cloudwatch: aws_sdk_cloudwatch::Client::new(conf),
+            sts: aws_sdk_sts::Client::new(conf),
             pricing: aws_sdk_pricing::Client::from_conf(
                 aws_sdk_pricing::config::Builder::from(conf)
                     .region(aws_sdk_pricing::config::Region::new(pricing_region(conf.region().map(|r| r.as_ref()))))

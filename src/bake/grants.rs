@@ -11,11 +11,21 @@
 //! the StackSet and the account: the name finds it again in ListGrants (so a second deploy
 //! creates nothing), and "Use this value to prevent the unintended creation of duplicate grants
 //! when retrying this request" (CreateGrant, KMS API Reference).
+//!
+//! Where a grant is made: AWS says from the account that owns the Auto Scaling group ("You must
+//! create AWS KMS grants from the account that owns the Amazon EC2 Auto Scaling group, not the
+//! AWS KMS account", AWS Knowledge Center, kms-launch-ec2-instance; the User Guide's example 2:
+//! "from the external account, create a grant that delegates the relevant permissions to the
+//! appropriate service-linked role ... The `key-id` is the ARN of the CMK"). `fleet.grants_from:
+//! target-account` does that with the target's StackSet execution role (`create` takes that
+//! account's KMS client); `key-account` makes it with the caller's. ListGrants and RevokeGrant
+//! stay in the key's account, which sees every grant on its key whoever issued it.
 
 use aws_sdk_kms::types::{GrantOperation, KeyManagerType};
 use serde::Serialize;
 
 use crate::aws::{self, Clients};
+use crate::config::GrantsFrom;
 use crate::error::{Error, Result};
 
 /// What the grant lets the role do: the operations of the User Guide's cross-account example.
@@ -25,6 +35,13 @@ pub const OPERATIONS: [&str; 8] =
 /// The Auto Scaling service-linked role of `account`, in the key's partition.
 pub fn grantee(partition: &str, account: &str) -> String {
     format!("arn:{partition}:iam::{account}:role/aws-service-role/autoscaling.amazonaws.com/AWSServiceRoleForAutoScaling")
+}
+
+/// The role assumed in `account` to make its grant there: the StackSet execution role, which
+/// AWS's template for it has trust the administration account ("Grant self-managed
+/// permissions", CloudFormation User Guide).
+pub fn execution_role_arn(partition: &str, account: &str, role_name: &str) -> String {
+    format!("arn:{partition}:iam::{account}:role/{role_name}")
 }
 
 /// The grant's Name (`^[a-zA-Z0-9:/_-]+$`, at most 256 characters): StackSet names are letters,
@@ -42,6 +59,12 @@ pub struct Grant {
     pub key: String,
     pub grantee: String,
     pub name: String,
+    /// The account the grant is (to be) made from: the target itself (`grants_from:
+    /// target-account`) or the key's account; for a grant already there, the account ListGrants
+    /// says issued it.
+    pub from_account: String,
+    /// The role assumed in `from_account` to make it (target-account only).
+    pub from_role: Option<String>,
     /// `exists`, `create` (planned), `created` or `revoked`.
     pub state: String,
     pub grant_id: Option<String>,
@@ -52,15 +75,22 @@ pub struct Grant {
 pub struct KeyGrants {
     pub arn: String,
     partition: String,
-    /// (Name, GranteePrincipal, GrantId) of every grant on the key.
-    grants: Vec<(String, String, String)>,
+    /// The key's account (its ARN's).
+    pub account: String,
+    /// (Name, GranteePrincipal, GrantId, issuing account) of every grant on the key.
+    grants: Vec<(String, String, String, String)>,
 }
 
 impl KeyGrants {
     /// The id of this fleet's grant to `account`, if there is one.
     pub fn find(&self, stack_set: &str, account: &str) -> Option<&str> {
+        self.found(stack_set, account).map(|(id, _)| id)
+    }
+
+    /// The grant's id and the account that issued it.
+    fn found(&self, stack_set: &str, account: &str) -> Option<(&str, &str)> {
         let (name, who) = (grant_name(stack_set, account), grantee(&self.partition, account));
-        self.grants.iter().find(|(n, g, _)| *n == name && *g == who).map(|(_, _, id)| id.as_str())
+        self.grants.iter().find(|(n, g, _, _)| *n == name && *g == who).map(|(_, _, id, by)| (id.as_str(), by.as_str()))
     }
 }
 
@@ -78,6 +108,7 @@ pub async fn read(clients: &Clients, key: &str, region: &str) -> Result<KeyGrant
     }
     let arn = meta.arn().unwrap_or(key).to_string();
     let partition = arn.split(':').nth(1).filter(|p| p.starts_with("aws")).unwrap_or("aws").to_string();
+    let account = arn.split(':').nth(4).filter(|a| !a.is_empty()).or(meta.aws_account_id()).unwrap_or_default().to_string();
     let mut grants = Vec::new();
     let mut marker: Option<String> = None;
     loop {
@@ -92,7 +123,9 @@ pub async fn read(clients: &Clients, key: &str, region: &str) -> Result<KeyGrant
             .map_err(|e| aws::err("ListGrants", format!("key {arn}"), e))?;
         for g in page.grants() {
             if let (Some(name), Some(who), Some(id)) = (g.name(), g.grantee_principal(), g.grant_id()) {
-                grants.push((name.to_string(), who.to_string(), id.to_string()));
+                // IssuingAccount reads `arn:aws:iam::111122223333:root` (aws-cli examples/kms/list-grants.rst).
+                let by = g.issuing_account().map(|a| a.split(':').nth(4).unwrap_or(a).to_string()).unwrap_or_default();
+                grants.push((name.to_string(), who.to_string(), id.to_string(), by));
             }
         }
         // "Truncated: A flag that indicates whether there are more items in the list. When this
@@ -103,32 +136,42 @@ pub async fn read(clients: &Clients, key: &str, region: &str) -> Result<KeyGrant
             _ => break,
         }
     }
-    Ok(KeyGrants { arn, partition, grants })
+    Ok(KeyGrants { arn, partition, account, grants })
 }
 
-/// What `accounts` need in this region: a grant each, found or to be made.
-pub fn plan(key: &KeyGrants, stack_set: &str, region: &str, accounts: &[String]) -> Vec<Grant> {
+/// What `accounts` need in this region: a grant each, found or to be made from `from` (with
+/// `execution_role`, the StackSet execution role's name, when that is the target account).
+pub fn plan(key: &KeyGrants, stack_set: &str, region: &str, accounts: &[String], from: GrantsFrom, execution_role: &str) -> Vec<Grant> {
     accounts
         .iter()
         .map(|a| {
-            let found = key.find(stack_set, a);
+            let found = key.found(stack_set, a);
+            let (from_account, from_role) = match (found, from) {
+                (Some((_, by)), _) => (if by.is_empty() { key.account.clone() } else { by.to_string() }, None),
+                (None, GrantsFrom::TargetAccount) => (a.clone(), Some(execution_role_arn(&key.partition, a, execution_role))),
+                (None, GrantsFrom::KeyAccount) => (key.account.clone(), None),
+            };
             Grant {
                 account: a.clone(),
                 region: region.to_string(),
                 key: key.arn.clone(),
                 grantee: grantee(&key.partition, a),
                 name: grant_name(stack_set, a),
+                from_account,
+                from_role,
                 state: if found.is_some() { "exists" } else { "create" }.into(),
-                grant_id: found.map(String::from),
+                grant_id: found.map(|(id, _)| id.to_string()),
             }
         })
         .collect()
 }
 
-/// Makes a planned grant (CreateGrant with KeyId, GranteePrincipal, Operations and Name).
-pub async fn create(clients: &Clients, g: &mut Grant) -> Result<()> {
-    let out = clients
-        .kms
+/// Makes a planned grant (CreateGrant with KeyId, GranteePrincipal, Operations and Name) with
+/// `kms`: the client of the account it is made from, in the key's region. The key is named by
+/// its ARN: "To specify a KMS key in a different Amazon Web Services account, you must use the
+/// key ARN" (CreateGrant, KeyId, KMS API Reference).
+pub async fn create(kms: &aws_sdk_kms::Client, g: &mut Grant) -> Result<()> {
+    let out = kms
         .create_grant()
         .key_id(&g.key)
         .grantee_principal(&g.grantee)
@@ -136,7 +179,7 @@ pub async fn create(clients: &Clients, g: &mut Grant) -> Result<()> {
         .name(&g.name)
         .send()
         .await
-        .map_err(|e| aws::err("CreateGrant", format!("key {} for {} in {}", g.key, g.grantee, g.region), e))?;
+        .map_err(|e| aws::err("CreateGrant", format!("key {} for {} in {} (from account {})", g.key, g.grantee, g.region, g.from_account), e))?;
     g.grant_id = out.grant_id().map(String::from);
     g.state = "created".into();
     Ok(())
@@ -153,6 +196,8 @@ pub async fn revoke(clients: &Clients, key: &KeyGrants, stack_set: &str, region:
         key: key.arn.clone(),
         grantee: grantee(&key.partition, account),
         name: grant_name(stack_set, account),
+        from_account: key.found(stack_set, account).map(|(_, by)| by.to_string()).filter(|b| !b.is_empty()).unwrap_or_else(|| key.account.clone()),
+        from_role: None,
         state: "revoked".into(),
         grant_id: Some(id.to_string()),
     }))

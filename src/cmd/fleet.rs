@@ -49,9 +49,11 @@ pub fn clients_in(c: &Clients, region: &str) -> Clients {
         apigw: aws_sdk_apigateway::Client::from_conf(c.apigw.config().to_builder().region(r.clone()).build()),
         backup: aws_sdk_backup::Client::from_conf(c.backup.config().to_builder().region(r.clone()).build()),
         kms: aws_sdk_kms::Client::from_conf(c.kms.config().to_builder().region(r.clone()).build()),
-        cloudwatch: aws_sdk_cloudwatch::Client::from_conf(c.cloudwatch.config().to_builder().region(r).build()),
+        cloudwatch: aws_sdk_cloudwatch::Client::from_conf(c.cloudwatch.config().to_builder().region(r.clone()).build()),
         // The Price List API stays where it answers.
         pricing: c.pricing.clone(),
+        sts: aws_sdk_sts::Client::from_conf(c.sts.config().to_builder().region(r).build()),
+        kms_as: c.kms_as.clone(),
     }
 }
 
@@ -342,7 +344,7 @@ pub async fn fleet_deploy_flow(
         for r in &f.regions {
             if let Some(k) = keys.get(r) {
                 let key = grants::read(&clients_in(clients, r), k, r).await?;
-                grant_plan.extend(grants::plan(&key, &f.name, r, &other_accounts));
+                grant_plan.extend(grants::plan(&key, &f.name, r, &other_accounts, config.fleet.grants_from(), config.fleet.execution_role()));
             }
         }
     }
@@ -441,7 +443,16 @@ pub async fn fleet_deploy_flow(
             n(Action::Create),
             n(Action::Update),
             n(Action::NoChange),
-            if grants_to_make > 0 { format!("; {grants_to_make} KMS grant(s) to other accounts' Auto Scaling role") } else { String::new() }
+            if grants_to_make > 0 {
+                let from = if grant_plan.iter().any(|g| g.state == "create" && g.from_role.is_some()) {
+                    format!(", each made from its account as {}", config.fleet.execution_role())
+                } else {
+                    ", made from the key's account".to_string()
+                };
+                format!("; {grants_to_make} KMS grant(s) to other accounts' Auto Scaling role{from}")
+            } else {
+                String::new()
+            }
         );
         progress.pause();
         let yes = tokio::select! {
@@ -451,6 +462,20 @@ pub async fn fleet_deploy_flow(
         progress.resume();
         if !yes {
             return Err(Error::Invalid("not confirmed: nothing was changed".into()));
+        }
+    }
+
+    // Grants made from the target accounts: one AssumeRole per account (its credentials serve
+    // every region), all before anything changes, so a refused role stops the run before any
+    // copy, grant, sharing or StackSet operation.
+    let mut assumed: BTreeMap<String, aws_sdk_kms::config::Credentials> = BTreeMap::new();
+    for g in grant_plan.iter().filter(|g| g.state == "create") {
+        if let Some(role) = &g.from_role
+            && !assumed.contains_key(&g.from_account)
+        {
+            progress.set(&format!("assuming {role} to make {}'s grant from that account", g.from_account));
+            let credentials = assume_for_grant(&clients.sts, role, &g.from_account, &f.name).await?;
+            assumed.insert(g.from_account.clone(), credentials);
         }
     }
 
@@ -472,14 +497,20 @@ pub async fn fleet_deploy_flow(
             wanted = desired_overrides(ctx, &declared, &override_accounts, &f.regions, Some(&image_by_region), owner.as_deref());
         }
         for g in grant_plan.iter_mut().filter(|g| g.state == "create") {
-            progress.set(&format!("granting {} use of {} in {}", g.account, g.key, g.region));
-            grants::create(&clients_in(clients, &g.region), g).await?;
+            progress.set(&format!("granting {} use of {} in {} (from {})", g.account, g.key, g.region, g.from_account));
+            // From the target account with its credentials, in the key's region; else from here.
+            let kms = match (&g.from_role, assumed.get(&g.from_account)) {
+                (Some(_), Some(credentials)) => clients.kms_as.client(&g.from_account, &g.region, credentials.clone()),
+                _ => clients_in(clients, &g.region).kms,
+            };
+            grants::create(&kms, g).await?;
             progress.line(&format!(
-                "granted {}'s Auto Scaling role use of {} in {} (grant {})",
+                "granted {}'s Auto Scaling role use of {} in {} (grant {}, made from {})",
                 g.account,
                 g.key,
                 g.region,
-                g.grant_id.as_deref().unwrap_or("?")
+                g.grant_id.as_deref().unwrap_or("?"),
+                g.from_account
             ));
         }
         let grantees: Vec<String> = match f.permission {
@@ -627,7 +658,47 @@ pub async fn fleet_deploy_flow(
     Ok(d)
 }
 
-/// The grants the run makes (those already there are counted, not listed).
+/// Credentials of `role` in `account`, to make that account's grant from it: STS AssumeRole
+/// with a session named after the StackSet (cut to RoleSessionName's 64 characters; StackSet
+/// names are letters, digits and hyphens, which it takes) for 900 seconds: "The value specified
+/// can range from 900 seconds (15 minutes) up to the maximum session duration set for the role"
+/// (AssumeRole, DurationSeconds), and a few CreateGrant calls need no more. A refusal
+/// (AccessDenied) says what to fix.
+async fn assume_for_grant(sts: &aws_sdk_sts::Client, role: &str, account: &str, set: &str) -> Result<aws_sdk_kms::config::Credentials> {
+    let session: String = format!("imgbuild-grant-{set}").chars().take(64).collect();
+    let out = sts.assume_role().role_arn(role).role_session_name(session).duration_seconds(900).send().await.map_err(|e| {
+        let denied = matches!(&e, aws_sdk_sts::error::SdkError::ServiceError(s) if crate::aws::code(s.err()) == Some("AccessDenied"));
+        let mut err = crate::aws::err("AssumeRole", format!("role {role} in account {account}"), e);
+        if denied && let Error::Aws { message, .. } = &mut err {
+            message.push_str(&format!(
+                ". imgbuild makes account {account}'s KMS grant from that account (fleet.grants_from: target-account) through its StackSet execution role: \
+                 let that role's trust policy allow this (the administration) account, as AWS's AWSCloudFormationStackSetExecutionRole template does, \
+                 allow sts:AssumeRole on it to whoever runs imgbuild, set fleet.execution_role_name if the role has another name, \
+                 or set fleet.grants_from: key-account to make the grants from the key's account. No StackSet operation was started"
+            ));
+        }
+        err
+    })?;
+    let c = out.credentials().ok_or_else(|| Error::Tool(format!("AssumeRole of {role} answered without Credentials")))?;
+    Ok(aws_sdk_kms::config::Credentials::new(
+        c.access_key_id(),
+        c.secret_access_key(),
+        Some(c.session_token().to_string()),
+        std::time::SystemTime::try_from(*c.expiration()).ok(),
+        "imgbuild-assume-role",
+    ))
+}
+
+/// Where a grant is (to be) made, for the plan.
+fn made_from(g: &grants::Grant) -> String {
+    match &g.from_role {
+        Some(role) => format!("from {} as {}", g.from_account, role.rsplit('/').next().unwrap_or(role)),
+        None => format!("from the key's account {}", g.from_account),
+    }
+}
+
+/// The grants the run makes (those already there are counted, not listed), and from which
+/// account each is made.
 fn show_grants(plan: &[grants::Grant], progress: &Progress) {
     const LISTED: usize = 10;
     let mut regions: Vec<&str> = plan.iter().map(|g| g.region.as_str()).collect();
@@ -637,10 +708,20 @@ fn show_grants(plan: &[grants::Grant], progress: &Progress) {
         let there = plan.iter().filter(|g| g.region == r && g.state == "exists").count();
         if new.len() <= LISTED {
             for g in &new {
-                progress.line(&format!("+ grant  {} in {r}: use of {} to its AWSServiceRoleForAutoScaling", g.account, g.key));
+                progress.line(&format!("+ grant  {} in {r}: use of {} to its AWSServiceRoleForAutoScaling, {}", g.account, g.key, made_from(g)));
             }
         } else {
-            progress.line(&format!("+ grant  {} accounts in {r} ({}, ... {}): use of {}", new.len(), new[0].account, new[new.len() - 1].account, new[0].key));
+            let from = match &new[0].from_role {
+                Some(role) => format!("each from its own account as {}", role.rsplit('/').next().unwrap_or(role)),
+                None => format!("from the key's account {}", new[0].from_account),
+            };
+            progress.line(&format!(
+                "+ grant  {} accounts in {r} ({}, ... {}): use of {}, {from}",
+                new.len(),
+                new[0].account,
+                new[new.len() - 1].account,
+                new[0].key
+            ));
         }
         if there > 0 {
             progress.line(&format!("  {there} grant(s) in {r} already there"));
@@ -1030,4 +1111,32 @@ async fn fleet_cost(
     }
     let sources: BTreeMap<&str, &str> = by_region.iter().map(|(r, e)| (*r, e.source.as_str())).collect();
     json!({ "targets": targets, "monthly_usd": cents as f64 / 100.0, "currency": "USD", "date": crate::cost::prices::DATE, "sources": sources })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(from_account: &str, from_role: Option<&str>) -> grants::Grant {
+        grants::Grant {
+            account: "333333333333".into(),
+            region: "us-east-1".into(),
+            key: "arn:aws:kms:us-east-1:111111111111:key/1234abcd-12ab-34cd-56ef-1234567890ab".into(),
+            grantee: grants::grantee("aws", "333333333333"),
+            name: grants::grant_name("vectordb", "333333333333"),
+            from_account: from_account.into(),
+            from_role: from_role.map(String::from),
+            state: "create".into(),
+            grant_id: None,
+        }
+    }
+
+    /// The plan line says from which account a grant is made, and as which role.
+    #[test]
+    fn the_plan_says_from_where_a_grant_is_made() {
+        let role = grants::execution_role_arn("aws", "333333333333", "AWSCloudFormationStackSetExecutionRole");
+        assert_eq!(role, "arn:aws:iam::333333333333:role/AWSCloudFormationStackSetExecutionRole");
+        assert_eq!(made_from(&grant("333333333333", Some(&role))), "from 333333333333 as AWSCloudFormationStackSetExecutionRole");
+        assert_eq!(made_from(&grant("111111111111", None)), "from the key's account 111111111111");
+    }
 }

@@ -17,6 +17,10 @@ pub struct FleetConfig {
     pub administration_role_arn: Option<String>,
     /// Self-managed only; unset: AWSCloudFormationStackSetExecutionRole.
     pub execution_role_name: Option<String>,
+    /// From which account the KMS grant for each other account's Auto Scaling role is made;
+    /// unset: `target-account` for self-managed fleets, `key-account` for service-managed ones
+    /// (see `grants_from()`).
+    pub grants_from: Option<GrantsFrom>,
     #[serde(deserialize_with = "account_ids")]
     pub accounts: Vec<String>,
     pub organizational_units: Vec<String>,
@@ -40,6 +44,7 @@ impl Default for FleetConfig {
             permission_model: PermissionModel::SelfManaged,
             administration_role_arn: None,
             execution_role_name: None,
+            grants_from: None,
             accounts: Vec::new(),
             organizational_units: Vec::new(),
             regions: Vec::new(),
@@ -68,6 +73,37 @@ pub struct FleetOverride {
 pub enum PermissionModel {
     SelfManaged,
     ServiceManaged,
+}
+
+/// Where `fleet deploy` makes an account's KMS grant. AWS says to make it from the account that
+/// owns the Auto Scaling group ("You must create AWS KMS grants from the account that owns the
+/// Amazon EC2 Auto Scaling group, not the AWS KMS account", AWS Knowledge Center
+/// kms-launch-ec2-instance; the EC2 Auto Scaling User Guide's cross-account example creates it
+/// "from the external account"): `target-account`, through the StackSet execution role there.
+/// `key-account` makes it from the key's account with the caller's own credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GrantsFrom {
+    TargetAccount,
+    KeyAccount,
+}
+
+impl FleetConfig {
+    /// Where grants are made: as set, else from each target account when it has a role imgbuild
+    /// can assume (self-managed: the StackSet execution role), else from the key's account
+    /// (service-managed member accounts have no such role).
+    pub fn grants_from(&self) -> GrantsFrom {
+        match (self.grants_from, self.permission_model) {
+            (Some(g), _) => g,
+            (None, PermissionModel::SelfManaged) => GrantsFrom::TargetAccount,
+            (None, PermissionModel::ServiceManaged) => GrantsFrom::KeyAccount,
+        }
+    }
+
+    /// The StackSet execution role's name in the target accounts.
+    pub fn execution_role(&self) -> &str {
+        self.execution_role_name.as_deref().unwrap_or("AWSCloudFormationStackSetExecutionRole")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +250,12 @@ pub fn check(f: &FleetConfig, has_kms_key: bool) -> Vec<(String, String)> {
         PermissionModel::ServiceManaged if !f.accounts.is_empty() => {
             bad("fleet.accounts".into(), "a service-managed StackSet targets organizational units (fleet.organizational_units), not accounts".into())
         }
+        PermissionModel::ServiceManaged if f.grants_from == Some(GrantsFrom::TargetAccount) => bad(
+            "fleet.grants_from".into(),
+            "target-account needs a role imgbuild can assume in each target account (the self-managed StackSet execution role); \
+             a service-managed fleet's member accounts have none: use key-account (the default there) and the key policy statement for the organization (README, Fleet)"
+                .into(),
+        ),
         PermissionModel::ServiceManaged if f.administration_role_arn.is_some() || f.execution_role_name.is_some() => bad(
             "fleet.permission_model".into(),
             "administration_role_arn and execution_role_name belong to self-managed StackSets; service-managed ones use AWS Organizations' roles".into(),
@@ -281,6 +323,16 @@ mod tests {
         assert!(Amount::parse("0", 1).is_err());
         assert!(Amount::parse("101%", 0).is_err());
         assert!(Amount::parse("five", 0).is_err());
+    }
+
+    #[test]
+    fn grants_from_defaults_to_the_target_account_where_a_role_can_be_assumed() {
+        let mut f = FleetConfig::default();
+        assert_eq!((f.grants_from(), f.execution_role()), (GrantsFrom::TargetAccount, "AWSCloudFormationStackSetExecutionRole"));
+        f.permission_model = PermissionModel::ServiceManaged;
+        assert_eq!(f.grants_from(), GrantsFrom::KeyAccount);
+        f.grants_from = Some(GrantsFrom::TargetAccount);
+        assert!(check(&f, true).iter().any(|(field, m)| field == "fleet.grants_from" && m.contains("key-account")));
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod plan;
 
 pub use alarms::AlarmsConfig;
 pub use api::{ApiAuth, ApiConfig};
-pub use fleet::{Amount, FleetConfig, FleetOverride, OrgTarget, PermissionModel, RegionConcurrency, check_account_id, org_target};
+pub use fleet::{Amount, FleetConfig, FleetOverride, GrantsFrom, OrgTarget, PermissionModel, RegionConcurrency, check_account_id, org_target};
 
 pub use plan::Context;
 
@@ -409,6 +409,7 @@ fn enum_names(field: &str) -> Option<&'static str> {
         "aws.retry_mode" => "standard or adaptive",
         "fleet.permission_model" => "self-managed or service-managed",
         "fleet.region_concurrency" => "sequential or parallel",
+        "fleet.grants_from" => "target-account or key-account",
         _ => return None,
     })
 }

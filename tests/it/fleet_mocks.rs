@@ -38,9 +38,11 @@ use aws_sdk_kms::operation::describe_key::DescribeKeyOutput;
 use aws_sdk_kms::operation::list_grants::ListGrantsOutput;
 use aws_sdk_kms::operation::revoke_grant::{RevokeGrantInput, RevokeGrantOutput};
 use aws_sdk_kms::types::{GrantListEntry, KeyManagerType, KeyMetadata};
+use aws_sdk_sts::operation::assume_role::{AssumeRoleError, AssumeRoleInput, AssumeRoleOutput};
+use aws_sdk_sts::types::{AssumedRoleUser, Credentials as StsCredentials};
 
 use imgbuild::Error;
-use imgbuild::aws::Clients;
+use imgbuild::aws::{Clients, KmsAs};
 use imgbuild::cli::{FleetDeployArgs, FleetDestroyArgs, FleetStatusArgs, FleetTargetArgs, ToolArgs};
 use imgbuild::config::Context;
 use imgbuild::stack::changeset::Confirmer;
@@ -86,8 +88,70 @@ fn clients_kms(cfn: &[&Rule], ec2: &[&Rule], ssm: &[&Rule], kms: &[&Rule]) -> Cl
         apigw: mocked!(aws_sdk_apigateway, none, retry.clone()),
         backup: mocked!(aws_sdk_backup, Vec::<Rule>::new(), retry.clone()),
         kms: mocked!(aws_sdk_kms, own(kms), retry),
+        // Self-managed fleets make each grant from the target account (fleet.grants_from:
+        // target-account, the default): any execution role is assumed, and each account's KMS
+        // client answers CreateGrant. Tests that count or refuse replace these two.
+        sts: mocked!(aws_sdk_sts, [assume_role(&Default::default())], RetryConfig::disabled()),
+        kms_as: kms_as(&Default::default()),
         ..crate::mock_client::unscripted()
     }
+}
+
+/// STS AssumeRole answers AssumedRoleUser and Credentials (aws-cli examples/sts/assume-role.rst),
+/// in the role's account; the access key names the account, so a test sees whose credentials a
+/// client was built with. Expiration is an hour ahead (the example's 2016 date would hand the
+/// SDK expired credentials).
+fn assume_role(seen: &Seen<AssumeRoleInput>) -> Rule {
+    capturing!(mock!(aws_sdk_sts::Client::assume_role), seen).then_compute_output(|r| {
+        let role = r.role_arn().unwrap_or_default();
+        let account = role.split(':').nth(4).unwrap_or_default().to_string();
+        let (name, session) = (role.rsplit('/').next().unwrap_or_default(), r.role_session_name().unwrap_or_default());
+        let in_an_hour = std::time::SystemTime::now() + Duration::from_secs(3600);
+        AssumeRoleOutput::builder()
+            .assumed_role_user(
+                AssumedRoleUser::builder()
+                    .assumed_role_id(format!("AROA3XFRBF535PLBIFPI4:{session}"))
+                    .arn(format!("arn:aws:sts::{account}:assumed-role/{name}/{session}"))
+                    .build()
+                    .unwrap(),
+            )
+            .credentials(
+                StsCredentials::builder()
+                    .access_key_id(format!("ASIA{account}"))
+                    .secret_access_key("9drTJvcXLB89EXAMPLELB8923FB892xMFI")
+                    .session_token("AQoXdzELDDY//////////wEaoAK1wvxJY12r2IrDFT2IvAzTCn3zHoZ7YNtpiQLF0MqZye/qwjzP2iEXAMPLE")
+                    .expiration(aws_smithy_types::DateTime::from(in_an_hour))
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+    })
+}
+
+/// What a grant-making KMS client saw: the account and region it was built for, the access key
+/// of its credentials, and the CreateGrant request.
+type MadeAs = Seen<(String, String, String, CreateGrantInput)>;
+
+/// The KMS clients `fleet deploy` makes with an account's assumed credentials: each answers
+/// CreateGrant (aws-cli examples/kms/create-grant.rst) and records who it was built for.
+fn kms_as(made: &MadeAs) -> KmsAs {
+    let made = made.clone();
+    KmsAs::new(move |account, region, credentials| {
+        let who = (account.to_string(), region.to_string(), credentials.access_key_id().to_string());
+        let seen = made.clone();
+        let rule = mock!(aws_sdk_kms::Client::create_grant)
+            .match_requests(move |r| {
+                seen.lock().unwrap().push((who.0.clone(), who.1.clone(), who.2.clone(), r.clone()));
+                true
+            })
+            .then_output(|| {
+                CreateGrantOutput::builder()
+                    .grant_id("1a2b3c4d2f5e69f440bae30eaec9570bb1fb7358824f9ddfa1aa5a0dab1a59b2")
+                    .grant_token("<grant token here>")
+                    .build()
+            });
+        mocked!(aws_sdk_kms, [rule], RetryConfig::disabled())
+    })
 }
 
 fn context(yaml: &str) -> (tempfile::TempDir, Context) {
@@ -659,9 +723,13 @@ async fn two_hundred_accounts_in_four_regions_stay_bounded() {
     let (no_set, create_set, create_instances, update_instances) = (no_set(), create_set(&sets), create_instances(&creates), update_instances(&updates));
     let mut cfn: Vec<&Rule> = vec![&no_set, &create_set, &create_instances, &update_instances, &op];
     cfn.extend(page_rules.iter());
-    let grants_made: Seen<CreateGrantInput> = Default::default();
-    let (key, listed, grant) = (describe_key(), list_grants(vec![]), create_grant(&grants_made));
-    let mut clients = clients_kms(&cfn, &[&images, &snapshots, &modify_image, &modify_snapshot], &[&handoff], &[&key, &listed, &grant]);
+    let (key, listed) = (describe_key(), list_grants(vec![]));
+    let mut clients = clients_kms(&cfn, &[&images, &snapshots, &modify_image, &modify_snapshot], &[&handoff], &[&key, &listed]);
+    // Each account's grants are made from that account (fleet.grants_from: target-account).
+    let (assumed, made_as): (Seen<AssumeRoleInput>, MadeAs) = Default::default();
+    let assume = assume_role(&assumed);
+    clients.sts = mocked!(aws_sdk_sts, [assume.clone()], RetryConfig::disabled());
+    clients.kms_as = kms_as(&made_as);
     // The Price List answers in its documented shape (see cost::answer_for).
     let prices = mock!(aws_sdk_pricing::Client::get_products).then_compute_output(crate::cost::answer_for);
     clients.pricing = mocked!(aws_sdk_pricing, [prices.clone()], RetryConfig::disabled());
@@ -695,17 +763,25 @@ async fn two_hundred_accounts_in_four_regions_stay_bounded() {
     // ModifySnapshotAttribute; one more DescribeImages for the owner.
     assert_eq!(ec2_calls, 1 + 4 * (3 + 2 * 2), "ec2 calls");
     assert_eq!(ssm_calls, 4, "one handoff parameter per region");
-    // Per region: DescribeKey and one page of ListGrants, then one CreateGrant per other account
-    // (a grant names one grantee principal: CreateGrant, KMS API Reference).
-    let kms_calls = key.num_calls() + listed.num_calls() + grant.num_calls();
-    assert_eq!((key.num_calls(), listed.num_calls(), grant.num_calls()), (4, 4, 4 * 200), "kms calls: the image owner is none of the 200");
+    // Per region, in the key's account: DescribeKey and one page of ListGrants. Then one
+    // CreateGrant per other account and region (a grant names one grantee principal:
+    // CreateGrant, KMS API Reference), each with that account's client, whose credentials come
+    // from one AssumeRole per account, whatever the regions.
+    let grants = made_as.lock().unwrap().len();
+    let kms_calls = key.num_calls() + listed.num_calls() + grants;
+    assert_eq!((key.num_calls(), listed.num_calls(), grants), (4, 4, 4 * 200), "kms calls: the image owner is none of the 200");
+    let sts_calls = assume.num_calls();
+    assert_eq!(sts_calls, 200, "one AssumeRole per account, not per region");
+    let roles: std::collections::BTreeSet<String> = assumed.lock().unwrap().iter().map(|r| r.role_arn().unwrap().to_string()).collect();
+    assert_eq!(roles.len(), 200);
+    assert!(made_as.lock().unwrap().iter().all(|(a, _, key, g)| *key == format!("ASIA{a}") && g.grantee_principal() == Some(slr(a).as_str())));
     // The cost of 800 new stacks: the Price List asked once a region for each product a stack
     // prices (instance, NAT gateway, endpoint, NLB, EFS, gp3, alarm), not once a target.
     assert_eq!(prices.num_calls(), 4 * 7, "GetProducts calls");
     assert_eq!(doc["cost"]["targets"].as_array().map(Vec::len), Some(800));
     assert!(doc["cost"]["sources"]["us-east-1"].as_str().unwrap().starts_with("AWS Price List API, "), "{}", doc["cost"]["sources"]);
     eprintln!(
-        "fleet scale: 200 accounts x 4 regions: {operations} operations, cfn {cfn_calls} calls, ec2 {ec2_calls}, ssm {ssm_calls}, kms {kms_calls}, \
+        "fleet scale: 200 accounts x 4 regions: {operations} operations, cfn {cfn_calls} calls, ec2 {ec2_calls}, ssm {ssm_calls}, kms {kms_calls}, sts {sts_calls}, \
          pricing {}, DescribeStackSetOperation {}, result pages {}, in {:.1}s (1 s poll interval)",
         prices.num_calls(),
         doc["calls"]["describe_operation"],
@@ -874,7 +950,11 @@ async fn no_execute_shows_the_plan_and_starts_nothing() {
 /// is not made again, and the baking account gets none. A dry run plans the same and makes none.
 #[tokio::test]
 async fn a_cross_account_fleet_grants_each_other_accounts_auto_scaling_role_use_of_the_key_once() {
-    let yaml = format!("bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [\"{OWNER}\", \"222222222222\", \"333333333333\"]\n  regions: [us-east-1]\n");
+    // fleet.grants_from: key-account keeps the grants in the key's account: made with the
+    // caller's own KMS client, no role assumed (STS is left unscripted: a call would panic).
+    let yaml = format!(
+        "bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [\"{OWNER}\", \"222222222222\", \"333333333333\"]\n  regions: [us-east-1]\n  grants_from: key-account\n"
+    );
     let (_d, ctx) = context(&yaml);
     let run = |dry_run: bool| {
         let made: Seen<CreateGrantInput> = Default::default();
@@ -890,6 +970,8 @@ async fn a_cross_account_fleet_grants_each_other_accounts_auto_scaling_role_use_
             &[&handoff()],
             &[&describe_key(), &list_grants(vec![("222222222222", "0c0c0c0c")]), &create_grant(&made)],
         );
+        let unscripted = crate::mock_client::unscripted();
+        let clients = Clients { sts: unscripted.sts, kms_as: unscripted.kms_as, ..clients };
         let args = FleetDeployArgs { dry_run, yes: !dry_run, ..deploy_args(targets()) };
         let ctx = &ctx;
         async move {
@@ -903,6 +985,11 @@ async fn a_cross_account_fleet_grants_each_other_accounts_auto_scaling_role_use_
     assert_eq!(plan["grants"].as_array().map(Vec::len), Some(2), "{plan:#}");
     assert_eq!((plan["grants"][0]["account"].as_str(), plan["grants"][0]["state"].as_str()), (Some("222222222222"), Some("exists")));
     assert_eq!((plan["grants"][1]["account"].as_str(), plan["grants"][1]["state"].as_str()), (Some("333333333333"), Some("create")));
+    assert_eq!(
+        (plan["grants"][1]["from_account"].as_str(), &plan["grants"][1]["from_role"]),
+        (Some(OWNER), &serde_json::Value::Null),
+        "from the key's account"
+    );
 
     let (doc, made) = run(false).await;
     assert_eq!(made.len(), 1, "only the account without a grant: {made:?}");
@@ -916,6 +1003,155 @@ async fn a_cross_account_fleet_grants_each_other_accounts_auto_scaling_role_use_
     assert_eq!(doc["grants"][1]["state"], "created");
     assert_eq!(doc["grants"][1]["grant_id"], "1a2b3c4d2f5e69f440bae30eaec9570bb1fb7358824f9ddfa1aa5a0dab1a59b2");
     assert_eq!(doc["grants"][0]["grant_id"], "0c0c0c0c");
+}
+
+/// The clients of a one-region deploy of a new StackSet across `OWNER` and the accounts in the
+/// config, with `grants` already on the key; the key's account has no CreateGrant answer, so a
+/// grant made there fails the test.
+fn grant_clients(grants: Vec<(&'static str, &'static str)>, sets: &Seen<CreateStackSetInput>, launch: &Seen<ModifyImageAttributeInput>) -> Clients {
+    let op = operation(vec![("CREATE", StackSetOperationStatus::Succeeded, None, 0)]);
+    let res = results(vec![result(OWNER, "us-east-1", "SUCCEEDED", None)]);
+    let (images, snapshots) = image(KEY);
+    let modify_image = capturing!(mock!(aws_sdk_ec2::Client::modify_image_attribute), launch).then_output(|| ModifyImageAttributeOutput::builder().build());
+    let modify_snapshot = mock!(aws_sdk_ec2::Client::modify_snapshot_attribute).then_output(|| ModifySnapshotAttributeOutput::builder().build());
+    let creates: Seen<CreateStackInstancesInput> = Default::default();
+    clients_kms(
+        &[&no_set(), &create_set(sets), &create_instances(&creates), &op, &res],
+        &[&images, &snapshots, &modify_image, &modify_snapshot],
+        &[&handoff()],
+        &[&describe_key(), &list_grants(grants)],
+    )
+}
+
+/// Self-managed (fleet.grants_from: target-account, the default): each account's grant is made
+/// from that account, as AWS says ("You must create AWS KMS grants from the account that owns the
+/// Amazon EC2 Auto Scaling group, not the AWS KMS account", Knowledge Center
+/// kms-launch-ec2-instance; User Guide, "Required AWS KMS key policy for use with encrypted
+/// volumes", example 2: "from the external account, create a grant"): imgbuild assumes the
+/// account's StackSet execution role (AssumeRole: RoleArn, RoleSessionName, DurationSeconds),
+/// and that account's KMS client, in the key's region, calls CreateGrant with the key's ARN
+/// (another account's key is named by ARN: CreateGrant, KeyId). An account whose grant exists is
+/// not assumed. Failed before the change: the grants went through the key account's client.
+#[tokio::test]
+async fn self_managed_grants_are_made_from_each_target_account_through_its_execution_role() {
+    let yaml = format!(
+        "bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [\"{OWNER}\", \"222222222222\", \"333333333333\", \"444444444444\"]\n  regions: [us-east-1]\n"
+    );
+    let (_d, ctx) = context(&yaml);
+    let (sets, launch): (Seen<CreateStackSetInput>, Seen<ModifyImageAttributeInput>) = Default::default();
+    let mut clients = grant_clients(vec![("222222222222", "0c0c0c0c")], &sets, &launch);
+    let (assumed, made_as): (Seen<AssumeRoleInput>, MadeAs) = Default::default();
+    clients.sts = mocked!(aws_sdk_sts, [assume_role(&assumed)], RetryConfig::disabled());
+    clients.kms_as = kms_as(&made_as);
+
+    let doc = imgbuild::cmd::fleet_deploy_flow(&clients, &deploy_args(targets()), &ctx, quiet(), &Never, never()).await.unwrap_or_else(|e| panic!("{e}"));
+    let assumed = assumed.lock().unwrap().clone();
+    let roles: Vec<&str> = assumed.iter().map(|r| r.role_arn().unwrap()).collect();
+    assert_eq!(
+        roles,
+        ["arn:aws:iam::333333333333:role/AWSCloudFormationStackSetExecutionRole", "arn:aws:iam::444444444444:role/AWSCloudFormationStackSetExecutionRole"],
+        "only the accounts without a grant"
+    );
+    assert!(assumed.iter().all(|r| r.role_session_name() == Some("imgbuild-grant-vectordb") && r.duration_seconds() == Some(900)), "{assumed:?}");
+    let made = made_as.lock().unwrap().clone();
+    assert_eq!(made.len(), 2, "{made:?}");
+    for ((account, region, access_key, g), want) in made.iter().zip(["333333333333", "444444444444"]) {
+        assert_eq!((account.as_str(), region.as_str(), access_key.as_str()), (want, "us-east-1", format!("ASIA{want}").as_str()), "that account's client");
+        assert_eq!(g.key_id(), Some(KEY), "the key's ARN");
+        assert_eq!(g.grantee_principal(), Some(slr(want).as_str()));
+        let ops: Vec<&str> = g.operations().iter().map(|o| o.as_str()).collect();
+        assert_eq!(
+            ops,
+            ["Encrypt", "Decrypt", "ReEncryptFrom", "ReEncryptTo", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "DescribeKey", "CreateGrant"]
+        );
+        assert_eq!(g.name(), Some(format!("imgbuild-vectordb-{want}").as_str()));
+        assert!(g.constraints().is_none() && g.retiring_principal().is_none() && g.grant_tokens().is_empty(), "{g:?}");
+    }
+    // The JSON says from where each grant is made: the existing one from the account that
+    // issued it (ListGrants' IssuingAccount), the new ones from their own account and role.
+    let grants = doc["grants"].as_array().unwrap();
+    assert_eq!(
+        (grants[0]["state"].as_str(), grants[0]["from_account"].as_str(), &grants[0]["from_role"]),
+        (Some("exists"), Some(OWNER), &serde_json::Value::Null)
+    );
+    assert_eq!((grants[1]["state"].as_str(), grants[1]["from_account"].as_str()), (Some("created"), Some("333333333333")));
+    assert_eq!(grants[1]["from_role"], "arn:aws:iam::333333333333:role/AWSCloudFormationStackSetExecutionRole");
+    assert_eq!(sets.lock().unwrap().len(), 1);
+}
+
+/// Every account already has its grant: nothing to make, so no role is assumed at all (STS is
+/// unscripted here: a call would panic).
+#[tokio::test]
+async fn existing_grants_need_no_assume_role() {
+    let (_d, ctx) =
+        context(&format!("bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [\"{OWNER}\", \"222222222222\", \"333333333333\"]\n  regions: [us-east-1]\n"));
+    let (sets, launch): (Seen<CreateStackSetInput>, Seen<ModifyImageAttributeInput>) = Default::default();
+    let clients = grant_clients(vec![("222222222222", "0c0c0c0c"), ("333333333333", "0d0d0d0d")], &sets, &launch);
+    let unscripted = crate::mock_client::unscripted();
+    let clients = Clients { sts: unscripted.sts, kms_as: unscripted.kms_as, ..clients };
+    let doc = imgbuild::cmd::fleet_deploy_flow(&clients, &deploy_args(targets()), &ctx, quiet(), &Never, never()).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(doc["grants"].as_array().unwrap().iter().all(|g| g["state"] == "exists"), "{doc:#}");
+    assert_eq!(doc["executed"], true);
+}
+
+/// The execution role refuses (STS answers the code AccessDenied: "An error occurred
+/// (AccessDenied) when calling the AssumeRole operation", AWS Knowledge Center
+/// iam-assume-role-error, with the "User: ... is not authorized to perform: sts:AssumeRole on
+/// resource: ..." message aws-sdk-go users quote for it): the error names the account and the
+/// role, says what to fix or that key-account is the other way, and nothing was started: no
+/// grant, no sharing, no StackSet.
+#[tokio::test]
+async fn a_refused_assume_role_names_account_and_role_and_starts_nothing() {
+    let yaml = format!(
+        "bake:\n  kms_key_id: {KEY}\nfleet:\n  accounts: [\"{OWNER}\", \"333333333333\"]\n  regions: [us-east-1]\n  execution_role_name: StackSetExec\n"
+    );
+    let (_d, ctx) = context(&yaml);
+    let (sets, launch): (Seen<CreateStackSetInput>, Seen<ModifyImageAttributeInput>) = Default::default();
+    let mut clients = grant_clients(vec![], &sets, &launch);
+    let denied = mock!(aws_sdk_sts::Client::assume_role).then_error(|| {
+        AssumeRoleError::generic(
+            ErrorMetadata::builder()
+                .code("AccessDenied")
+                .message(
+                    "User: arn:aws:iam::111111111111:user/ci is not authorized to perform: sts:AssumeRole on resource: arn:aws:iam::333333333333:role/StackSetExec",
+                )
+                .build(),
+        )
+    });
+    let made_as: MadeAs = Default::default();
+    clients.sts = mocked!(aws_sdk_sts, [denied], RetryConfig::disabled());
+    clients.kms_as = kms_as(&made_as);
+    let err = imgbuild::cmd::fleet_deploy_flow(&clients, &deploy_args(targets()), &ctx, quiet(), &Never, never()).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(&err, Error::Aws { operation: "AssumeRole", code, .. } if code == "AccessDenied"), "{err:?}");
+    for want in ["333333333333", "arn:aws:iam::333333333333:role/StackSetExec", "trust policy", "fleet.execution_role_name", "fleet.grants_from: key-account"] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    assert!(made_as.lock().unwrap().is_empty() && launch.lock().unwrap().is_empty() && sets.lock().unwrap().is_empty(), "nothing started");
+}
+
+/// A service-managed fleet keeps the grants in the key's account (its member accounts have no
+/// role imgbuild can assume): the plan says so, and names no role.
+#[tokio::test]
+async fn service_managed_grants_stay_in_the_key_account() {
+    let (_d, ctx) = context(&format!(
+        "bake:\n  kms_key_id: {KEY}\nfleet:\n  permission_model: service-managed\n  organizational_units: [\"{OU_ARN}\"]\n  regions: [us-east-1]\n"
+    ));
+    let list = list_instances(vec![instance("222222222222", "us-east-1", Some(OU), StackDriftStatus::NotChecked)]);
+    let (images, snapshots) = image(KEY);
+    let clients = clients_kms(
+        &[&existing_set("an older template"), &list, &described_instance(&[])],
+        &[&images, &snapshots],
+        &[&handoff()],
+        &[&describe_key(), &list_grants(vec![])],
+    );
+    let unscripted = crate::mock_client::unscripted();
+    let clients = Clients { sts: unscripted.sts, kms_as: unscripted.kms_as, ..clients };
+    let args = FleetDeployArgs { yes: false, no_execute: true, ..deploy_args(targets()) };
+    let doc = imgbuild::cmd::fleet_deploy_flow(&clients, &args, &ctx, quiet(), &Never, never()).await.unwrap_or_else(|e| panic!("{e}"));
+    let g = &doc["grants"][0];
+    assert_eq!((g["account"].as_str(), g["state"].as_str(), g["from_account"].as_str()), (Some("222222222222"), Some("create"), Some(OWNER)), "{doc:#}");
+    assert_eq!(g["from_role"], serde_json::Value::Null);
 }
 
 fn destroy_args(accounts: &[&str], keep: bool) -> FleetDestroyArgs {

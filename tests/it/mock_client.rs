@@ -36,6 +36,8 @@ pub fn unscripted() -> imgbuild::aws::Clients {
         backup: mocked!(aws_sdk_backup, none, retry.clone()),
         kms: mocked!(aws_sdk_kms, none, retry.clone()),
         cloudwatch: mocked!(aws_sdk_cloudwatch, none, retry.clone()),
-        pricing: mocked!(aws_sdk_pricing, none, retry),
+        pricing: mocked!(aws_sdk_pricing, none, retry.clone()),
+        sts: mocked!(aws_sdk_sts, none, retry),
+        kms_as: imgbuild::aws::KmsAs::new(|account, region, _| panic!("no KMS client scripted for account {account} in {region}")),
     }
 }
