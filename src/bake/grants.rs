@@ -82,15 +82,13 @@ pub struct KeyGrants {
 }
 
 impl KeyGrants {
-    /// The id of this fleet's grant to `account`, if there is one.
-    pub fn find(&self, stack_set: &str, account: &str) -> Option<&str> {
-        self.found(stack_set, account).map(|(id, _)| id)
-    }
-
-    /// The grant's id and the account that issued it.
+    /// The grant's id and the account that issued it (the key's own when ListGrants did not say).
     fn found(&self, stack_set: &str, account: &str) -> Option<(&str, &str)> {
         let (name, who) = (grant_name(stack_set, account), grantee(&self.partition, account));
-        self.grants.iter().find(|(n, g, _, _)| *n == name && *g == who).map(|(_, _, id, by)| (id.as_str(), by.as_str()))
+        self.grants
+            .iter()
+            .find(|(n, g, _, _)| *n == name && *g == who)
+            .map(|(_, _, id, by)| (id.as_str(), if by.is_empty() { self.account.as_str() } else { by.as_str() }))
     }
 }
 
@@ -147,7 +145,7 @@ pub fn plan(key: &KeyGrants, stack_set: &str, region: &str, accounts: &[String],
         .map(|a| {
             let found = key.found(stack_set, a);
             let (from_account, from_role) = match (found, from) {
-                (Some((_, by)), _) => (if by.is_empty() { key.account.clone() } else { by.to_string() }, None),
+                (Some((_, by)), _) => (by.to_string(), None),
                 (None, GrantsFrom::TargetAccount) => (a.clone(), Some(execution_role_arn(&key.partition, a, execution_role))),
                 (None, GrantsFrom::KeyAccount) => (key.account.clone(), None),
             };
@@ -188,7 +186,7 @@ pub async fn create(kms: &aws_sdk_kms::Client, g: &mut Grant) -> Result<()> {
 /// Revokes this fleet's grant to `account` on the key, if there is one ("RevokeGrant: Deletes the
 /// specified grant", KMS API Reference). Returns what was revoked.
 pub async fn revoke(clients: &Clients, key: &KeyGrants, stack_set: &str, region: &str, account: &str) -> Result<Option<Grant>> {
-    let Some(id) = key.find(stack_set, account) else { return Ok(None) };
+    let Some((id, by)) = key.found(stack_set, account) else { return Ok(None) };
     clients.kms.revoke_grant().key_id(&key.arn).grant_id(id).send().await.map_err(|e| aws::err("RevokeGrant", format!("grant {id} on key {}", key.arn), e))?;
     Ok(Some(Grant {
         account: account.to_string(),
@@ -196,7 +194,7 @@ pub async fn revoke(clients: &Clients, key: &KeyGrants, stack_set: &str, region:
         key: key.arn.clone(),
         grantee: grantee(&key.partition, account),
         name: grant_name(stack_set, account),
-        from_account: key.found(stack_set, account).map(|(_, by)| by.to_string()).filter(|b| !b.is_empty()).unwrap_or_else(|| key.account.clone()),
+        from_account: by.to_string(),
         from_role: None,
         state: "revoked".into(),
         grant_id: Some(id.to_string()),

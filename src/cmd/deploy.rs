@@ -60,6 +60,24 @@ pub fn stack_parameters(template: &Template, config: &Config, choice: &Choice) -
     Ok(wanted.into_iter().filter(|(k, _)| declared.iter().any(|d| d == k)).map(|(k, v)| (k.to_string(), v)).collect())
 }
 
+/// The deploy another command runs (restore, upgrade, rollback): the image and mode as deploy
+/// chooses them, every check and protection on, asking unless `yes`, not waiting for a busy stack.
+pub fn plain_deploy_args(yes: bool, timeout: Option<u64>) -> DeployArgs {
+    DeployArgs {
+        ami: None,
+        mode: None,
+        template: None,
+        update_base: false,
+        disable_rollback: false,
+        no_drift_check: false,
+        no_rollback_triggers: false,
+        yes,
+        no_execute: false,
+        wait: crate::cli::WaitArgs { wait: false, timeout },
+        tools: crate::cli::ToolArgs { require_tools: false, no_tools: false },
+    }
+}
+
 /// Everything deploy does after the clients exist; `interrupt` resolves on Ctrl-C (tests pass
 /// their own).
 pub async fn deploy_flow(

@@ -74,6 +74,18 @@ struct Fleet {
     notice: Option<String>,
 }
 
+impl Fleet {
+    /// Whether the fleet's targets include this stack instance: its region, and its account (or,
+    /// service-managed, its organizational unit).
+    fn targets(&self, i: &Instance) -> bool {
+        self.regions.contains(&i.region)
+            && match self.permission {
+                Permission::SelfManaged { .. } => self.accounts.contains(&i.account),
+                Permission::ServiceManaged => i.organizational_unit.as_ref().is_some_and(|o| self.organizational_units.contains(o)),
+            }
+    }
+}
+
 fn resolve(ctx: &Context, t: &FleetTargetArgs) -> Result<Fleet> {
     let f = &ctx.config.fleet;
     let accounts = if t.accounts.is_empty() { f.accounts.clone() } else { t.accounts.clone() };
@@ -380,12 +392,7 @@ pub async fn fleet_deploy_flow(
     let mut changed_overrides = BTreeSet::new();
     for i in &instances {
         let key = (i.account.clone(), i.region.clone());
-        let targeted = f.regions.contains(&i.region)
-            && match f.permission {
-                Permission::SelfManaged { .. } => f.accounts.contains(&i.account),
-                Permission::ServiceManaged => i.organizational_unit.as_ref().is_some_and(|o| f.organizational_units.contains(o)),
-            };
-        if targeted && fleet::instance_overrides(&clients.cfn, &f.name, &i.account, &i.region).await? != wanted.get(&key).cloned().unwrap_or_default() {
+        if f.targets(i) && fleet::instance_overrides(&clients.cfn, &f.name, &i.account, &i.region).await? != wanted.get(&key).cloned().unwrap_or_default() {
             changed_overrides.insert(key);
         }
     }
@@ -394,16 +401,7 @@ pub async fn fleet_deploy_flow(
     let cost = fleet_cost(&clients.pricing, ctx.config.prices, &template, &spec.parameters, &plan, &progress).await;
     // Instances the config no longer names stay as they are (and follow StackSet updates):
     // removing them is destroy's to do, asked for by name.
-    let left_alone: Vec<&Instance> = instances
-        .iter()
-        .filter(|i| {
-            !f.regions.contains(&i.region)
-                || match f.permission {
-                    Permission::SelfManaged { .. } => !f.accounts.contains(&i.account),
-                    Permission::ServiceManaged => i.organizational_unit.as_ref().is_none_or(|o| !f.organizational_units.contains(o)),
-                }
-        })
-        .collect();
+    let left_alone: Vec<&Instance> = instances.iter().filter(|i| !f.targets(i)).collect();
     for i in &left_alone {
         ui.warn(format!(
             "{} in {} is an instance of stack set {} but not among the fleet's targets: left as it is (`imgbuild fleet destroy --accounts {} --regions {}` removes it)",

@@ -22,7 +22,7 @@ mod validate;
 
 pub use backup::backup_flow;
 pub use bake::{PREREQS_TEMPLATE, bake_flow};
-pub use deploy::{deploy_flow, stack_parameters};
+pub use deploy::{deploy_flow, plain_deploy_args, stack_parameters};
 pub use fleet::{fleet_deploy_flow, fleet_destroy_flow, fleet_status_flow};
 pub use logs::{follow_flow, logs_flow};
 pub use restore::{reattach_context, restore_flow};

@@ -90,19 +90,7 @@ pub async fn restore_flow(
         _ => None,
     };
 
-    let deploy_args = DeployArgs {
-        ami: args.ami.clone(),
-        mode: args.mode,
-        template: None,
-        update_base: false,
-        disable_rollback: false,
-        no_drift_check: false,
-        no_rollback_triggers: false,
-        yes: args.yes,
-        no_execute: false,
-        wait: crate::cli::WaitArgs { wait: false, timeout: args.wait.timeout },
-        tools: crate::cli::ToolArgs { require_tools: false, no_tools: false },
-    };
+    let deploy_args = DeployArgs { ami: args.ami.clone(), mode: args.mode, ..plain_deploy_args(args.yes, args.wait.timeout) };
     let deployed = deploy_flow(clients, &deploy_args, &reattach_context(ctx, &new_fs), ui, confirmer, interrupt).await?;
     let executed = deployed["deploy"]["executed"].as_bool().unwrap_or(false);
     let old_name = format!("{}-before-restore-{token}", t.stack);

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::backup::{self, upgrade};
 use crate::bake::images;
-use crate::cli::{BakeArgs, DeployArgs, RestoreArgs, RollbackArgs, UpgradeArgs};
+use crate::cli::{BakeArgs, RestoreArgs, RollbackArgs, UpgradeArgs};
 use crate::config::{Context, Source};
 use crate::error::{Error, Result};
 use crate::stack::changeset::{Confirmer, TtyConfirmer};
@@ -118,19 +118,7 @@ pub async fn upgrade_flow(
         };
         bake_flow(clients, region, &bake_args, &next, ui, &mut interrupt).await?;
     }
-    let deploy_args = DeployArgs {
-        ami: None,
-        mode: None,
-        template: None,
-        update_base: false,
-        disable_rollback: false,
-        no_drift_check: false,
-        no_rollback_triggers: false,
-        yes: args.yes,
-        no_execute: false,
-        wait: crate::cli::WaitArgs { wait: false, timeout: args.wait.timeout },
-        tools: crate::cli::ToolArgs { require_tools: false, no_tools: false },
-    };
+    let deploy_args = plain_deploy_args(args.yes, args.wait.timeout);
     let deployed = deploy_flow(clients, &deploy_args, &next, ui, confirmer, &mut interrupt).await?;
     if !deployed["deploy"]["executed"].as_bool().unwrap_or(false) {
         ui.info(format!("not deployed: Chroma {} still serves; set chroma.version: {} and deploy when ready", record.from_version, args.to));

@@ -706,17 +706,9 @@ async fn captured_create_change_set() -> (aws_sdk_cloudformation::operation::cre
     });
     let clients = Aws::default().ssm(&[&handoff, &stock]).cfn(&[&ds, &create, &described]).with_api_gateway_account().clients();
     let args = imgbuild::cli::DeployArgs {
-        ami: None,
-        mode: None,
-        update_base: false,
-        disable_rollback: false,
-        no_drift_check: false,
-        no_rollback_triggers: false,
-        template: None,
-        yes: false,
         no_execute: true,
-        wait: imgbuild::cli::WaitArgs { wait: false, timeout: Some(30) },
         tools: imgbuild::cli::ToolArgs { require_tools: false, no_tools: true },
+        ..imgbuild::cmd::plain_deploy_args(false, Some(30))
     };
     let ui = imgbuild::ui::Ui::new(imgbuild::cli::OutputFormat::Text, 0, true);
     struct Never;
@@ -820,17 +812,9 @@ async fn deploy_yes_with(cfn: &[&Rule], template: Option<std::path::PathBuf>) ->
     let ctx =
         imgbuild::config::Context { config: Config::default(), source: imgbuild::config::Source::Defaults, region: None, profile: None, endpoint_url: None };
     let args = imgbuild::cli::DeployArgs {
-        ami: None,
-        mode: None,
-        update_base: false,
-        disable_rollback: false,
-        no_drift_check: false,
-        no_rollback_triggers: false,
         template,
-        yes: true,
-        no_execute: false,
-        wait: imgbuild::cli::WaitArgs { wait: false, timeout: Some(5) },
         tools: imgbuild::cli::ToolArgs { require_tools: false, no_tools: true },
+        ..imgbuild::cmd::plain_deploy_args(true, Some(5))
     };
     let ui = imgbuild::ui::Ui::new(imgbuild::cli::OutputFormat::Text, 0, true);
     struct Unused;
@@ -1396,17 +1380,9 @@ async fn priced_no_execute(prices: &str) -> (serde_json::Value, Vec<aws_sdk_pric
     let mut clients = Aws::default().ssm(&[&handoff, &stock]).cfn(&[&ds, &create, &described]).with_api_gateway_account().clients();
     clients.pricing = mocked!(aws_sdk_pricing, [price_list], RetryConfig::disabled());
     let args = imgbuild::cli::DeployArgs {
-        ami: None,
-        mode: None,
-        update_base: false,
-        disable_rollback: false,
-        no_drift_check: false,
-        no_rollback_triggers: false,
-        template: None,
-        yes: false,
         no_execute: true,
-        wait: imgbuild::cli::WaitArgs { wait: false, timeout: Some(30) },
         tools: imgbuild::cli::ToolArgs { require_tools: false, no_tools: true },
+        ..imgbuild::cmd::plain_deploy_args(false, Some(30))
     };
     struct Never;
     impl imgbuild::stack::changeset::Confirmer for Never {
