@@ -2,39 +2,20 @@
 //! launches nothing: moto cannot run automation executions and would fail the bake if one
 //! started), the handoff to deploy, document registration and versions, list and prune.
 
-use std::path::Path;
-
 use aws_config::BehaviorVersion;
 use imgbuild::bake::{self, DocumentChange};
 
 use crate::services;
-use crate::support::imgbuild;
+use crate::support::{moto_cmd as cmd, rt};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/moto-stack.yaml");
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
 async fn conf(url: &str) -> aws_config::SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(url)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "tests"))
-        .load()
-        .await
+    crate::support::moto_sdk(url, "us-east-1").await
 }
 
 fn project(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("imgbuild.yaml"), format!("name: {name}\nregion: us-east-1\naws:\n  poll_interval_secs: 1\n")).unwrap();
-    dir
-}
-
-fn cmd(dir: &Path, url: &str) -> assert_cmd::Command {
-    let mut c = imgbuild(dir);
-    c.args(["--endpoint-url", url]);
-    c
+    crate::support::moto_project(name, "")
 }
 
 fn json_of(out: &std::process::Output) -> serde_json::Value {

@@ -11,7 +11,7 @@ use imgbuild::stack::Change;
 use imgbuild::stack::template::Template;
 
 use crate::services;
-use crate::support::imgbuild;
+use crate::support::{imgbuild, rt};
 
 fn change(action: char, id: &str, kind: &str) -> Change {
     Change { action, logical_id: id.into(), resource_type: kind.into(), replacement: None }
@@ -392,10 +392,6 @@ fn scripted(seen: Requests) -> Rule {
             true
         })
         .then_output(|| GetProductsOutput::builder().build())
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 /// A change set adding what a new stack with one NAT gateway and the alarm mail prices.

@@ -22,6 +22,7 @@ use aws_smithy_types::retry::RetryConfig;
 
 use crate::services;
 use crate::support::imgbuild;
+use crate::support::rt;
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/moto-stack.yaml");
 
@@ -472,10 +473,6 @@ fn handle(mut conn: TcpStream, upstream: SocketAddr, schedule: &Mutex<Schedule>,
 // ---------------------------------------------------------------------------------------------
 // The proxy itself: each fault speaks the caller's protocol, and the SDK retries each one.
 // ---------------------------------------------------------------------------------------------
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
 
 async fn sdk_conf(url: &str, retry: RetryConfig) -> aws_config::SdkConfig {
     aws_config::defaults(BehaviorVersion::latest())

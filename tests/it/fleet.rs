@@ -13,24 +13,12 @@ use aws_config::BehaviorVersion;
 
 use crate::services;
 use crate::support::imgbuild;
+use crate::support::{moto_sdk as sdk, rt};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/moto-fleet.yaml");
 /// moto's account.
 const ACCOUNT: &str = "123456789012";
 const REGIONS: [&str; 3] = ["us-east-1", "us-west-2", "eu-west-1"];
-
-async fn sdk(url: &str, region: &str) -> aws_config::SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(url)
-        .region(aws_config::Region::new(region.to_string()))
-        .credentials_provider(aws_sdk_cloudformation::config::Credentials::new("testing", "testing", None, None, "tests"))
-        .load()
-        .await
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
 
 /// What `bake --regions` leaves in a region: an image this account owns, and the handoff
 /// parameter naming it. Returns the image id.

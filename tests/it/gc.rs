@@ -3,11 +3,9 @@
 //! the build-instance check asks SSM Automation, which moto does not implement (REFERENCE.md,
 //! "Does not: SSM Automation executions"), so that part answers from scripted shapes.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_config::BehaviorVersion;
 use aws_smithy_mocks::{Rule, mock};
 use aws_smithy_types::retry::RetryConfig;
 
@@ -16,6 +14,7 @@ use imgbuild::bake::gc::{self, Kind, Scope};
 
 use crate::services;
 use crate::support::imgbuild;
+use crate::support::{moto_cmd as cmd, rt};
 
 /// A trivial stack whose FileSystemId parameter names a file system it uses, as the product's
 /// stack does when it reattaches one (infra/stack.yaml, Parameters: FileSystemId).
@@ -23,28 +22,11 @@ const TEMPLATE: &str = r#"{"Parameters": {"FileSystemId": {"Type": "String", "De
  "Resources": {"Topic": {"Type": "AWS::SNS::Topic"}}}"#;
 
 fn project(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("imgbuild.yaml"), format!("name: {name}\nregion: us-east-1\naws:\n  poll_interval_secs: 1\n")).unwrap();
-    dir
-}
-
-fn cmd(dir: &Path, url: &str) -> assert_cmd::Command {
-    let mut c = imgbuild(dir);
-    c.args(["--endpoint-url", url]);
-    c
+    crate::support::moto_project(name, "")
 }
 
 async fn sdk(url: &str) -> aws_config::SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(url)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_cloudformation::config::Credentials::new("testing", "testing", None, None, "tests"))
-        .load()
-        .await
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    crate::support::moto_sdk(url, "us-east-1").await
 }
 
 fn ec2_tags(kind: aws_sdk_ec2::types::ResourceType, project: &str) -> aws_sdk_ec2::types::TagSpecification {

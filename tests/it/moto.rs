@@ -4,43 +4,18 @@
 //! executions use tests/fixtures/moto-stack.yaml; the real template goes as far as moto takes it:
 //! a computed change set.
 
-use std::path::Path;
-
-use aws_config::BehaviorVersion;
 use imgbuild::cli::{DeployArgs, ToolArgs, WaitArgs};
 use imgbuild::error::Error;
 use imgbuild::stack::changeset::Confirmer;
 
 use crate::services;
 use crate::support::imgbuild;
+use crate::support::{moto_cmd as cmd, moto_project as project, rt};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/moto-stack.yaml");
 
-/// A working dir whose imgbuild.yaml names a project of its own, so parallel tests never share
-/// a stack or a handoff parameter.
-fn project(name: &str, extra: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("imgbuild.yaml"), format!("name: {name}\nregion: us-east-1\naws:\n  poll_interval_secs: 1\n{extra}")).unwrap();
-    dir
-}
-
-fn cmd(dir: &Path, url: &str) -> assert_cmd::Command {
-    let mut c = imgbuild(dir);
-    c.args(["--endpoint-url", url]);
-    c
-}
-
 async fn sdk(url: &str) -> aws_config::SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(url)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_cloudformation::config::Credentials::new("testing", "testing", None, None, "tests"))
-        .load()
-        .await
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    crate::support::moto_sdk(url, "us-east-1").await
 }
 
 /// Change sets waiting on a stack, not executed (none may outlive an operation unless

@@ -86,3 +86,35 @@ pub fn tool_in_venv(program: &str) -> Option<std::path::PathBuf> {
     }
     tool(program)
 }
+
+/// A current-thread runtime for the synchronous tests that call the SDK.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// A working dir whose imgbuild.yaml names a project of its own (so parallel tests against one
+/// moto never share a stack or a handoff parameter), in us-east-1, polling every second, with
+/// `extra` YAML appended.
+pub fn moto_project(name: &str, extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("imgbuild.yaml"), format!("name: {name}\nregion: us-east-1\naws:\n  poll_interval_secs: 1\n{extra}")).unwrap();
+    dir
+}
+
+/// The binary, run hermetically in `dir`, talking to the moto server at `url`.
+pub fn moto_cmd(dir: &Path, url: &str) -> assert_cmd::Command {
+    let mut c = imgbuild(dir);
+    c.args(["--endpoint-url", url]);
+    c
+}
+
+/// The tests' own SDK config for the moto server at `url`, in `region`, with moto's test
+/// credentials: to set up and inspect what the binary sees.
+pub async fn moto_sdk(url: &str, region: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(url)
+        .region(aws_config::Region::new(region.to_string()))
+        .credentials_provider(aws_sdk_cloudformation::config::Credentials::new("testing", "testing", None, None, "tests"))
+        .load()
+        .await
+}
